@@ -1,0 +1,44 @@
+"""tasqueue_anyio: a distributed job/worker library on AnyIO, for Trio and asyncio.
+
+The public API lives here; backends are in :mod:`tasqueue_anyio.brokers` and
+:mod:`tasqueue_anyio.results`, their contracts in :mod:`tasqueue_anyio.abc`.
+"""
+
+from __future__ import annotations
+
+from ._exceptions import BrokerError as BrokerError
+from ._exceptions import DecodeError as DecodeError
+from ._exceptions import InvalidInputError as InvalidInputError
+from ._exceptions import JobCancelledError as JobCancelledError
+from ._exceptions import JobNotFoundError as JobNotFoundError
+from ._exceptions import JobTimeoutError as JobTimeoutError
+from ._exceptions import NotFoundError as NotFoundError
+from ._exceptions import PayloadTooLargeError as PayloadTooLargeError
+from ._exceptions import QueueConcurrencyError as QueueConcurrencyError
+from ._exceptions import ResultNotFoundError as ResultNotFoundError
+from ._exceptions import TasqueueError as TasqueueError
+from ._exceptions import UnknownTaskError as UnknownTaskError
+from ._jobs import DEFAULT_QUEUE as DEFAULT_QUEUE
+from ._jobs import Backoff as Backoff
+from ._jobs import Job as Job
+from ._jobs import JobContext as JobContext
+from ._jobs import JobMessage as JobMessage
+from ._jobs import Meta as Meta
+from ._jobs import Status as Status
+from ._server import Server as Server
+from ._server import Task as Task
+
+__version__ = "0.1.0"
+
+
+def _fix_module() -> None:
+    for name, value in list(globals().items()):
+        if not name.startswith("_") and getattr(value, "__module__", "").startswith("tasqueue_anyio._"):
+            try:
+                value.__module__ = __name__
+            except (AttributeError, TypeError):  # pragma: no cover
+                pass
+
+
+_fix_module()
+del _fix_module

@@ -1,0 +1,288 @@
+"""Jobs, their metadata and their context: the value objects of the library."""
+
+from __future__ import annotations
+
+import enum
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import attrs
+from croniter import croniter
+
+from ._exceptions import InvalidInputError
+
+__all__ = [
+    "DEFAULT_QUEUE",
+    "Backoff",
+    "Job",
+    "JobContext",
+    "JobMessage",
+    "Meta",
+    "Status",
+    "validate_id",
+    "validate_queue",
+]
+
+#: The queue of a job or task that names none.
+DEFAULT_QUEUE = "default"
+
+_QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:@+=/-]{1,255}")
+
+
+def validate_queue(name: object) -> str:
+    """Return ``name`` if it is a valid queue name, else raise :class:`InvalidInputError`.
+
+    Queue names become Redis keys and NATS subjects, so they are limited to letters,
+    digits, ``_`` and ``-`` (1 to 128 characters): no wildcards, separators or spaces.
+    """
+    if not isinstance(name, str) or not _QUEUE_RE.fullmatch(name):
+        raise InvalidInputError(
+            f"invalid queue name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ -"
+        )
+    return name
+
+
+def validate_id(value: object, what: str = "job id") -> str:
+    """Return ``value`` if it is a valid id, else raise :class:`InvalidInputError`.
+
+    Ids are 1 to 255 characters from letters, digits and ``_ . : @ + = / -``.
+    """
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise InvalidInputError(
+            f"invalid {what} {value!r}: use 1-255 characters from A-Z a-z 0-9 _ . : @ + = / -"
+        )
+    return value
+
+
+def new_id() -> str:
+    """A new random job id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+class Status(str, enum.Enum):
+    """The status of a job (values are the Go original's strings, plus ``cancelled``)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    RETRYING = "retrying"
+    SUCCESSFUL = "successful"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether a job in this status never runs again."""
+        return self in (Status.SUCCESSFUL, Status.FAILED, Status.CANCELLED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _check_non_negative_int(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{attribute.name} must be an int >= 0, got {value!r}")
+
+
+def _check_positive_or_none(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidInputError(f"{attribute.name} must be a number > 0 or None, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Backoff:
+    """Exponential retry backoff with jitter, capped.
+
+    The n-th retry (``n`` from 0) waits ``min(maximum, initial * factor ** n)`` seconds;
+    with ``jitter`` a random delay between half of that and all of it ("equal jitter"),
+    so retries of many jobs that failed together spread out.
+    """
+
+    initial: float = attrs.field(default=1.0, validator=_check_positive_or_none)
+    factor: float = attrs.field(default=2.0, validator=_check_positive_or_none)
+    maximum: float = attrs.field(default=300.0, validator=_check_positive_or_none)
+    jitter: bool = True
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0 for the first retry)."""
+        try:
+            base = min(self.maximum, self.initial * self.factor**retry)
+        except OverflowError:
+            base = self.maximum
+        if self.jitter:
+            return base / 2 + random.random() * base / 2
+        return base
+
+
+def _check_task(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise InvalidInputError(f"task name must be a non-empty str of <= 255 chars, got {value!r}")
+
+
+def _check_payload(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bytes):
+        raise InvalidInputError(
+            f"payload must be bytes (encode it yourself, e.g. json.dumps(x).encode()), "
+            f"got {type(value).__name__}"
+        )
+
+
+def _check_eta(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise InvalidInputError(f"eta must be a datetime, got {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInputError(
+            f"eta {value.isoformat()} is naive: pass a timezone-aware datetime, "
+            f"e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+
+
+def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidInputError(f"schedule must be a cron expression string, got {value!r}")
+    try:
+        croniter(value)
+    except (ValueError, KeyError) as exc:
+        raise InvalidInputError(f"invalid cron schedule {value!r}: {exc}") from exc
+
+
+def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:
+    jobs = tuple(value)
+    for job in jobs:
+        if not isinstance(job, Job):
+            raise InvalidInputError(f"follow-up jobs must be Job instances, got {job!r}")
+    return jobs
+
+
+@attrs.frozen
+class Job:
+    """A unit of work: a registered task's name and an opaque payload, plus options.
+
+    :param task: the name of a registered task
+    :param payload: bytes handed to the task's handler (encode them yourself)
+    :param id: the job id (default: a random one); validated like :func:`validate_id`
+    :param queue: the queue to put the job on
+    :param max_retries: how many times to run the handler again after a failure
+    :param backoff: wait between retries (default: retry at once, as in the Go original)
+    :param timeout: seconds the handler may run before it is stopped (a failure)
+    :param eta: a timezone-aware time before which the job does not run
+    :param delay: seconds from enqueue before the job runs (instead of ``eta``)
+    :param schedule: a cron expression: the job runs again at each fire time
+    :param on_success: jobs to enqueue once this job has succeeded
+    :param on_error: jobs to enqueue once this job has finally failed
+    """
+
+    task: str = attrs.field(validator=_check_task)
+    payload: bytes = attrs.field(default=b"", validator=_check_payload)
+    id: str = attrs.field(factory=new_id, kw_only=True, validator=lambda i, a, v: validate_id(v))
+    queue: str = attrs.field(
+        default=DEFAULT_QUEUE, kw_only=True, validator=lambda i, a, v: validate_queue(v)
+    )
+    max_retries: int = attrs.field(default=0, kw_only=True, validator=_check_non_negative_int)
+    backoff: Backoff | None = attrs.field(default=None, kw_only=True)
+    timeout: float | None = attrs.field(default=None, kw_only=True, validator=_check_positive_or_none)
+    eta: datetime | None = attrs.field(default=None, kw_only=True, validator=_check_eta)
+    delay: float | None = attrs.field(default=None, kw_only=True, validator=_check_positive_or_none)
+    schedule: str | None = attrs.field(default=None, kw_only=True, validator=_check_schedule)
+    on_success: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
+    on_error: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
+
+    def __attrs_post_init__(self) -> None:
+        if self.eta is not None and self.delay is not None:
+            raise InvalidInputError("pass eta or delay, not both")
+        if self.backoff is not None and not isinstance(self.backoff, Backoff):
+            raise InvalidInputError(f"backoff must be a Backoff, got {self.backoff!r}")
+
+    def eta_timestamp(self, now: float | None = None) -> float | None:
+        """The POSIX time the job is due, or ``None`` if it is due now."""
+        if self.eta is not None:
+            return self.eta.timestamp()
+        if self.delay is not None:
+            return (time.time() if now is None else now) + self.delay
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class Meta:
+    """What the library records about a job besides the job itself.
+
+    Times are POSIX timestamps (``time.time()``).
+    """
+
+    id: str
+    status: Status
+    queue: str
+    max_retries: int = 0
+    #: how many times the handler has been retried so far
+    retried: int = 0
+    #: the error of the last failed run, as ``"ExceptionType: message"``
+    prev_error: str | None = None
+    created_at: float = 0.0
+    #: when the last run started
+    processed_at: float | None = None
+    eta: float | None = None
+    timeout: float | None = None
+    schedule: str | None = None
+    backoff: Backoff | None = None
+    #: the result the previous link of a chain saved (``None`` if it saved nothing)
+    prev_job_result: bytes | None = None
+    #: the delivery attempt of the last run (2 or more after a redelivery)
+    attempt: int = 0
+    group_id: str | None = None
+    chain_id: str | None = None
+    #: an absolute POSIX deadline inherited from a group or chain
+    deadline: float | None = None
+    #: W3C trace context of the producer
+    trace: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class JobMessage:
+    """A job together with its :class:`Meta`: what travels on queues and is stored."""
+
+    meta: Meta
+    job: Job
+
+    @property
+    def id(self) -> str:
+        return self.meta.id
+
+    @property
+    def status(self) -> Status:
+        return self.meta.status
+
+
+@attrs.define(kw_only=True, eq=False)
+class JobContext:
+    """Handed to a task handler with its payload.
+
+    :ivar meta: the job's :class:`Meta` for this run
+    """
+
+    meta: Meta
+    _save: Callable[[str, bytes], Awaitable[None]] = attrs.field(alias="save_fn", repr=False)
+
+    @property
+    def job_id(self) -> str:
+        return self.meta.id
+
+    async def save(self, result: bytes) -> None:
+        """Store ``result`` as the job's result (:meth:`Server.get_result` reads it).
+
+        A sync handler running in a worker thread calls it as
+        ``anyio.from_thread.run(ctx.save, result)``.
+        """
+        if not isinstance(result, bytes):
+            raise InvalidInputError(f"result must be bytes, got {type(result).__name__}")
+        await self._save(self.meta.id, result)

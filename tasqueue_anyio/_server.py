@@ -1,0 +1,518 @@
+"""The :class:`Server`: task registry, the enqueue and inspection API, and ``run()``."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, TypeVar, Union
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._codec import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    EVENT_CANCEL,
+    EVENT_FINISHED,
+    decode_event,
+    decode_message,
+    encode_event,
+    encode_message,
+    with_status,
+)
+from ._exceptions import (
+    DecodeError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    QueueConcurrencyError,
+)
+from ._jobs import DEFAULT_QUEUE, Job, JobContext, JobMessage, Meta, Status, validate_id, validate_queue
+from ._tracing import Tracing
+from .abc import FINAL_STATUSES, Broker, DeadLetter, Envelope, JobRecord, Results
+
+__all__ = ["EVENTS_CHANNEL", "Server", "Task"]
+
+#: The broadcast channel for job events and cancel requests.
+EVENTS_CHANNEL = "events"
+
+Handler = Callable[[bytes, JobContext], Union[Awaitable[None], None]]
+Callback = Callable[[JobContext], Union[Awaitable[None], None]]
+ErrorCallback = Callable[[JobContext, BaseException], Union[Awaitable[None], None]]
+H = TypeVar("H", bound=Handler)
+
+_log = logging.getLogger("tasqueue_anyio.server")
+
+
+@attrs.frozen(kw_only=True)
+class Task:
+    """A registered task: a handler, its queue and its lifecycle callbacks."""
+
+    name: str
+    handler: Handler
+    queue: str
+    concurrency: int
+    is_async: bool
+    on_processing: Callback | None = None
+    on_success: Callback | None = None
+    on_retrying: ErrorCallback | None = None
+    on_failed: ErrorCallback | None = None
+
+
+class _ActiveJob:
+    """A job running in this process: its cancel scope and why it was cancelled."""
+
+    __slots__ = ("cancelled_by_request", "scope")
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.cancelled_by_request = False
+
+    def cancel(self) -> None:
+        self.cancelled_by_request = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class Server:
+    """Enqueues jobs, runs the handlers of registered tasks and answers about jobs.
+
+    Use it as an async context manager, which opens the broker and results backends and
+    listens for job events; run the workers with ``await tg.start(server.run)``::
+
+        async with Server() as server, anyio.create_task_group() as tg:
+            server.register_task("add", add)
+            await tg.start(server.run)
+            job_id = await server.enqueue(Job("add", b"[1, 2]"))
+            print(await server.wait(job_id, timeout=10))
+
+    :param broker: moves messages (default: a new :class:`~tasqueue_anyio.brokers.memory.MemoryBroker`)
+    :param results: stores job state (default: a new :class:`~tasqueue_anyio.results.memory.MemoryResults`)
+    :param logger: where the server logs (default: the ``tasqueue_anyio.server`` logger)
+    :param tracer_provider: an OpenTelemetry ``TracerProvider``; no tracing without one
+    :param default_concurrency: processors of a queue whose first task names no concurrency
+    :param max_payload_size: the largest job payload accepted by ``enqueue`` (bytes)
+    :param max_message_size: the largest encoded message accepted or decoded (bytes)
+    :param finalize_timeout: seconds allowed for recording a job's end (shielded from
+        cancellation), after which the delivery is left to the broker's redelivery
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: Broker | None = None,
+        results: Results | None = None,
+        logger: logging.Logger | None = None,
+        tracer_provider: Any = None,
+        default_concurrency: int = 10,
+        max_payload_size: int = 1024 * 1024,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        finalize_timeout: float = 10.0,
+    ) -> None:
+        if broker is None:
+            from .brokers.memory import MemoryBroker
+
+            broker = MemoryBroker()
+        if results is None:
+            from .results.memory import MemoryResults
+
+            results = MemoryResults()
+        if not isinstance(default_concurrency, int) or default_concurrency < 1:
+            raise InvalidInputError(f"default_concurrency must be an int >= 1, got {default_concurrency!r}")
+        self.broker = broker
+        self.results = results
+        self.log = logger if logger is not None else _log
+        self.tracing = Tracing(tracer_provider)
+        self.default_concurrency = default_concurrency
+        self.max_payload_size = max_payload_size
+        self.max_message_size = max(max_message_size, max_payload_size + 64 * 1024)
+        self.finalize_timeout = finalize_timeout
+        self._tasks: dict[str, Task] = {}
+        self._queues: dict[str, int] = {}
+        self._waiters: dict[str, set[anyio.Event]] = {}
+        self.active: dict[str, list[_ActiveJob]] = {}
+        self._exit_stack: AsyncExitStack | None = None
+        self._listener_tg: TaskGroup | None = None
+        self._worker: Any = None
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Server:
+        if self._exit_stack is not None:
+            raise RuntimeError("this Server is already open")
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.broker)
+            await stack.enter_async_context(self.results)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            await tg.start(self._listen)
+            self._listener_tg = tg
+            self._exit_stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        stack, self._exit_stack = self._exit_stack, None
+        self._listener_tg = None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc_val, exc_tb)
+
+    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with self.broker.subscribe(EVENTS_CHANNEL) as stream:
+            task_status.started()
+            async for data in stream:
+                try:
+                    kind, job_id, _status = decode_event(data)
+                except DecodeError as exc:
+                    self.log.warning("ignoring a malformed event: %s", exc)
+                    continue
+                if kind == EVENT_FINISHED:
+                    for event in self._waiters.get(job_id, ()):
+                        event.set()
+                elif kind == EVENT_CANCEL:
+                    for active in self.active.get(job_id, ()):
+                        active.cancel()
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def register_task(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        concurrency: int | None = None,
+        on_processing: Callback | None = None,
+        on_success: Callback | None = None,
+        on_retrying: ErrorCallback | None = None,
+        on_failed: ErrorCallback | None = None,
+    ) -> None:
+        """Register ``handler`` as the task ``name`` on ``queue``.
+
+        ``handler(payload, ctx)`` is an ``async def`` or a plain function (run in a worker
+        thread, which a timeout or cancel cannot interrupt mid-call); raising is failure.
+        Callbacks may be sync (called inline, keep them quick) or async; one that raises
+        is logged and changes nothing about the job.
+
+        :param concurrency: processors for ``queue``; the first task registered on a
+            queue fixes it (default: the server's ``default_concurrency``)
+        :raises QueueConcurrencyError: ``queue`` already has another concurrency
+        :raises InvalidInputError: bad name, queue or handler
+        """
+        if not isinstance(name, str) or not name or len(name) > 255:
+            raise InvalidInputError(f"task name must be a non-empty str of <= 255 chars, got {name!r}")
+        validate_queue(queue)
+        if not callable(handler):
+            raise InvalidInputError(f"handler of task {name!r} is not callable: {handler!r}")
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise InvalidInputError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        existing = self._queues.get(queue)
+        if existing is not None and concurrency is not None and concurrency != existing:
+            raise QueueConcurrencyError(
+                f"queue {queue!r} is already defined with concurrency {existing}; "
+                f"register task {name!r} with concurrency={existing} or on another queue"
+            )
+        if self._worker is not None:
+            raise RuntimeError("register tasks before Server.run() starts")
+        conc = existing or concurrency or self.default_concurrency
+        self._queues[queue] = conc
+        self._tasks[name] = Task(
+            name=name,
+            handler=handler,
+            queue=queue,
+            concurrency=conc,
+            is_async=_is_async_callable(handler),
+            on_processing=on_processing,
+            on_success=on_success,
+            on_retrying=on_retrying,
+            on_failed=on_failed,
+        )
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        concurrency: int | None = None,
+        on_processing: Callback | None = None,
+        on_success: Callback | None = None,
+        on_retrying: ErrorCallback | None = None,
+        on_failed: ErrorCallback | None = None,
+    ) -> Callable[[H], H]:
+        """Decorator form of :meth:`register_task` (the name defaults to the function's)."""
+
+        def decorator(handler: H) -> H:
+            self.register_task(
+                name or handler.__name__,
+                handler,
+                queue=queue,
+                concurrency=concurrency,
+                on_processing=on_processing,
+                on_success=on_success,
+                on_retrying=on_retrying,
+                on_failed=on_failed,
+            )
+            return handler
+
+        return decorator
+
+    def get_tasks(self) -> list[str]:
+        """Names of the registered tasks."""
+        return list(self._tasks)
+
+    def get_task(self, name: str) -> Task | None:
+        """The registered task ``name``, or ``None``."""
+        return self._tasks.get(name)
+
+    @property
+    def queues(self) -> dict[str, int]:
+        """Queue name → concurrency, for the queues of registered tasks."""
+        return dict(self._queues)
+
+    # -- enqueue ----------------------------------------------------------------------------
+
+    def new_message(
+        self,
+        job: Job,
+        *,
+        status: Status = Status.QUEUED,
+        now: float | None = None,
+        prev_job_result: bytes | None = None,
+        group_id: str | None = None,
+        chain_id: str | None = None,
+        deadline: float | None = None,
+    ) -> tuple[JobMessage, bytes]:
+        """Build a job's first message and its encoding, checking sizes (no I/O)."""
+        if not isinstance(job, Job):
+            raise InvalidInputError(f"expected a Job, got {job!r}")
+        self._check_payloads(job)
+        now = time.time() if now is None else now
+        meta = Meta(
+            id=job.id,
+            status=status,
+            queue=job.queue,
+            max_retries=job.max_retries,
+            created_at=now,
+            eta=job.eta_timestamp(now),
+            timeout=job.timeout,
+            schedule=job.schedule,
+            backoff=job.backoff,
+            prev_job_result=prev_job_result,
+            group_id=group_id,
+            chain_id=chain_id,
+            deadline=deadline,
+            trace=self.tracing.carrier(),
+        )
+        msg = JobMessage(meta=meta, job=job)
+        return msg, self.encode(msg)
+
+    def encode(self, msg: JobMessage) -> bytes:
+        """Encode ``msg``, refusing it when over ``max_message_size``."""
+        data = encode_message(msg)
+        if len(data) > self.max_message_size:
+            raise PayloadTooLargeError(f"job {msg.id}'s encoded message", len(data), self.max_message_size)
+        return data
+
+    def _check_payloads(self, job: Job) -> None:
+        size = len(job.payload)
+        if size > self.max_payload_size:
+            raise PayloadTooLargeError(f"job {job.id}'s payload", size, self.max_payload_size)
+        for follow_up in (*job.on_success, *job.on_error):
+            self._check_payloads(follow_up)
+
+    async def enqueue(self, job: Job) -> str:
+        """Record ``job`` as ``queued`` and put it on its queue.
+
+        :return: the job id
+        :raises PayloadTooLargeError: the payload is over ``max_payload_size`` (no I/O done)
+        """
+        return (await self.enqueue_many([job]))[0]
+
+    async def enqueue_many(self, jobs: Iterable[Job]) -> list[str]:
+        """Enqueue many jobs with one results call and one broker call.
+
+        :return: the job ids, in order
+        :raises InvalidInputError: a job is invalid or two jobs share an id (no I/O done)
+        """
+        prepared = [self.new_message(job) for job in jobs]
+        if not prepared:
+            return []
+        ids = [msg.id for msg, _ in prepared]
+        if len(set(ids)) != len(ids):
+            raise InvalidInputError("two jobs of one enqueue_many call share an id")
+        with self.tracing.producer_span("tasqueue.enqueue", {"tasqueue.jobs": len(ids)}):
+            await self.put_messages(prepared)
+        return ids
+
+    async def put_messages(self, prepared: Sequence[tuple[JobMessage, bytes]]) -> None:
+        """Record the state of prepared messages, then put them on their queues."""
+        await self.results.set_jobs(
+            {msg.id: JobRecord(status=msg.meta.status.value, data=data) for msg, data in prepared}
+        )
+        await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
+
+    # -- inspection -------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobMessage:
+        """The job's message with its current status.
+
+        :raises JobNotFoundError: no job is stored under ``job_id``
+        """
+        record = await self.results.get_job(job_id)
+        return self.decode_record(record)
+
+    def decode_record(self, record: JobRecord) -> JobMessage:
+        msg = decode_message(record.data, max_size=self.max_message_size)
+        return with_status(msg, Status(record.status))
+
+    async def get_result(self, job_id: str) -> bytes:
+        """The result the job saved with ``ctx.save``.
+
+        :raises ResultNotFoundError: the job saved nothing (yet)
+        """
+        return await self.results.get_result(job_id)
+
+    async def get_pending(self, queue: str = DEFAULT_QUEUE) -> list[JobMessage]:
+        """Jobs waiting on ``queue`` (due, not taken by a worker), oldest first.
+
+        Messages that do not decode are skipped here (a worker dead-letters them).
+        """
+        return self._decode_many(await self.broker.get_pending(validate_queue(queue)))
+
+    async def get_scheduled(self, queue: str = DEFAULT_QUEUE) -> list[JobMessage]:
+        """Jobs on ``queue`` waiting for their ETA (retries with backoff included)."""
+        return self._decode_many([d for _, d in await self.broker.get_scheduled(validate_queue(queue))])
+
+    def _decode_many(self, items: Iterable[bytes]) -> list[JobMessage]:
+        out = []
+        for data in items:
+            try:
+                out.append(decode_message(data, max_size=self.max_message_size))
+            except DecodeError:
+                continue
+        return out
+
+    async def get_dead_letters(self, queue: str = DEFAULT_QUEUE) -> list[DeadLetter]:
+        """Messages of ``queue`` that could not be decoded and were set aside."""
+        return await self.broker.get_dead_letters(validate_queue(queue))
+
+    async def get_success(self) -> list[str]:
+        """Ids of jobs that ended ``successful``."""
+        return await self.results.get_success()
+
+    async def get_failed(self) -> list[str]:
+        """Ids of jobs that ended ``failed``."""
+        return await self.results.get_failed()
+
+    async def delete_job(self, job_id: str) -> None:
+        """Forget a job's state and result (a queued message still runs if not cancelled)."""
+        await self.results.delete_job(validate_id(job_id))
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Status:
+        """Cancel a job wherever it is.
+
+        A queued (or retry-waiting) job becomes ``cancelled`` at once and never starts, on
+        any worker, also one started later. A running job's cancel scope is cancelled on
+        the worker running it, which records ``cancelled``. Cancelled jobs get no success
+        callback and no follow-up jobs. A finished job is left as it is.
+
+        :return: the job's status right after the request (``processing`` for a running
+            job: use :meth:`wait` for its end)
+        :raises JobNotFoundError: no job is stored under ``job_id``
+        """
+        record = await self.results.request_cancel(validate_id(job_id))
+        if record.status == Status.CANCELLED.value:
+            await self.broker.publish(
+                EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, Status.CANCELLED.value)
+            )
+        elif record.status not in FINAL_STATUSES:
+            for active in self.active.get(job_id, ()):
+                active.cancel()
+            await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_CANCEL, job_id))
+        return Status(record.status)
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> JobMessage:
+        """Wait until the job is ``successful``, ``failed`` or ``cancelled``; return it.
+
+        Woken by the job's end event, not by polling. Needs an open server
+        (``async with server:``).
+
+        :raises TimeoutError: the job did not end within ``timeout`` seconds
+        :raises JobNotFoundError: no job is stored under ``job_id``
+        """
+        if self._listener_tg is None:
+            raise RuntimeError("Server.wait() needs an open server: use `async with server:`")
+        event = anyio.Event()
+        waiters = self._waiters.setdefault(job_id, set())
+        waiters.add(event)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    msg = await self.get_job(job_id)
+                    if msg.status.is_final:
+                        return msg
+                    await event.wait()
+                    waiters.discard(event)
+                    event = anyio.Event()
+                    waiters.add(event)
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                self._waiters.pop(job_id, None)
+
+    async def publish_finished(self, job_id: str, status: Status) -> None:
+        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value))
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume every queue of the registered tasks and run their jobs until cancelled.
+
+        Start it with ``await tg.start(server.run)``: it reports started once every queue
+        is being consumed. Cancelling it stops at once: jobs that were running go back to
+        the broker and run again later (shutdown is not an outcome). :meth:`stop` ends it
+        gracefully. Opens the server itself if it is not open yet.
+        """
+        if self._listener_tg is None:
+            async with self:
+                await self.run(task_status=task_status)
+            return
+        if self._worker is not None:
+            raise RuntimeError("Server.run() is already running")
+        from ._worker import Worker
+
+        worker = self._worker = Worker(self)
+        try:
+            await worker.run(task_status=task_status)
+        finally:
+            self._worker = None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop :meth:`run` gracefully: take no new jobs, give running ones ``grace``
+        seconds to end, then cancel them (they go back to the broker); ``run()`` returns.
+        """
+        if self._worker is not None:
+            self._worker.stop(grace)
+
+
+def envelope(msg: JobMessage, data: bytes) -> Envelope:
+    """The queue envelope of an encoded job message (its id names the job and run)."""
+    return Envelope(queue=msg.meta.queue, data=data, id=f"{msg.id}/{msg.meta.retried}", eta=msg.meta.eta)
+
+
+def _is_async_callable(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))

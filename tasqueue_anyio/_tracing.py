@@ -1,0 +1,58 @@
+"""OpenTelemetry helpers, through ``opentelemetry-api`` only (no SDK at run time).
+
+With no tracer provider the server uses no tracer at all: not even a no-op span is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+
+__all__ = ["Tracing"]
+
+_NAME = "tasqueue_anyio"
+
+
+class Tracing:
+    """Spans for enqueue (producer) and processing (consumer), or nothing."""
+
+    def __init__(self, provider: trace.TracerProvider | None) -> None:
+        self.tracer = None if provider is None else trace.get_tracer(_NAME, tracer_provider=provider)
+
+    def carrier(self) -> dict[str, str]:
+        """The current trace context as W3C headers (empty without a tracer)."""
+        if self.tracer is None:
+            return {}
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        return carrier
+
+    @contextmanager
+    def producer_span(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
+        if self.tracer is None:
+            yield
+            return
+        with self.tracer.start_as_current_span(name, kind=trace.SpanKind.PRODUCER, attributes=attributes):
+            yield
+
+    @contextmanager
+    def consumer_span(
+        self, name: str, carrier: dict[str, str], attributes: dict[str, Any]
+    ) -> Iterator[trace.Span | None]:
+        if self.tracer is None:
+            yield None
+            return
+        token = otel_context.attach(extract(carrier))
+        try:
+            with self.tracer.start_as_current_span(
+                name, kind=trace.SpanKind.CONSUMER, attributes=attributes, record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                yield span
+        finally:
+            otel_context.detach(token)

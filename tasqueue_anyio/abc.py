@@ -1,0 +1,269 @@
+"""The backend contracts: :class:`Broker` (moves messages) and :class:`Results` (keeps state).
+
+A backend is an async context manager that owns its connections and any background task
+it needs; ``async with backend:`` opens it and leaving the block closes it. Every method
+may raise :class:`~tasqueue_anyio.BrokerError` when the server behind the backend fails.
+
+Messages are opaque ``bytes`` to a backend: the server encodes and decodes them.
+Timestamps (``eta``) are POSIX seconds (``time.time()``), because they cross processes.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+__all__ = [
+    "FINAL_STATUSES",
+    "Broker",
+    "DeadLetter",
+    "Delivery",
+    "Envelope",
+    "JobRecord",
+    "Results",
+]
+
+#: Statuses after which a job never runs again (string values of :class:`~tasqueue_anyio.Status`).
+FINAL_STATUSES: frozenset[str] = frozenset({"successful", "failed", "cancelled"})
+
+
+@attrs.frozen(kw_only=True)
+class Envelope:
+    """A message to put on a queue.
+
+    :param queue: the (validated) queue name
+    :param data: the encoded message
+    :param id: a unique id of this message (job id and run number); brokers that can
+        deduplicate use it so that a repeated enqueue of the same message is harmless
+    :param eta: POSIX time before which the message must not be delivered, or ``None``
+    """
+
+    queue: str
+    data: bytes
+    id: str
+    eta: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class DeadLetter:
+    """A message a worker could not process (it did not decode) and set aside."""
+
+    queue: str
+    data: bytes
+    reason: str
+    at: float
+
+
+@attrs.frozen(kw_only=True)
+class JobRecord:
+    """The stored state of one job.
+
+    :param status: the job's status (the string value of a ``Status``); authoritative
+        over any status encoded inside ``data``
+    :param data: the encoded job message
+    :param cancel_requested: set by :meth:`Results.request_cancel` on a running job, so
+        that a redelivery of it never starts again
+    """
+
+    status: str
+    data: bytes
+    cancel_requested: bool = False
+
+
+class Delivery(metaclass=ABCMeta):
+    """One message handed to a worker by :meth:`Broker.consume`.
+
+    The broker keeps the message recorded as held until it is settled with exactly one of
+    :meth:`ack`, :meth:`nack` or :meth:`dead_letter`; a held message whose worker dies
+    comes back after the broker's lease. Settling an already settled delivery does nothing.
+    """
+
+    __slots__ = ()
+
+    @property
+    @abstractmethod
+    def data(self) -> bytes:
+        """The message as it was enqueued."""
+
+    @property
+    @abstractmethod
+    def queue(self) -> str:
+        """The queue the message was taken from."""
+
+    @property
+    @abstractmethod
+    def attempt(self) -> int:
+        """How many times this message has been delivered, this time included (1 first)."""
+
+    @abstractmethod
+    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+        """Remove the message for good and, in the same step, enqueue ``enqueue``.
+
+        Brokers that can make the two one atomic write (or one round trip) do so; the
+        others enqueue first, then remove, so a crash in between repeats, never loses.
+
+        :raises BrokerError: the message could not be removed (for leased brokers: the
+            lease was lost to another worker, whose run now owns the job)
+        """
+
+    @abstractmethod
+    async def nack(self, *, delay: float = 0) -> None:
+        """Give the message back to its queue, deliverable again after ``delay`` seconds."""
+
+    @abstractmethod
+    async def dead_letter(self, reason: str) -> None:
+        """Remove the message from its queue and keep it in the dead-letter listing."""
+
+
+class Broker(metaclass=ABCMeta):
+    """Moves messages between producers and workers, at least once.
+
+    A message is delivered to one consumer at a time. A message held by a worker that
+    dies is delivered again after the broker's lease; a live worker keeps its leases.
+    Order within a queue is first in, first out for messages that are due.
+    """
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def enqueue(self, message: Envelope) -> None:
+        """Put one message on its queue (at ``message.eta`` if set)."""
+        await self.enqueue_many([message])
+
+    @abstractmethod
+    async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
+        """Put messages on their queues in one call (one round trip where possible).
+
+        Either all messages are stored or the call raises; messages due now are
+        delivered in the given order.
+        """
+
+    @abstractmethod
+    async def consume(self, queue: str, send_stream: MemoryObjectSendStream[Delivery]) -> None:
+        """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
+
+        Closes ``send_stream`` when it returns. A message taken from the queue but not
+        handed over when the call is cancelled goes back to the queue; nothing is dropped.
+        """
+
+    @abstractmethod
+    async def get_pending(self, queue: str) -> list[bytes]:
+        """Messages on ``queue`` that are due and not held by a worker, oldest first."""
+
+    @abstractmethod
+    async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
+        """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order."""
+
+    @abstractmethod
+    async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
+        """Messages of ``queue`` set aside with :meth:`Delivery.dead_letter`, oldest first."""
+
+    @abstractmethod
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Broadcast ``data`` to every current subscriber of ``channel`` (best effort)."""
+
+    @abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[bytes]]:
+        """Subscribe to ``channel``: an async context manager yielding a receive stream.
+
+        Every message published after the context is entered is received, in order.
+        """
+
+
+class Results(metaclass=ABCMeta):
+    """Stores job state, saved results and the success and failed listings.
+
+    Job state and saved results live in separate key spaces: no job id can reach
+    another job's state or result. The conditional writes (``start_job``,
+    ``update_job``, ``request_cancel``) are atomic.
+    """
+
+    async def __aenter__(self) -> Results:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    @abstractmethod
+    async def get_job(self, job_id: str) -> JobRecord:
+        """The stored state of a job.
+
+        :raises JobNotFoundError: nothing is stored under ``job_id``
+        """
+
+    @abstractmethod
+    async def set_jobs(self, records: Mapping[str, JobRecord]) -> None:
+        """Store the state of many jobs in one call, unconditionally (used on enqueue)."""
+
+    @abstractmethod
+    async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
+        """Atomically move a job to ``record`` if it may start.
+
+        A job may start when it has no state, or when its status is not final and no
+        cancel was requested for it.
+
+        :return: ``None`` when ``record`` was written, else the current (unchanged) record
+        """
+
+    @abstractmethod
+    async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
+        """Atomically write ``record`` if the job's current status is one of ``expect``.
+
+        When ``record.status`` is ``successful`` or ``failed`` the job id is added to the
+        matching listing in the same step. ``cancel_requested`` is kept as stored.
+
+        :return: whether ``record`` was written
+        """
+
+    @abstractmethod
+    async def request_cancel(self, job_id: str) -> JobRecord:
+        """Atomically ask a job to stop.
+
+        A ``queued`` or ``retrying`` job becomes ``cancelled`` at once; a ``processing``
+        job is marked ``cancel_requested`` (its worker finishes it as ``cancelled``); a
+        job in a final status is left as it is.
+
+        :return: the record as it is after the call
+        :raises JobNotFoundError: nothing is stored under ``job_id``
+        """
+
+    @abstractmethod
+    async def get_result(self, job_id: str) -> bytes:
+        """The result a job saved.
+
+        :raises ResultNotFoundError: the job saved no result (or it expired)
+        """
+
+    @abstractmethod
+    async def set_result(self, job_id: str, data: bytes) -> None:
+        """Store (replace) the result of a job."""
+
+    @abstractmethod
+    async def delete_job(self, job_id: str) -> None:
+        """Forget a job: its state, its result and its place in the listings."""
+
+    @abstractmethod
+    async def get_success(self) -> list[str]:
+        """Ids of jobs that ended ``successful``, in the order they ended."""
+
+    @abstractmethod
+    async def get_failed(self) -> list[str]:
+        """Ids of jobs that ended ``failed``, in the order they ended."""

@@ -1,0 +1,435 @@
+"""The in-process broker: zero set-up, for tests and single-process applications.
+
+Every queue is a first-in-first-out :class:`~collections.deque` of due messages plus a
+heap of scheduled ones ordered by ``(eta, enqueue sequence)``. Consumers of one queue
+share it: each message goes to exactly one of them. Everything runs on one event loop,
+so the code between two ``await`` points is atomic and needs no lock.
+
+Delivery is at least once *within the process*: a message is held by its
+:class:`MemoryDelivery` until that is settled, and a delivery that is garbage-collected
+unsettled gives its message back to the queue (see :class:`MemoryDelivery`). Nothing
+survives the process: this broker has no lease, because a worker that dies takes the
+broker with it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._exceptions import BrokerError
+from ..abc import Broker, DeadLetter, Delivery, Envelope
+
+__all__ = ["MemoryBroker", "MemoryDelivery"]
+
+logger = logging.getLogger(__name__)
+
+# States of a MemoryDelivery.
+_HELD = 0  # handed to a worker, not settled
+_SETTLED = 1  # acked, nacked or dead-lettered (or given back by the consumer)
+_WITHDRAWN = 2  # consume() put the message back after a hand-over that may have failed
+
+
+class _Message:
+    """One message in a queue, and how many times it has been delivered."""
+
+    __slots__ = ("data", "deliveries")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.deliveries = 0
+
+
+class _Queue:
+    """The plain data of one queue (touched by finalizers, so no event-loop objects but
+    ``wakeup``, which only the event loop touches)."""
+
+    __slots__ = ("abandoned", "dead", "held", "name", "ready", "scheduled", "wakeup")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: due messages, oldest first
+        self.ready: deque[_Message] = deque()
+        #: heap of (eta, sequence number, message)
+        self.scheduled: list[tuple[float, int, _Message]] = []
+        #: dead letters, oldest first
+        self.dead: list[DeadLetter] = []
+        #: messages of deliveries garbage-collected unsettled; filled by finalizers
+        #: (possibly from another thread: deque.append is atomic), drained by the loop
+        self.abandoned: deque[_Message] = deque()
+        #: deliveries handed out and not settled (abandoned ones included until reclaimed)
+        self.held = 0
+        #: set to wake idle consumers, then replaced; created lazily by a waiting consumer
+        self.wakeup: anyio.Event | None = None
+
+
+def _abandon(queue: _Queue, message: _Message) -> None:
+    """Finalizer of an unsettled :class:`MemoryDelivery`: give its message back.
+
+    Runs wherever the garbage collector runs (any thread, any point of the event loop),
+    so it only appends to a deque; consumers reclaim the message on their next wake-up.
+    """
+    queue.abandoned.append(message)
+
+
+class MemoryDelivery(Delivery):
+    """A message handed out by :meth:`MemoryBroker.consume`.
+
+    Settle it with exactly one of :meth:`ack`, :meth:`nack` or :meth:`dead_letter`;
+    settling again does nothing. If it is garbage-collected unsettled (a worker dropped
+    it), its message goes back to the front of its queue and is delivered again with
+    ``attempt`` one higher. Idle consumers notice such a message within the broker's
+    ``reclaim_interval``; :meth:`MemoryBroker.get_pending` shows it at once.
+    """
+
+    __slots__ = ("__weakref__", "_attempt", "_broker", "_finalizer", "_message", "_q", "_state")
+
+    def __init__(self, broker: MemoryBroker, queue: _Queue, message: _Message) -> None:
+        self._broker = broker
+        self._q = queue
+        self._message = message
+        self._attempt = message.deliveries
+        self._state = _HELD
+        self._finalizer = weakref.finalize(self, _abandon, queue, message)
+        self._finalizer.atexit = False
+
+    @property
+    def data(self) -> bytes:
+        """The message as it was enqueued."""
+        return self._message.data
+
+    @property
+    def queue(self) -> str:
+        """The queue the message was taken from."""
+        return self._q.name
+
+    @property
+    def attempt(self) -> int:
+        """How many times this message has been delivered, this time included (1 first)."""
+        return self._attempt
+
+    def __repr__(self) -> str:
+        return f"<MemoryDelivery queue={self._q.name!r} attempt={self._attempt}>"
+
+    def _release(self) -> bool:
+        """Stop holding the message; return whether the caller now owns it.
+
+        :raises BrokerError: the consumer took the message back and delivered it again
+        """
+        state = self._state
+        if state == _SETTLED:
+            return False
+        self._state = _SETTLED
+        if state == _HELD:
+            self._finalizer.detach()
+            self._q.held -= 1
+            return True
+        # _WITHDRAWN: the hand-over raised, yet the receiver got this delivery (a
+        # cancellation racing a completed hand-over). The message went back to the front of
+        # the queue; reclaim it if it is still there, else another delivery owns it now.
+        try:
+            self._q.ready.remove(self._message)
+        except ValueError:
+            raise BrokerError(
+                f"the message on queue {self._q.name!r} was given back by its consumer and "
+                f"delivered again; that delivery now owns it"
+            ) from None
+        return True
+
+    def _withdraw(self) -> None:
+        """Put the message back at the front of its queue (the hand-over did not happen)."""
+        if self._state != _HELD:
+            return
+        self._state = _WITHDRAWN
+        self._finalizer.detach()
+        self._q.held -= 1
+        self._message.deliveries -= 1
+        self._q.ready.appendleft(self._message)
+        self._broker._wake(self._q)
+
+    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+        """Remove the message for good and, in the same step, enqueue ``enqueue``.
+
+        :param enqueue: messages to enqueue atomically with the removal
+        :raises BrokerError: the message was given back by the consumer (its hand-over
+            was cancelled) and has been delivered again
+        """
+        if self._release() and enqueue:
+            self._broker._put_many(enqueue)
+
+    async def nack(self, *, delay: float = 0) -> None:
+        """Give the message back to its queue.
+
+        With ``delay <= 0`` it goes to the *front* of the queue, so it is the next message
+        delivered: it was the oldest when taken, and a worker that stops gracefully keeps
+        the queue's order this way. With a delay it is scheduled at ``clock() + delay``.
+
+        :param delay: seconds before the message may be delivered again
+        """
+        if self._state == _WITHDRAWN:
+            # already back in the queue
+            self._state = _SETTLED
+            return
+        if not self._release():
+            return
+        broker = self._broker
+        if delay > 0:
+            heapq.heappush(
+                self._q.scheduled, (broker._clock() + delay, next(broker._seq), self._message)
+            )
+        else:
+            self._q.ready.appendleft(self._message)
+        broker._wake(self._q)
+
+    async def dead_letter(self, reason: str) -> None:
+        """Remove the message from its queue and keep it in the dead-letter listing.
+
+        :param reason: why the message was set aside
+        :raises BrokerError: as for :meth:`ack`
+        """
+        if self._release():
+            self._q.dead.append(
+                DeadLetter(
+                    queue=self._q.name,
+                    data=self._message.data,
+                    reason=reason,
+                    at=self._broker._clock(),
+                )
+            )
+
+
+class MemoryBroker(Broker):
+    """An in-process :class:`~tasqueue_anyio.abc.Broker`.
+
+    Messages live in this object: they are lost when the process ends. Usable with or
+    without ``async with``. Its operations complete without waiting (and without a
+    checkpoint), except :meth:`consume`.
+
+    :param clock: the wall clock ETAs are measured with (POSIX seconds); ``nack(delay)``
+        and dead-letter times use it too. Inject a fake one in tests and call
+        :meth:`wake_consumers` after moving it.
+    :param reclaim_interval: how often (seconds) an idle consumer looks for messages of
+        deliveries that were garbage-collected unsettled, while any delivery of its queue
+        is unsettled
+    :param subscriber_buffer: messages buffered per subscriber of a broadcast channel;
+        beyond that a message is dropped for that subscriber, with a warning
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        reclaim_interval: float = 1.0,
+        subscriber_buffer: int = 10_000,
+    ) -> None:
+        self._clock = clock
+        self._reclaim_interval = reclaim_interval
+        self._subscriber_buffer = subscriber_buffer
+        self._queues: dict[str, _Queue] = {}
+        self._seq = itertools.count()
+        self._subscribers: dict[str, set[MemoryObjectSendStream[bytes]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryBroker queues={len(self._queues)}>"
+
+    # -- internals (event-loop side) --------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue(name)
+        return q
+
+    @staticmethod
+    def _wake(q: _Queue) -> None:
+        event = q.wakeup
+        if event is not None:
+            q.wakeup = None
+            event.set()
+
+    def _put_many(self, messages: Iterable[Envelope]) -> None:
+        now = self._clock()
+        touched: dict[str, _Queue] = {}
+        for env in messages:
+            q = touched.get(env.queue)
+            if q is None:
+                q = touched[env.queue] = self._queue(env.queue)
+            if env.eta is None or env.eta <= now:
+                q.ready.append(_Message(env.data))
+            else:
+                heapq.heappush(q.scheduled, (env.eta, next(self._seq), _Message(env.data)))
+        for q in touched.values():
+            self._wake(q)
+
+    def _refresh(self, q: _Queue) -> None:
+        """Reclaim abandoned messages and move due scheduled messages to the ready deque."""
+        abandoned = q.abandoned
+        if abandoned:
+            reclaimed: list[_Message] = []
+            while abandoned:
+                reclaimed.append(abandoned.popleft())
+            q.held -= len(reclaimed)
+            q.ready.extendleft(reversed(reclaimed))
+        scheduled = q.scheduled
+        if scheduled:
+            now = self._clock()
+            while scheduled and scheduled[0][0] <= now:
+                q.ready.append(heapq.heappop(scheduled)[2])
+
+    async def _wait_for_work(self, q: _Queue) -> None:
+        timeout = math.inf
+        if q.scheduled:
+            timeout = q.scheduled[0][0] - self._clock()
+        if q.held:
+            timeout = min(timeout, self._reclaim_interval)
+        event = q.wakeup
+        if event is None:
+            event = q.wakeup = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await event.wait()
+
+    # -- Broker -------------------------------------------------------------------------
+
+    async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
+        """Put messages on their queues; those due now become deliverable in order.
+
+        :param messages: the messages; one whose ``eta`` is in the past is due at once
+        """
+        self._put_many(messages)
+
+    async def consume(self, queue: str, send_stream: MemoryObjectSendStream[Delivery]) -> None:
+        """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
+
+        Closes ``send_stream`` when it returns. A message whose hand-over is cancelled goes
+        back to the front of the queue. Returns (instead of raising) when every receiving
+        end of ``send_stream`` is closed, giving back the message it was handing over.
+
+        :param queue: the queue to consume
+        :param send_stream: where to hand the deliveries, one at a time
+        """
+        q = self._queue(queue)
+        ready = q.ready
+        with send_stream:
+            while True:
+                if q.abandoned or q.scheduled:
+                    self._refresh(q)
+                if not ready:
+                    await self._wait_for_work(q)
+                    continue
+                message = ready.popleft()
+                message.deliveries += 1
+                q.held += 1
+                delivery = MemoryDelivery(self, q, message)
+                try:
+                    await send_stream.send(delivery)
+                except anyio.BrokenResourceError:
+                    delivery._withdraw()
+                    return
+                except BaseException:
+                    delivery._withdraw()
+                    raise
+                # drop our reference, or an idle consumer would keep the delivery alive
+                # and its garbage collection could never give the message back
+                del delivery
+
+    async def get_pending(self, queue: str) -> list[bytes]:
+        """Messages on ``queue`` that are due and not held by a worker, oldest first.
+
+        :param queue: the queue
+        :return: the messages' data
+        """
+        q = self._queues.get(queue)
+        if q is None:
+            return []
+        self._refresh(q)
+        return [m.data for m in q.ready]
+
+    async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
+        """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order.
+
+        :param queue: the queue
+        :return: ``(eta, data)`` pairs, earliest first (ties in enqueue order)
+        """
+        q = self._queues.get(queue)
+        if q is None:
+            return []
+        self._refresh(q)
+        return [(eta, m.data) for eta, _, m in sorted(q.scheduled)]
+
+    async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
+        """Messages of ``queue`` set aside with :meth:`MemoryDelivery.dead_letter`.
+
+        :param queue: the queue
+        :return: the dead letters, oldest first
+        """
+        q = self._queues.get(queue)
+        return [] if q is None else list(q.dead)
+
+    def wake_consumers(self, queue: str | None = None) -> None:
+        """Make idle consumers look at their queue again now.
+
+        Only needed after moving an injected clock: consumers otherwise sleep until the
+        next ETA as the clock read when they went idle.
+
+        :param queue: the queue whose consumers to wake, or ``None`` for every queue
+        """
+        queues = self._queues.values() if queue is None else [self._queue(queue)]
+        for q in queues:
+            self._wake(q)
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Broadcast ``data`` to every current subscriber of ``channel``; never waits.
+
+        A subscriber whose buffer is full misses the message (a warning is logged).
+
+        :param channel: the channel name
+        :param data: the message
+        """
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        for stream in subscribers:
+            try:
+                stream.send_nowait(data)
+            except anyio.WouldBlock:
+                logger.warning(
+                    "subscriber of channel %r is %d messages behind; message dropped for it",
+                    channel,
+                    self._subscriber_buffer,
+                    extra={"channel": channel},
+                )
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                # the subscriber closed its stream early; it is removed on context exit
+                pass
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[MemoryObjectReceiveStream[bytes]]:
+        """Subscribe to ``channel`` for the duration of the ``async with`` block.
+
+        :param channel: the channel name
+        :return: an async context manager yielding a receive stream of every message
+            published after entry, in order; the stream is closed on exit
+        """
+        send_stream, receive_stream = anyio.create_memory_object_stream[bytes](
+            self._subscriber_buffer
+        )
+        subscribers = self._subscribers.setdefault(channel, set())
+        subscribers.add(send_stream)
+        try:
+            with receive_stream:
+                yield receive_stream
+        finally:
+            subscribers.discard(send_stream)
+            if not subscribers and self._subscribers.get(channel) is subscribers:
+                del self._subscribers[channel]
+            send_stream.close()
