@@ -6,6 +6,8 @@ The public API lives here; backends are in :mod:`tasqueue_anyio.brokers` and
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from ._exceptions import BrokerError as BrokerError
 from ._exceptions import DecodeError as DecodeError
 from ._exceptions import InvalidInputError as InvalidInputError
@@ -33,11 +35,10 @@ __version__ = "0.1.0"
 
 def _fix_module() -> None:
     for name, value in list(globals().items()):
-        if not name.startswith("_") and getattr(value, "__module__", "").startswith("tasqueue_anyio._"):
-            try:
+        module = getattr(value, "__module__", "") or ""
+        if not name.startswith("_") and module.startswith("tasqueue_anyio._"):
+            with suppress(AttributeError, TypeError):
                 value.__module__ = __name__
-            except (AttributeError, TypeError):  # pragma: no cover
-                pass
 
 
 _fix_module()

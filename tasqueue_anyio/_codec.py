@@ -7,13 +7,23 @@ depth, refuses extension types and checks every field's type, and a failure is a
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from datetime import datetime, timezone
+from typing import Any
 
 import attrs
 import msgpack
 
 from ._exceptions import DecodeError, InvalidInputError
-from ._jobs import Backoff, Job, JobMessage, Meta, Status, validate_id, validate_queue
+from ._jobs import (
+    Backoff,
+    Job,
+    JobMessage,
+    Meta,
+    Status,
+    check_schedule,
+    validate_id,
+    validate_queue,
+)
 
 __all__ = ["SCHEMA_VERSION", "decode_event", "decode_message", "encode_event", "encode_message"]
 
@@ -23,8 +33,6 @@ SCHEMA_VERSION = 1
 MAX_DEPTH = 32
 #: Default upper bound on one encoded message.
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-
-T = TypeVar("T")
 
 
 def _ext_refused(code: int, data: bytes) -> object:
@@ -49,21 +57,64 @@ def _unpack(data: bytes, max_size: int) -> Any:
         raise DecodeError(f"not a msgpack message: {exc}") from exc
 
 
-def _field(d: dict[str, Any], key: str, typ: type[T] | tuple[type, ...], optional: bool = False) -> Any:
-    try:
-        value = d[key]
-    except KeyError:
-        if optional:
-            return None
-        raise DecodeError(f"field {key!r} is missing") from None
-    if value is None and optional:
-        return None
-    if not isinstance(value, typ) or (isinstance(value, bool) and typ in (int, float, (int, float))):
-        raise DecodeError(f"field {key!r} has type {type(value).__name__}")
-    return value
-
-
 # -- jobs -------------------------------------------------------------------------------
+#
+# Jobs and metas travel as positional arrays (schema version 1): smaller than maps and
+# checked position by position against a table of allowed types, so decoding untrusted
+# bytes stays cheap on the hot path.
+
+_N = type(None)
+_INT = (int,)
+_NUM = (int, float)
+_OPT_NUM = (int, float, _N)
+_OPT_STR = (str, _N)
+_OPT_BYTES = (bytes, _N)
+_OPT_LIST = (list, _N)
+
+_JOB_FIELDS = (
+    ("task", (str,)),
+    ("payload", (bytes,)),
+    ("id", (str,)),
+    ("queue", (str,)),
+    ("max_retries", _INT),
+    ("backoff", _OPT_LIST),
+    ("timeout", _OPT_NUM),
+    ("eta", _OPT_NUM),
+    ("delay", _OPT_NUM),
+    ("schedule", _OPT_STR),
+    ("on_success", (list,)),
+    ("on_error", (list,)),
+)
+_META_FIELDS = (
+    ("id", (str,)),
+    ("status", (str,)),
+    ("queue", (str,)),
+    ("max_retries", _INT),
+    ("retried", _INT),
+    ("prev_error", _OPT_STR),
+    ("created_at", _NUM),
+    ("processed_at", _OPT_NUM),
+    ("eta", _OPT_NUM),
+    ("timeout", _OPT_NUM),
+    ("schedule", _OPT_STR),
+    ("backoff", _OPT_LIST),
+    ("prev_job_result", _OPT_BYTES),
+    ("attempt", _INT),
+    ("group_id", _OPT_STR),
+    ("chain_id", _OPT_STR),
+    ("deadline", _OPT_NUM),
+    ("trace", (dict,)),
+)
+_STATUSES = {s.value: s for s in Status}
+
+
+def _check(values: Any, fields: tuple[tuple[str, tuple[type, ...]], ...], what: str) -> list[Any]:
+    if type(values) is not list or len(values) != len(fields):
+        raise DecodeError(f"{what} is not an array of {len(fields)} fields")
+    for value, (name, types) in zip(values, fields, strict=True):
+        if type(value) not in types:  # exact types: a bool is not an int here
+            raise DecodeError(f"{what} field {name!r} has type {type(value).__name__}")
+    return values
 
 
 def _backoff_to_wire(b: Backoff | None) -> list[Any] | None:
@@ -73,131 +124,141 @@ def _backoff_to_wire(b: Backoff | None) -> list[Any] | None:
 def _backoff_from_wire(v: Any) -> Backoff | None:
     if v is None:
         return None
-    if (
-        not isinstance(v, list)
-        or len(v) != 4
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v[:3])
-        or not isinstance(v[3], bool)
-    ):
+    if len(v) != 4 or not all(type(x) in _NUM and x > 0 for x in v[:3]) or type(v[3]) is not bool:
         raise DecodeError("field 'backoff' is malformed")
     return Backoff(initial=v[0], factor=v[1], maximum=v[2], jitter=v[3])
 
 
-def _job_to_wire(job: Job, eta: float | None) -> dict[str, Any]:
-    return {
-        "task": job.task,
-        "payload": job.payload,
-        "id": job.id,
-        "queue": job.queue,
-        "max_retries": job.max_retries,
-        "backoff": _backoff_to_wire(job.backoff),
-        "timeout": job.timeout,
-        "eta": eta,
-        "delay": job.delay,
-        "schedule": job.schedule,
-        "on_success": [_job_to_wire(j, j.eta.timestamp() if j.eta else None) for j in job.on_success],
-        "on_error": [_job_to_wire(j, j.eta.timestamp() if j.eta else None) for j in job.on_error],
-    }
+def _job_to_wire(job: Job, eta: float | None) -> list[Any]:
+    return [
+        job.task,
+        job.payload,
+        job.id,
+        job.queue,
+        job.max_retries,
+        _backoff_to_wire(job.backoff),
+        job.timeout,
+        eta,
+        job.delay,
+        job.schedule,
+        [_job_to_wire(j, j.eta.timestamp() if j.eta else None) for j in job.on_success],
+        [_job_to_wire(j, j.eta.timestamp() if j.eta else None) for j in job.on_error],
+    ]
+
+
+_new_job = Job.__new__
+_set = object.__setattr__
 
 
 def _job_from_wire(d: Any, depth: int = 0) -> Job:
     if depth > MAX_DEPTH:
         raise DecodeError(f"follow-up jobs nested deeper than {MAX_DEPTH}")
-    if not isinstance(d, dict):
-        raise DecodeError("job is not a map")
-    from datetime import datetime, timezone
-
-    eta = _field(d, "eta", (int, float), optional=True)
-    on_success = _field(d, "on_success", list)
-    on_error = _field(d, "on_error", list)
+    task, payload, job_id, queue, max_retries, backoff, timeout, eta, delay, schedule, ok, err = (
+        _check(d, _JOB_FIELDS, "job")
+    )
+    if not task or len(task) > 255:
+        raise DecodeError("invalid job: bad task name")
+    if (
+        max_retries < 0
+        or (timeout is not None and not timeout > 0)
+        or (delay is not None and not delay > 0)
+    ):
+        raise DecodeError("invalid job: negative retries, timeout or delay")
     try:
-        return Job(
-            _field(d, "task", str),
-            _field(d, "payload", bytes),
-            id=_field(d, "id", str),
-            queue=_field(d, "queue", str),
-            max_retries=_field(d, "max_retries", int),
-            backoff=_backoff_from_wire(d.get("backoff")),
-            timeout=_field(d, "timeout", (int, float), optional=True),
-            eta=None if eta is None else datetime.fromtimestamp(eta, timezone.utc),
-            delay=_field(d, "delay", (int, float), optional=True),
-            schedule=_field(d, "schedule", str, optional=True),
-            on_success=[_job_from_wire(j, depth + 1) for j in on_success],
-            on_error=[_job_from_wire(j, depth + 1) for j in on_error],
-        )
+        validate_id(job_id)
+        validate_queue(queue)
+        eta_dt = None if eta is None else datetime.fromtimestamp(eta, timezone.utc)
+        if schedule is not None:
+            check_schedule(schedule)
     except InvalidInputError as exc:
         raise DecodeError(f"invalid job: {exc}") from exc
     except (OverflowError, OSError, ValueError) as exc:
         raise DecodeError(f"invalid job: {exc}") from exc
+    # Every field is checked above: build the frozen Job without running its validators again.
+    job = _new_job(Job)
+    _set(job, "task", task)
+    _set(job, "payload", payload)
+    _set(job, "id", job_id)
+    _set(job, "queue", queue)
+    _set(job, "max_retries", max_retries)
+    _set(job, "backoff", _backoff_from_wire(backoff))
+    _set(job, "timeout", timeout)
+    _set(job, "eta", eta_dt)
+    _set(job, "delay", delay)
+    _set(job, "schedule", schedule)
+    _set(job, "on_success", tuple([_job_from_wire(j, depth + 1) for j in ok]))
+    _set(job, "on_error", tuple([_job_from_wire(j, depth + 1) for j in err]))
+    return job
 
 
-def _meta_to_wire(m: Meta) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "status": m.status.value,
-        "queue": m.queue,
-        "max_retries": m.max_retries,
-        "retried": m.retried,
-        "prev_error": m.prev_error,
-        "created_at": m.created_at,
-        "processed_at": m.processed_at,
-        "eta": m.eta,
-        "timeout": m.timeout,
-        "schedule": m.schedule,
-        "backoff": _backoff_to_wire(m.backoff),
-        "prev_job_result": m.prev_job_result,
-        "attempt": m.attempt,
-        "group_id": m.group_id,
-        "chain_id": m.chain_id,
-        "deadline": m.deadline,
-        "trace": m.trace,
-    }
-
-
-_NUM = (int, float)
+def _meta_to_wire(m: Meta) -> list[Any]:
+    return [
+        m.id,
+        m.status.value,
+        m.queue,
+        m.max_retries,
+        m.retried,
+        m.prev_error,
+        m.created_at,
+        m.processed_at,
+        m.eta,
+        m.timeout,
+        m.schedule,
+        _backoff_to_wire(m.backoff),
+        m.prev_job_result,
+        m.attempt,
+        m.group_id,
+        m.chain_id,
+        m.deadline,
+        m.trace,
+    ]
 
 
 def _meta_from_wire(d: Any) -> Meta:
-    if not isinstance(d, dict):
-        raise DecodeError("meta is not a map")
-    try:
-        status = Status(_field(d, "status", str))
-    except ValueError as exc:
-        raise DecodeError(f"unknown status {d.get('status')!r}") from exc
-    trace = _field(d, "trace", dict)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in trace.items()):
+    values = _check(d, _META_FIELDS, "meta")
+    status = _STATUSES.get(values[1])
+    if status is None:
+        raise DecodeError(f"unknown status {values[1]!r}")
+    trace = values[17]
+    if not all(type(k) is str and type(v) is str for k, v in trace.items()):
         raise DecodeError("field 'trace' is malformed")
-    group_id = _field(d, "group_id", str, optional=True)
-    chain_id = _field(d, "chain_id", str, optional=True)
     try:
-        return Meta(
-            id=validate_id(_field(d, "id", str)),
-            status=status,
-            queue=validate_queue(_field(d, "queue", str)),
-            max_retries=_field(d, "max_retries", int),
-            retried=_field(d, "retried", int),
-            prev_error=_field(d, "prev_error", str, optional=True),
-            created_at=_field(d, "created_at", _NUM),
-            processed_at=_field(d, "processed_at", _NUM, optional=True),
-            eta=_field(d, "eta", _NUM, optional=True),
-            timeout=_field(d, "timeout", _NUM, optional=True),
-            schedule=_field(d, "schedule", str, optional=True),
-            backoff=_backoff_from_wire(d.get("backoff")),
-            prev_job_result=_field(d, "prev_job_result", bytes, optional=True),
-            attempt=_field(d, "attempt", int),
-            group_id=None if group_id is None else validate_id(group_id, "group id"),
-            chain_id=None if chain_id is None else validate_id(chain_id, "chain id"),
-            deadline=_field(d, "deadline", _NUM, optional=True),
-            trace=trace,
-        )
+        validate_id(values[0])
+        validate_queue(values[2])
+        if values[14] is not None:
+            validate_id(values[14], "group id")
+        if values[15] is not None:
+            validate_id(values[15], "chain id")
     except InvalidInputError as exc:
         raise DecodeError(f"invalid meta: {exc}") from exc
+    if values[3] < 0 or values[4] < 0 or values[13] < 0:
+        raise DecodeError("invalid meta: negative count")
+    return Meta(
+        id=values[0],
+        status=status,
+        queue=values[2],
+        max_retries=values[3],
+        retried=values[4],
+        prev_error=values[5],
+        created_at=values[6],
+        processed_at=values[7],
+        eta=values[8],
+        timeout=values[9],
+        schedule=values[10],
+        backoff=_backoff_from_wire(values[11]),
+        prev_job_result=values[12],
+        attempt=values[13],
+        group_id=values[14],
+        chain_id=values[15],
+        deadline=values[16],
+        trace=trace,
+    )
 
 
 def encode_message(msg: JobMessage) -> bytes:
     """Encode a job message for a queue or the results store."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        {"v": SCHEMA_VERSION, "meta": _meta_to_wire(msg.meta), "job": _job_to_wire(msg.job, msg.meta.eta)},
+    return msgpack.packb(
+        [SCHEMA_VERSION, _meta_to_wire(msg.meta), _job_to_wire(msg.job, msg.meta.eta)],
         use_bin_type=True,
     )
 
@@ -208,13 +269,12 @@ def decode_message(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
     :raises DecodeError: the bytes are not a job message of a known schema version
     """
     d = _unpack(data, max_size)
-    if not isinstance(d, dict):
-        raise DecodeError("message is not a map")
-    version = d.get("v")
-    if version != SCHEMA_VERSION:
-        raise DecodeError(f"unknown schema version {version!r} (this library reads {SCHEMA_VERSION})")
-    meta = _meta_from_wire(d.get("meta"))
-    job = _job_from_wire(d.get("job"))
+    if type(d) is not list or len(d) != 3:
+        raise DecodeError("message is not a [version, meta, job] array")
+    if d[0] != SCHEMA_VERSION or type(d[0]) is not int:
+        raise DecodeError(f"unknown schema version {d[0]!r} (this library reads {SCHEMA_VERSION})")
+    meta = _meta_from_wire(d[1])
+    job = _job_from_wire(d[2])
     if job.id != meta.id:
         raise DecodeError("job id and meta id differ")
     return JobMessage(meta=meta, job=job)
@@ -236,7 +296,7 @@ EVENT_CANCEL = "cancel"
 
 def encode_event(kind: str, job_id: str, status: str = "") -> bytes:
     """Encode an event of the broadcast channel."""
-    return msgpack.packb([SCHEMA_VERSION, kind, job_id, status], use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb([SCHEMA_VERSION, kind, job_id, status], use_bin_type=True)
 
 
 def decode_event(data: bytes) -> tuple[str, str, str]:

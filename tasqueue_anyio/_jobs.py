@@ -146,7 +146,8 @@ def _check_eta(inst: object, attribute: attrs.Attribute[Any], value: object) -> 
         )
 
 
-def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def check_schedule(value: object) -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is ``None`` or a valid cron expression."""
     if value is None:
         return
     if not isinstance(value, str):
@@ -155,6 +156,10 @@ def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object
         croniter(value)
     except (ValueError, KeyError) as exc:
         raise InvalidInputError(f"invalid cron schedule {value!r}: {exc}") from exc
+
+
+def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_schedule(value)
 
 
 def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:
@@ -191,7 +196,9 @@ class Job:
     )
     max_retries: int = attrs.field(default=0, kw_only=True, validator=_check_non_negative_int)
     backoff: Backoff | None = attrs.field(default=None, kw_only=True)
-    timeout: float | None = attrs.field(default=None, kw_only=True, validator=_check_positive_or_none)
+    timeout: float | None = attrs.field(
+        default=None, kw_only=True, validator=_check_positive_or_none
+    )
     eta: datetime | None = attrs.field(default=None, kw_only=True, validator=_check_eta)
     delay: float | None = attrs.field(default=None, kw_only=True, validator=_check_positive_or_none)
     schedule: str | None = attrs.field(default=None, kw_only=True, validator=_check_schedule)

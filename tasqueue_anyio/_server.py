@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import anyio
 import attrs
@@ -31,7 +31,16 @@ from ._exceptions import (
     PayloadTooLargeError,
     QueueConcurrencyError,
 )
-from ._jobs import DEFAULT_QUEUE, Job, JobContext, JobMessage, Meta, Status, validate_id, validate_queue
+from ._jobs import (
+    DEFAULT_QUEUE,
+    Job,
+    JobContext,
+    JobMessage,
+    Meta,
+    Status,
+    validate_id,
+    validate_queue,
+)
 from ._tracing import Tracing
 from .abc import FINAL_STATUSES, Broker, DeadLetter, Envelope, JobRecord, Results
 
@@ -40,9 +49,9 @@ __all__ = ["EVENTS_CHANNEL", "Server", "Task"]
 #: The broadcast channel for job events and cancel requests.
 EVENTS_CHANNEL = "events"
 
-Handler = Callable[[bytes, JobContext], Union[Awaitable[None], None]]
-Callback = Callable[[JobContext], Union[Awaitable[None], None]]
-ErrorCallback = Callable[[JobContext, BaseException], Union[Awaitable[None], None]]
+Handler = Callable[[bytes, JobContext], Awaitable[None] | None]
+Callback = Callable[[JobContext], Awaitable[None] | None]
+ErrorCallback = Callable[[JobContext, BaseException], Awaitable[None] | None]
 H = TypeVar("H", bound=Handler)
 
 _log = logging.getLogger("tasqueue_anyio.server")
@@ -122,7 +131,9 @@ class Server:
 
             results = MemoryResults()
         if not isinstance(default_concurrency, int) or default_concurrency < 1:
-            raise InvalidInputError(f"default_concurrency must be an int >= 1, got {default_concurrency!r}")
+            raise InvalidInputError(
+                f"default_concurrency must be an int >= 1, got {default_concurrency!r}"
+            )
         self.broker = broker
         self.results = results
         self.log = logger if logger is not None else _log
@@ -169,17 +180,26 @@ class Server:
         async with self.broker.subscribe(EVENTS_CHANNEL) as stream:
             task_status.started()
             async for data in stream:
-                try:
-                    kind, job_id, _status = decode_event(data)
-                except DecodeError as exc:
-                    self.log.warning("ignoring a malformed event: %s", exc)
-                    continue
-                if kind == EVENT_FINISHED:
-                    for event in self._waiters.get(job_id, ()):
-                        event.set()
-                elif kind == EVENT_CANCEL:
-                    for active in self.active.get(job_id, ()):
-                        active.cancel()
+                self._on_event(data)
+                while True:  # drain what is buffered without a checkpoint per event
+                    try:
+                        data = stream.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    self._on_event(data)
+
+    def _on_event(self, data: bytes) -> None:
+        try:
+            kind, job_id, _status = decode_event(data)
+        except DecodeError as exc:
+            self.log.warning("ignoring a malformed event: %s", exc)
+            return
+        if kind == EVENT_FINISHED:
+            for event in self._waiters.get(job_id, ()):
+                event.set()
+        elif kind == EVENT_CANCEL:
+            for active in self.active.get(job_id, ()):
+                active.cancel()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -208,7 +228,9 @@ class Server:
         :raises InvalidInputError: bad name, queue or handler
         """
         if not isinstance(name, str) or not name or len(name) > 255:
-            raise InvalidInputError(f"task name must be a non-empty str of <= 255 chars, got {name!r}")
+            raise InvalidInputError(
+                f"task name must be a non-empty str of <= 255 chars, got {name!r}"
+            )
         validate_queue(queue)
         if not callable(handler):
             raise InvalidInputError(f"handler of task {name!r} is not callable: {handler!r}")
@@ -320,7 +342,9 @@ class Server:
         """Encode ``msg``, refusing it when over ``max_message_size``."""
         data = encode_message(msg)
         if len(data) > self.max_message_size:
-            raise PayloadTooLargeError(f"job {msg.id}'s encoded message", len(data), self.max_message_size)
+            raise PayloadTooLargeError(
+                f"job {msg.id}'s encoded message", len(data), self.max_message_size
+            )
         return data
 
     def _check_payloads(self, job: Job) -> None:
@@ -391,7 +415,9 @@ class Server:
 
     async def get_scheduled(self, queue: str = DEFAULT_QUEUE) -> list[JobMessage]:
         """Jobs on ``queue`` waiting for their ETA (retries with backoff included)."""
-        return self._decode_many([d for _, d in await self.broker.get_scheduled(validate_queue(queue))])
+        return self._decode_many(
+            [d for _, d in await self.broker.get_scheduled(validate_queue(queue))]
+        )
 
     def _decode_many(self, items: Iterable[bytes]) -> list[JobMessage]:
         out = []
@@ -473,7 +499,9 @@ class Server:
                 self._waiters.pop(job_id, None)
 
     async def publish_finished(self, job_id: str, status: Status) -> None:
-        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value))
+        await self.broker.publish(
+            EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value)
+        )
 
     # -- running ----------------------------------------------------------------------------
 
@@ -509,10 +537,14 @@ class Server:
 
 def envelope(msg: JobMessage, data: bytes) -> Envelope:
     """The queue envelope of an encoded job message (its id names the job and run)."""
-    return Envelope(queue=msg.meta.queue, data=data, id=f"{msg.id}/{msg.meta.retried}", eta=msg.meta.eta)
+    return Envelope(
+        queue=msg.meta.queue, data=data, id=f"{msg.id}/{msg.meta.retried}", eta=msg.meta.eta
+    )
 
 
 def _is_async_callable(fn: object) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    # an object whose __call__ is ``async def`` (we need the method, not callability)
+    call = getattr(fn, "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)

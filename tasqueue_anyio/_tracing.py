@@ -6,12 +6,15 @@ With no tracer provider the server uses no tracer at all: not even a no-op span 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
+
+if TYPE_CHECKING:
+    from ._jobs import JobMessage
 
 __all__ = ["Tracing"]
 
@@ -22,7 +25,9 @@ class Tracing:
     """Spans for enqueue (producer) and processing (consumer), or nothing."""
 
     def __init__(self, provider: trace.TracerProvider | None) -> None:
-        self.tracer = None if provider is None else trace.get_tracer(_NAME, tracer_provider=provider)
+        self.tracer = (
+            None if provider is None else trace.get_tracer(_NAME, tracer_provider=provider)
+        )
 
     def carrier(self) -> dict[str, str]:
         """The current trace context as W3C headers (empty without a tracer)."""
@@ -37,22 +42,40 @@ class Tracing:
         if self.tracer is None:
             yield
             return
-        with self.tracer.start_as_current_span(name, kind=trace.SpanKind.PRODUCER, attributes=attributes):
+        with self.tracer.start_as_current_span(
+            name, kind=trace.SpanKind.PRODUCER, attributes=attributes
+        ):
             yield
 
-    @contextmanager
     def consumer_span(
-        self, name: str, carrier: dict[str, str], attributes: dict[str, Any]
-    ) -> Iterator[trace.Span | None]:
+        self, msg: JobMessage, attempt: int
+    ) -> AbstractContextManager[trace.Span | None]:
+        """A span for one run of a job, continuing the producer's trace (or nothing)."""
         if self.tracer is None:
-            yield None
-            return
-        token = otel_context.attach(extract(carrier))
+            return _NO_SPAN
+        return self._consumer_span(msg, attempt)
+
+    @contextmanager
+    def _consumer_span(self, msg: JobMessage, attempt: int) -> Iterator[trace.Span | None]:
+        assert self.tracer is not None
+        attributes: dict[str, str | int] = {
+            "tasqueue.job.id": msg.id,
+            "tasqueue.task": msg.job.task,
+            "tasqueue.queue": msg.meta.queue,
+            "tasqueue.attempt": attempt,
+        }
+        token = otel_context.attach(extract(msg.meta.trace))
         try:
             with self.tracer.start_as_current_span(
-                name, kind=trace.SpanKind.CONSUMER, attributes=attributes, record_exception=False,
+                f"tasqueue.process {msg.job.task}",
+                kind=trace.SpanKind.CONSUMER,
+                attributes=attributes,
+                record_exception=False,
                 set_status_on_exception=False,
             ) as span:
                 yield span
         finally:
             otel_context.detach(token)
+
+
+_NO_SPAN: AbstractContextManager[None] = nullcontext()

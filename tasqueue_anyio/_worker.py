@@ -55,7 +55,9 @@ class Worker:
                     consumers.start_soon(self.broker.consume, queue, send, name=f"consume {queue}")
                     with receive:
                         for i in range(concurrency):
-                            processors.start_soon(self._processor, receive.clone(), name=f"{queue}#{i}")
+                            processors.start_soon(
+                                self._processor, receive.clone(), name=f"{queue}#{i}"
+                            )
                 if self._stop_grace is not None:  # stop() before we got here
                     self.stop(self._stop_grace)
                 task_status.started()
@@ -79,7 +81,9 @@ class Worker:
                         try:
                             await delivery.nack(delay=1.0)
                         except Exception:
-                            self.log.exception("nack failed; the broker's lease returns the message")
+                            self.log.exception(
+                                "nack failed; the broker's lease returns the message"
+                            )
 
     # -- one delivery ---------------------------------------------------------------------------
 
@@ -107,21 +111,24 @@ class Worker:
                 processed_at=time.time(),
                 attempt=delivery.attempt,
             )
-            msg = attrs.evolve(msg, meta=meta)
+            msg = JobMessage(meta=meta, job=msg.job)
+            data = server.encode(msg)
             refused = await self.results.start_job(
-                job_id, JobRecord(status="processing", data=server.encode(msg))
+                job_id, JobRecord(status="processing", data=data)
             )
             if refused is not None:
                 await self._not_started(delivery, msg, refused)
                 return
-            await self._run(delivery, msg, active.job)
+            await self._run(delivery, msg, data, active.job)
 
     async def _not_started(self, delivery: Delivery, msg: JobMessage, current: JobRecord) -> None:
         """The job may not start: cancelled, or ended before (a redelivery after a crash)."""
         status = current.status
         with anyio.move_on_after(self.server.finalize_timeout, shield=True):
             if status not in FINAL_STATUSES:  # cancel requested while it was held
-                cancelled = self._evolve(msg, Status.CANCELLED, prev_error="cancelled before it started")
+                cancelled = self._evolve(
+                    msg, Status.CANCELLED, prev_error="cancelled before it started"
+                )
                 if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
                     await delivery.ack()
                     await self.server.publish_finished(msg.id, Status.CANCELLED)
@@ -135,7 +142,7 @@ class Worker:
             # A crash between recording the end and acking left the follow-ups unsent.
             await self._ack(delivery, msg, follow_ups)
 
-    async def _run(self, delivery: Delivery, msg: JobMessage, active: Any) -> None:
+    async def _run(self, delivery: Delivery, msg: JobMessage, data: bytes, active: Any) -> None:
         server = self.server
         task = server.get_task(msg.job.task)
         meta = msg.meta
@@ -149,9 +156,7 @@ class Worker:
         if meta.deadline is not None:
             deadline = min(deadline, anyio.current_time() + (meta.deadline - time.time()))
 
-        attributes = {"tasqueue.job.id": msg.id, "tasqueue.task": msg.job.task,
-                      "tasqueue.queue": meta.queue, "tasqueue.attempt": delivery.attempt}
-        with server.tracing.consumer_span(f"tasqueue.process {msg.job.task}", meta.trace, attributes) as span:
+        with server.tracing.consumer_span(msg, delivery.attempt) as span:
             try:
                 if task is None:
                     error = UnknownTaskError(
@@ -177,8 +182,10 @@ class Worker:
                         if active.cancelled_by_request:
                             cancelled = True
                             error = JobCancelledError(f"job {msg.id} was cancelled")
-                        elif meta.deadline is not None and time.time() >= meta.deadline and (
-                            meta.timeout is None or anyio.current_time() < deadline
+                        elif (
+                            meta.deadline is not None
+                            and time.time() >= meta.deadline
+                            and (meta.timeout is None or anyio.current_time() < deadline)
                         ):
                             error = JobTimeoutError(f"job {msg.id} ran past its parent's deadline")
                         else:
@@ -191,15 +198,20 @@ class Worker:
                 # Shutdown is not an outcome: the job goes back to the broker.
                 with anyio.move_on_after(server.finalize_timeout, shield=True):
                     requeued = self._evolve(msg, Status.QUEUED)
-                    await self.results.update_job(msg.id, self._record(requeued), expect=_PROCESSING)
+                    await self.results.update_job(
+                        msg.id, self._record(requeued), expect=_PROCESSING
+                    )
                     await delivery.nack()
                 raise
 
             if span is not None:
-                span.set_attribute("tasqueue.status", "cancelled" if cancelled else
-                                   "successful" if error is None else "failed")
+                span.set_attribute(
+                    "tasqueue.status",
+                    "cancelled" if cancelled else "successful" if error is None else "failed",
+                )
                 if error is not None and not cancelled:
-                    from opentelemetry.trace import Status as SpanStatus, StatusCode
+                    from opentelemetry.trace import Status as SpanStatus
+                    from opentelemetry.trace import StatusCode
 
                     span.record_exception(error)
                     span.set_status(SpanStatus(StatusCode.ERROR, _describe(error)))
@@ -207,31 +219,39 @@ class Worker:
         if cancelled:
             await self._finish_cancelled(delivery, msg)
         elif error is None:
-            await self._finish_success(delivery, msg, ctx, task)
+            await self._finish_success(delivery, msg, data, ctx, task)
         else:
             await self._finish_error(delivery, msg, ctx, task, error)
 
     # -- endings --------------------------------------------------------------------------------
 
-    async def _finish_success(self, delivery: Delivery, msg: JobMessage, ctx: JobContext, task: Task | None) -> None:
-        done = self._evolve(msg, Status.SUCCESSFUL)
-        with anyio.move_on_after(self.server.finalize_timeout, shield=True) as scope:
-            if not await self.results.update_job(msg.id, self._record(done), expect=_PROCESSING):
-                self.log.warning("job %s ended elsewhere; not recording this run", msg.id,
-                                 extra={"job_id": msg.id})
+    async def _finish_success(
+        self, delivery: Delivery, msg: JobMessage, data: bytes, ctx: JobContext, task: Task | None
+    ) -> None:
+        # The stored status is authoritative over the one inside ``data``, so the
+        # processing message's bytes serve the final record as they are.
+        with anyio.move_on_after(self.server.finalize_timeout, shield=True):
+            if not await self.results.update_job(
+                msg.id, JobRecord(status="successful", data=data), expect=_PROCESSING
+            ):
+                self.log.warning(
+                    "job %s ended elsewhere; not recording this run",
+                    msg.id,
+                    extra={"job_id": msg.id},
+                )
                 await delivery.ack()
                 return
-        if scope.cancelled_caught:
-            return
-        try:
             await self._callback(task.on_success if task else None, ctx)
-        finally:
-            with anyio.move_on_after(self.server.finalize_timeout, shield=True):
-                await self._ack(delivery, msg, msg.job.on_success)
-                await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
+            await self._ack(delivery, msg, msg.job.on_success)
+            await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
 
     async def _finish_error(
-        self, delivery: Delivery, msg: JobMessage, ctx: JobContext, task: Task | None, error: BaseException
+        self,
+        delivery: Delivery,
+        msg: JobMessage,
+        ctx: JobContext,
+        task: Task | None,
+        error: BaseException,
     ) -> None:
         meta = msg.meta
         description = _describe(error)
@@ -259,25 +279,26 @@ class Worker:
                 await delivery.ack(enqueue=[_envelope(retry, data)])
             if scope.cancelled_caught:
                 return
-            self.log.info("job %s failed (%s); retry %d of %d", msg.id, description,
-                          meta.retried + 1, meta.max_retries, extra={"job_id": msg.id})
+            self.log.info(
+                "job %s failed (%s); retry %d of %d",
+                msg.id,
+                description,
+                meta.retried + 1,
+                meta.max_retries,
+                extra={"job_id": msg.id},
+            )
             await self._callback(task.on_retrying if task else None, ctx, error)
             return
 
         failed = self._evolve(msg, Status.FAILED, prev_error=description)
         self.log.info("job %s failed: %s", msg.id, description, extra={"job_id": msg.id})
-        with anyio.move_on_after(self.server.finalize_timeout, shield=True) as scope:
+        with anyio.move_on_after(self.server.finalize_timeout, shield=True):
             if not await self.results.update_job(msg.id, self._record(failed), expect=_PROCESSING):
                 await delivery.ack()
                 return
-        if scope.cancelled_caught:
-            return
-        try:
             await self._callback(task.on_failed if task else None, ctx, error)
-        finally:
-            with anyio.move_on_after(self.server.finalize_timeout, shield=True):
-                await self._ack(delivery, msg, msg.job.on_error)
-                await self.server.publish_finished(msg.id, Status.FAILED)
+            await self._ack(delivery, msg, msg.job.on_error)
+            await self.server.publish_finished(msg.id, Status.FAILED)
 
     async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage) -> None:
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error="cancelled while running")

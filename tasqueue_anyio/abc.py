@@ -176,7 +176,9 @@ class Broker(metaclass=ABCMeta):
         """Broadcast ``data`` to every current subscriber of ``channel`` (best effort)."""
 
     @abstractmethod
-    def subscribe(self, channel: str) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[bytes]]:
+    def subscribe(
+        self, channel: str
+    ) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[bytes]]:
         """Subscribe to ``channel``: an async context manager yielding a receive stream.
 
         Every message published after the context is entered is received, in order.

@@ -170,9 +170,10 @@ class MemoryDelivery(Delivery):
     async def nack(self, *, delay: float = 0) -> None:
         """Give the message back to its queue.
 
-        With ``delay <= 0`` it goes to the *front* of the queue, so it is the next message
-        delivered: it was the oldest when taken, and a worker that stops gracefully keeps
-        the queue's order this way. With a delay it is scheduled at ``clock() + delay``.
+        With ``delay <= 0`` it goes to the *front* of the queue, ahead of every message
+        still waiting (a consumer may already be handing over the next one): it was the
+        oldest when taken, and a worker that stops gracefully keeps the queue's order this
+        way. With a delay it is scheduled at ``clock() + delay``.
 
         :param delay: seconds before the message may be delivered again
         """
@@ -318,29 +319,38 @@ class MemoryBroker(Broker):
         :param send_stream: where to hand the deliveries, one at a time
         """
         q = self._queue(queue)
-        ready = q.ready
         with send_stream:
-            while True:
-                if q.abandoned or q.scheduled:
-                    self._refresh(q)
-                if not ready:
-                    await self._wait_for_work(q)
-                    continue
-                message = ready.popleft()
-                message.deliveries += 1
-                q.held += 1
-                delivery = MemoryDelivery(self, q, message)
-                try:
-                    await send_stream.send(delivery)
-                except anyio.BrokenResourceError:
-                    delivery._withdraw()
-                    return
-                except BaseException:
-                    delivery._withdraw()
-                    raise
-                # drop our reference, or an idle consumer would keep the delivery alive
-                # and its garbage collection could never give the message back
-                del delivery
+            try:
+                await self._feed(q, send_stream)
+            finally:
+                # Retire the wake-up event: it belongs to this event loop, and a consumer
+                # of a later event loop must not wait on it. Other consumers waiting on it
+                # wake up once for nothing and create a fresh one.
+                self._wake(q)
+
+    async def _feed(self, q: _Queue, send_stream: MemoryObjectSendStream[Delivery]) -> None:
+        ready = q.ready
+        while True:
+            if q.abandoned or q.scheduled:
+                self._refresh(q)
+            if not ready:
+                await self._wait_for_work(q)
+                continue
+            message = ready.popleft()
+            message.deliveries += 1
+            q.held += 1
+            delivery = MemoryDelivery(self, q, message)
+            try:
+                await send_stream.send(delivery)
+            except anyio.BrokenResourceError:
+                delivery._withdraw()
+                return
+            except BaseException:
+                delivery._withdraw()
+                raise
+            # drop our reference, or an idle consumer would keep the delivery alive and
+            # its garbage collection could never give the message back
+            del delivery
 
     async def get_pending(self, queue: str) -> list[bytes]:
         """Messages on ``queue`` that are due and not held by a worker, oldest first.

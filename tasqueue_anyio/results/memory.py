@@ -1,0 +1,251 @@
+"""The in-process results store: zero set-up, for tests and single-process applications.
+
+Job state and saved results are kept in two separate dictionaries, so no job id can
+reach another job's state or result. Everything runs on one event loop and no method
+awaits anything, so every operation, the conditional ones included, is atomic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from typing import Generic, TypeVar
+
+import attrs
+
+from .._exceptions import JobNotFoundError, ResultNotFoundError
+from ..abc import FINAL_STATUSES, JobRecord, Results
+
+__all__ = ["MemoryResults"]
+
+_T = TypeVar("_T")
+
+_CANCELLABLE_AT_ONCE = frozenset({"queued", "retrying"})
+
+
+class _ExpiringDict(Generic[_T]):
+    """A dictionary whose entries expire ``ttl`` seconds after their last write.
+
+    Expired entries read as missing. Because the time to live is fixed and the clock only
+    moves forward, expiry times are in write order: a FIFO of ``(expires_at, key)`` lets
+    every operation purge what expired in amortised constant time, so entries nobody reads
+    again do not accumulate.
+    """
+
+    __slots__ = ("_clock", "_data", "_expiries", "_ttl")
+
+    def __init__(self, ttl: float | None, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._data: dict[str, tuple[_T, float]] = {}
+        self._expiries: deque[tuple[float, str]] = deque()
+
+    def purge(self) -> None:
+        """Drop every expired entry."""
+        if self._ttl is None:
+            return
+        now = self._clock()
+        expiries = self._expiries
+        data = self._data
+        while expiries and expiries[0][0] <= now:
+            _, key = expiries.popleft()
+            entry = data.get(key)
+            # the key may have been rewritten (later expiry) or deleted since
+            if entry is not None and entry[1] <= now:
+                del data[key]
+
+    def get(self, key: str) -> _T | None:
+        self.purge()
+        entry = self._data.get(key)
+        return None if entry is None else entry[0]
+
+    def __contains__(self, key: str) -> bool:
+        self.purge()
+        return key in self._data
+
+    def set(self, key: str, value: _T) -> None:
+        if self._ttl is None:
+            self._data[key] = (value, 0.0)
+            return
+        self.purge()
+        expires_at = self._clock() + self._ttl
+        self._data[key] = (value, expires_at)
+        self._expiries.append((expires_at, key))
+
+    def discard(self, key: str) -> None:
+        self._data.pop(key, None)
+
+
+class MemoryResults(Results):
+    """An in-process :class:`~tasqueue_anyio.abc.Results` store.
+
+    The success and failed listings hold each job id at most once, in the order the jobs
+    ended: a job that ends again (written ``successful`` or ``failed`` once more) moves to
+    the end of the listing of its new status and leaves the other listing. A listing only
+    shows jobs whose state is still stored (not deleted, not expired).
+
+    Optional expiry: an entry expires ``ttl`` seconds after its *last write* (as a Redis
+    key with ``EX`` would); expired entries behave as missing. Usable with or without
+    ``async with``.
+
+    :param job_ttl: seconds job state is kept after its last write (``None``: forever);
+        a job leaves the listings when its state expires
+    :param result_ttl: seconds a saved result is kept after it was written (``None``:
+        forever)
+    :param clock: a monotonic clock in seconds, for the expiry times
+    """
+
+    def __init__(
+        self,
+        *,
+        job_ttl: float | None = None,
+        result_ttl: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._jobs: _ExpiringDict[JobRecord] = _ExpiringDict(job_ttl, clock)
+        self._results: _ExpiringDict[bytes] = _ExpiringDict(result_ttl, clock)
+        # insertion-ordered sets of job ids
+        self._success: dict[str, None] = {}
+        self._failed: dict[str, None] = {}
+
+    def __repr__(self) -> str:
+        return "<MemoryResults>"
+
+    def _write(self, job_id: str, record: JobRecord) -> None:
+        self._jobs.set(job_id, record)
+        if record.status == "successful":
+            self._failed.pop(job_id, None)
+            self._success.pop(job_id, None)
+            self._success[job_id] = None
+        elif record.status == "failed":
+            self._success.pop(job_id, None)
+            self._failed.pop(job_id, None)
+            self._failed[job_id] = None
+
+    def _listing(self, listing: dict[str, None]) -> list[str]:
+        jobs = self._jobs
+        jobs.purge()
+        gone = [job_id for job_id in listing if job_id not in jobs]
+        for job_id in gone:
+            del listing[job_id]
+        return list(listing)
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        """The stored state of a job.
+
+        :param job_id: the job id
+        :return: the record
+        :raises JobNotFoundError: nothing is stored under ``job_id`` (or it expired)
+        """
+        record = self._jobs.get(job_id)
+        if record is None:
+            raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
+        return record
+
+    async def set_jobs(self, records: Mapping[str, JobRecord]) -> None:
+        """Store the state of many jobs, unconditionally (the listings are not touched).
+
+        :param records: records by job id
+        """
+        jobs = self._jobs
+        for job_id, record in records.items():
+            jobs.set(job_id, record)
+
+    async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
+        """Move a job to ``record`` if it has no state, or is not final and not cancelled.
+
+        :param job_id: the job id
+        :param record: the new state
+        :return: ``None`` when ``record`` was written, else the current (unchanged) record
+        """
+        current = self._jobs.get(job_id)
+        if current is not None and (current.status in FINAL_STATUSES or current.cancel_requested):
+            return current
+        self._write(job_id, record)
+        return None
+
+    async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
+        """Write ``record`` if the job's current status is one of ``expect``.
+
+        ``cancel_requested`` is kept as stored; a ``successful`` or ``failed`` record lists
+        the job.
+
+        :param job_id: the job id
+        :param record: the new state
+        :param expect: the statuses the job may currently have
+        :return: whether ``record`` was written (never when the job has no state)
+        """
+        current = self._jobs.get(job_id)
+        if current is None or current.status not in expect:
+            return False
+        if record.cancel_requested != current.cancel_requested:
+            record = attrs.evolve(record, cancel_requested=current.cancel_requested)
+        self._write(job_id, record)
+        return True
+
+    async def request_cancel(self, job_id: str) -> JobRecord:
+        """Ask a job to stop.
+
+        A ``queued`` or ``retrying`` job becomes ``cancelled``; a job in a final status is
+        left as it is; any other (a ``processing`` job) is marked ``cancel_requested``.
+
+        :param job_id: the job id
+        :return: the record as it is after the call
+        :raises JobNotFoundError: nothing is stored under ``job_id`` (or it expired)
+        """
+        current = await self.get_job(job_id)
+        if current.status in FINAL_STATUSES:
+            return current
+        if current.status in _CANCELLABLE_AT_ONCE:
+            updated = attrs.evolve(current, status="cancelled")
+        elif current.cancel_requested:
+            return current
+        else:
+            updated = attrs.evolve(current, cancel_requested=True)
+        self._write(job_id, updated)
+        return updated
+
+    async def get_result(self, job_id: str) -> bytes:
+        """The result a job saved.
+
+        :param job_id: the job id
+        :return: the saved bytes
+        :raises ResultNotFoundError: the job saved no result (or it expired)
+        """
+        data = self._results.get(job_id)
+        if data is None:
+            raise ResultNotFoundError(f"no result is stored for job id {job_id!r}")
+        return data
+
+    async def set_result(self, job_id: str, data: bytes) -> None:
+        """Store (replace) the result of a job.
+
+        :param job_id: the job id
+        :param data: the result
+        """
+        self._results.set(job_id, data)
+
+    async def delete_job(self, job_id: str) -> None:
+        """Forget a job: its state, its result and its place in the listings.
+
+        :param job_id: the job id; an unknown one is ignored
+        """
+        self._jobs.discard(job_id)
+        self._results.discard(job_id)
+        self._success.pop(job_id, None)
+        self._failed.pop(job_id, None)
+
+    async def get_success(self) -> list[str]:
+        """Ids of jobs that ended ``successful``, in the order they ended.
+
+        :return: the ids, each once
+        """
+        return self._listing(self._success)
+
+    async def get_failed(self) -> list[str]:
+        """Ids of jobs that ended ``failed``, in the order they ended.
+
+        :return: the ids, each once
+        """
+        return self._listing(self._failed)

@@ -1,0 +1,630 @@
+"""The wire format: round trips, and refusal of anything that is not a valid message.
+
+The malformed-message tests work on the decoded msgpack tree of a valid message and find
+fields by their (distinctive) values, so they hold whether the schema lays a job out as a
+map or as an array.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any, Union
+
+import msgpack
+import pytest
+
+from tasqueue_anyio import Backoff, DecodeError, Job, JobMessage, Meta, Server, Status
+from tasqueue_anyio._codec import decode_event, decode_message, encode_event, encode_message
+
+Path = tuple[Union[int, str], ...]
+
+ETA = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
+
+
+def full_message() -> JobMessage:
+    """A message with every meta field set and follow-ups nested two deep."""
+    grandchild = Job(
+        "grandchild",
+        b"\x00\xff",
+        id="grandchild-1",
+        queue="q-follow",
+        timeout=1.5,
+        delay=2.0,
+        schedule="*/5 * * * *",
+    )
+    child_ok = Job(
+        "child-ok",
+        b"ok",
+        id="child-ok-1",
+        queue="q-follow",
+        max_retries=4,
+        backoff=Backoff(initial=0.25, factor=3.0, maximum=9.0, jitter=False),
+        eta=ETA + timedelta(hours=1),
+        on_success=[grandchild],
+    )
+    child_err = Job("child-err", b"err", id="child-err-1", on_error=[Job("leaf", id="leaf-1")])
+    job = Job(
+        "the-task-name",
+        b"payload \x00\x01 bytes",
+        id="job:msg:main-1",
+        queue="q-main",
+        max_retries=7,
+        backoff=Backoff(initial=0.5, factor=2.5, maximum=30.0, jitter=True),
+        timeout=12.5,
+        eta=ETA,
+        schedule="0 3 * * 1",
+        on_success=[child_ok],
+        on_error=[child_err],
+    )
+    meta = Meta(
+        id=job.id,
+        status=Status.RETRYING,
+        queue=job.queue,
+        max_retries=7,
+        retried=5,
+        prev_error="ValueError: previous failure",
+        created_at=1_700_000_000.25,
+        processed_at=1_700_000_100.5,
+        eta=ETA.timestamp(),
+        timeout=12.5,
+        schedule="0 3 * * 1",
+        backoff=Backoff(initial=0.5, factor=2.5, maximum=30.0, jitter=True),
+        prev_job_result=b"previous result",
+        attempt=3,
+        group_id="group-1",
+        chain_id="chain-1",
+        deadline=1_700_000_500.75,
+        trace={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    )
+    return JobMessage(meta=meta, job=job)
+
+
+def tree_of(msg: JobMessage) -> Any:
+    return msgpack.unpackb(encode_message(msg), raw=False)
+
+
+def pack(tree: Any) -> bytes:
+    data: bytes = msgpack.packb(tree, use_bin_type=True)
+    return data
+
+
+def paths(tree: Any, prefix: Path = ()) -> Iterator[Path]:
+    """Every path in a decoded msgpack tree (the root excluded)."""
+    if isinstance(tree, list):
+        items: list[tuple[int | str, Any]] = list(enumerate(tree))
+    elif isinstance(tree, dict):
+        items = list(tree.items())
+    else:
+        return
+    for key, value in items:
+        yield (*prefix, key)
+        yield from paths(value, (*prefix, key))
+
+
+def get(tree: Any, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_at(tree: Any, path: Path, value: Any) -> Any:
+    tree = copy.deepcopy(tree)
+    get(tree, path[:-1])[path[-1]] = value
+    return tree
+
+
+def delete_at(tree: Any, path: Path) -> Any:
+    tree = copy.deepcopy(tree)
+    del get(tree, path[:-1])[path[-1]]
+    return tree
+
+
+def find(tree: Any, value: Any, *, type_: type | None = None) -> list[Path]:
+    """Paths whose value equals ``value`` (and has exactly ``type_``, if given)."""
+    wanted = type(value) if type_ is None else type_
+    return [p for p in paths(tree) if type(get(tree, p)) is wanted and get(tree, p) == value]
+
+
+def find_one(tree: Any, value: Any) -> Path:
+    found = find(tree, value)
+    assert len(found) == 1, (value, found)
+    return found[0]
+
+
+def assert_refused(data: Any) -> None:
+    with pytest.raises(DecodeError):
+        decode_message(data)
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+def test_round_trip_full_message() -> None:
+    msg = full_message()
+    decoded = decode_message(encode_message(msg))
+    assert decoded == msg
+    assert decoded.meta == msg.meta
+    assert decoded.job == msg.job
+    assert decoded.job.on_success[0].on_success[0] == msg.job.on_success[0].on_success[0]
+    assert decoded.job.eta == ETA
+    assert type(decoded.meta.status) is Status
+
+
+def test_round_trip_minimal_message() -> None:
+    job = Job("t")
+    msg = JobMessage(meta=Meta(id=job.id, status=Status.QUEUED, queue=job.queue), job=job)
+    assert decode_message(encode_message(msg)) == msg
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_round_trip_every_status(status: Status) -> None:
+    msg = full_message()
+    msg = JobMessage(meta=Meta(id=msg.id, status=status, queue=msg.meta.queue), job=msg.job)
+    assert decode_message(encode_message(msg)).status is status
+
+
+def test_round_trip_server_built_message_with_delay() -> None:
+    """A job enqueued with ``delay=`` (the server sets ``meta.eta``) decodes to the same
+    job, which, like every Job, has at most one of ``eta`` and ``delay``."""
+    msg, data = Server().new_message(Job("t", b"x", delay=5.0))
+    assert msg.meta.eta is not None
+    decoded = decode_message(data)
+    assert decoded.meta == msg.meta
+    assert not (decoded.job.eta is not None and decoded.job.delay is not None)
+    assert decoded.job == msg.job
+
+
+def test_round_trip_retry_message_keeps_the_job_as_enqueued() -> None:
+    """A retry with backoff has ``meta.eta`` set; the job it carries was enqueued without
+    an eta and must come back that way (else a later re-enqueue of it inherits a stale
+    eta)."""
+    job = Job("t", b"x", max_retries=2, backoff=Backoff(initial=5.0, jitter=False))
+    meta = Meta(id=job.id, status=Status.RETRYING, queue=job.queue, retried=1, eta=2e9)
+    msg = JobMessage(meta=meta, job=job)
+    decoded = decode_message(encode_message(msg))
+    assert decoded.meta == meta
+    assert decoded.job == job
+
+
+def test_encoding_is_deterministic() -> None:
+    assert encode_message(full_message()) == encode_message(full_message())
+
+
+# -- refused messages ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", b"\x00garbage", b"\x92\x01", b"\xdd\xff\xff\xff\xff", b"{not: msgpack}"],
+    ids=["empty", "reserved-byte", "trailing-data", "truncated", "huge-array-header", "text"],
+)
+def test_not_msgpack_refused(data: bytes) -> None:
+    assert_refused(data)
+
+
+@pytest.mark.parametrize(
+    "value", [None, 1, 1.5, "text", b"bytes", True, [], {}, [1, {}, []], {"v": 1}]
+)
+def test_wrong_top_level_shape_refused(value: Any) -> None:
+    assert_refused(pack(value))
+
+
+@pytest.mark.parametrize("data", ["a string", 123, None, [1, 2]])
+def test_not_bytes_refused(data: Any) -> None:
+    assert_refused(data)
+
+
+@pytest.mark.parametrize("version", [0, 2, 99, -1, "1", 1.0, True, None])
+def test_wrong_schema_version_refused(version: Any) -> None:
+    tree = tree_of(full_message())
+    # the version is the only top-level scalar equal to 1
+    if isinstance(tree, dict):
+        path: Path = ("v",)
+    else:
+        (path,) = [(i,) for i, v in enumerate(tree) if type(v) is int and v == 1]
+    assert decode_message(pack(tree)) == full_message()  # the untouched tree decodes
+    assert_refused(pack(set_at(tree, path, version)))
+
+
+# Distinctive values of full_message() and a field of the same role.
+_FIELDS = {
+    "job.task": "the-task-name",
+    "job.payload": b"payload \x00\x01 bytes",
+    "meta.max_retries(=job.max_retries)": 7,
+    "meta.retried": 5,
+    "meta.attempt": 3,
+    "meta.prev_error": "ValueError: previous failure",
+    "meta.created_at": 1_700_000_000.25,
+    "meta.processed_at": 1_700_000_100.5,
+    "meta.deadline": 1_700_000_500.75,
+    "meta.prev_job_result": b"previous result",
+    "meta.group_id": "group-1",
+    "meta.chain_id": "chain-1",
+    "meta.status": "retrying",
+    "job.timeout(=meta.timeout)": 12.5,
+}
+
+
+def _field_paths() -> list[tuple[str, Path]]:
+    tree = tree_of(full_message())
+    out = []
+    for name, value in _FIELDS.items():
+        for path in find(tree, value):
+            out.append((f"{name}@{'/'.join(map(str, path))}", path))
+    return out
+
+
+_FIELD_PATHS = _field_paths()
+
+
+def test_field_paths_found() -> None:
+    """The distinctive values are where the tests below expect them."""
+    names = {name.split("@")[0] for name, _ in _FIELD_PATHS}
+    assert names == set(_FIELDS)
+
+
+def _container_paths() -> list[Path]:
+    """Paths of the required parts: meta, job, and every job's fields (not the trace)."""
+    tree = tree_of(full_message())
+    meta_path = find_one(tree, "retrying")[:-1]
+    job_path = find_one(tree, "the-task-name")[:-1]
+    return [meta_path, job_path]
+
+
+@pytest.mark.parametrize("path", [p for _, p in _FIELD_PATHS], ids=[n for n, _ in _FIELD_PATHS])
+def test_missing_field_refused(path: Path) -> None:
+    tree = tree_of(full_message())
+    assert_refused(pack(delete_at(tree, path)))
+
+
+@pytest.mark.parametrize("which", ["meta", "job"])
+def test_missing_part_refused(which: str) -> None:
+    tree = tree_of(full_message())
+    meta_path, job_path = _container_paths()
+    path = meta_path if which == "meta" else job_path
+    assert_refused(pack(delete_at(tree, path)))
+    assert_refused(pack(set_at(tree, path, None)))
+
+
+# a value of the wrong type for each kind of field
+_WRONG: dict[type, list[Any]] = {
+    str: [1, b"bytes", None, [], {}, 1.5],
+    bytes: ["text", 1, [], {}],
+    int: ["7", 7.0, [], {}, b"\x07"],
+    float: ["1.5", b"1.5", [], {}],
+}
+
+
+def _wrong_type_cases() -> list[tuple[str, Path, Any]]:
+    tree = tree_of(full_message())
+    cases = []
+    for name, path in _FIELD_PATHS:
+        value = get(tree, path)
+        for wrong in _WRONG[type(value)]:
+            optional = name.split("@")[0] in {
+                "meta.prev_error",
+                "meta.processed_at",
+                "meta.deadline",
+                "meta.prev_job_result",
+                "meta.group_id",
+                "meta.chain_id",
+                "job.timeout(=meta.timeout)",
+            }
+            if wrong is None and optional:
+                continue
+            cases.append((f"{name}={wrong!r}", path, wrong))
+    return cases
+
+
+_WRONG_TYPE_CASES = _wrong_type_cases()
+
+
+@pytest.mark.parametrize(
+    ("path", "wrong"),
+    [(p, w) for _, p, w in _WRONG_TYPE_CASES],
+    ids=[n for n, _, _ in _WRONG_TYPE_CASES],
+)
+def test_wrong_field_type_refused(path: Path, wrong: Any) -> None:
+    tree = tree_of(full_message())
+    assert_refused(pack(set_at(tree, path, wrong)))
+
+
+@pytest.mark.parametrize("value", [7, 5, 3], ids=["max_retries", "retried", "attempt"])
+def test_bool_where_int_expected_refused(value: int) -> None:
+    tree = tree_of(full_message())
+    for path in find(tree, value):
+        assert_refused(pack(set_at(tree, path, True)))
+        assert_refused(pack(set_at(tree, path, False)))
+
+
+@pytest.mark.parametrize("value", [1_700_000_000.25, 12.5], ids=["created_at", "timeout"])
+def test_bool_where_number_expected_refused(value: float) -> None:
+    tree = tree_of(full_message())
+    for path in find(tree, value):
+        assert_refused(pack(set_at(tree, path, True)))
+
+
+@pytest.mark.parametrize("value", [-1, -(2**40)])
+def test_negative_counts_refused(value: int) -> None:
+    tree = tree_of(full_message())
+    for count in (7, 5, 3):
+        for path in find(tree, count):
+            assert_refused(pack(set_at(tree, path, value)))
+
+
+@pytest.mark.parametrize(
+    ("target", "bad"),
+    [
+        ("the-task-name", ""),
+        ("the-task-name", "x" * 256),
+        ("job:msg:main-1", "bad id with spaces"),
+        ("job:msg:main-1", "a*b"),
+        ("job:msg:main-1", ""),
+        ("q-main", "a.b"),
+        ("q-main", "x" * 200),
+        ("retrying", "exploded"),
+        ("group-1", "bad group"),
+        ("chain-1", "a{b}"),
+    ],
+)
+def test_invalid_field_values_refused(target: str, bad: str) -> None:
+    tree = tree_of(full_message())
+    found = find(tree, target)
+    assert found
+    for path in found:
+        assert_refused(pack(set_at(tree, path, bad)))
+
+
+@pytest.mark.parametrize("bad", ["not a cron", "", "* * * * * * * *", "61 * * * *"])
+def test_invalid_job_schedule_refused(bad: str) -> None:
+    tree = tree_of(full_message())
+    _, job_path = _container_paths()
+    (path,) = [p for p in find(tree, "0 3 * * 1") if p[: len(job_path)] == job_path]
+    assert_refused(pack(set_at(tree, path, bad)))
+
+
+def test_job_id_differing_from_meta_id_refused() -> None:
+    tree = tree_of(full_message())
+    # change only the job's id (the meta's id is the one next to the status)
+    meta_path, job_path = _container_paths()
+    id_paths = [p for p in find(tree, "job:msg:main-1") if p[: len(job_path)] == job_path]
+    assert len(id_paths) == 1
+    assert_refused(pack(set_at(tree, id_paths[0], "other-id")))
+
+
+@pytest.mark.parametrize(
+    "bad_trace",
+    [{"k": 1}, {"k": b"bytes"}, {"k": None}, ["k", "v"], "traceparent"],
+)
+def test_malformed_trace_refused(bad_trace: Any) -> None:
+    tree = tree_of(full_message())
+    (path,) = [p for p in paths(tree) if isinstance(get(tree, p), dict) and "traceparent" in get(tree, p)]
+    assert_refused(pack(set_at(tree, path, bad_trace)))
+
+
+def test_non_string_map_keys_refused() -> None:
+    tree = tree_of(full_message())
+    (path,) = [p for p in paths(tree) if isinstance(get(tree, p), dict) and "traceparent" in get(tree, p)]
+    assert_refused(pack(set_at(tree, path, {1: "v"})))
+    assert_refused(pack(set_at(tree, path, {b"k": "v"})))
+
+
+@pytest.mark.parametrize(
+    "bad_backoff",
+    [[], [1.0, 2.0, 3.0], [0, 2.0, 3.0, True], [1.0, -2.0, 3.0, True], [1.0, 2.0, 3.0, 1],
+     [1.0, 2.0, math.nan, False], ["1", 2.0, 3.0, True], [True, 2.0, 3.0, True], "backoff", 5],
+)
+def test_malformed_backoff_refused(bad_backoff: Any) -> None:
+    tree = tree_of(full_message())
+    # the backoffs of the meta and of the job are the containers of factor 2.5
+    backoff_paths = [p[:-1] for p in find(tree, 2.5)]
+    assert len(backoff_paths) == 2
+    for path in backoff_paths:
+        assert_refused(pack(set_at(tree, path, bad_backoff)))
+
+
+@pytest.mark.parametrize(
+    "ext",
+    [msgpack.ExtType(1, b"x"), msgpack.ExtType(-1, b"\x00\x00\x00\x01"), msgpack.ExtType(127, b"")],
+    ids=["ext-1", "timestamp", "ext-127"],
+)
+def test_ext_types_refused(ext: msgpack.ExtType) -> None:
+    tree = tree_of(full_message())
+    for _, path in _FIELD_PATHS[:6]:
+        assert_refused(pack(set_at(tree, path, ext)))
+    # anywhere, also in a place nobody reads: inside the trace
+    (trace_path,) = [
+        p for p in paths(tree) if isinstance(get(tree, p), dict) and "traceparent" in get(tree, p)
+    ]
+    assert_refused(pack(set_at(tree, (*trace_path, "extra"), ext)))
+    # and as the whole message
+    assert_refused(pack(ext))
+
+
+def _nested(depth: int) -> JobMessage:
+    job = Job("leaf", id="d0")
+    for i in range(1, depth + 1):
+        job = Job("t", id=f"d{i}", on_success=[job])
+    return JobMessage(meta=Meta(id=job.id, status=Status.QUEUED, queue=job.queue), job=job)
+
+
+def test_moderate_nesting_accepted() -> None:
+    msg = _nested(5)
+    assert decode_message(encode_message(msg)) == msg
+
+
+def test_follow_ups_nested_deeper_than_the_limit_refused() -> None:
+    assert_refused(encode_message(_nested(200)))
+
+
+def test_deeply_nested_msgpack_refused() -> None:
+    # 100 000 nested one-element arrays: must not blow the stack or hang
+    assert_refused(b"\x91" * 100_000 + b"\xc0")
+    assert_refused(b"\x81\xa1k" * 100_000 + b"\xc0")
+
+
+def test_over_the_size_limit_refused() -> None:
+    data = encode_message(full_message())
+    assert decode_message(data, max_size=len(data)) == full_message()
+    with pytest.raises(DecodeError, match="limit"):
+        decode_message(data, max_size=len(data) - 1)
+    big = Job("t", b"x" * 100_000)
+    big_data = encode_message(
+        JobMessage(meta=Meta(id=big.id, status=Status.QUEUED, queue=big.queue), job=big)
+    )
+    with pytest.raises(DecodeError):
+        decode_message(big_data, max_size=50_000)
+
+
+def test_decode_error_is_a_value_error_and_tasqueue_error() -> None:
+    from tasqueue_anyio import TasqueueError
+
+    with pytest.raises(DecodeError) as info:
+        decode_message(b"\xc1")
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, TasqueueError)
+
+
+# -- fuzz ------------------------------------------------------------------------------------
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(13 if depth < 2 else 10)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False])
+    if kind == 2:
+        return rng.choice([0, 1, -1, 7, 2**31, 2**63 - 1, -(2**63), 2**64 - 1])
+    if kind == 3:
+        return rng.choice([0.0, -0.0, 1.5, -1.5, 1e300, -1e300, math.inf, -math.inf, math.nan])
+    if kind == 4:
+        return rng.choice(["", "t", "x" * 300, "a b", "queued", "processing", "*/5 * * * *", "é"])
+    if kind == 5:
+        return rng.randbytes(rng.randrange(0, 20))
+    if kind == 6:
+        return msgpack.ExtType(rng.randrange(-128, 128), rng.randbytes(rng.randrange(0, 9)))
+    if kind == 7:
+        return rng.choice([1e18, -1e18, 1e10, 253402300800.0, -62135596800.0])
+    if kind == 8:
+        return rng.choice(["0 3 * * 1", "R * * * *", "0 0 31 2 *", "@hourly", "* * * * * *"])
+    if kind == 9:
+        return "q-" + rng.choice(["main", "follow"])
+    if kind == 10:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    if kind == 11:
+        return {str(rng.randrange(5)): _random_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+    return [0.5, 2.5, 30.0, rng.choice([True, False, 1, None])]
+
+
+def _check_decodes_or_refuses(data: bytes) -> None:
+    try:
+        result = decode_message(data)
+    except DecodeError:
+        return
+    # Whatever decodes must be a well-formed message: it encodes again and survives that.
+    assert isinstance(result, JobMessage)
+    again = encode_message(result)
+    assert encode_message(decode_message(again)) == again
+
+
+def test_fuzz_random_bytes() -> None:
+    rng = random.Random(20240601)
+    for _ in range(700):
+        _check_decodes_or_refuses(rng.randbytes(rng.randrange(0, 200)))
+
+
+def test_fuzz_byte_mutations_of_a_valid_message() -> None:
+    rng = random.Random(1234)
+    valid = encode_message(full_message())
+    for _ in range(700):
+        data = bytearray(valid)
+        for _ in range(rng.randrange(1, 4)):
+            op = rng.randrange(4)
+            pos = rng.randrange(len(data))
+            if op == 0:
+                data[pos] = rng.randrange(256)
+            elif op == 1:
+                data.insert(pos, rng.randrange(256))
+            elif op == 2 and len(data) > 1:
+                del data[pos]
+            else:
+                data = data[:pos]
+                if not data:
+                    break
+        _check_decodes_or_refuses(bytes(data))
+
+
+def test_fuzz_structural_mutations_of_a_valid_message() -> None:
+    rng = random.Random(987654)
+    tree = tree_of(full_message())
+    all_paths = list(paths(tree))
+    for _ in range(1000):
+        mutated = tree
+        for _ in range(rng.randrange(1, 3)):
+            current_paths = list(paths(mutated)) or all_paths
+            path = rng.choice(current_paths)
+            try:
+                if rng.randrange(5) == 0:
+                    mutated = delete_at(mutated, path)
+                else:
+                    mutated = set_at(mutated, path, _random_value(rng))
+            except (KeyError, IndexError, TypeError):
+                continue
+        try:
+            data = pack(mutated)
+        except (ValueError, TypeError, OverflowError):
+            continue  # not representable in msgpack (e.g. an int over 64 bits)
+        _check_decodes_or_refuses(data)
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "job_id", "status"),
+    [("finished", "job-1", "successful"), ("cancel", "job:msg:2", ""), ("finished", "x", "failed")],
+)
+def test_event_round_trip(kind: str, job_id: str, status: str) -> None:
+    assert decode_event(encode_event(kind, job_id, status)) == (kind, job_id, status)
+
+
+def test_event_default_status_is_empty() -> None:
+    assert decode_event(encode_event("cancel", "job-1")) == ("cancel", "job-1", "")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        pack({"kind": "cancel"}),
+        pack([1, "cancel", "job"]),
+        pack([99, "cancel", "job", ""]),
+        pack([1, "cancel", 5, ""]),
+        pack([1, b"cancel", "job", ""]),
+        pack([1, "cancel", "job", None]),
+        pack([1, "finished", "x" * 5000, "successful"]),
+        pack(msgpack.ExtType(3, b"")),
+    ],
+)
+def test_malformed_event_refused(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_event(data)
+
+
+def test_fuzz_events() -> None:
+    rng = random.Random(42)
+    valid = encode_event("finished", "job-1", "successful")
+    for _ in range(300):
+        data = bytearray(valid)
+        data[rng.randrange(len(data))] = rng.randrange(256)
+        for data_ in (bytes(data), rng.randbytes(rng.randrange(0, 40))):
+            try:
+                decode_event(data_)
+            except DecodeError:
+                pass

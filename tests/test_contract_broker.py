@@ -1,0 +1,345 @@
+"""The broker contract, written against :mod:`tasqueue_anyio.abc` only.
+
+Runs unchanged against every backend in ``conftest.BROKER_FACTORIES``. Time-based checks
+use short real delays and assert lower bounds only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from uuid import uuid4
+
+import anyio
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from tasqueue_anyio.abc import Broker, Delivery, Envelope
+
+pytestmark = pytest.mark.anyio
+
+#: how long any single wait in these tests may take before the test fails
+TIMEOUT = 5.0
+#: slack for clock granularity when checking that a delay was respected
+EPSILON = 0.01
+
+
+def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
+    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
+
+
+@asynccontextmanager
+async def consuming(
+    broker: Broker, queue: str, *, buffer: int = 0
+) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
+    """Run ``broker.consume(queue, ...)`` for the duration of the block."""
+    send_stream, receive_stream = anyio.create_memory_object_stream[Delivery](buffer)
+    with receive_stream:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.consume, queue, send_stream)
+            try:
+                yield receive_stream
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
+    with anyio.fail_after(TIMEOUT):
+        return await stream.receive()
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Wait (polling) until ``predicate()`` holds, failing after :data:`TIMEOUT`.
+
+    For states no event announces (a stream's statistics); polling, unlike
+    ``anyio.wait_all_tasks_blocked``, also works while a backend waits on a socket.
+    """
+    with anyio.fail_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+
+
+async def test_enqueue_consume_fifo(broker: Broker, queue_name: str) -> None:
+    expected = [f"m{i}".encode() for i in range(5)]
+    for data in expected:
+        await broker.enqueue(envelope(queue_name, data))
+    async with consuming(broker, queue_name) as stream:
+        got = []
+        for _ in expected:
+            delivery = await receive(stream)
+            assert delivery.queue == queue_name
+            assert delivery.attempt == 1
+            got.append(delivery.data)
+            await delivery.ack()
+    assert got == expected
+
+
+async def test_enqueue_many_order_and_count(broker: Broker, queue_name: str) -> None:
+    expected = [f"m{i}".encode() for i in range(50)]
+    await broker.enqueue_many([envelope(queue_name, data) for data in expected])
+    assert await broker.get_pending(queue_name) == expected
+    async with consuming(broker, queue_name) as stream:
+        got = []
+        for _ in expected:
+            delivery = await receive(stream)
+            got.append(delivery.data)
+            await delivery.ack()
+    assert got == expected
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_enqueue_many_spans_queues(broker: Broker, queue_name: str) -> None:
+    other = f"{queue_name}-other"
+    await broker.enqueue_many(
+        [envelope(queue_name, b"a1"), envelope(other, b"b1"), envelope(queue_name, b"a2")]
+    )
+    assert await broker.get_pending(queue_name) == [b"a1", b"a2"]
+    assert await broker.get_pending(other) == [b"b1"]
+
+
+async def test_two_consumers_share_messages(broker: Broker, queue_name: str) -> None:
+    expected = {f"m{i}".encode() for i in range(100)}
+    received: list[bytes] = []
+    all_received = anyio.Event()
+
+    async def collect(stream: MemoryObjectReceiveStream[Delivery]) -> None:
+        async for delivery in stream:
+            received.append(delivery.data)
+            await delivery.ack()
+            if len(received) == len(expected):
+                all_received.set()
+            await anyio.lowlevel.checkpoint()
+
+    async with (
+        consuming(broker, queue_name) as stream1,
+        consuming(broker, queue_name) as stream2,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(collect, stream1)
+        tg.start_soon(collect, stream2)
+        await broker.enqueue_many([envelope(queue_name, data) for data in sorted(expected)])
+        with anyio.fail_after(TIMEOUT):
+            await all_received.wait()
+        tg.cancel_scope.cancel()
+    assert len(received) == len(expected)
+    assert set(received) == expected
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_ack_removes(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(envelope(queue_name, b"first"))
+    async with consuming(broker, queue_name) as stream:
+        delivery = await receive(stream)
+        assert delivery.data == b"first"
+        await delivery.ack()
+        await delivery.ack()  # settling twice does nothing
+        assert await broker.get_pending(queue_name) == []
+        # the next delivery is the marker, not the acked message again
+        await broker.enqueue(envelope(queue_name, b"marker"))
+        delivery = await receive(stream)
+        assert delivery.data == b"marker"
+        await delivery.ack()
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_held_message_not_pending(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue_many([envelope(queue_name, b"a"), envelope(queue_name, b"b")])
+    async with consuming(broker, queue_name) as stream:
+        delivery = await receive(stream)
+        assert delivery.data == b"a"
+        await wait_until(lambda: stream.statistics().tasks_waiting_send > 0)
+        assert b"a" not in await broker.get_pending(queue_name)
+        await delivery.ack()
+        delivery = await receive(stream)
+        await delivery.ack()
+
+
+async def test_nack_redelivers_with_next_attempt(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(envelope(queue_name, b"job"))
+    async with consuming(broker, queue_name) as stream:
+        first = await receive(stream)
+        assert first.attempt == 1
+        await first.nack()
+        await first.nack()  # settling twice does nothing
+        second = await receive(stream)
+        assert second.data == b"job"
+        assert second.attempt == 2
+        await second.nack()
+        third = await receive(stream)
+        assert third.attempt == 3
+        await third.ack()
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_nack_with_delay(broker: Broker, queue_name: str) -> None:
+    delay = 0.2
+    await broker.enqueue(envelope(queue_name, b"job"))
+    async with consuming(broker, queue_name) as stream:
+        first = await receive(stream)
+        start = anyio.current_time()
+        await first.nack(delay=delay)
+        assert await broker.get_pending(queue_name) == []
+        second = await receive(stream)
+        assert anyio.current_time() - start >= delay - EPSILON
+        assert second.data == b"job"
+        assert second.attempt == 2
+        await second.ack()
+
+
+async def test_ack_enqueues(broker: Broker, queue_name: str) -> None:
+    other = f"{queue_name}-other"
+    await broker.enqueue(envelope(queue_name, b"first"))
+    async with consuming(broker, queue_name) as stream:
+        delivery = await receive(stream)
+        await delivery.ack(
+            enqueue=[
+                envelope(queue_name, b"next1"),
+                envelope(other, b"x"),
+                envelope(queue_name, b"next2"),
+            ]
+        )
+        assert await broker.get_pending(other) == [b"x"]
+        got = [(await receive(stream)).data, (await receive(stream)).data]
+    assert got == [b"next1", b"next2"]
+
+
+async def test_ack_enqueues_scheduled(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(envelope(queue_name, b"first"))
+    eta = time.time() + 60
+    async with consuming(broker, queue_name) as stream:
+        delivery = await receive(stream)
+        await delivery.ack(enqueue=[envelope(queue_name, b"retry", eta=eta)])
+    scheduled = await broker.get_scheduled(queue_name)
+    assert [data for _, data in scheduled] == [b"retry"]
+    assert scheduled[0][0] == pytest.approx(eta, abs=1e-3)
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_dead_letter(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(envelope(queue_name, b"bad"))
+    before = time.time()
+    async with consuming(broker, queue_name) as stream:
+        delivery = await receive(stream)
+        await delivery.dead_letter("does not decode")
+        await delivery.ack()  # already settled: does nothing
+        assert await broker.get_pending(queue_name) == []
+        await broker.enqueue(envelope(queue_name, b"marker"))
+        marker = await receive(stream)
+        assert marker.data == b"marker"
+        await marker.ack()
+    dead = await broker.get_dead_letters(queue_name)
+    assert len(dead) == 1
+    assert dead[0].queue == queue_name
+    assert dead[0].data == b"bad"
+    assert dead[0].reason == "does not decode"
+    assert dead[0].at >= before - 1
+    assert await broker.get_dead_letters(f"{queue_name}-other") == []
+
+
+async def test_eta_scheduling(broker: Broker, queue_name: str) -> None:
+    start = anyio.current_time()
+    now = time.time()
+    delays = {b"c": 0.3, b"a": 0.1, b"b": 0.2}
+    etas = {data: now + delay for data, delay in delays.items()}
+    await broker.enqueue_many([envelope(queue_name, data, eta=eta) for data, eta in etas.items()])
+    await broker.enqueue(envelope(queue_name, b"late", eta=now - 10))  # in the past: due now
+
+    scheduled = await broker.get_scheduled(queue_name)
+    assert [data for _, data in scheduled] == [b"a", b"b", b"c"]
+    assert [eta for eta, _ in scheduled] == pytest.approx([etas[b"a"], etas[b"b"], etas[b"c"]])
+    assert await broker.get_pending(queue_name) == [b"late"]
+
+    async with consuming(broker, queue_name) as stream:
+        delivery = await receive(stream)
+        assert delivery.data == b"late"
+        await delivery.ack()
+        for expected in (b"a", b"b", b"c"):
+            delivery = await receive(stream)
+            assert delivery.data == expected
+            assert anyio.current_time() - start >= delays[expected] - EPSILON
+            assert time.time() >= etas[expected] - EPSILON
+            await delivery.ack()
+    assert await broker.get_scheduled(queue_name) == []
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_due_messages_fifo_before_later_eta(broker: Broker, queue_name: str) -> None:
+    now = time.time()
+    await broker.enqueue_many(
+        [
+            envelope(queue_name, b"later", eta=now + 60),
+            envelope(queue_name, b"m1"),
+            envelope(queue_name, b"m2"),
+        ]
+    )
+    assert await broker.get_pending(queue_name) == [b"m1", b"m2"]
+    assert [data for _, data in await broker.get_scheduled(queue_name)] == [b"later"]
+
+
+async def test_cancelled_hand_over_loses_nothing(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue_many([envelope(queue_name, b"m1"), envelope(queue_name, b"m2")])
+    send_stream, receive_stream = anyio.create_memory_object_stream[Delivery](0)
+    with receive_stream:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.consume, queue_name, send_stream)
+            # consume took a message and waits for someone to receive it
+            await wait_until(lambda: receive_stream.statistics().tasks_waiting_send > 0)
+            tg.cancel_scope.cancel()
+        # consume closed its send stream when it returned
+        with pytest.raises(anyio.EndOfStream):
+            receive_stream.receive_nowait()
+
+    assert sorted(await broker.get_pending(queue_name)) == [b"m1", b"m2"]
+    async with consuming(broker, queue_name) as stream:
+        got = []
+        for _ in range(2):
+            delivery = await receive(stream)
+            # (whether the withdrawn hand-over counts as a delivery is the backend's call)
+            got.append(delivery.data)
+            await delivery.ack()
+    assert sorted(got) == [b"m1", b"m2"]
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_consume_closes_stream_on_cancel_when_idle(broker: Broker, queue_name: str) -> None:
+    send_stream, receive_stream = anyio.create_memory_object_stream[Delivery](0)
+    with receive_stream:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.consume, queue_name, send_stream)
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+        with pytest.raises(anyio.EndOfStream):
+            receive_stream.receive_nowait()
+
+
+async def test_publish_subscribe(broker: Broker, queue_name: str) -> None:
+    channel = f"events-{queue_name}"
+    messages = [f"e{i}".encode() for i in range(10)]
+    async with broker.subscribe(channel) as sub1, broker.subscribe(channel) as sub2:
+        await broker.publish(f"{channel}-other", b"elsewhere")
+        for data in messages:
+            await broker.publish(channel, data)
+        with anyio.fail_after(TIMEOUT):
+            assert [await sub1.receive() for _ in messages] == messages
+            assert [await sub2.receive() for _ in messages] == messages
+
+    async with broker.subscribe(channel) as sub1:
+        async with broker.subscribe(channel) as sub2:
+            await broker.publish(channel, b"both")
+            with anyio.fail_after(TIMEOUT):
+                assert await sub2.receive() == b"both"
+        await broker.publish(channel, b"after")  # sub2 has left
+        with anyio.fail_after(TIMEOUT):
+            assert await sub1.receive() == b"both"
+            assert await sub1.receive() == b"after"
+        # nothing more comes out of a stream whose subscription ended
+        with pytest.raises((anyio.ClosedResourceError, anyio.EndOfStream)):
+            sub2.receive_nowait()
+
+    # publishing with no subscriber is fine; a later subscriber sees only later messages
+    await broker.publish(channel, b"nobody")
+    async with broker.subscribe(channel) as sub3:
+        await broker.publish(channel, b"fresh")
+        with anyio.fail_after(TIMEOUT):
+            assert await sub3.receive() == b"fresh"

@@ -1,0 +1,39 @@
+"""The examples run and print what they promise (each on asyncio and Trio)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_demo(backend: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert len(lines) == 6, out
+    statuses = [line.split()[:2] for line in lines]
+    assert statuses == [
+        ["add", "successful"],
+        ["add", "successful"],
+        ["upper", "successful"],
+        ["flaky", "successful"],
+        ["slow", "failed"],
+        ["missing-task", "failed"],
+    ]
+    assert "result=6" in lines[0]
+    assert "result=42" in lines[1]
+    assert "result=HELLO FROM A THREAD" in lines[2]
+    assert "retried=2" in lines[3]
+    assert "JobTimeoutError" in lines[4]
+    assert "UnknownTaskError" in lines[5]

@@ -1,0 +1,803 @@
+"""A job's life on a worker: statuses, callbacks, results, retries, backoff, timeouts,
+follow-up jobs, ETAs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from uuid import uuid4
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import pytest
+
+from tasqueue_anyio import (
+    Backoff,
+    InvalidInputError,
+    Job,
+    JobContext,
+    JobMessage,
+    JobNotFoundError,
+    JobTimeoutError,
+    Meta,
+    ResultNotFoundError,
+    Server,
+    Status,
+)
+from tasqueue_anyio.abc import Broker, Results
+
+from server_support import TIMEOUT, Counter, noop, running, wait_event
+
+pytestmark = pytest.mark.anyio
+
+
+# -- statuses --------------------------------------------------------------------------------
+
+
+async def test_status_queued_then_processing_then_successful(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    seen: list[JobMessage] = []
+
+    async with Server(broker=broker, results=results) as server:
+
+        async def handler(payload: bytes, ctx: JobContext) -> None:
+            seen.append(await server.get_job(ctx.job_id))
+
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", b"x", queue=queue_name))
+        queued = await server.get_job(job_id)
+        assert queued.status is Status.QUEUED
+        assert queued.meta.processed_at is None
+        assert (queued.job.task, queued.job.payload, queued.meta.queue) == ("t", b"x", queue_name)
+
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+
+    assert len(seen) == 1
+    assert seen[0].status is Status.PROCESSING
+    assert seen[0].meta.processed_at is not None
+    assert seen[0].meta.attempt == 1
+    assert done.status is Status.SUCCESSFUL
+    assert done.meta.retried == 0
+    assert done.meta.prev_error is None
+
+
+async def test_status_failed(broker: Broker, results: Results, queue_name: str) -> None:
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        raise ValueError("it went wrong")
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.FAILED
+        assert done.meta.prev_error == "ValueError: it went wrong"
+        assert done.meta.retried == 0
+        assert job_id in await server.get_failed()
+        assert job_id not in await server.get_success()
+
+
+async def test_status_retrying_is_visible(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    during_retry: list[JobMessage] = []
+    second_run: list[Meta] = []
+
+    async with Server(broker=broker, results=results) as server:
+
+        async def handler(payload: bytes, ctx: JobContext) -> None:
+            if ctx.meta.retried == 0:
+                raise RuntimeError("first failure")
+            second_run.append(ctx.meta)
+
+        async def on_retrying(ctx: JobContext, exc: BaseException) -> None:
+            # concurrency 1: the retry cannot start while this callback runs
+            during_retry.append(await server.get_job(ctx.job_id))
+
+        server.register_task("t", handler, queue=queue_name, concurrency=1, on_retrying=on_retrying)
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=1))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+
+    assert len(during_retry) == 1
+    assert during_retry[0].status is Status.RETRYING
+    assert during_retry[0].meta.retried == 1
+    assert during_retry[0].meta.prev_error == "RuntimeError: first failure"
+    # the second run sees the retry count and the previous error
+    assert len(second_run) == 1
+    assert second_run[0].status is Status.PROCESSING
+    assert second_run[0].retried == 1
+    assert second_run[0].prev_error == "RuntimeError: first failure"
+    assert done.status is Status.SUCCESSFUL
+    assert done.meta.retried == 1
+
+
+# -- callbacks -------------------------------------------------------------------------------
+
+Call = tuple[str, str, "BaseException | None"]
+
+
+class Recorder:
+    """Records callback calls as ``(callback, job id, exception)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.contexts: list[JobContext] = []
+        self.finished = anyio.Event()
+
+    def _record(self, name: str, ctx: JobContext, exc: BaseException | None = None) -> None:
+        self.calls.append((name, ctx.job_id, exc))
+        self.contexts.append(ctx)
+        if name in ("success", "failed"):
+            self.finished.set()
+
+    def callbacks(self, use_async: bool) -> dict[str, Any]:
+        if use_async:
+
+            async def a_processing(ctx: JobContext) -> None:
+                await anyio.lowlevel.checkpoint()
+                self._record("processing", ctx)
+
+            async def a_success(ctx: JobContext) -> None:
+                await anyio.lowlevel.checkpoint()
+                self._record("success", ctx)
+
+            async def a_retrying(ctx: JobContext, exc: BaseException) -> None:
+                await anyio.lowlevel.checkpoint()
+                self._record("retrying", ctx, exc)
+
+            async def a_failed(ctx: JobContext, exc: BaseException) -> None:
+                await anyio.lowlevel.checkpoint()
+                self._record("failed", ctx, exc)
+
+            return {
+                "on_processing": a_processing,
+                "on_success": a_success,
+                "on_retrying": a_retrying,
+                "on_failed": a_failed,
+            }
+
+        def s_processing(ctx: JobContext) -> None:
+            self._record("processing", ctx)
+
+        def s_success(ctx: JobContext) -> None:
+            self._record("success", ctx)
+
+        def s_retrying(ctx: JobContext, exc: BaseException) -> None:
+            self._record("retrying", ctx, exc)
+
+        def s_failed(ctx: JobContext, exc: BaseException) -> None:
+            self._record("failed", ctx, exc)
+
+        return {
+            "on_processing": s_processing,
+            "on_success": s_success,
+            "on_retrying": s_retrying,
+            "on_failed": s_failed,
+        }
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+async def test_callbacks_on_success_path(
+    broker: Broker, results: Results, queue_name: str, use_async: bool
+) -> None:
+    recorder = Recorder()
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        recorder.calls.append(("handler", ctx.job_id, None))
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name, **recorder.callbacks(use_async))
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+            await wait_event(recorder.finished)
+
+    assert done.status is Status.SUCCESSFUL
+    assert recorder.calls == [
+        ("processing", job_id, None),
+        ("handler", job_id, None),
+        ("success", job_id, None),
+    ]
+    assert all(ctx.meta.queue == queue_name for ctx in recorder.contexts)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+async def test_callbacks_on_retrying_and_failed_get_the_exception(
+    broker: Broker, results: Results, queue_name: str, use_async: bool
+) -> None:
+    recorder = Recorder()
+    raised: list[Exception] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        exc = ValueError(f"boom {len(raised)}")
+        raised.append(exc)
+        raise exc
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task(
+            "t", handler, queue=queue_name, concurrency=1, **recorder.callbacks(use_async)
+        )
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=1))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+            await wait_event(recorder.finished)
+
+    assert done.status is Status.FAILED
+    assert len(raised) == 2
+    assert [name for name, _, _ in recorder.calls] == [
+        "processing",
+        "retrying",
+        "processing",
+        "failed",
+    ]
+    assert all(call_id == job_id for _, call_id, _ in recorder.calls)
+    # the very exceptions the handler raised, each to the callback of its run
+    assert recorder.calls[1][2] is raised[0]
+    assert recorder.calls[3][2] is raised[1]
+    # each callback's context is its run's
+    assert recorder.contexts[1].meta.retried == 0
+    assert recorder.contexts[3].meta.retried == 1
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("which", ["on_processing", "on_success", "on_retrying", "on_failed"])
+async def test_raising_callback_is_logged_and_job_state_is_right(
+    broker: Broker,
+    results: Results,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+    which: str,
+    use_async: bool,
+) -> None:
+    runs: list[int] = []
+    called = anyio.Event()
+    error = RuntimeError("callback exploded")
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        if which == "on_failed" or (which == "on_retrying" and ctx.meta.retried == 0):
+            raise ValueError("handler failure")
+
+    def sync_callback(*args: Any) -> None:
+        called.set()
+        raise error
+
+    async def async_callback(*args: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        called.set()
+        raise error
+
+    callback = async_callback if use_async else sync_callback
+    kwargs: dict[str, Any] = {which: callback}
+    max_retries = 1 if which == "on_retrying" else 0
+    expected = Status.FAILED if which == "on_failed" else Status.SUCCESSFUL
+
+    caplog.set_level(logging.ERROR)
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name, **kwargs)
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=max_retries))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+            await wait_event(called)
+
+    assert done.status is expected
+    assert runs == ([0, 1] if which == "on_retrying" else [0])
+    assert done.meta.retried == max_retries
+    logged = [r for r in caplog.records if r.exc_info and r.exc_info[1] is error]
+    assert len(logged) == 1
+    assert job_id in logged[0].getMessage()
+    assert callback.__name__ in logged[0].getMessage()
+    assert logged[0].levelno >= logging.ERROR
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+async def test_ctx_save_then_get_result(broker: Broker, results: Results, queue_name: str) -> None:
+    async with Server(broker=broker, results=results) as server:
+
+        @server.task("t", queue=queue_name)
+        async def handler(payload: bytes, ctx: JobContext) -> None:
+            await ctx.save(b"draft")
+            await ctx.save(payload[::-1])  # the last save wins
+
+        job_id = await server.enqueue(Job("t", b"abc", queue=queue_name))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.SUCCESSFUL
+        assert await server.get_result(job_id) == b"cba"
+
+
+async def test_get_result_of_job_that_saved_nothing(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", noop, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        with pytest.raises(ResultNotFoundError):
+            await server.get_result(job_id)  # queued, nothing saved yet
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.SUCCESSFUL
+        with pytest.raises(ResultNotFoundError):
+            await server.get_result(job_id)
+
+
+async def test_ctx_save_refuses_non_bytes(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    refused: list[BaseException] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        try:
+            await ctx.save("text")  # type: ignore[arg-type]
+        except InvalidInputError as exc:
+            refused.append(exc)
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        async with running(server):
+            await server.wait(job_id, timeout=TIMEOUT)
+        assert len(refused) == 1
+        with pytest.raises(ResultNotFoundError):
+            await server.get_result(job_id)
+
+
+async def test_sync_handler_runs_in_a_thread_and_can_save(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    loop_thread = threading.get_ident()
+    handler_threads: list[int] = []
+
+    def handler(payload: bytes, ctx: JobContext) -> None:
+        handler_threads.append(threading.get_ident())
+        anyio.from_thread.run(ctx.save, b"saved from a thread: " + payload)
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", b"p", queue=queue_name))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.SUCCESSFUL
+        assert await server.get_result(job_id) == b"saved from a thread: p"
+    assert len(handler_threads) == 1
+    assert handler_threads[0] != loop_thread
+
+
+async def test_sync_handler_failure_is_a_failure(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    def handler(payload: bytes, ctx: JobContext) -> None:
+        raise KeyError("missing thing")
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+    assert done.status is Status.FAILED
+    assert done.meta.prev_error is not None
+    assert done.meta.prev_error.startswith("KeyError")
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+async def test_retries_exhausted_runs_max_retries_plus_one_times(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    runs: list[int] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        raise ValueError(f"always fails (run {len(runs)})")
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert job_id in await server.get_failed()
+
+    assert runs == [0, 1, 2]
+    assert done.status is Status.FAILED
+    assert done.meta.retried == 2
+    assert done.meta.max_retries == 2
+    assert done.meta.prev_error == "ValueError: always fails (run 3)"
+
+
+async def test_fail_once_then_succeed(broker: Broker, results: Results, queue_name: str) -> None:
+    runs: list[int] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        if len(runs) == 1:
+            raise ValueError("transient")
+        await ctx.save(b"second time lucky")
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=3))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert await server.get_result(job_id) == b"second time lucky"
+        assert job_id in await server.get_success()
+        assert job_id not in await server.get_failed()
+
+    assert runs == [0, 1]
+    assert done.status is Status.SUCCESSFUL
+    assert done.meta.retried == 1
+
+
+async def test_retries_exhausted_callback_counts(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    counts = {"retrying": 0, "failed": 0, "success": 0}
+    failed_called = anyio.Event()
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        raise ValueError("nope")
+
+    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
+        counts["retrying"] += 1
+
+    def on_failed(ctx: JobContext, exc: BaseException) -> None:
+        counts["failed"] += 1
+        failed_called.set()
+
+    def on_success(ctx: JobContext) -> None:
+        counts["success"] += 1
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task(
+            "t",
+            handler,
+            queue=queue_name,
+            concurrency=1,
+            on_retrying=on_retrying,
+            on_failed=on_failed,
+            on_success=on_success,
+        )
+        server.register_task("marker", noop, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+            await wait_event(failed_called)
+            # a marker job behind it on the same single processor: a stray extra run or
+            # callback of the first job would have happened by the time the marker ends
+            marker = await server.enqueue(Job("marker", queue=queue_name))
+            assert (await server.wait(marker, timeout=TIMEOUT)).status is Status.SUCCESSFUL
+
+    assert done.status is Status.FAILED
+    assert counts == {"retrying": 2, "failed": 1, "success": 0}
+
+
+# -- backoff ---------------------------------------------------------------------------------
+
+
+def test_backoff_delay_is_exponential_and_capped() -> None:
+    backoff = Backoff(initial=0.5, factor=3.0, maximum=10.0, jitter=False)
+    assert [backoff.delay(n) for n in range(5)] == [0.5, 1.5, 4.5, 10.0, 10.0]
+    assert backoff.delay(10_000) == 10.0  # no OverflowError
+    default = Backoff(jitter=False)
+    assert [default.delay(n) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
+    assert default.delay(100) == 300.0
+
+
+def test_backoff_jitter_stays_within_half_to_full() -> None:
+    backoff = Backoff(initial=1.0, factor=2.0, maximum=6.0, jitter=True)
+    for retry in range(6):
+        base = min(6.0, 2.0**retry)
+        delays = [backoff.delay(retry) for _ in range(200)]
+        assert all(base / 2 <= d <= base for d in delays), (retry, min(delays), max(delays))
+        # it really is random: not one fixed value
+        assert len(set(delays)) > 1
+
+
+@pytest.mark.parametrize("kwargs", [{"initial": 0}, {"factor": -1}, {"maximum": 0}])
+def test_backoff_invalid_values_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(InvalidInputError):
+        Backoff(**kwargs)
+
+
+async def test_backoff_delays_the_retry(broker: Broker, results: Results, queue_name: str) -> None:
+    failed_at: list[float] = []
+    started_at: list[float] = []
+    scheduled: list[JobMessage] = []
+    retrying_seen = anyio.Event()
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        started_at.append(anyio.current_time())
+        if len(started_at) == 1:
+            failed_at.append(anyio.current_time())
+            raise ValueError("try again later")
+
+    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
+        retrying_seen.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
+        job = Job(
+            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False)
+        )
+        job_id = await server.enqueue(job)
+        async with running(server):
+            await wait_event(retrying_seen)
+            scheduled = await server.get_scheduled(queue_name)
+            waiting = await server.get_job(job_id)
+            done = await server.wait(job_id, timeout=TIMEOUT)
+
+    assert [m.id for m in scheduled] == [job_id]
+    assert scheduled[0].meta.retried == 1
+    assert scheduled[0].meta.eta is not None
+    assert waiting.status is Status.RETRYING
+    assert done.status is Status.SUCCESSFUL
+    assert len(started_at) == 2
+    # the lower bound only (1 ms allowed for wall clock vs. monotonic clock)
+    assert started_at[1] - failed_at[0] >= 0.3 - 0.001
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+
+async def test_timeout_stops_the_handler(broker: Broker, results: Results, queue_name: str) -> None:
+    started = anyio.Event()
+    stopped = anyio.Event()
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        started.set()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            stopped.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+
+    assert started.is_set()
+    assert stopped.is_set()
+    assert done.status is Status.FAILED
+    assert done.meta.prev_error is not None
+    assert "JobTimeoutError" in done.meta.prev_error
+    assert "0.2" in done.meta.prev_error
+
+
+async def test_timeout_is_retried(broker: Broker, results: Results, queue_name: str) -> None:
+    runs: list[int] = []
+    stops: list[int] = []
+    errors: list[BaseException] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        try:
+            await anyio.sleep(3600)
+        finally:
+            stops.append(ctx.meta.retried)
+
+    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
+        job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2, max_retries=1))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+
+    assert runs == [0, 1]
+    assert stops == [0, 1]
+    assert len(errors) == 1
+    assert isinstance(errors[0], JobTimeoutError)
+    assert done.status is Status.FAILED
+    assert done.meta.retried == 1
+    assert done.meta.prev_error is not None
+    assert "JobTimeoutError" in done.meta.prev_error
+
+
+# -- unknown task, id collisions ---------------------------------------------------------------
+
+
+async def test_unknown_task_fails_the_job(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("known", noop, queue=queue_name)
+        job_id = await server.enqueue(Job("unknown", queue=queue_name))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+    assert done.status is Status.FAILED
+    assert done.meta.prev_error is not None
+    assert "UnknownTaskError" in done.meta.prev_error
+    assert "'unknown'" in done.meta.prev_error
+
+
+async def test_ids_that_look_like_keys_do_not_collide(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    base = f"x{uuid4().hex}"
+    ids = [base, f"job:msg:{base}", f"result:{base}", f"job:{base}", f"{base}:result"]
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        await ctx.save(b"result of " + payload)
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        for job_id in ids:
+            await server.enqueue(Job("t", job_id.encode(), id=job_id, queue=queue_name))
+        async with running(server):
+            done = [await server.wait(job_id, timeout=TIMEOUT) for job_id in ids]
+        for job_id, msg in zip(ids, done):
+            assert msg.status is Status.SUCCESSFUL
+            assert msg.id == job_id
+            assert msg.job.payload == job_id.encode()
+            assert await server.get_result(job_id) == b"result of " + job_id.encode()
+            assert (await server.get_job(job_id)).job.payload == job_id.encode()
+
+
+# -- follow-up jobs ----------------------------------------------------------------------------
+
+
+async def test_on_success_follow_up_runs_after_success(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    order: list[str] = []
+    follow_up_ran = anyio.Event()
+
+    async def main(payload: bytes, ctx: JobContext) -> None:
+        order.append("main")
+
+    async def follow(payload: bytes, ctx: JobContext) -> None:
+        order.append("follow:" + payload.decode())
+        follow_up_ran.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("main", main, queue=queue_name)
+        server.register_task("follow", follow, queue=queue_name)
+        on_success = Job("follow", b"ok", queue=queue_name)
+        on_error = Job("follow", b"err", queue=queue_name)
+        job_id = await server.enqueue(
+            Job("main", queue=queue_name, on_success=[on_success], on_error=[on_error])
+        )
+        # follow-ups are not stored until their parent ends
+        with pytest.raises(JobNotFoundError):
+            await server.get_job(on_success.id)
+        async with running(server):
+            await wait_event(follow_up_ran)
+            follow_done = await server.wait(on_success.id, timeout=TIMEOUT)
+            assert (await server.get_job(job_id)).status is Status.SUCCESSFUL
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(on_error.id)
+
+    assert follow_done.status is Status.SUCCESSFUL
+    assert order == ["main", "follow:ok"]
+
+
+async def test_on_error_follow_up_runs_after_final_failure(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    order: list[str] = []
+    follow_up_ran = anyio.Event()
+
+    async def main(payload: bytes, ctx: JobContext) -> None:
+        order.append(f"main:{ctx.meta.retried}")
+        raise ValueError("main fails")
+
+    async def follow(payload: bytes, ctx: JobContext) -> None:
+        order.append("follow:" + payload.decode())
+        follow_up_ran.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("main", main, queue=queue_name, concurrency=1)
+        server.register_task("follow", follow, queue=queue_name)
+        on_success = Job("follow", b"ok", queue=queue_name)
+        on_error = Job("follow", b"err", queue=queue_name)
+        job_id = await server.enqueue(
+            Job(
+                "main",
+                queue=queue_name,
+                max_retries=1,
+                on_success=[on_success],
+                on_error=[on_error],
+            )
+        )
+        async with running(server):
+            await wait_event(follow_up_ran)
+            follow_done = await server.wait(on_error.id, timeout=TIMEOUT)
+            assert (await server.get_job(job_id)).status is Status.FAILED
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(on_success.id)
+
+    assert follow_done.status is Status.SUCCESSFUL
+    # only after the final failure, not after the retried one
+    assert order == ["main:0", "main:1", "follow:err"]
+
+
+async def test_retried_failures_enqueue_no_on_error(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    follow_ups: list[bytes] = []
+    follow_up_ran = anyio.Event()
+    runs: list[int] = []
+
+    async def main(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        if len(runs) <= 2:
+            raise ValueError(f"failure {len(runs)}")
+
+    async def follow(payload: bytes, ctx: JobContext) -> None:
+        follow_ups.append(payload)
+        follow_up_ran.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("main", main, queue=queue_name, concurrency=1)
+        server.register_task("follow", follow, queue=queue_name)
+        on_success = Job("follow", b"ok", queue=queue_name)
+        on_error = Job("follow", b"err", queue=queue_name)
+        job_id = await server.enqueue(
+            Job(
+                "main",
+                queue=queue_name,
+                max_retries=2,
+                on_success=[on_success],
+                on_error=[on_error],
+            )
+        )
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+            await wait_event(follow_up_ran)
+            await server.wait(on_success.id, timeout=TIMEOUT)
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(on_error.id)
+
+    assert done.status is Status.SUCCESSFUL
+    assert runs == [0, 1, 2]
+    assert follow_ups == [b"ok"]
+
+
+# -- ETA and delay ---------------------------------------------------------------------------
+
+
+async def test_eta_job_runs_no_earlier_than_its_eta(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    ran_at: list[datetime] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        ran_at.append(datetime.now(timezone.utc))
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        eta = datetime.now(timezone.utc) + timedelta(seconds=0.2)
+        job_id = await server.enqueue(Job("t", queue=queue_name, eta=eta))
+        assert [m.id for m in await server.get_scheduled(queue_name)] == [job_id]
+        assert await server.get_pending(queue_name) == []
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+    assert done.status is Status.SUCCESSFUL
+    assert len(ran_at) == 1
+    assert ran_at[0] >= eta - timedelta(milliseconds=1)
+
+
+async def test_delayed_job_runs_after_its_delay(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    counter = Counter()
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", counter, queue=queue_name)
+        start = anyio.current_time()
+        job_id = await server.enqueue(Job("t", b"later", queue=queue_name, delay=0.2))
+        async with running(server):
+            done = await server.wait(job_id, timeout=2)
+        assert await server.get_dead_letters(queue_name) == []
+    assert done.status is Status.SUCCESSFUL
+    assert counter.payloads == [b"later"]
+    assert anyio.current_time() - start >= 0.2 - 0.001
