@@ -6,7 +6,7 @@ The public API lives here; backends are in :mod:`tasqueue_anyio.brokers` and
 
 from __future__ import annotations
 
-from contextlib import suppress
+from contextlib import suppress as _suppress
 
 from ._exceptions import BrokerError as BrokerError
 from ._exceptions import DecodeError as DecodeError
@@ -32,12 +32,36 @@ from ._server import Task as Task
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "DEFAULT_QUEUE",
+    "Backoff",
+    "BrokerError",
+    "DecodeError",
+    "InvalidInputError",
+    "Job",
+    "JobCancelledError",
+    "JobContext",
+    "JobMessage",
+    "JobNotFoundError",
+    "JobTimeoutError",
+    "Meta",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "QueueConcurrencyError",
+    "ResultNotFoundError",
+    "Server",
+    "Status",
+    "Task",
+    "TasqueueError",
+    "UnknownTaskError",
+]
+
 
 def _fix_module() -> None:
     for name, value in list(globals().items()):
         module = getattr(value, "__module__", "") or ""
         if not name.startswith("_") and module.startswith("tasqueue_anyio._"):
-            with suppress(AttributeError, TypeError):
+            with _suppress(AttributeError, TypeError):
                 value.__module__ = __name__
 
 

@@ -129,7 +129,8 @@ def _backoff_from_wire(v: Any) -> Backoff | None:
     return Backoff(initial=v[0], factor=v[1], maximum=v[2], jitter=v[3])
 
 
-def _job_to_wire(job: Job, eta: float | None) -> list[Any]:
+def _job_to_wire(job: Job) -> list[Any]:
+    eta = None if job.eta is None else job.eta.timestamp()
     return [
         job.task,
         job.payload,
@@ -141,8 +142,8 @@ def _job_to_wire(job: Job, eta: float | None) -> list[Any]:
         eta,
         job.delay,
         job.schedule,
-        [_job_to_wire(j, j.eta.timestamp() if j.eta else None) for j in job.on_success],
-        [_job_to_wire(j, j.eta.timestamp() if j.eta else None) for j in job.on_error],
+        [_job_to_wire(j) for j in job.on_success],
+        [_job_to_wire(j) for j in job.on_error],
     ]
 
 
@@ -258,7 +259,7 @@ def _meta_from_wire(d: Any) -> Meta:
 def encode_message(msg: JobMessage) -> bytes:
     """Encode a job message for a queue or the results store."""
     return msgpack.packb(
-        [SCHEMA_VERSION, _meta_to_wire(msg.meta), _job_to_wire(msg.job, msg.meta.eta)],
+        [SCHEMA_VERSION, _meta_to_wire(msg.meta), _job_to_wire(msg.job)],
         use_bin_type=True,
     )
 

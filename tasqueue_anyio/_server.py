@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import anyio
 import attrs
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from ._codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -42,6 +42,7 @@ from ._jobs import (
     validate_queue,
 )
 from ._tracing import Tracing
+from ._worker import ActiveJob, Worker
 from .abc import FINAL_STATUSES, Broker, DeadLetter, Envelope, JobRecord, Results
 
 __all__ = ["EVENTS_CHANNEL", "Server", "Task"]
@@ -70,21 +71,6 @@ class Task:
     on_success: Callback | None = None
     on_retrying: ErrorCallback | None = None
     on_failed: ErrorCallback | None = None
-
-
-class _ActiveJob:
-    """A job running in this process: its cancel scope and why it was cancelled."""
-
-    __slots__ = ("cancelled_by_request", "scope")
-
-    def __init__(self) -> None:
-        self.scope: anyio.CancelScope | None = None
-        self.cancelled_by_request = False
-
-    def cancel(self) -> None:
-        self.cancelled_by_request = True
-        if self.scope is not None:
-            self.scope.cancel()
 
 
 class Server:
@@ -145,10 +131,10 @@ class Server:
         self._tasks: dict[str, Task] = {}
         self._queues: dict[str, int] = {}
         self._waiters: dict[str, set[anyio.Event]] = {}
-        self.active: dict[str, list[_ActiveJob]] = {}
+        #: jobs taken by this process's worker, by id (the control channel cancels them)
+        self.active: dict[str, list[ActiveJob]] = {}
         self._exit_stack: AsyncExitStack | None = None
-        self._listener_tg: TaskGroup | None = None
-        self._worker: Any = None
+        self._worker: Worker | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -158,10 +144,7 @@ class Server:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.broker)
             await stack.enter_async_context(self.results)
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tg.cancel_scope.cancel)
-            await tg.start(self._listen)
-            self._listener_tg = tg
+            await stack.enter_async_context(self.broker.subscribe(EVENTS_CHANNEL, self._on_event))
             self._exit_stack = stack.pop_all()
         return self
 
@@ -172,23 +155,11 @@ class Server:
         exc_tb: TracebackType | None,
     ) -> None:
         stack, self._exit_stack = self._exit_stack, None
-        self._listener_tg = None
         if stack is not None:
             await stack.__aexit__(exc_type, exc_val, exc_tb)
 
-    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with self.broker.subscribe(EVENTS_CHANNEL) as stream:
-            task_status.started()
-            async for data in stream:
-                self._on_event(data)
-                while True:  # drain what is buffered without a checkpoint per event
-                    try:
-                        data = stream.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    self._on_event(data)
-
     def _on_event(self, data: bytes) -> None:
+        """The events channel's subscriber: wake waiters, cancel jobs running here."""
         try:
             kind, job_id, _status = decode_event(data)
         except DecodeError as exc:
@@ -478,7 +449,7 @@ class Server:
         :raises TimeoutError: the job did not end within ``timeout`` seconds
         :raises JobNotFoundError: no job is stored under ``job_id``
         """
-        if self._listener_tg is None:
+        if self._exit_stack is None:
             raise RuntimeError("Server.wait() needs an open server: use `async with server:`")
         event = anyio.Event()
         waiters = self._waiters.setdefault(job_id, set())
@@ -513,14 +484,12 @@ class Server:
         the broker and run again later (shutdown is not an outcome). :meth:`stop` ends it
         gracefully. Opens the server itself if it is not open yet.
         """
-        if self._listener_tg is None:
+        if self._exit_stack is None:
             async with self:
                 await self.run(task_status=task_status)
             return
         if self._worker is not None:
             raise RuntimeError("Server.run() is already running")
-        from ._worker import Worker
-
         worker = self._worker = Worker(self)
         try:
             await worker.run(task_status=task_status)

@@ -1,5 +1,19 @@
 """The worker pipeline: per queue a consumer feeding a memory object stream and N
-processors; each job runs in its own cancel scope."""
+processors; each job runs in its own cancel scope.
+
+Shape of :meth:`Worker.run`::
+
+    outer task group            (run()'s caller cancels this)
+    ├── watcher                 turns a cancellation of run() into an orderly shutdown
+    └── shielded scope          outer cancellation does not reach the processors ...
+        └── control group       ... (grace timer of a graceful stop)
+            └── processors      N per queue, each job in its own CancelScope
+                └── consumers   one per queue: broker.consume → memory object stream
+
+Only a job's own scope is ever cancelled (timeout, cancel request, or shutdown), so
+recording its end needs no shield of its own: the processor running it is never
+cancelled while it writes, except past ``finalize_timeout`` after a shutdown began.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +25,61 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._codec import decode_message
 from ._exceptions import DecodeError, JobCancelledError, JobTimeoutError, UnknownTaskError
-from ._jobs import Job, JobContext, JobMessage, Status
+from ._jobs import Job, JobContext, JobMessage, Meta, Status
 from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord
 
 if TYPE_CHECKING:
     from ._server import Server, Task
 
-__all__ = ["Worker"]
+__all__ = ["ActiveJob", "Worker"]
 
 _RUNNABLE = ("queued", "retrying", "processing")
 _PROCESSING = ("processing",)
+_META_FIELDS = tuple(a.name for a in attrs.fields(Meta))
+_new = object.__new__
+_set = object.__setattr__
+
+#: Why a job's scope was cancelled.
+_CANCEL = "cancel"
+_SHUTDOWN = "shutdown"
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _run_meta(meta: Meta, processed_at: float, attempt: int) -> Meta:
+    """``meta`` as a run starts (a hand-written ``attrs.evolve``: this is the hot path)."""
+    new = _new(Meta)
+    for name in _META_FIELDS:
+        _set(new, name, getattr(meta, name))
+    _set(new, "status", Status.PROCESSING)
+    _set(new, "processed_at", processed_at)
+    _set(new, "attempt", attempt)
+    return new
+
+
+class ActiveJob:
+    """A job taken by this process: its cancel scope once it runs, and why it was cancelled."""
+
+    __slots__ = ("reason", "scope")
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.reason: str | None = None
+
+    def cancel(self, reason: str = _CANCEL) -> None:
+        """Cancel the job's scope (now, or as soon as it is entered)."""
+        if self.reason is None:
+            self.reason = reason
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class Worker:
@@ -41,43 +90,87 @@ class Worker:
         self.results = server.results
         self.broker = server.broker
         self.log = server.log
+        self.shutting_down = False
         self._consumers_scope: anyio.CancelScope | None = None
-        self._processors_scope: anyio.CancelScope | None = None
-        self._stop_grace: float | None = None
+        self._shield: anyio.CancelScope | None = None
+        self._control: TaskGroup | None = None
+        self._pending_stop: float | None = None
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as processors:
-            self._processors_scope = processors.cancel_scope
-            async with anyio.create_task_group() as consumers:
-                self._consumers_scope = consumers.cancel_scope
-                for queue, concurrency in self.server.queues.items():
-                    send, receive = anyio.create_memory_object_stream[Delivery](0)
-                    consumers.start_soon(self.broker.consume, queue, send, name=f"consume {queue}")
-                    with receive:
-                        for i in range(concurrency):
-                            processors.start_soon(
-                                self._processor, receive.clone(), name=f"{queue}#{i}"
-                            )
-                if self._stop_grace is not None:  # stop() before we got here
-                    self.stop(self._stop_grace)
-                task_status.started()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._watch, name="tasqueue shutdown watcher")
+            with anyio.CancelScope(shield=True) as self._shield:
+                async with anyio.create_task_group() as self._control:
+                    # consumers end first (stop/shutdown), then processors drain
+                    async with (
+                        anyio.create_task_group() as processors,
+                        anyio.create_task_group() as consumers,
+                    ):
+                        self._consumers_scope = consumers.cancel_scope
+                        self._start(consumers, processors)
+                        if self._pending_stop is not None:  # stop() came first
+                            self.stop(self._pending_stop)
+                        task_status.started()
+                    self._control.cancel_scope.cancel()  # a pending grace timer
+            outer.cancel_scope.cancel()  # the watcher
+
+    def _start(self, consumers: TaskGroup, processors: TaskGroup) -> None:
+        for queue, concurrency in self.server.queues.items():
+            send, receive = anyio.create_memory_object_stream[Delivery](0)
+            consumers.start_soon(self.broker.consume, queue, send, name=f"consume {queue}")
+            with receive:
+                for i in range(concurrency):
+                    processors.start_soon(self._processor, receive.clone(), name=f"{queue}#{i}")
+
+    async def _watch(self) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.shutdown()
 
     def stop(self, grace: float) -> None:
-        self._stop_grace = grace
-        if self._consumers_scope is not None and self._processors_scope is not None:
+        """Take no more jobs; after ``grace`` seconds hand running ones back."""
+        if self._consumers_scope is None or self._control is None:
+            self._pending_stop = grace
+            return
+        self._consumers_scope.cancel()
+        self._control.start_soon(self._grace_timer, grace, name="tasqueue grace timer")
+
+    async def _grace_timer(self, grace: float) -> None:
+        await anyio.sleep(grace)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop now: take no more jobs, hand running ones back to the broker."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        if self._consumers_scope is not None:
             self._consumers_scope.cancel()
-            deadline = anyio.current_time() + grace
-            self._processors_scope.deadline = min(self._processors_scope.deadline, deadline)
+        for jobs in list(self.server.active.values()):
+            for job in jobs:
+                job.cancel(_SHUTDOWN)
+        if self._shield is not None:  # bound the hand-back writes
+            self._shield.deadline = anyio.current_time() + self.server.finalize_timeout
 
     async def _processor(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
         with receive:
             async for delivery in receive:
                 try:
                     await self.process(delivery)
+                except anyio.get_cancelled_exc_class():
+                    # Past finalize_timeout in a shutdown: the lease brings it back if this fails.
+                    with anyio.move_on_after(1, shield=True):
+                        await delivery.nack()
+                    raise
                 except Exception:
                     # A backend failure while recording: leave the message to come back.
-                    self.log.exception("processing a delivery of queue %r failed", delivery.queue)
-                    with anyio.move_on_after(self.server.finalize_timeout, shield=True):
+                    self.log.exception(
+                        "processing a delivery of queue %r failed; it will come back",
+                        delivery.queue,
+                        extra={"queue": delivery.queue},
+                    )
+                    with anyio.move_on_after(self.server.finalize_timeout):
                         try:
                             await delivery.nack(delay=1.0)
                         except Exception:
@@ -88,6 +181,7 @@ class Worker:
     # -- one delivery ---------------------------------------------------------------------------
 
     async def process(self, delivery: Delivery) -> None:
+        """Run one delivery to its end: decode, record, run, record, ack."""
         server = self.server
         try:
             msg = decode_message(delivery.data, max_size=server.max_message_size)
@@ -98,57 +192,60 @@ class Worker:
                 exc,
                 extra={"queue": delivery.queue},
             )
-            with anyio.move_on_after(server.finalize_timeout, shield=True):
-                await delivery.dead_letter(str(exc))
+            await delivery.dead_letter(str(exc))
             return
 
         job_id = msg.id
-        active = _ActiveJobRef(server, job_id)
-        with active:
-            meta = attrs.evolve(
-                msg.meta,
-                status=Status.PROCESSING,
-                processed_at=time.time(),
-                attempt=delivery.attempt,
-            )
-            msg = JobMessage(meta=meta, job=msg.job)
+        active = ActiveJob()
+        registry = server.active
+        registry.setdefault(job_id, []).append(active)
+        try:
+            if self.shutting_down:
+                await delivery.nack()
+                return
+            msg = JobMessage(meta=_run_meta(msg.meta, time.time(), delivery.attempt), job=msg.job)
             data = server.encode(msg)
             refused = await self.results.start_job(
                 job_id, JobRecord(status="processing", data=data)
             )
             if refused is not None:
                 await self._not_started(delivery, msg, refused)
-                return
-            await self._run(delivery, msg, data, active.job)
+            else:
+                await self._run(delivery, msg, data, active)
+        finally:
+            jobs = registry[job_id]
+            jobs.remove(active)
+            if not jobs:
+                del registry[job_id]
 
     async def _not_started(self, delivery: Delivery, msg: JobMessage, current: JobRecord) -> None:
         """The job may not start: cancelled, or ended before (a redelivery after a crash)."""
         status = current.status
-        with anyio.move_on_after(self.server.finalize_timeout, shield=True):
-            if status not in FINAL_STATUSES:  # cancel requested while it was held
-                cancelled = self._evolve(
-                    msg, Status.CANCELLED, prev_error="cancelled before it started"
-                )
-                if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
-                    await delivery.ack()
-                    await self.server.publish_finished(msg.id, Status.CANCELLED)
-                    return
-                status = (await self.results.get_job(msg.id)).status
-            follow_ups: Sequence[Job] = ()
-            if status == "successful":
-                follow_ups = msg.job.on_success
-            elif status == "failed":
-                follow_ups = msg.job.on_error
-            # A crash between recording the end and acking left the follow-ups unsent.
-            await self._ack(delivery, msg, follow_ups)
+        if status not in FINAL_STATUSES:  # cancel requested while it was held
+            cancelled = self._evolve(
+                msg, Status.CANCELLED, prev_error="cancelled before it started"
+            )
+            if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
+                await delivery.ack()
+                await self.server.publish_finished(msg.id, Status.CANCELLED)
+                return
+            status = (await self.results.get_job(msg.id)).status
+        follow_ups: Sequence[Job] = ()
+        if status == "successful":
+            follow_ups = msg.job.on_success
+        elif status == "failed":
+            follow_ups = msg.job.on_error
+        # A crash between recording the end and acking left the follow-ups unsent.
+        await self._ack(delivery, follow_ups)
 
-    async def _run(self, delivery: Delivery, msg: JobMessage, data: bytes, active: Any) -> None:
+    async def _run(
+        self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob
+    ) -> None:
         server = self.server
         task = server.get_task(msg.job.task)
         meta = msg.meta
         ctx = JobContext(meta=meta, save_fn=self.results.set_result)
         error: BaseException | None = None
-        cancelled = False
 
         deadline = math.inf
         if meta.timeout is not None:
@@ -157,71 +254,70 @@ class Worker:
             deadline = min(deadline, anyio.current_time() + (meta.deadline - time.time()))
 
         with server.tracing.consumer_span(msg, delivery.attempt) as span:
-            try:
-                if task is None:
-                    error = UnknownTaskError(
-                        f"task {msg.job.task!r} is not registered on this worker "
-                        f"(registered: {', '.join(server.get_tasks()) or 'none'})"
-                    )
-                else:
-                    with anyio.CancelScope(deadline=deadline) as scope:
-                        active.scope = scope
-                        if active.cancelled_by_request:
-                            scope.cancel()
-                        try:
-                            await self._callback(task.on_processing, ctx)
-                            if task.is_async:
-                                await task.handler(msg.job.payload, ctx)  # type: ignore[misc]
-                            else:
-                                await anyio.to_thread.run_sync(
-                                    task.handler, msg.job.payload, ctx, abandon_on_cancel=True
-                                )
-                        except Exception as exc:
-                            error = exc
-                    if scope.cancelled_caught or (error is not None and scope.cancel_called):
-                        if active.cancelled_by_request:
-                            cancelled = True
-                            error = JobCancelledError(f"job {msg.id} was cancelled")
-                        elif (
-                            meta.deadline is not None
-                            and time.time() >= meta.deadline
-                            and (meta.timeout is None or anyio.current_time() < deadline)
-                        ):
-                            error = JobTimeoutError(f"job {msg.id} ran past its parent's deadline")
+            if task is None:
+                error = UnknownTaskError(
+                    f"task {msg.job.task!r} is not registered on this worker "
+                    f"(registered: {', '.join(server.get_tasks()) or 'none'})"
+                )
+            else:
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    active.scope = scope
+                    if active.reason is not None:
+                        scope.cancel()
+                    try:
+                        await self._callback(task.on_processing, ctx)
+                        if task.is_async:
+                            await task.handler(msg.job.payload, ctx)  # type: ignore[misc]
                         else:
-                            error = JobTimeoutError(
-                                f"job {msg.id} ran past its timeout of {meta.timeout:g}s and was stopped"
-                                if meta.timeout is not None
-                                else f"job {msg.id} ran past its deadline and was stopped"
+                            await anyio.to_thread.run_sync(
+                                task.handler, msg.job.payload, ctx, abandon_on_cancel=True
                             )
-            except anyio.get_cancelled_exc_class():
-                # Shutdown is not an outcome: the job goes back to the broker.
-                with anyio.move_on_after(server.finalize_timeout, shield=True):
-                    requeued = self._evolve(msg, Status.QUEUED)
-                    await self.results.update_job(
-                        msg.id, self._record(requeued), expect=_PROCESSING
-                    )
-                    await delivery.nack()
-                raise
+                    except Exception as exc:
+                        error = exc
+                active.scope = None
+                if scope.cancelled_caught or (error is not None and scope.cancel_called):
+                    if active.reason == _SHUTDOWN:
+                        # Shutdown is not an outcome: the job goes back to the broker.
+                        requeued = self._evolve(msg, Status.QUEUED)
+                        await self.results.update_job(
+                            msg.id, self._record(requeued), expect=_PROCESSING
+                        )
+                        await delivery.nack()
+                        return
+                    if active.reason == _CANCEL:
+                        error = JobCancelledError(f"job {msg.id} was cancelled")
+                    elif meta.deadline is not None and time.time() >= meta.deadline:
+                        error = JobTimeoutError(f"job {msg.id} ran past its parent's deadline")
+                    elif meta.timeout is not None:
+                        error = JobTimeoutError(
+                            f"job {msg.id} ran past its timeout of {meta.timeout:g}s and was stopped"
+                        )
+                    else:  # pragma: no cover - a deadline is the only other cause
+                        error = JobTimeoutError(f"job {msg.id} ran past its deadline")
 
             if span is not None:
-                span.set_attribute(
-                    "tasqueue.status",
-                    "cancelled" if cancelled else "successful" if error is None else "failed",
-                )
-                if error is not None and not cancelled:
-                    from opentelemetry.trace import Status as SpanStatus
-                    from opentelemetry.trace import StatusCode
+                self._end_span(span, error)
 
-                    span.record_exception(error)
-                    span.set_status(SpanStatus(StatusCode.ERROR, _describe(error)))
-
-        if cancelled:
-            await self._finish_cancelled(delivery, msg)
-        elif error is None:
+        if error is None:
             await self._finish_success(delivery, msg, data, ctx, task)
+        elif isinstance(error, JobCancelledError):
+            await self._finish_cancelled(delivery, msg)
         else:
             await self._finish_error(delivery, msg, ctx, task, error)
+
+    @staticmethod
+    def _end_span(span: Any, error: BaseException | None) -> None:
+        from opentelemetry.trace import Status as SpanStatus
+        from opentelemetry.trace import StatusCode
+
+        if error is None:
+            span.set_attribute("tasqueue.status", "successful")
+        elif isinstance(error, JobCancelledError):
+            span.set_attribute("tasqueue.status", "cancelled")
+        else:
+            span.set_attribute("tasqueue.status", "failed")
+            span.record_exception(error)
+            span.set_status(SpanStatus(StatusCode.ERROR, _describe(error)))
 
     # -- endings --------------------------------------------------------------------------------
 
@@ -230,20 +326,15 @@ class Worker:
     ) -> None:
         # The stored status is authoritative over the one inside ``data``, so the
         # processing message's bytes serve the final record as they are.
-        with anyio.move_on_after(self.server.finalize_timeout, shield=True):
-            if not await self.results.update_job(
-                msg.id, JobRecord(status="successful", data=data), expect=_PROCESSING
-            ):
-                self.log.warning(
-                    "job %s ended elsewhere; not recording this run",
-                    msg.id,
-                    extra={"job_id": msg.id},
-                )
-                await delivery.ack()
-                return
-            await self._callback(task.on_success if task else None, ctx)
-            await self._ack(delivery, msg, msg.job.on_success)
-            await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
+        if not await self.results.update_job(
+            msg.id, JobRecord(status="successful", data=data), expect=_PROCESSING
+        ):
+            self._ended_elsewhere(msg)
+            await delivery.ack()
+            return
+        await self._callback(task.on_success if task else None, ctx)
+        await self._ack(delivery, msg.job.on_success)
+        await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
 
     async def _finish_error(
         self,
@@ -258,56 +349,62 @@ class Worker:
         past_deadline = meta.deadline is not None and time.time() >= meta.deadline
         if meta.retried < meta.max_retries and not past_deadline:
             delay = meta.backoff.delay(meta.retried) if meta.backoff is not None else 0.0
-            retry = attrs.evolve(
+            retry = self._evolve(
                 msg,
-                meta=attrs.evolve(
-                    meta,
-                    status=Status.RETRYING,
-                    retried=meta.retried + 1,
-                    prev_error=description,
-                    eta=time.time() + delay if delay > 0 else None,
-                ),
+                Status.RETRYING,
+                retried=meta.retried + 1,
+                prev_error=description,
+                eta=time.time() + delay if delay > 0 else None,
             )
             data = self.server.encode(retry)
-            with anyio.move_on_after(self.server.finalize_timeout, shield=True) as scope:
-                if not await self.results.update_job(
-                    msg.id, JobRecord(status="retrying", data=data), expect=_PROCESSING
-                ):
-                    await delivery.ack()
-                    return
-                # The retry is a new message, on the queue before the old one is gone.
-                await delivery.ack(enqueue=[_envelope(retry, data)])
-            if scope.cancelled_caught:
+            if not await self.results.update_job(
+                msg.id, JobRecord(status="retrying", data=data), expect=_PROCESSING
+            ):
+                self._ended_elsewhere(msg)
+                await delivery.ack()
                 return
+            # The retry is a new message, on the queue before the old one is gone.
+            await delivery.ack(enqueue=[_envelope(retry, data)])
             self.log.info(
                 "job %s failed (%s); retry %d of %d",
                 msg.id,
                 description,
                 meta.retried + 1,
                 meta.max_retries,
-                extra={"job_id": msg.id},
+                extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
             )
             await self._callback(task.on_retrying if task else None, ctx, error)
             return
 
         failed = self._evolve(msg, Status.FAILED, prev_error=description)
-        self.log.info("job %s failed: %s", msg.id, description, extra={"job_id": msg.id})
-        with anyio.move_on_after(self.server.finalize_timeout, shield=True):
-            if not await self.results.update_job(msg.id, self._record(failed), expect=_PROCESSING):
-                await delivery.ack()
-                return
-            await self._callback(task.on_failed if task else None, ctx, error)
-            await self._ack(delivery, msg, msg.job.on_error)
-            await self.server.publish_finished(msg.id, Status.FAILED)
+        self.log.info(
+            "job %s failed: %s",
+            msg.id,
+            description,
+            extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
+        )
+        if not await self.results.update_job(msg.id, self._record(failed), expect=_PROCESSING):
+            self._ended_elsewhere(msg)
+            await delivery.ack()
+            return
+        await self._callback(task.on_failed if task else None, ctx, error)
+        await self._ack(delivery, msg.job.on_error)
+        await self.server.publish_finished(msg.id, Status.FAILED)
 
     async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage) -> None:
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error="cancelled while running")
-        with anyio.move_on_after(self.server.finalize_timeout, shield=True):
-            await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING)
-            await delivery.ack()
-            await self.server.publish_finished(msg.id, Status.CANCELLED)
+        await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING)
+        await delivery.ack()
+        await self.server.publish_finished(msg.id, Status.CANCELLED)
 
-    async def _ack(self, delivery: Delivery, msg: JobMessage, follow_ups: Sequence[Job]) -> None:
+    def _ended_elsewhere(self, msg: JobMessage) -> None:
+        self.log.warning(
+            "job %s was ended by another run; this run's outcome is not recorded",
+            msg.id,
+            extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
+        )
+
+    async def _ack(self, delivery: Delivery, follow_ups: Sequence[Job]) -> None:
         """Ack, enqueueing follow-up jobs in the same step (their state recorded first)."""
         if not follow_ups:
             await delivery.ack()
@@ -321,7 +418,7 @@ class Worker:
     # -- helpers --------------------------------------------------------------------------------
 
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:
-        return attrs.evolve(msg, meta=attrs.evolve(msg.meta, status=status, **changes))
+        return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)
 
     def _record(self, msg: JobMessage) -> JobRecord:
         return JobRecord(status=msg.meta.status.value, data=self.server.encode(msg))
@@ -334,11 +431,12 @@ class Worker:
             if inspect.isawaitable(result):
                 await result
         except Exception:
+            job_id = args[0].meta.id
             self.log.exception(
                 "callback %r of job %s raised; the job's state is unaffected",
                 getattr(callback, "__name__", callback),
-                args[0].meta.id,
-                extra={"job_id": args[0].meta.id},
+                job_id,
+                extra={"job_id": job_id},
             )
 
 
@@ -346,28 +444,3 @@ def _envelope(msg: JobMessage, data: bytes) -> Envelope:
     from ._server import envelope
 
     return envelope(msg, data)
-
-
-class _ActiveJobRef:
-    """Registers a job as running in this process for the duration of a ``with`` block,
-    so a cancel request that arrives at any point finds it."""
-
-    __slots__ = ("job", "job_id", "server")
-
-    def __init__(self, server: Server, job_id: str) -> None:
-        from ._server import _ActiveJob
-
-        self.server = server
-        self.job_id = job_id
-        self.job = _ActiveJob()
-
-    def __enter__(self) -> _ActiveJobRef:
-        self.server.active.setdefault(self.job_id, []).append(self.job)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        jobs = self.server.active.get(self.job_id)
-        if jobs is not None:
-            jobs.remove(self.job)
-            if not jobs:
-                del self.server.active[self.job_id]

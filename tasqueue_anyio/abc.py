@@ -11,12 +11,13 @@ Timestamps (``eta``) are POSIX seconds (``time.time()``), because they cross pro
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import TypeVar
 
 import attrs
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 __all__ = [
     "FINAL_STATUSES",
@@ -27,6 +28,9 @@ __all__ = [
     "JobRecord",
     "Results",
 ]
+
+_B = TypeVar("_B", bound="Broker")
+_R = TypeVar("_R", bound="Results")
 
 #: Statuses after which a job never runs again (string values of :class:`~tasqueue_anyio.Status`).
 FINAL_STATUSES: frozenset[str] = frozenset({"successful", "failed", "cancelled"})
@@ -113,7 +117,11 @@ class Delivery(metaclass=ABCMeta):
 
     @abstractmethod
     async def nack(self, *, delay: float = 0) -> None:
-        """Give the message back to its queue, deliverable again after ``delay`` seconds."""
+        """Give the message back to its queue, deliverable again after ``delay`` seconds.
+
+        With no delay the message goes to the front of the queue where the broker can do
+        that (so a shutdown keeps the queue's order), else to the back.
+        """
 
     @abstractmethod
     async def dead_letter(self, reason: str) -> None:
@@ -128,7 +136,7 @@ class Broker(metaclass=ABCMeta):
     Order within a queue is first in, first out for messages that are due.
     """
 
-    async def __aenter__(self) -> Broker:
+    async def __aenter__(self: _B) -> _B:
         return self
 
     async def __aexit__(
@@ -155,8 +163,12 @@ class Broker(metaclass=ABCMeta):
     async def consume(self, queue: str, send_stream: MemoryObjectSendStream[Delivery]) -> None:
         """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
 
-        Closes ``send_stream`` when it returns. A message taken from the queue but not
-        handed over when the call is cancelled goes back to the queue; nothing is dropped.
+        Closes ``send_stream`` when it returns (also when every receiving end is closed).
+        A message taken from the queue but not handed over when the call is cancelled goes
+        back to the queue; nothing is dropped. A hand-over cancelled at the very moment
+        the receiver took the message may leave it both given back and received: the
+        receiver's later settle then raises :class:`BrokerError` (as for a lost lease) or
+        the message is delivered twice, which at-least-once delivery allows.
         """
 
     @abstractmethod
@@ -177,11 +189,15 @@ class Broker(metaclass=ABCMeta):
 
     @abstractmethod
     def subscribe(
-        self, channel: str
-    ) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[bytes]]:
-        """Subscribe to ``channel``: an async context manager yielding a receive stream.
+        self, channel: str, callback: Callable[[bytes], None]
+    ) -> AbstractAsyncContextManager[None]:
+        """Call ``callback(data)`` for every message published on ``channel`` while the
+        returned async context manager is entered, in publishing order.
 
-        Every message published after the context is entered is received, in order.
+        The callback is sync and must return quickly (it only sets events or cancels
+        scopes); the broker calls it from its own reader task, or inline from
+        :meth:`publish` for an in-process broker. An exception it raises is logged and
+        does not end the subscription.
         """
 
 
@@ -193,7 +209,7 @@ class Results(metaclass=ABCMeta):
     ``update_job``, ``request_cancel``) are atomic.
     """
 
-    async def __aenter__(self) -> Results:
+    async def __aenter__(self: _R) -> _R:
         return self
 
     async def __aexit__(

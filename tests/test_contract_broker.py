@@ -313,33 +313,72 @@ async def test_consume_closes_stream_on_cancel_when_idle(broker: Broker, queue_n
             receive_stream.receive_nowait()
 
 
+class Collector:
+    """A subscriber callback that records messages and signals when it has ``n``."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self._want = 0
+        self._event: anyio.Event | None = None
+
+    def __call__(self, data: bytes) -> None:
+        self.messages.append(data)
+        if self._event is not None and len(self.messages) >= self._want:
+            self._event.set()
+
+    async def wait_for(self, n: int) -> list[bytes]:
+        if len(self.messages) < n:
+            self._want, self._event = n, anyio.Event()
+            with anyio.fail_after(TIMEOUT):
+                await self._event.wait()
+        return self.messages[:n]
+
+
 async def test_publish_subscribe(broker: Broker, queue_name: str) -> None:
     channel = f"events-{queue_name}"
     messages = [f"e{i}".encode() for i in range(10)]
-    async with broker.subscribe(channel) as sub1, broker.subscribe(channel) as sub2:
+    sub1, sub2 = Collector(), Collector()
+    async with broker.subscribe(channel, sub1), broker.subscribe(channel, sub2):
         await broker.publish(f"{channel}-other", b"elsewhere")
         for data in messages:
             await broker.publish(channel, data)
-        with anyio.fail_after(TIMEOUT):
-            assert [await sub1.receive() for _ in messages] == messages
-            assert [await sub2.receive() for _ in messages] == messages
+        assert await sub1.wait_for(len(messages)) == messages
+        assert await sub2.wait_for(len(messages)) == messages
 
-    async with broker.subscribe(channel) as sub1:
-        async with broker.subscribe(channel) as sub2:
+    sub1, sub2 = Collector(), Collector()
+    async with broker.subscribe(channel, sub1):
+        async with broker.subscribe(channel, sub2):
             await broker.publish(channel, b"both")
-            with anyio.fail_after(TIMEOUT):
-                assert await sub2.receive() == b"both"
+            assert await sub2.wait_for(1) == [b"both"]
         await broker.publish(channel, b"after")  # sub2 has left
-        with anyio.fail_after(TIMEOUT):
-            assert await sub1.receive() == b"both"
-            assert await sub1.receive() == b"after"
-        # nothing more comes out of a stream whose subscription ended
-        with pytest.raises((anyio.ClosedResourceError, anyio.EndOfStream)):
-            sub2.receive_nowait()
+        assert await sub1.wait_for(2) == [b"both", b"after"]
+        # a marker sent after "after" reaches sub1, so "after" had its chance to reach sub2
+        await broker.publish(channel, b"marker")
+        assert await sub1.wait_for(3) == [b"both", b"after", b"marker"]
+        assert sub2.messages == [b"both"]
 
     # publishing with no subscriber is fine; a later subscriber sees only later messages
     await broker.publish(channel, b"nobody")
-    async with broker.subscribe(channel) as sub3:
+    sub3 = Collector()
+    async with broker.subscribe(channel, sub3):
         await broker.publish(channel, b"fresh")
-        with anyio.fail_after(TIMEOUT):
-            assert await sub3.receive() == b"fresh"
+        assert await sub3.wait_for(1) == [b"fresh"]
+    assert sub3.messages == [b"fresh"]
+
+
+async def test_raising_subscriber_does_not_end_the_subscription(
+    broker: Broker, queue_name: str
+) -> None:
+    channel = f"events-{queue_name}"
+    calls: list[bytes] = []
+
+    def bad(data: bytes) -> None:
+        calls.append(data)
+        raise RuntimeError("subscriber bug")
+
+    good = Collector()
+    async with broker.subscribe(channel, bad), broker.subscribe(channel, good):
+        await broker.publish(channel, b"1")
+        await broker.publish(channel, b"2")
+        assert await good.wait_for(2) == [b"1", b"2"]
+    assert calls == [b"1", b"2"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -239,31 +238,14 @@ async def test_scheduled_ties_keep_enqueue_order(queue_name: str) -> None:
     assert await broker.get_scheduled(queue_name) == []
 
 
-async def test_full_subscriber_drops_and_warns(
-    queue_name: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    broker = MemoryBroker(subscriber_buffer=2)
-    async with broker.subscribe(queue_name) as slow, broker.subscribe(queue_name) as fast:
-        with caplog.at_level(logging.WARNING, logger="tasqueue_anyio.brokers.memory"):
-            await broker.publish(queue_name, b"1")
-            assert fast.receive_nowait() == b"1"
-            await broker.publish(queue_name, b"2")
-            assert fast.receive_nowait() == b"2"
-            await broker.publish(queue_name, b"3")  # slow is full: dropped for it alone
-        assert fast.receive_nowait() == b"3"
-        assert [slow.receive_nowait(), slow.receive_nowait()] == [b"1", b"2"]
-        assert any("dropped" in r.getMessage() for r in caplog.records)
-        await broker.publish(queue_name, b"4")
-        assert slow.receive_nowait() == b"4"
-        assert fast.receive_nowait() == b"4"
-
-
-async def test_closed_subscriber_stream_does_not_break_publish(queue_name: str) -> None:
+async def test_publish_calls_subscribers_inline(queue_name: str) -> None:
     broker = MemoryBroker()
-    async with broker.subscribe(queue_name) as early, broker.subscribe(queue_name) as other:
-        early.close()
+    got: list[bytes] = []
+    async with broker.subscribe(queue_name, got.append):
         await broker.publish(queue_name, b"x")
-        assert other.receive_nowait() == b"x"
+        assert got == [b"x"]  # before any checkpoint: delivered inline
+    await broker.publish(queue_name, b"y")
+    assert got == [b"x"]
 
 
 # -- results --------------------------------------------------------------------------

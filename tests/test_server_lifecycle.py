@@ -1,11 +1,10 @@
-"""A job's life on a worker: statuses, callbacks, results, retries, backoff, timeouts,
-follow-up jobs, ETAs."""
+"""A job's life on a worker: statuses, callbacks, results, unknown tasks, id collisions,
+follow-up jobs."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import uuid4
 
@@ -13,23 +12,20 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import pytest
+from server_support import TIMEOUT, noop, running, wait_event
 
 from tasqueue_anyio import (
-    Backoff,
     InvalidInputError,
     Job,
     JobContext,
     JobMessage,
     JobNotFoundError,
-    JobTimeoutError,
     Meta,
     ResultNotFoundError,
     Server,
     Status,
 )
 from tasqueue_anyio.abc import Broker, Results
-
-from server_support import TIMEOUT, Counter, noop, running, wait_event
 
 pytestmark = pytest.mark.anyio
 
@@ -387,222 +383,6 @@ async def test_sync_handler_failure_is_a_failure(
     assert done.meta.prev_error.startswith("KeyError")
 
 
-# -- retries ---------------------------------------------------------------------------------
-
-
-async def test_retries_exhausted_runs_max_retries_plus_one_times(
-    broker: Broker, results: Results, queue_name: str
-) -> None:
-    runs: list[int] = []
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        runs.append(ctx.meta.retried)
-        raise ValueError(f"always fails (run {len(runs)})")
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
-        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-        assert job_id in await server.get_failed()
-
-    assert runs == [0, 1, 2]
-    assert done.status is Status.FAILED
-    assert done.meta.retried == 2
-    assert done.meta.max_retries == 2
-    assert done.meta.prev_error == "ValueError: always fails (run 3)"
-
-
-async def test_fail_once_then_succeed(broker: Broker, results: Results, queue_name: str) -> None:
-    runs: list[int] = []
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        runs.append(ctx.meta.retried)
-        if len(runs) == 1:
-            raise ValueError("transient")
-        await ctx.save(b"second time lucky")
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
-        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=3))
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-        assert await server.get_result(job_id) == b"second time lucky"
-        assert job_id in await server.get_success()
-        assert job_id not in await server.get_failed()
-
-    assert runs == [0, 1]
-    assert done.status is Status.SUCCESSFUL
-    assert done.meta.retried == 1
-
-
-async def test_retries_exhausted_callback_counts(
-    broker: Broker, results: Results, queue_name: str
-) -> None:
-    counts = {"retrying": 0, "failed": 0, "success": 0}
-    failed_called = anyio.Event()
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        raise ValueError("nope")
-
-    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
-        counts["retrying"] += 1
-
-    def on_failed(ctx: JobContext, exc: BaseException) -> None:
-        counts["failed"] += 1
-        failed_called.set()
-
-    def on_success(ctx: JobContext) -> None:
-        counts["success"] += 1
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task(
-            "t",
-            handler,
-            queue=queue_name,
-            concurrency=1,
-            on_retrying=on_retrying,
-            on_failed=on_failed,
-            on_success=on_success,
-        )
-        server.register_task("marker", noop, queue=queue_name)
-        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-            await wait_event(failed_called)
-            # a marker job behind it on the same single processor: a stray extra run or
-            # callback of the first job would have happened by the time the marker ends
-            marker = await server.enqueue(Job("marker", queue=queue_name))
-            assert (await server.wait(marker, timeout=TIMEOUT)).status is Status.SUCCESSFUL
-
-    assert done.status is Status.FAILED
-    assert counts == {"retrying": 2, "failed": 1, "success": 0}
-
-
-# -- backoff ---------------------------------------------------------------------------------
-
-
-def test_backoff_delay_is_exponential_and_capped() -> None:
-    backoff = Backoff(initial=0.5, factor=3.0, maximum=10.0, jitter=False)
-    assert [backoff.delay(n) for n in range(5)] == [0.5, 1.5, 4.5, 10.0, 10.0]
-    assert backoff.delay(10_000) == 10.0  # no OverflowError
-    default = Backoff(jitter=False)
-    assert [default.delay(n) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
-    assert default.delay(100) == 300.0
-
-
-def test_backoff_jitter_stays_within_half_to_full() -> None:
-    backoff = Backoff(initial=1.0, factor=2.0, maximum=6.0, jitter=True)
-    for retry in range(6):
-        base = min(6.0, 2.0**retry)
-        delays = [backoff.delay(retry) for _ in range(200)]
-        assert all(base / 2 <= d <= base for d in delays), (retry, min(delays), max(delays))
-        # it really is random: not one fixed value
-        assert len(set(delays)) > 1
-
-
-@pytest.mark.parametrize("kwargs", [{"initial": 0}, {"factor": -1}, {"maximum": 0}])
-def test_backoff_invalid_values_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(InvalidInputError):
-        Backoff(**kwargs)
-
-
-async def test_backoff_delays_the_retry(broker: Broker, results: Results, queue_name: str) -> None:
-    failed_at: list[float] = []
-    started_at: list[float] = []
-    scheduled: list[JobMessage] = []
-    retrying_seen = anyio.Event()
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        started_at.append(anyio.current_time())
-        if len(started_at) == 1:
-            failed_at.append(anyio.current_time())
-            raise ValueError("try again later")
-
-    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
-        retrying_seen.set()
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
-        job = Job(
-            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False)
-        )
-        job_id = await server.enqueue(job)
-        async with running(server):
-            await wait_event(retrying_seen)
-            scheduled = await server.get_scheduled(queue_name)
-            waiting = await server.get_job(job_id)
-            done = await server.wait(job_id, timeout=TIMEOUT)
-
-    assert [m.id for m in scheduled] == [job_id]
-    assert scheduled[0].meta.retried == 1
-    assert scheduled[0].meta.eta is not None
-    assert waiting.status is Status.RETRYING
-    assert done.status is Status.SUCCESSFUL
-    assert len(started_at) == 2
-    # the lower bound only (1 ms allowed for wall clock vs. monotonic clock)
-    assert started_at[1] - failed_at[0] >= 0.3 - 0.001
-
-
-# -- timeouts --------------------------------------------------------------------------------
-
-
-async def test_timeout_stops_the_handler(broker: Broker, results: Results, queue_name: str) -> None:
-    started = anyio.Event()
-    stopped = anyio.Event()
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        started.set()
-        try:
-            await anyio.sleep(3600)
-        finally:
-            stopped.set()
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
-        job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2))
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-
-    assert started.is_set()
-    assert stopped.is_set()
-    assert done.status is Status.FAILED
-    assert done.meta.prev_error is not None
-    assert "JobTimeoutError" in done.meta.prev_error
-    assert "0.2" in done.meta.prev_error
-
-
-async def test_timeout_is_retried(broker: Broker, results: Results, queue_name: str) -> None:
-    runs: list[int] = []
-    stops: list[int] = []
-    errors: list[BaseException] = []
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        runs.append(ctx.meta.retried)
-        try:
-            await anyio.sleep(3600)
-        finally:
-            stops.append(ctx.meta.retried)
-
-    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
-        errors.append(exc)
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
-        job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2, max_retries=1))
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-
-    assert runs == [0, 1]
-    assert stops == [0, 1]
-    assert len(errors) == 1
-    assert isinstance(errors[0], JobTimeoutError)
-    assert done.status is Status.FAILED
-    assert done.meta.retried == 1
-    assert done.meta.prev_error is not None
-    assert "JobTimeoutError" in done.meta.prev_error
-
-
 # -- unknown task, id collisions ---------------------------------------------------------------
 
 
@@ -635,7 +415,7 @@ async def test_ids_that_look_like_keys_do_not_collide(
             await server.enqueue(Job("t", job_id.encode(), id=job_id, queue=queue_name))
         async with running(server):
             done = [await server.wait(job_id, timeout=TIMEOUT) for job_id in ids]
-        for job_id, msg in zip(ids, done):
+        for job_id, msg in zip(ids, done, strict=True):
             assert msg.status is Status.SUCCESSFUL
             assert msg.id == job_id
             assert msg.job.payload == job_id.encode()
@@ -761,43 +541,3 @@ async def test_retried_failures_enqueue_no_on_error(
     assert done.status is Status.SUCCESSFUL
     assert runs == [0, 1, 2]
     assert follow_ups == [b"ok"]
-
-
-# -- ETA and delay ---------------------------------------------------------------------------
-
-
-async def test_eta_job_runs_no_earlier_than_its_eta(
-    broker: Broker, results: Results, queue_name: str
-) -> None:
-    ran_at: list[datetime] = []
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        ran_at.append(datetime.now(timezone.utc))
-
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
-        eta = datetime.now(timezone.utc) + timedelta(seconds=0.2)
-        job_id = await server.enqueue(Job("t", queue=queue_name, eta=eta))
-        assert [m.id for m in await server.get_scheduled(queue_name)] == [job_id]
-        assert await server.get_pending(queue_name) == []
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-    assert done.status is Status.SUCCESSFUL
-    assert len(ran_at) == 1
-    assert ran_at[0] >= eta - timedelta(milliseconds=1)
-
-
-async def test_delayed_job_runs_after_its_delay(
-    broker: Broker, results: Results, queue_name: str
-) -> None:
-    counter = Counter()
-    async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name)
-        start = anyio.current_time()
-        job_id = await server.enqueue(Job("t", b"later", queue=queue_name, delay=0.2))
-        async with running(server):
-            done = await server.wait(job_id, timeout=2)
-        assert await server.get_dead_letters(queue_name) == []
-    assert done.status is Status.SUCCESSFUL
-    assert counter.payloads == [b"later"]
-    assert anyio.current_time() - start >= 0.2 - 0.001

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from server_support import TIMEOUT, Counter, noop, running
 
 from tasqueue_anyio import (
     DEFAULT_QUEUE,
@@ -22,8 +23,6 @@ from tasqueue_anyio import (
     Status,
 )
 from tasqueue_anyio.abc import Broker, Results
-
-from server_support import TIMEOUT, Counter, noop, running
 
 pytestmark = pytest.mark.anyio
 
@@ -145,7 +144,7 @@ async def test_register_task_while_running_is_refused(
     async with Server(broker=broker, results=results) as server:
         server.register_task("t", noop, queue=queue_name)
         async with running(server):
-            with pytest.raises(RuntimeError, match="before Server.run"):
+            with pytest.raises(RuntimeError, match=r"before Server\.run"):
                 server.register_task("late", noop, queue=queue_name)
         assert server.get_tasks() == ["t"]
 
@@ -167,7 +166,7 @@ def test_job_invalid_id_refused(job_id: str) -> None:
 
 def test_job_naive_eta_refused() -> None:
     with pytest.raises(InvalidInputError, match="naive"):
-        Job("t", eta=datetime.now() + timedelta(seconds=5))  # noqa: DTZ005
+        Job("t", eta=datetime.now() + timedelta(seconds=5))
     # an aware one is fine
     Job("t", eta=datetime.now(timezone.utc) + timedelta(seconds=5))
 

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import BrokerError
 from ..abc import Broker, DeadLetter, Delivery, Envelope
@@ -222,8 +222,6 @@ class MemoryBroker(Broker):
     :param reclaim_interval: how often (seconds) an idle consumer looks for messages of
         deliveries that were garbage-collected unsettled, while any delivery of its queue
         is unsettled
-    :param subscriber_buffer: messages buffered per subscriber of a broadcast channel;
-        beyond that a message is dropped for that subscriber, with a warning
     """
 
     def __init__(
@@ -231,14 +229,12 @@ class MemoryBroker(Broker):
         *,
         clock: Callable[[], float] = time.time,
         reclaim_interval: float = 1.0,
-        subscriber_buffer: int = 10_000,
     ) -> None:
         self._clock = clock
         self._reclaim_interval = reclaim_interval
-        self._subscriber_buffer = subscriber_buffer
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
-        self._subscribers: dict[str, set[MemoryObjectSendStream[bytes]]] = {}
+        self._subscribers: dict[str, list[Callable[[bytes], None]]] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryBroker queues={len(self._queues)}>"
@@ -398,9 +394,9 @@ class MemoryBroker(Broker):
             self._wake(q)
 
     async def publish(self, channel: str, data: bytes) -> None:
-        """Broadcast ``data`` to every current subscriber of ``channel``; never waits.
+        """Call every current subscriber of ``channel`` with ``data``, inline; never waits.
 
-        A subscriber whose buffer is full misses the message (a warning is logged).
+        A subscriber callback that raises is logged; the others are still called.
 
         :param channel: the channel name
         :param data: the message
@@ -408,38 +404,31 @@ class MemoryBroker(Broker):
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
-        for stream in subscribers:
+        for callback in tuple(subscribers):
             try:
-                stream.send_nowait(data)
-            except anyio.WouldBlock:
-                logger.warning(
-                    "subscriber of channel %r is %d messages behind; message dropped for it",
+                callback(data)
+            except Exception:
+                logger.exception(
+                    "subscriber %r of channel %r raised",
+                    callback,
                     channel,
-                    self._subscriber_buffer,
                     extra={"channel": channel},
                 )
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                # the subscriber closed its stream early; it is removed on context exit
-                pass
 
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[MemoryObjectReceiveStream[bytes]]:
-        """Subscribe to ``channel`` for the duration of the ``async with`` block.
+    async def subscribe(
+        self, channel: str, callback: Callable[[bytes], None]
+    ) -> AsyncIterator[None]:
+        """Call ``callback`` with every message published on ``channel`` inside the block.
 
         :param channel: the channel name
-        :return: an async context manager yielding a receive stream of every message
-            published after entry, in order; the stream is closed on exit
+        :param callback: a quick, non-blocking function of the message
         """
-        send_stream, receive_stream = anyio.create_memory_object_stream[bytes](
-            self._subscriber_buffer
-        )
-        subscribers = self._subscribers.setdefault(channel, set())
-        subscribers.add(send_stream)
+        subscribers = self._subscribers.setdefault(channel, [])
+        subscribers.append(callback)
         try:
-            with receive_stream:
-                yield receive_stream
+            yield
         finally:
-            subscribers.discard(send_stream)
+            subscribers.remove(callback)
             if not subscribers and self._subscribers.get(channel) is subscribers:
                 del self._subscribers[channel]
-            send_stream.close()
