@@ -1,7 +1,9 @@
 """The backend contracts: :class:`Broker` (moves messages) and :class:`Results` (keeps state).
 
 A backend is an async context manager that owns its connections and any background task
-it needs; ``async with backend:`` opens it and leaving the block closes it. Every method
+it needs; ``async with backend:`` opens it and leaving the block closes it. Entering an
+open backend again is allowed and counted: it closes when the last entry exits (several
+servers of one process may share a backend, each entering it). Every method
 may raise :class:`~tasqueue_anyio.BrokerError` when the server behind the backend fails.
 
 Messages are opaque ``bytes`` to a backend: the server encodes and decodes them.

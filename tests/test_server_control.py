@@ -12,6 +12,7 @@ from anyio.abc import TaskStatus
 from server_support import TIMEOUT, Counter, noop, running, wait_event
 
 from tasqueue_anyio import (
+    Backoff,
     Job,
     JobContext,
     JobNotFoundError,
@@ -181,6 +182,44 @@ async def test_cancel_running_job_from_another_server(
 
     assert done.status is Status.CANCELLED
     assert blocker.finished == 0
+
+
+async def test_cancel_job_waiting_for_its_retry(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    runs: list[int] = []
+    retrying = anyio.Event()
+    marker = Counter()
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        raise ValueError("fails, to be retried in 0.2 s")
+
+    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
+        retrying.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task(
+            "t", handler, queue=queue_name, concurrency=1, on_retrying=on_retrying
+        )
+        server.register_task("marker", marker, queue=queue_name)
+        job = Job(
+            "t", queue=queue_name, max_retries=3, backoff=Backoff(initial=0.2, jitter=False)
+        )
+        async with running(server):
+            job_id = await server.enqueue(job)
+            await wait_event(retrying)
+            assert (await server.get_job(job_id)).status is Status.RETRYING
+            assert await server.cancel(job_id) is Status.CANCELLED
+            # due after the retry: one processor handles the retry's message first
+            marker_id = await server.enqueue(Job("marker", queue=queue_name, delay=0.4))
+            assert (await server.wait(marker_id, timeout=TIMEOUT)).status is Status.SUCCESSFUL
+            done = await server.get_job(job_id)
+            assert await server.get_scheduled(queue_name) == []
+
+    assert runs == [0]
+    assert done.status is Status.CANCELLED
+    assert marker.count == 1
 
 
 async def test_cancel_finished_job_leaves_it(

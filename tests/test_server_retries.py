@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import pytest
 from server_support import TIMEOUT, Counter, noop, running, wait_event
 
@@ -236,6 +238,32 @@ async def test_timeout_is_retried(broker: Broker, results: Results, queue_name: 
     assert isinstance(errors[0], JobTimeoutError)
     assert done.status is Status.FAILED
     assert done.meta.retried == 1
+    assert done.meta.prev_error is not None
+    assert "JobTimeoutError" in done.meta.prev_error
+
+
+async def test_timeout_of_a_sync_handler_fails_the_job(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    """A thread cannot be interrupted: the job still ends at its timeout (the thread is
+    abandoned and finishes on its own)."""
+    release = threading.Event()
+    started = anyio.Event()
+
+    def handler(payload: bytes, ctx: JobContext) -> None:
+        anyio.from_thread.run_sync(started.set)
+        release.wait(TIMEOUT)
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2))
+        try:
+            async with running(server):
+                done = await server.wait(job_id, timeout=TIMEOUT)
+        finally:
+            release.set()
+    assert started.is_set()
+    assert done.status is Status.FAILED
     assert done.meta.prev_error is not None
     assert "JobTimeoutError" in done.meta.prev_error
 
