@@ -20,6 +20,10 @@ from ._exceptions import QueueConcurrencyError as QueueConcurrencyError
 from ._exceptions import ResultNotFoundError as ResultNotFoundError
 from ._exceptions import TasqueueError as TasqueueError
 from ._exceptions import UnknownTaskError as UnknownTaskError
+from ._groups import Chain as Chain
+from ._groups import ChainMessage as ChainMessage
+from ._groups import Group as Group
+from ._groups import GroupMessage as GroupMessage
 from ._jobs import DEFAULT_QUEUE as DEFAULT_QUEUE
 from ._jobs import Backoff as Backoff
 from ._jobs import Job as Job
@@ -27,6 +31,7 @@ from ._jobs import JobContext as JobContext
 from ._jobs import JobMessage as JobMessage
 from ._jobs import Meta as Meta
 from ._jobs import Status as Status
+from ._schedule import Schedule as Schedule
 from ._server import Server as Server
 from ._server import Task as Task
 
@@ -36,7 +41,11 @@ __all__ = [
     "DEFAULT_QUEUE",
     "Backoff",
     "BrokerError",
+    "Chain",
+    "ChainMessage",
     "DecodeError",
+    "Group",
+    "GroupMessage",
     "InvalidInputError",
     "Job",
     "JobCancelledError",
@@ -49,6 +58,7 @@ __all__ = [
     "PayloadTooLargeError",
     "QueueConcurrencyError",
     "ResultNotFoundError",
+    "Schedule",
     "Server",
     "Status",
     "Task",

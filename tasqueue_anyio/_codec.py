@@ -25,7 +25,15 @@ from ._jobs import (
     validate_queue,
 )
 
-__all__ = ["SCHEMA_VERSION", "decode_event", "decode_message", "encode_event", "encode_message"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "decode_event",
+    "decode_message",
+    "encode_event",
+    "encode_message",
+    "job_from_wire",
+    "job_to_wire",
+]
 
 #: Version of the job message schema; decoders refuse versions they do not know.
 SCHEMA_VERSION = 1
@@ -192,6 +200,19 @@ def _job_from_wire(d: Any, depth: int = 0) -> Job:
     return job
 
 
+def job_to_wire(job: Job) -> list[Any]:
+    """A job in its wire form (a msgpack-ready array)."""
+    return _job_to_wire(job)
+
+
+def job_from_wire(value: Any) -> Job:
+    """A job from its wire form, checked like a decoded message.
+
+    :raises DecodeError: ``value`` is not a valid job
+    """
+    return _job_from_wire(value)
+
+
 def _meta_to_wire(m: Meta) -> list[Any]:
     return [
         m.id,
@@ -290,9 +311,12 @@ def with_status(msg: JobMessage, status: Status) -> JobMessage:
 
 # -- events on the broadcast channel ---------------------------------------------------------
 
-#: Event kinds on the broadcast channel.
+#: Event kinds on the broadcast channel: a job ended, a job should stop, a group or
+#: chain ended, the schedules changed.
 EVENT_FINISHED = "finished"
 EVENT_CANCEL = "cancel"
+EVENT_PARENT = "parent"
+EVENT_SCHEDULE = "schedule"
 
 
 def encode_event(kind: str, job_id: str, status: str = "") -> bytes:
@@ -303,7 +327,7 @@ def encode_event(kind: str, job_id: str, status: str = "") -> bytes:
     return f"{SCHEMA_VERSION}\0{kind}\0{job_id}\0{status}".encode()
 
 
-_EVENT_KINDS = frozenset({EVENT_FINISHED, EVENT_CANCEL})
+_EVENT_KINDS = frozenset({EVENT_FINISHED, EVENT_CANCEL, EVENT_PARENT, EVENT_SCHEDULE})
 
 
 def decode_event(data: bytes) -> tuple[str, str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
@@ -19,17 +20,35 @@ from ._codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
     EVENT_CANCEL,
     EVENT_FINISHED,
+    EVENT_PARENT,
+    EVENT_SCHEDULE,
     decode_event,
     decode_message,
     encode_event,
     encode_message,
+    job_from_wire,
+    job_to_wire,
     with_status,
 )
 from ._exceptions import (
     DecodeError,
     InvalidInputError,
+    JobNotFoundError,
+    NotFoundError,
     PayloadTooLargeError,
     QueueConcurrencyError,
+)
+from ._groups import (
+    CHAIN,
+    GROUP,
+    Chain,
+    ChainMessage,
+    Group,
+    GroupMessage,
+    ParentInfo,
+    decode_parent,
+    encode_parent,
+    parent_status,
 )
 from ._jobs import (
     DEFAULT_QUEUE,
@@ -41,9 +60,19 @@ from ._jobs import (
     validate_id,
     validate_queue,
 )
+from ._schedule import Schedule, Scheduler, decode_template, encode_template, next_fire, run_id
 from ._tracing import Tracing
 from ._worker import ActiveJob, Worker
-from .abc import FINAL_STATUSES, Broker, DeadLetter, Envelope, JobRecord, Results
+from .abc import (
+    FINAL_STATUSES,
+    Broker,
+    DeadLetter,
+    Envelope,
+    JobRecord,
+    ParentRecord,
+    Results,
+    ScheduleRecord,
+)
 
 __all__ = ["EVENTS_CHANNEL", "Server", "Task"]
 
@@ -92,8 +121,10 @@ class Server:
     :param default_concurrency: processors of a queue whose first task names no concurrency
     :param max_payload_size: the largest job payload accepted by ``enqueue`` (bytes)
     :param max_message_size: the largest encoded message accepted or decoded (bytes)
-    :param finalize_timeout: seconds allowed for recording a job's end (shielded from
-        cancellation), after which the delivery is left to the broker's redelivery
+    :param finalize_timeout: seconds a shutdown allows running jobs to be handed back
+        (and their ends recorded) before the workers are cancelled outright
+    :param clock: the wall clock (POSIX seconds) for ETAs, deadlines and cron fire times;
+        inject a fake one in tests, with the same one given to the broker
     """
 
     def __init__(
@@ -107,6 +138,7 @@ class Server:
         max_payload_size: int = 1024 * 1024,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         finalize_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if broker is None:
             from .brokers.memory import MemoryBroker
@@ -128,6 +160,9 @@ class Server:
         self.max_payload_size = max_payload_size
         self.max_message_size = max(max_message_size, max_payload_size + 64 * 1024)
         self.finalize_timeout = finalize_timeout
+        self.clock = clock
+        self._parent_waiters: dict[str, set[anyio.Event]] = {}
+        self._scheduler: Scheduler | None = None
         self._tasks: dict[str, Task] = {}
         self._queues: dict[str, int] = {}
         self._waiters: dict[str, set[anyio.Event]] = {}
@@ -171,6 +206,11 @@ class Server:
         elif kind == EVENT_CANCEL:
             for active in self.active.get(job_id, ()):
                 active.cancel()
+        elif kind == EVENT_PARENT:
+            for event in self._parent_waiters.get(job_id, ()):
+                event.set()
+        elif kind == EVENT_SCHEDULE and self._scheduler is not None:
+            self._scheduler.wake()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -289,7 +329,7 @@ class Server:
         if not isinstance(job, Job):
             raise InvalidInputError(f"expected a Job, got {job!r}")
         self._check_payloads(job)
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         meta = Meta(
             id=job.id,
             status=status,
@@ -328,7 +368,11 @@ class Server:
     async def enqueue(self, job: Job) -> str:
         """Record ``job`` as ``queued`` and put it on its queue.
 
-        :return: the job id
+        A job with a ``schedule`` is not run now: it becomes a cron schedule whose id is
+        the job id, first firing at the job's ``eta``/``delay`` if it has one, else at the
+        expression's next fire time (see :meth:`get_schedules`).
+
+        :return: the job id (or schedule id)
         :raises PayloadTooLargeError: the payload is over ``max_payload_size`` (no I/O done)
         """
         return (await self.enqueue_many([job]))[0]
@@ -339,6 +383,22 @@ class Server:
         :return: the job ids, in order
         :raises InvalidInputError: a job is invalid or two jobs share an id (no I/O done)
         """
+        jobs = list(jobs)
+        for job in jobs:
+            if not isinstance(job, Job):
+                raise InvalidInputError(f"expected a Job, got {job!r}")
+        if any(job.schedule is not None for job in jobs):
+            # cron jobs become schedules; the rest go on their queues together
+            ids = [job.id for job in jobs]
+            if len(set(ids)) != len(ids):
+                raise InvalidInputError("two jobs of one enqueue_many call share an id")
+            for job in jobs:
+                self._check_payloads(job)
+            await self.enqueue_many([job for job in jobs if job.schedule is None])
+            for job in jobs:
+                if job.schedule is not None:
+                    await self._add_schedule(job)
+            return ids
         prepared = [self.new_message(job) for job in jobs]
         if not prepared:
             return []
@@ -355,6 +415,147 @@ class Server:
             {msg.id: JobRecord(status=msg.meta.status.value, data=data) for msg, data in prepared}
         )
         await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
+
+    async def enqueue_group(self, group: Group) -> str:
+        """Enqueue every job of ``group`` (one results call and one broker call).
+
+        :return: the group id
+        """
+        if not isinstance(group, Group):
+            raise InvalidInputError(f"expected a Group, got {group!r}")
+        now = self.clock()
+        deadline = None if group.timeout is None else now + group.timeout
+        prepared = [
+            self.new_message(job, now=now, group_id=group.id, deadline=deadline)
+            for job in group.jobs
+        ]
+        info = ParentInfo(
+            kind=GROUP,
+            id=group.id,
+            created_at=now,
+            deadline=deadline,
+            job_ids=tuple(job.id for job in group.jobs),
+        )
+        await self.results.set_parent(
+            group.id,
+            ParentRecord(
+                kind=GROUP,
+                status=Status.QUEUED.value,
+                data=encode_parent(info),
+                members={job.id: Status.QUEUED.value for job in group.jobs},
+            ),
+        )
+        with self.tracing.producer_span("tasqueue.enqueue_group", {"tasqueue.group.id": group.id}):
+            await self.put_messages(prepared)
+        return group.id
+
+    async def enqueue_chain(self, chain: Chain) -> str:
+        """Enqueue the first link of ``chain``; each link's success enqueues the next.
+
+        :return: the chain id
+        """
+        if not isinstance(chain, Chain):
+            raise InvalidInputError(f"expected a Chain, got {chain!r}")
+        now = self.clock()
+        deadline = None if chain.timeout is None else now + chain.timeout
+        for job in chain.jobs:  # refuse oversize links now, not when they are reached
+            self._check_payloads(job)
+        first = self.new_message(chain.jobs[0], now=now, chain_id=chain.id, deadline=deadline)
+        info = ParentInfo(
+            kind=CHAIN,
+            id=chain.id,
+            created_at=now,
+            deadline=deadline,
+            job_ids=tuple(job.id for job in chain.jobs),
+            links=tuple(job_to_wire(job) for job in chain.jobs),
+        )
+        await self.results.set_parent(
+            chain.id,
+            ParentRecord(
+                kind=CHAIN,
+                status=Status.QUEUED.value,
+                data=encode_parent(info),
+                members={job.id: Status.QUEUED.value for job in chain.jobs},
+            ),
+        )
+        with self.tracing.producer_span("tasqueue.enqueue_chain", {"tasqueue.chain.id": chain.id}):
+            await self.put_messages([first])
+        return chain.id
+
+    # -- groups and chains: keeping their state ---------------------------------------------
+
+    async def member_changed(
+        self, msg: JobMessage, status: Status, error: str | None = None
+    ) -> list[tuple[JobMessage, bytes]]:
+        """Record that a member of a group or chain reached ``status``.
+
+        Updates the parent's status (and publishes its end); for a chain link that
+        succeeded, returns the next link's prepared message, to be enqueued with the ack.
+        """
+        meta = msg.meta
+        parent_id = meta.group_id or meta.chain_id
+        if parent_id is None:
+            return []
+        kind = GROUP if meta.group_id is not None else CHAIN
+        try:
+            counts = await self.results.set_member_status(parent_id, msg.id, status.value)
+        except NotFoundError:
+            return []  # the parent was deleted or expired
+        total = sum(counts.values())
+        if kind == CHAIN and status is Status.SUCCESSFUL:
+            record = await self.results.get_parent(parent_id)
+            if record.status in FINAL_STATUSES:
+                return []  # cancelled or past its deadline: no further links
+            info = decode_parent(record.data)
+            index = info.job_ids.index(msg.id) if msg.id in info.job_ids else len(info.job_ids)
+            if index + 1 < len(info.job_ids):
+                try:
+                    prev_result: bytes | None = await self.results.get_result(msg.id)
+                except NotFoundError:
+                    prev_result = None
+                link = job_from_wire(info.links[index + 1])
+                await self.results.set_parent_status(
+                    parent_id, Status.PROCESSING.value, expect=(Status.QUEUED.value,)
+                )
+                return [
+                    self.new_message(
+                        link,
+                        chain_id=parent_id,
+                        deadline=info.deadline,
+                        prev_job_result=prev_result,
+                    )
+                ]
+        new = parent_status(kind, counts, total)
+        if new is Status.PROCESSING:
+            await self.results.set_parent_status(
+                parent_id, new.value, expect=(Status.QUEUED.value,)
+            )
+        elif new is not None:
+            reason = None if new is Status.SUCCESSFUL else f"job {msg.id} {status.value}: {error}"
+            await self.end_parent(parent_id, new, reason)
+        return []
+
+    async def end_parent(self, parent_id: str, status: Status, error: str | None) -> bool:
+        """Move a group or chain to a final status (once); publish its end."""
+        if not await self.results.set_parent_status(
+            parent_id, status.value, expect=_NOT_FINAL, error=error
+        ):
+            return False
+        record = await self.results.get_parent(parent_id)
+        if record.kind == CHAIN and status is not Status.SUCCESSFUL:
+            # links never reached will not run
+            for job_id, member_status in record.members.items():
+                if member_status == Status.QUEUED.value:
+                    try:
+                        await self.results.get_job(job_id)
+                    except NotFoundError:
+                        await self.results.set_member_status(
+                            parent_id, job_id, Status.CANCELLED.value
+                        )
+        await self.broker.publish(
+            EVENTS_CHANNEL, encode_event(EVENT_PARENT, parent_id, status.value)
+        )
+        return True
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -415,30 +616,228 @@ class Server:
         """Forget a job's state and result (a queued message still runs if not cancelled)."""
         await self.results.delete_job(validate_id(job_id))
 
+    async def get_group(self, group_id: str) -> GroupMessage:
+        """The state of a group: its status and each member's, kept up to date as members
+        end (one read, however large the group).
+
+        :raises NotFoundError: no group is stored under ``group_id``
+        """
+        record, info = await self._get_parent(group_id, GROUP)
+        return GroupMessage(
+            id=group_id,
+            status=Status(record.status),
+            jobs={job_id: Status(record.members.get(job_id, "queued")) for job_id in info.job_ids},
+            created_at=info.created_at,
+            deadline=info.deadline,
+            error=record.error,
+        )
+
+    async def get_chain(self, chain_id: str) -> ChainMessage:
+        """The state of a chain: its status, current link and previous links.
+
+        :raises NotFoundError: no chain is stored under ``chain_id``
+        """
+        record, info = await self._get_parent(chain_id, CHAIN)
+        jobs = {job_id: Status(record.members.get(job_id, "queued")) for job_id in info.job_ids}
+        current = 0
+        for index, job_id in enumerate(info.job_ids):
+            current = index
+            if jobs[job_id] is not Status.SUCCESSFUL:
+                break
+        return ChainMessage(
+            id=chain_id,
+            status=Status(record.status),
+            current_job=info.job_ids[current],
+            prev_jobs=list(info.job_ids[:current]),
+            jobs=jobs,
+            created_at=info.created_at,
+            deadline=info.deadline,
+            error=record.error,
+        )
+
+    async def _get_parent(self, parent_id: str, kind: str) -> tuple[ParentRecord, ParentInfo]:
+        try:
+            record = await self.results.get_parent(validate_id(parent_id, f"{kind} id"))
+        except NotFoundError:
+            raise NotFoundError(f"no {kind} is stored under {parent_id!r}") from None
+        if record.kind != kind:
+            raise NotFoundError(f"{parent_id!r} is a {record.kind}, not a {kind}")
+        info = decode_parent(record.data)
+        if (
+            record.status not in FINAL_STATUSES
+            and info.deadline is not None
+            and self.clock() >= info.deadline
+        ):
+            # Nothing may run past the deadline: end it now, even if no worker noticed.
+            await self.end_parent(
+                parent_id, Status.FAILED, f"timeout: the {kind}'s deadline passed"
+            )
+            record = await self.results.get_parent(parent_id)
+        return record, info
+
+    async def wait_group(self, group_id: str, *, timeout: float | None = None) -> GroupMessage:
+        """Wait until the group is ``successful``, ``failed`` or ``cancelled``; return it.
+
+        :raises TimeoutError: it did not end within ``timeout`` seconds
+        :raises NotFoundError: no group is stored under ``group_id``
+        """
+        return await self._wait_parent(group_id, timeout, self.get_group)
+
+    async def wait_chain(self, chain_id: str, *, timeout: float | None = None) -> ChainMessage:
+        """Wait until the chain is ``successful``, ``failed`` or ``cancelled``; return it.
+
+        :raises TimeoutError: it did not end within ``timeout`` seconds
+        :raises NotFoundError: no chain is stored under ``chain_id``
+        """
+        return await self._wait_parent(chain_id, timeout, self.get_chain)
+
+    async def _wait_parent(
+        self,
+        parent_id: str,
+        timeout: float | None,
+        get: Callable[[str], Awaitable[_P]],
+    ) -> _P:
+        if self._exit_stack is None:
+            raise RuntimeError("waiting needs an open server: use `async with server:`")
+        waiters = self._parent_waiters.setdefault(parent_id, set())
+        event = anyio.Event()
+        waiters.add(event)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    state = await get(parent_id)
+                    if state.status.is_final:
+                        return state
+                    sleep = math.inf
+                    if state.deadline is not None:
+                        sleep = max(0.0, state.deadline - self.clock()) + 0.01
+                    with anyio.move_on_after(sleep):
+                        await event.wait()
+                    waiters.discard(event)
+                    event = anyio.Event()
+                    waiters.add(event)
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                self._parent_waiters.pop(parent_id, None)
+
+    # -- cron schedules -----------------------------------------------------------------------
+
+    async def _add_schedule(self, job: Job) -> None:
+        assert job.schedule is not None
+        first = job.eta_timestamp(self.clock())
+        if first is None:
+            first = next_fire(job.schedule, self.clock())
+        await self.results.set_schedule(
+            ScheduleRecord(id=job.id, data=encode_template(job), next_fire=first)
+        )
+        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_SCHEDULE, job.id))
+
+    async def get_schedules(self) -> list[Schedule]:
+        """The stored cron schedules, by id."""
+        schedules = []
+        for record in await self.results.get_schedules():
+            try:
+                job = decode_template(record.data)
+            except DecodeError as exc:
+                self.log.error("schedule %s is unreadable: %s", record.id, exc)
+                continue
+            assert job.schedule is not None
+            schedules.append(
+                Schedule(id=record.id, cron=job.schedule, job=job, next_fire=record.next_fire)
+            )
+        return schedules
+
+    async def remove_schedule(self, schedule_id: str) -> bool:
+        """Remove a cron schedule (runs already enqueued still run: cancel them by id).
+
+        :return: whether it existed
+        """
+        removed = await self.results.delete_schedule(validate_id(schedule_id, "schedule id"))
+        if removed:
+            await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_SCHEDULE, schedule_id))
+        return removed
+
+    async def enqueue_run(self, schedule_id: str, template: Job, fire: float) -> str:
+        """Enqueue the run of a schedule at ``fire`` (called by the scheduler that won it)."""
+        run = attrs.evolve(
+            template, id=run_id(schedule_id, fire), schedule=None, eta=None, delay=None
+        )
+        msg, _ = self.new_message(run)
+        msg = JobMessage(meta=attrs.evolve(msg.meta, schedule=template.schedule), job=run)
+        await self.put_messages([(msg, self.encode(msg))])
+        return run.id
+
+    def wake_scheduler(self) -> None:
+        """Make this server's scheduler look at the schedules now (after moving a test clock)."""
+        if self._scheduler is not None:
+            self._scheduler.wake()
+
     # -- control ----------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Status:
-        """Cancel a job wherever it is.
+        """Cancel a job, group or chain wherever it is.
 
         A queued (or retry-waiting) job becomes ``cancelled`` at once and never starts, on
         any worker, also one started later. A running job's cancel scope is cancelled on
         the worker running it, which records ``cancelled``. Cancelled jobs get no success
         callback and no follow-up jobs. A finished job is left as it is.
 
-        :return: the job's status right after the request (``processing`` for a running
-            job: use :meth:`wait` for its end)
-        :raises JobNotFoundError: no job is stored under ``job_id``
+        Given a group or chain id (and no job has that id), the group or chain ends
+        ``cancelled`` and every member still queued or running is cancelled as above.
+
+        :return: the status right after the request (``processing`` for a running job:
+            use :meth:`wait` for its end)
+        :raises JobNotFoundError: no job, group or chain is stored under ``job_id``
         """
-        record = await self.results.request_cancel(validate_id(job_id))
+        try:
+            record = await self.results.request_cancel(validate_id(job_id))
+        except JobNotFoundError:
+            return await self._cancel_parent(job_id)
+        await self._cancelled(job_id, record)
+        return Status(record.status)
+
+    async def _cancelled(self, job_id: str, record: JobRecord) -> None:
         if record.status == Status.CANCELLED.value:
             await self.broker.publish(
                 EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, Status.CANCELLED.value)
             )
+            try:
+                msg = self.decode_record(record)
+            except DecodeError:
+                return
+            await self.member_changed(msg, Status.CANCELLED, "cancelled")
         elif record.status not in FINAL_STATUSES:
             for active in self.active.get(job_id, ()):
                 active.cancel()
             await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_CANCEL, job_id))
-        return Status(record.status)
+
+    async def _cancel_parent(self, parent_id: str) -> Status:
+        try:
+            record = await self.results.get_parent(parent_id)
+        except NotFoundError:
+            raise JobNotFoundError(
+                f"no job, group or chain is stored under {parent_id!r}"
+            ) from None
+        if record.status in FINAL_STATUSES:
+            return Status(record.status)
+        if not await self.results.set_parent_status(
+            parent_id, Status.CANCELLED.value, expect=_NOT_FINAL, error="cancelled"
+        ):
+            return Status((await self.results.get_parent(parent_id)).status)
+        for member_id, status in record.members.items():
+            if status in FINAL_STATUSES:
+                continue
+            try:
+                member = await self.results.request_cancel(member_id)
+            except JobNotFoundError:  # a chain link not reached yet
+                await self.results.set_member_status(parent_id, member_id, Status.CANCELLED.value)
+                continue
+            await self._cancelled(member_id, member)
+        await self.broker.publish(
+            EVENTS_CHANNEL, encode_event(EVENT_PARENT, parent_id, Status.CANCELLED.value)
+        )
+        return Status.CANCELLED
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> JobMessage:
         """Wait until the job is ``successful``, ``failed`` or ``cancelled``; return it.
@@ -502,6 +901,10 @@ class Server:
         """
         if self._worker is not None:
             self._worker.stop(grace)
+
+
+_NOT_FINAL = (Status.QUEUED.value, Status.PROCESSING.value)
+_P = TypeVar("_P", GroupMessage, ChainMessage)
 
 
 def envelope(msg: JobMessage, data: bytes) -> Envelope:

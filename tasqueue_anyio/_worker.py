@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ._codec import decode_message
 from ._exceptions import DecodeError, JobCancelledError, JobTimeoutError, UnknownTaskError
 from ._jobs import Job, JobContext, JobMessage, Meta, Status
+from ._schedule import Scheduler
 from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord
 
 if TYPE_CHECKING:
@@ -108,10 +108,13 @@ class Worker:
                     ):
                         self._consumers_scope = consumers.cancel_scope
                         self._start(consumers, processors)
+                        scheduler = self.server._scheduler = Scheduler(self.server)
+                        consumers.start_soon(scheduler.run, name="tasqueue scheduler")
                         if self._pending_stop is not None:  # stop() came first
                             self.stop(self._pending_stop)
                         task_status.started()
                     self._control.cancel_scope.cancel()  # a pending grace timer
+            self.server._scheduler = None
             outer.cancel_scope.cancel()  # the watcher
 
     def _start(self, consumers: TaskGroup, processors: TaskGroup) -> None:
@@ -203,40 +206,66 @@ class Worker:
             if self.shutting_down:
                 await delivery.nack()
                 return
-            msg = JobMessage(meta=_run_meta(msg.meta, time.time(), delivery.attempt), job=msg.job)
+            now = server.clock()
+            if msg.meta.deadline is not None and now >= msg.meta.deadline:
+                await self._expired(delivery, msg)
+                return
+            msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
             data = server.encode(msg)
             refused = await self.results.start_job(
                 job_id, JobRecord(status="processing", data=data)
             )
             if refused is not None:
                 await self._not_started(delivery, msg, refused)
-            else:
-                await self._run(delivery, msg, data, active)
+                return
+            if msg.meta.group_id is not None or msg.meta.chain_id is not None:
+                await server.member_changed(msg, Status.PROCESSING)
+            await self._run(delivery, msg, data, active)
         finally:
             jobs = registry[job_id]
             jobs.remove(active)
             if not jobs:
                 del registry[job_id]
 
+    async def _expired(self, delivery: Delivery, msg: JobMessage) -> None:
+        """The job's group or chain deadline passed before it started: it never starts."""
+        meta = msg.meta
+        kind = "group" if meta.group_id is not None else "chain"
+        parent_id = meta.group_id or meta.chain_id
+        if parent_id is not None:
+            await self.server.end_parent(
+                parent_id, Status.FAILED, f"timeout: the {kind}'s deadline passed"
+            )
+        reason = f"the {kind}'s deadline passed before it started"
+        cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
+        if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
+            await self.server.member_changed(msg, Status.CANCELLED, reason)
+            await delivery.ack()
+            await self.server.publish_finished(msg.id, Status.CANCELLED)
+        else:
+            await delivery.ack()
+
     async def _not_started(self, delivery: Delivery, msg: JobMessage, current: JobRecord) -> None:
         """The job may not start: cancelled, or ended before (a redelivery after a crash)."""
         status = current.status
         if status not in FINAL_STATUSES:  # cancel requested while it was held
-            cancelled = self._evolve(
-                msg, Status.CANCELLED, prev_error="cancelled before it started"
-            )
+            reason = "cancelled before it started"
+            cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
             if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
+                await self.server.member_changed(msg, Status.CANCELLED, reason)
                 await delivery.ack()
                 await self.server.publish_finished(msg.id, Status.CANCELLED)
                 return
             status = (await self.results.get_job(msg.id)).status
+        # A crash between recording the end and acking left the follow-ups unsent.
         follow_ups: Sequence[Job] = ()
+        links: list[tuple[JobMessage, bytes]] = []
         if status == "successful":
             follow_ups = msg.job.on_success
+            links = await self.server.member_changed(msg, Status.SUCCESSFUL)
         elif status == "failed":
             follow_ups = msg.job.on_error
-        # A crash between recording the end and acking left the follow-ups unsent.
-        await self._ack(delivery, follow_ups)
+        await self._ack(delivery, follow_ups, links)
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob
@@ -251,7 +280,7 @@ class Worker:
         if meta.timeout is not None:
             deadline = anyio.current_time() + meta.timeout
         if meta.deadline is not None:
-            deadline = min(deadline, anyio.current_time() + (meta.deadline - time.time()))
+            deadline = min(deadline, anyio.current_time() + (meta.deadline - server.clock()))
 
         with server.tracing.consumer_span(msg, delivery.attempt) as span:
             if task is None:
@@ -286,7 +315,7 @@ class Worker:
                         return
                     if active.reason == _CANCEL:
                         error = JobCancelledError(f"job {msg.id} was cancelled")
-                    elif meta.deadline is not None and time.time() >= meta.deadline:
+                    elif meta.deadline is not None and server.clock() >= meta.deadline:
                         error = JobTimeoutError(f"job {msg.id} ran past its parent's deadline")
                     elif meta.timeout is not None:
                         error = JobTimeoutError(
@@ -333,7 +362,8 @@ class Worker:
             await delivery.ack()
             return
         await self._callback(task.on_success if task else None, ctx)
-        await self._ack(delivery, msg.job.on_success)
+        links = await self.server.member_changed(msg, Status.SUCCESSFUL)
+        await self._ack(delivery, msg.job.on_success, links)
         await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
 
     async def _finish_error(
@@ -346,7 +376,8 @@ class Worker:
     ) -> None:
         meta = msg.meta
         description = _describe(error)
-        past_deadline = meta.deadline is not None and time.time() >= meta.deadline
+        now = self.server.clock()
+        past_deadline = meta.deadline is not None and now >= meta.deadline
         if meta.retried < meta.max_retries and not past_deadline:
             delay = meta.backoff.delay(meta.retried) if meta.backoff is not None else 0.0
             retry = self._evolve(
@@ -354,7 +385,7 @@ class Worker:
                 Status.RETRYING,
                 retried=meta.retried + 1,
                 prev_error=description,
-                eta=time.time() + delay if delay > 0 else None,
+                eta=now + delay if delay > 0 else None,
             )
             data = self.server.encode(retry)
             if not await self.results.update_job(
@@ -365,6 +396,8 @@ class Worker:
                 return
             # The retry is a new message, on the queue before the old one is gone.
             await delivery.ack(enqueue=[_envelope(retry, data)])
+            if meta.group_id is not None or meta.chain_id is not None:
+                await self.server.member_changed(msg, Status.RETRYING)
             self.log.info(
                 "job %s failed (%s); retry %d of %d",
                 msg.id,
@@ -388,12 +421,15 @@ class Worker:
             await delivery.ack()
             return
         await self._callback(task.on_failed if task else None, ctx, error)
+        await self.server.member_changed(msg, Status.FAILED, description)
         await self._ack(delivery, msg.job.on_error)
         await self.server.publish_finished(msg.id, Status.FAILED)
 
     async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage) -> None:
-        cancelled = self._evolve(msg, Status.CANCELLED, prev_error="cancelled while running")
-        await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING)
+        reason = "cancelled while running"
+        cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
+        if await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING):
+            await self.server.member_changed(msg, Status.CANCELLED, reason)
         await delivery.ack()
         await self.server.publish_finished(msg.id, Status.CANCELLED)
 
@@ -404,18 +440,22 @@ class Worker:
             extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
         )
 
-    async def _ack(self, delivery: Delivery, follow_ups: Sequence[Job]) -> None:
-        """Ack, enqueueing follow-up jobs in the same step (their state recorded first)."""
-        if not follow_ups:
+    async def _ack(
+        self,
+        delivery: Delivery,
+        follow_ups: Sequence[Job],
+        prepared: list[tuple[JobMessage, bytes]] | None = None,
+    ) -> None:
+        """Ack, enqueueing follow-up jobs (and a chain's next link) in the same step,
+        their state recorded first."""
+        if not follow_ups and not prepared:
             await delivery.ack()
             return
-        prepared = [self.server.new_message(job) for job in follow_ups]
+        prepared = [*(prepared or ()), *(self.server.new_message(job) for job in follow_ups)]
         await self.results.set_jobs(
             {m.id: JobRecord(status=m.meta.status.value, data=data) for m, data in prepared}
         )
         await delivery.ack(enqueue=[_envelope(m, data) for m, data in prepared])
-
-    # -- helpers --------------------------------------------------------------------------------
 
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:
         return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)

@@ -28,7 +28,9 @@ __all__ = [
     "Delivery",
     "Envelope",
     "JobRecord",
+    "ParentRecord",
     "Results",
+    "ScheduleRecord",
 ]
 
 _B = TypeVar("_B", bound="Broker")
@@ -79,6 +81,38 @@ class JobRecord:
     status: str
     data: bytes
     cancel_requested: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ParentRecord:
+    """The stored state of a group or a chain.
+
+    :param kind: ``"group"`` or ``"chain"``
+    :param status: the parent's status (a ``Status`` value)
+    :param data: the encoded group or chain (opaque to the backend)
+    :param members: member job id → that member's last known status
+    :param error: why the parent failed or was cancelled, if it did
+    """
+
+    kind: str
+    status: str
+    data: bytes
+    members: dict[str, str]
+    error: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleRecord:
+    """A stored cron schedule.
+
+    :param id: the schedule id
+    :param data: the encoded job that runs at each fire time (opaque to the backend)
+    :param next_fire: the POSIX time of the next fire time that has not been enqueued yet
+    """
+
+    id: str
+    data: bytes
+    next_fire: float
 
 
 class Delivery(metaclass=ABCMeta):
@@ -287,3 +321,64 @@ class Results(metaclass=ABCMeta):
     @abstractmethod
     async def get_failed(self) -> list[str]:
         """Ids of jobs that ended ``failed``, in the order they ended."""
+
+    # -- groups and chains ("parents") ---------------------------------------------------
+
+    @abstractmethod
+    async def set_parent(self, parent_id: str, record: ParentRecord) -> None:
+        """Store (replace) the state of a group or chain. Groups and chains share one key
+        space, separate from jobs."""
+
+    @abstractmethod
+    async def get_parent(self, parent_id: str) -> ParentRecord:
+        """The stored state of a group or chain.
+
+        :raises NotFoundError: nothing is stored under ``parent_id``
+        """
+
+    @abstractmethod
+    async def set_member_status(self, parent_id: str, job_id: str, status: str) -> dict[str, int]:
+        """Atomically record a member's status; return how many members are in each status.
+
+        Members not in the record are added. The returned counts cover every member
+        (statuses with no member may be left out) and are cheap to compute: backends
+        keep them as counters rather than recounting the members.
+
+        :raises NotFoundError: nothing is stored under ``parent_id``
+        """
+
+    @abstractmethod
+    async def set_parent_status(
+        self, parent_id: str, status: str, *, expect: Collection[str], error: str | None = None
+    ) -> bool:
+        """Atomically set the parent's status (and ``error``, if given) if its current
+        status is one of ``expect``.
+
+        :return: whether it was written (``False`` also when nothing is stored)
+        """
+
+    # -- cron schedules --------------------------------------------------------------------
+
+    @abstractmethod
+    async def set_schedule(self, record: ScheduleRecord) -> None:
+        """Store (replace) a schedule."""
+
+    @abstractmethod
+    async def get_schedules(self) -> list[ScheduleRecord]:
+        """Every stored schedule, ordered by id."""
+
+    @abstractmethod
+    async def advance_schedule(
+        self, schedule_id: str, expect_fire: float, next_fire: float
+    ) -> bool:
+        """Atomically move a schedule's ``next_fire`` from ``expect_fire`` to ``next_fire``.
+
+        Only one of several servers racing to enqueue the same fire time wins.
+
+        :return: whether it was moved (``False`` when it was not at ``expect_fire`` or
+            the schedule does not exist)
+        """
+
+    @abstractmethod
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule; return whether it existed."""

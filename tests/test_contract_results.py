@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from uuid import uuid4
 
+import anyio
 import pytest
+from anyio.lowlevel import checkpoint
 
 from tasqueue_anyio._exceptions import JobNotFoundError, NotFoundError, ResultNotFoundError
-from tasqueue_anyio.abc import FINAL_STATUSES, JobRecord, Results
+from tasqueue_anyio.abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -24,8 +26,29 @@ def job_id() -> str:
     return f"job-{uuid4().hex[:12]}"
 
 
+@pytest.fixture
+def parent_id() -> str:
+    return f"parent-{uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def schedule_id() -> str:
+    return f"sched-{uuid4().hex[:12]}"
+
+
 def record(status: str, data: bytes = b"job", *, cancel_requested: bool = False) -> JobRecord:
     return JobRecord(status=status, data=data, cancel_requested=cancel_requested)
+
+
+def parent(
+    members: dict[str, str],
+    *,
+    kind: str = "group",
+    status: str = "queued",
+    data: bytes = b"parent",
+    error: str | None = None,
+) -> ParentRecord:
+    return ParentRecord(kind=kind, status=status, data=data, members=members, error=error)
 
 
 def mine(listing: list[str], ids: list[str]) -> list[str]:
@@ -239,3 +262,246 @@ async def test_delete_job(results: Results, job_id: str) -> None:
     await results.set_jobs({job_id: record("queued")})
     assert await results.get_job(job_id) == record("queued")
     assert job_id not in await results.get_success()
+
+
+# -- groups and chains ("parents") -------------------------------------------------------
+
+
+async def test_parent_set_get(results: Results, parent_id: str) -> None:
+    stored = parent({"a": "queued", "b": "queued"}, kind="chain", data=b"chain data")
+    await results.set_parent(parent_id, stored)
+    assert await results.get_parent(parent_id) == stored
+
+    failed = parent({"a": "failed"}, status="failed", error="a failed")
+    await results.set_parent(parent_id, failed)  # replaces
+    assert await results.get_parent(parent_id) == failed
+
+
+async def test_parent_members_are_copies(results: Results, parent_id: str) -> None:
+    members = {"a": "queued"}
+    await results.set_parent(parent_id, parent(members))
+    members["b"] = "queued"  # the caller's dict is not the stored state
+    got = await results.get_parent(parent_id)
+    assert got.members == {"a": "queued"}
+    got.members["c"] = "failed"  # nor is the returned one
+    assert (await results.get_parent(parent_id)).members == {"a": "queued"}
+
+
+async def test_get_parent_missing(results: Results, parent_id: str) -> None:
+    with pytest.raises(NotFoundError):
+        await results.get_parent(parent_id)
+    with pytest.raises(LookupError):
+        await results.get_parent(parent_id)
+
+
+async def test_set_member_status_counts(results: Results, parent_id: str) -> None:
+    await results.set_parent(parent_id, parent({"a": "queued", "b": "queued", "c": "queued"}))
+
+    counts = await results.set_member_status(parent_id, "a", "successful")
+    assert {s: n for s, n in counts.items() if n} == {"queued": 2, "successful": 1}
+
+    # the same status twice does not count the member twice
+    counts = await results.set_member_status(parent_id, "a", "successful")
+    assert {s: n for s, n in counts.items() if n} == {"queued": 2, "successful": 1}
+
+    counts = await results.set_member_status(parent_id, "b", "failed")
+    assert {s: n for s, n in counts.items() if n} == {"queued": 1, "successful": 1, "failed": 1}
+
+    # a member the record does not know is added
+    counts = await results.set_member_status(parent_id, "d", "queued")
+    assert {s: n for s, n in counts.items() if n} == {"queued": 2, "successful": 1, "failed": 1}
+
+    got = await results.get_parent(parent_id)
+    assert got.members == {"a": "successful", "b": "failed", "c": "queued", "d": "queued"}
+    assert got.status == "queued"  # members do not move the parent's own status
+
+
+async def test_set_parent_resets_counts(results: Results, parent_id: str) -> None:
+    await results.set_parent(parent_id, parent({"a": "queued", "b": "queued"}))
+    await results.set_member_status(parent_id, "a", "successful")
+    await results.set_parent(parent_id, parent({"x": "failed"}))
+    counts = await results.set_member_status(parent_id, "y", "queued")
+    assert {s: n for s, n in counts.items() if n} == {"failed": 1, "queued": 1}
+
+
+async def test_set_member_status_missing_parent(results: Results, parent_id: str) -> None:
+    with pytest.raises(NotFoundError):
+        await results.set_member_status(parent_id, "a", "queued")
+    with pytest.raises(NotFoundError):  # it did not create the parent
+        await results.get_parent(parent_id)
+
+
+async def test_set_parent_status_cas(results: Results, parent_id: str) -> None:
+    await results.set_parent(parent_id, parent({"a": "queued"}))
+
+    assert not await results.set_parent_status(parent_id, "successful", expect={"processing"})
+    assert (await results.get_parent(parent_id)).status == "queued"
+
+    assert await results.set_parent_status(parent_id, "processing", expect={"queued"})
+    got = await results.get_parent(parent_id)
+    assert (got.status, got.error) == ("processing", None)
+
+    # refused with an error: nothing is written, the error included
+    assert not await results.set_parent_status(parent_id, "failed", expect={"queued"}, error="nope")
+    got = await results.get_parent(parent_id)
+    assert (got.status, got.error) == ("processing", None)
+
+    assert await results.set_parent_status(
+        parent_id, "failed", expect={"processing", "queued"}, error="member a failed"
+    )
+    got = await results.get_parent(parent_id)
+    assert (got.status, got.error) == ("failed", "member a failed")
+    assert got.members == {"a": "queued"}  # members are left as they are
+
+    # error=None keeps the stored error
+    assert await results.set_parent_status(parent_id, "cancelled", expect={"failed"})
+    got = await results.get_parent(parent_id)
+    assert (got.status, got.error) == ("cancelled", "member a failed")
+
+
+async def test_set_parent_status_missing(results: Results, parent_id: str) -> None:
+    assert not await results.set_parent_status(parent_id, "processing", expect={"queued"})
+    assert not await results.set_parent_status(parent_id, "failed", expect={"queued"}, error="x")
+    with pytest.raises(NotFoundError):  # it did not create the parent
+        await results.get_parent(parent_id)
+
+
+async def test_parent_ids_do_not_collide_with_jobs(results: Results, job_id: str) -> None:
+    await results.set_jobs({job_id: record("processing", b"job state")})
+    await results.set_result(job_id, b"job result")
+    await results.set_parent(job_id, parent({job_id: "queued"}, data=b"parent state"))
+
+    assert await results.get_job(job_id) == record("processing", b"job state")
+    assert await results.get_result(job_id) == b"job result"
+    assert (await results.get_parent(job_id)).data == b"parent state"
+
+    await results.set_member_status(job_id, job_id, "successful")
+    assert await results.set_parent_status(job_id, "successful", expect={"queued"})
+    assert await results.get_job(job_id) == record("processing", b"job state")
+    assert job_id not in await results.get_success()
+
+    await results.delete_job(job_id)
+    assert (await results.get_parent(job_id)).members == {job_id: "successful"}
+
+    # and the reverse: a parent id reaches no job state
+    lone = f"{job_id}-lone-parent"
+    await results.set_parent(lone, parent({}))
+    with pytest.raises(JobNotFoundError):
+        await results.get_job(lone)
+    with pytest.raises(ResultNotFoundError):
+        await results.get_result(lone)
+    assert not await results.update_job(lone, record("processing"), expect={"queued"})
+
+
+async def test_set_member_status_concurrently(results: Results, parent_id: str) -> None:
+    members = [f"m{i:02d}" for i in range(50)]
+    await results.set_parent(parent_id, parent(dict.fromkeys(members, "queued")))
+    returned: list[dict[str, int]] = []
+
+    async def finish(index: int, member: str) -> None:
+        await checkpoint()  # let every task start before any writes
+        status = "failed" if index % 5 == 0 else "successful"
+        returned.append(await results.set_member_status(parent_id, member, status))
+
+    async with anyio.create_task_group() as tg:
+        for index, member in enumerate(members):
+            tg.start_soon(finish, index, member)
+
+    # every answer covers every member, once
+    assert len(returned) == 50
+    assert all(sum(counts.values()) == 50 for counts in returned)
+    assert sorted(sum(c.get(s, 0) for s in ("successful", "failed")) for c in returned) == list(
+        range(1, 51)
+    )
+    final = await results.set_member_status(parent_id, members[1], "successful")  # no change
+    assert {s: n for s, n in final.items() if n} == {"successful": 40, "failed": 10}
+    got = await results.get_parent(parent_id)
+    assert got.members == {
+        member: "failed" if index % 5 == 0 else "successful" for index, member in enumerate(members)
+    }
+
+
+# -- cron schedules ------------------------------------------------------------------------
+
+
+def schedule(schedule_id: str, next_fire: float, data: bytes = b"job") -> ScheduleRecord:
+    return ScheduleRecord(id=schedule_id, data=data, next_fire=next_fire)
+
+
+def my_schedules(listing: list[ScheduleRecord], prefix: str) -> list[ScheduleRecord]:
+    """The schedules of ``listing`` whose id starts with ``prefix``, in listing order."""
+    return [s for s in listing if s.id.startswith(prefix)]
+
+
+async def test_schedules_set_get_ordered(results: Results, schedule_id: str) -> None:
+    ids = [f"{schedule_id}-c", f"{schedule_id}-a", f"{schedule_id}-b"]
+    for n, i in enumerate(ids):
+        await results.set_schedule(schedule(i, 1_000.5 + n, f"job {i}".encode()))
+    listing = my_schedules(await results.get_schedules(), schedule_id)
+    assert listing == [
+        schedule(f"{schedule_id}-a", 1_001.5, f"job {schedule_id}-a".encode()),
+        schedule(f"{schedule_id}-b", 1_002.5, f"job {schedule_id}-b".encode()),
+        schedule(f"{schedule_id}-c", 1_000.5, f"job {schedule_id}-c".encode()),
+    ]
+    everything = [s.id for s in await results.get_schedules()]
+    assert everything == sorted(everything)
+
+
+async def test_schedule_set_replaces(results: Results, schedule_id: str) -> None:
+    await results.set_schedule(schedule(schedule_id, 10.0, b"old"))
+    await results.set_schedule(schedule(schedule_id, 20.0, b"new"))
+    assert my_schedules(await results.get_schedules(), schedule_id) == [
+        schedule(schedule_id, 20.0, b"new")
+    ]
+
+
+async def test_advance_schedule_cas(results: Results, schedule_id: str) -> None:
+    fire = 1_700_000_000.123456
+    await results.set_schedule(schedule(schedule_id, fire, b"job"))
+    (stored,) = my_schedules(await results.get_schedules(), schedule_id)
+
+    assert not await results.advance_schedule(schedule_id, fire + 1, fire + 60)
+    assert my_schedules(await results.get_schedules(), schedule_id) == [stored]
+
+    # two servers racing from the same fire time: exactly one wins
+    won = [
+        await results.advance_schedule(schedule_id, stored.next_fire, fire + 60),
+        await results.advance_schedule(schedule_id, stored.next_fire, fire + 60),
+    ]
+    assert won == [True, False]
+    assert my_schedules(await results.get_schedules(), schedule_id) == [
+        schedule(schedule_id, fire + 60, b"job")
+    ]
+
+
+async def test_advance_schedule_concurrently(results: Results, schedule_id: str) -> None:
+    await results.set_schedule(schedule(schedule_id, 100.25))
+    won: list[bool] = []
+
+    async def advance() -> None:
+        await checkpoint()
+        won.append(await results.advance_schedule(schedule_id, 100.25, 160.25))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(advance)
+    assert sorted(won) == [False] * 9 + [True]
+    assert my_schedules(await results.get_schedules(), schedule_id) == [
+        schedule(schedule_id, 160.25)
+    ]
+
+
+async def test_advance_schedule_missing(results: Results, schedule_id: str) -> None:
+    assert not await results.advance_schedule(schedule_id, 1.0, 2.0)
+    assert my_schedules(await results.get_schedules(), schedule_id) == []
+
+
+async def test_delete_schedule(results: Results, schedule_id: str) -> None:
+    other = f"{schedule_id}-other"
+    await results.set_schedule(schedule(schedule_id, 5.0))
+    await results.set_schedule(schedule(other, 6.0))
+    assert await results.delete_schedule(schedule_id)
+    assert not await results.delete_schedule(schedule_id)
+    assert my_schedules(await results.get_schedules(), schedule_id) == [schedule(other, 6.0)]
+    assert not await results.advance_schedule(schedule_id, 5.0, 6.0)
+    assert my_schedules(await results.get_schedules(), schedule_id) == [schedule(other, 6.0)]

@@ -1,8 +1,9 @@
 """The in-process results store: zero set-up, for tests and single-process applications.
 
-Job state and saved results are kept in two separate dictionaries, so no job id can
-reach another job's state or result. Everything runs on one event loop and no method
-awaits anything, so every operation, the conditional ones included, is atomic.
+Job state, saved results, group and chain ("parent") state and cron schedules are kept
+in four separate dictionaries, so no id of one kind can reach an entry of another kind.
+Everything runs on one event loop and no method awaits anything, so every operation, the
+conditional ones included, is atomic.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from .._exceptions import JobNotFoundError, ResultNotFoundError
-from ..abc import FINAL_STATUSES, JobRecord, Results
+from .._exceptions import JobNotFoundError, NotFoundError, ResultNotFoundError
+from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord
 
 __all__ = ["MemoryResults"]
 
@@ -77,6 +78,50 @@ class _ExpiringDict(Generic[_T]):
         self._data.pop(key, None)
 
 
+class _Parent:
+    """The mutable stored state of a group or chain, with its per-status member counts.
+
+    ``counts`` is kept in step with ``members`` on every change (no status maps to zero),
+    so :meth:`MemoryResults.set_member_status` never recounts.
+    """
+
+    __slots__ = ("counts", "data", "error", "kind", "members", "status")
+
+    def __init__(self, record: ParentRecord) -> None:
+        self.kind = record.kind
+        self.status = record.status
+        self.data = record.data
+        self.error = record.error
+        self.members = dict(record.members)  # a copy: the caller keeps its dict
+        self.counts: dict[str, int] = {}
+        for member_status in self.members.values():
+            self.counts[member_status] = self.counts.get(member_status, 0) + 1
+
+    def set_member(self, job_id: str, status: str) -> None:
+        members = self.members
+        counts = self.counts
+        old = members.get(job_id)
+        if old == status:
+            return
+        if old is not None:
+            remaining = counts[old] - 1
+            if remaining:
+                counts[old] = remaining
+            else:
+                del counts[old]
+        members[job_id] = status
+        counts[status] = counts.get(status, 0) + 1
+
+    def to_record(self) -> ParentRecord:
+        return ParentRecord(
+            kind=self.kind,
+            status=self.status,
+            data=self.data,
+            members=dict(self.members),
+            error=self.error,
+        )
+
+
 class MemoryResults(Results):
     """An in-process :class:`~tasqueue_anyio.abc.Results` store.
 
@@ -89,8 +134,13 @@ class MemoryResults(Results):
     key with ``EX`` would); expired entries behave as missing. Usable with or without
     ``async with``.
 
-    :param job_ttl: seconds job state is kept after its last write (``None``: forever);
-        a job leaves the listings when its state expires
+    Group and chain state follows ``job_ttl``: every write to a parent
+    (:meth:`set_parent`, :meth:`set_member_status`, and a :meth:`set_parent_status` that
+    wrote) restarts its time to live, and an expired parent reads as missing. Cron
+    schedules never expire.
+
+    :param job_ttl: seconds job state, and group and chain state, is kept after its last
+        write (``None``: forever); a job leaves the listings when its state expires
     :param result_ttl: seconds a saved result is kept after it was written (``None``:
         forever)
     :param clock: a monotonic clock in seconds, for the expiry times
@@ -105,6 +155,8 @@ class MemoryResults(Results):
     ) -> None:
         self._jobs: _ExpiringDict[JobRecord] = _ExpiringDict(job_ttl, clock)
         self._results: _ExpiringDict[bytes] = _ExpiringDict(result_ttl, clock)
+        self._parents: _ExpiringDict[_Parent] = _ExpiringDict(job_ttl, clock)
+        self._schedules: dict[str, ScheduleRecord] = {}
         # insertion-ordered sets of job ids
         self._success: dict[str, None] = {}
         self._failed: dict[str, None] = {}
@@ -249,3 +301,115 @@ class MemoryResults(Results):
         :return: the ids, each once
         """
         return self._listing(self._failed)
+
+    # -- groups and chains ("parents") ---------------------------------------------------
+
+    async def set_parent(self, parent_id: str, record: ParentRecord) -> None:
+        """Store (replace) the state of a group or chain.
+
+        The member counts are rebuilt from ``record.members``, which is copied: changing
+        that dictionary afterwards does not change the stored state.
+
+        :param parent_id: the group or chain id (its own key space, apart from job ids)
+        :param record: the new state
+        """
+        self._parents.set(parent_id, _Parent(record))
+
+    async def get_parent(self, parent_id: str) -> ParentRecord:
+        """The stored state of a group or chain.
+
+        :param parent_id: the group or chain id
+        :return: a snapshot; its ``members`` is a copy, so changing it does not change the
+            stored state
+        :raises NotFoundError: nothing is stored under ``parent_id`` (or it expired)
+        """
+        return self._get_parent(parent_id).to_record()
+
+    async def set_member_status(self, parent_id: str, job_id: str, status: str) -> dict[str, int]:
+        """Record a member's status; return how many members are in each status.
+
+        A member not in the record is added. The counts are kept as counters, updated in
+        constant time; setting a member to the status it has changes nothing (but still
+        restarts the parent's time to live).
+
+        :param parent_id: the group or chain id
+        :param job_id: the member job id
+        :param status: the member's new status
+        :return: a new dictionary of status → number of members, without zero counts
+        :raises NotFoundError: nothing is stored under ``parent_id`` (or it expired)
+        """
+        parent = self._get_parent(parent_id)
+        parent.set_member(job_id, status)
+        self._parents.set(parent_id, parent)  # restart the time to live
+        return dict(parent.counts)
+
+    async def set_parent_status(
+        self, parent_id: str, status: str, *, expect: Collection[str], error: str | None = None
+    ) -> bool:
+        """Set the parent's status (and ``error``, if given) if its status is in ``expect``.
+
+        :param parent_id: the group or chain id
+        :param status: the new status
+        :param expect: the statuses the parent may currently have
+        :param error: the new error; ``None`` keeps the stored one
+        :return: whether it was written (never when nothing is stored or it expired)
+        """
+        parent = self._parents.get(parent_id)
+        if parent is None or parent.status not in expect:
+            return False
+        parent.status = status
+        if error is not None:
+            parent.error = error
+        self._parents.set(parent_id, parent)  # restart the time to live
+        return True
+
+    def _get_parent(self, parent_id: str) -> _Parent:
+        parent = self._parents.get(parent_id)
+        if parent is None:
+            raise NotFoundError(f"no group or chain is stored under id {parent_id!r}")
+        return parent
+
+    # -- cron schedules --------------------------------------------------------------------
+
+    async def set_schedule(self, record: ScheduleRecord) -> None:
+        """Store (replace) a schedule, under ``record.id``.
+
+        :param record: the schedule
+        """
+        self._schedules[record.id] = record
+
+    async def get_schedules(self) -> list[ScheduleRecord]:
+        """Every stored schedule, ordered by id.
+
+        :return: the schedules, in ascending order of id (code point order)
+        """
+        schedules = self._schedules
+        return [schedules[schedule_id] for schedule_id in sorted(schedules)]
+
+    async def advance_schedule(
+        self, schedule_id: str, expect_fire: float, next_fire: float
+    ) -> bool:
+        """Move a schedule's ``next_fire`` from ``expect_fire`` to ``next_fire``.
+
+        The comparison is exact: ``expect_fire`` is the value read from
+        :meth:`get_schedules`, passed back unchanged.
+
+        :param schedule_id: the schedule id
+        :param expect_fire: the ``next_fire`` the schedule must have now
+        :param next_fire: the new ``next_fire``
+        :return: whether it was moved (``False`` when it was not at ``expect_fire`` or the
+            schedule does not exist)
+        """
+        current = self._schedules.get(schedule_id)
+        if current is None or current.next_fire != expect_fire:
+            return False
+        self._schedules[schedule_id] = attrs.evolve(current, next_fire=next_fire)
+        return True
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule.
+
+        :param schedule_id: the schedule id
+        :return: whether it existed
+        """
+        return self._schedules.pop(schedule_id, None) is not None

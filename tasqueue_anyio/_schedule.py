@@ -1,0 +1,111 @@
+"""Cron schedules: the stored form, fire-time arithmetic and the scheduler task.
+
+Fire times are on the cron grid of the expression, evaluated in UTC, and each next fire
+time is computed from the previous *scheduled* time, never from when a run happened, so
+schedules do not drift. Each server's scheduler enqueues a fire time only after winning
+:meth:`Results.advance_schedule`, so with many servers each fire time runs once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+import msgpack
+from croniter import croniter
+
+from ._exceptions import DecodeError
+from ._jobs import Job
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+__all__ = ["Schedule", "next_fire"]
+
+#: How often a scheduler re-reads the schedules even when nothing woke it (seconds).
+RESCAN_INTERVAL = 60.0
+
+
+def next_fire(expression: str, after: float) -> float:
+    """The first fire time of ``expression`` strictly after POSIX time ``after`` (UTC)."""
+    start = datetime.fromtimestamp(after, timezone.utc)
+    return float(croniter(expression, start).get_next(float))
+
+
+def run_id(schedule_id: str, fire: float) -> str:
+    """The job id of a schedule's run at ``fire`` (the same on every server)."""
+    return f"{schedule_id}@{round(fire * 1000)}"
+
+
+@attrs.frozen(kw_only=True)
+class Schedule:
+    """A cron schedule, as :meth:`Server.get_schedules` lists it.
+
+    :ivar id: the schedule id (the id of the job given to ``enqueue``)
+    :ivar cron: the cron expression (evaluated in UTC)
+    :ivar job: the job each run copies (each run gets the id ``"<id>@<fire time in ms>"``)
+    :ivar next_fire: POSIX time of the next run not enqueued yet
+    """
+
+    id: str
+    cron: str
+    job: Job
+    next_fire: float
+
+
+def encode_template(job: Job) -> bytes:
+    from ._codec import job_to_wire
+
+    return msgpack.packb([1, job_to_wire(job)], use_bin_type=True)
+
+
+def decode_template(data: bytes) -> Job:
+    from ._codec import job_from_wire
+
+    try:
+        version, wire = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise DecodeError(f"malformed schedule record: {exc}") from exc
+    if version != 1:
+        raise DecodeError(f"unknown schedule record version {version!r}")
+    job = job_from_wire(wire)
+    if job.schedule is None:
+        raise DecodeError("schedule record without a cron expression")
+    return job
+
+
+class Scheduler:
+    """Enqueues the runs of due schedules; one per running :class:`Server`."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._wakeup = anyio.Event()
+
+    def wake(self) -> None:
+        """Re-read the schedules now (one was added or removed, or a test moved its clock)."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        server = self.server
+        while True:
+            self._wakeup = anyio.Event()
+            soonest = server.clock() + RESCAN_INTERVAL
+            for record in await server.results.get_schedules():
+                try:
+                    job = decode_template(record.data)
+                except DecodeError as exc:
+                    server.log.error("schedule %s is unreadable: %s", record.id, exc)
+                    continue
+                assert job.schedule is not None
+                fire = record.next_fire
+                now = server.clock()
+                if fire <= now:
+                    following = next_fire(job.schedule, max(fire, now))
+                    if await server.results.advance_schedule(record.id, fire, following):
+                        await server.enqueue_run(record.id, job, fire)
+                    fire = following
+                soonest = min(soonest, fire)
+            with anyio.move_on_after(max(0.0, soonest - server.clock())):
+                await self._wakeup.wait()
