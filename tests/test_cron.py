@@ -8,12 +8,11 @@ from datetime import datetime, timezone
 import anyio
 import anyio.lowlevel
 import pytest
+from server_support import TIMEOUT, running
 
 from tasqueue_anyio import InvalidInputError, Job, JobContext, Server
 from tasqueue_anyio._schedule import next_fire, run_id
 from tasqueue_anyio.abc import Broker, Results, ScheduleRecord
-
-from server_support import TIMEOUT, running
 
 pytestmark = pytest.mark.anyio
 
