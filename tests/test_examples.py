@@ -37,3 +37,19 @@ def test_demo(backend: str) -> None:
     assert "retried=2" in lines[3]
     assert "JobTimeoutError" in lines[4]
     assert "UnknownTaskError" in lines[5]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_cron(backend: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cron.py"), backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.splitlines() == [
+        "schedule True cron='* * * * * *'",
+        "ran 3 times, [1, 1] seconds apart",
+        "schedules left: 0",
+    ]
