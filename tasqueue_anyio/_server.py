@@ -7,7 +7,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, TypeVar
@@ -535,23 +535,46 @@ class Server:
             await self.end_parent(parent_id, new, reason)
         return []
 
-    async def end_parent(self, parent_id: str, status: Status, error: str | None) -> bool:
-        """Move a group or chain to a final status (once); publish its end."""
+    async def end_parent(
+        self,
+        parent_id: str,
+        status: Status,
+        error: str | None,
+        *,
+        stop: Collection[str] = (),
+    ) -> bool:
+        """Move a group or chain to a final status (once) and publish its end.
+
+        Members whose status is in ``stop`` are cancelled (queued ones never start,
+        running ones are stopped); a chain that did not succeed marks the links it never
+        reached ``cancelled``.
+
+        :return: whether this call ended it
+        """
         if not await self.results.set_parent_status(
             parent_id, status.value, expect=_NOT_FINAL, error=error
         ):
             return False
         record = await self.results.get_parent(parent_id)
-        if record.kind == CHAIN and status is not Status.SUCCESSFUL:
-            # links never reached will not run
-            for job_id, member_status in record.members.items():
-                if member_status == Status.QUEUED.value:
-                    try:
-                        await self.results.get_job(job_id)
-                    except NotFoundError:
-                        await self.results.set_member_status(
-                            parent_id, job_id, Status.CANCELLED.value
-                        )
+        for member_id, member_status in record.members.items():
+            if member_status in FINAL_STATUSES:
+                continue
+            if member_status in stop:
+                try:
+                    member = await self.results.request_cancel(member_id)
+                except JobNotFoundError:  # a chain link not reached
+                    await self.results.set_member_status(
+                        parent_id, member_id, Status.CANCELLED.value
+                    )
+                    continue
+                await self._cancelled(member_id, member)
+            elif record.kind == CHAIN and status is not Status.SUCCESSFUL:
+                try:
+                    await self.results.get_job(member_id)
+                except NotFoundError:  # a link never reached will not run
+                    await self.results.set_member_status(
+                        parent_id, member_id, Status.CANCELLED.value
+                    )
         await self.broker.publish(
             EVENTS_CHANNEL, encode_event(EVENT_PARENT, parent_id, status.value)
         )
@@ -670,7 +693,7 @@ class Server:
         ):
             # Nothing may run past the deadline: end it now, even if no worker noticed.
             await self.end_parent(
-                parent_id, Status.FAILED, f"timeout: the {kind}'s deadline passed"
+                parent_id, Status.FAILED, f"timeout: the {kind}'s deadline passed", stop=_WAITING
             )
             record = await self.results.get_parent(parent_id)
         return record, info
@@ -819,25 +842,9 @@ class Server:
             raise JobNotFoundError(
                 f"no job, group or chain is stored under {parent_id!r}"
             ) from None
-        if record.status in FINAL_STATUSES:
-            return Status(record.status)
-        if not await self.results.set_parent_status(
-            parent_id, Status.CANCELLED.value, expect=_NOT_FINAL, error="cancelled"
-        ):
-            return Status((await self.results.get_parent(parent_id)).status)
-        for member_id, status in record.members.items():
-            if status in FINAL_STATUSES:
-                continue
-            try:
-                member = await self.results.request_cancel(member_id)
-            except JobNotFoundError:  # a chain link not reached yet
-                await self.results.set_member_status(parent_id, member_id, Status.CANCELLED.value)
-                continue
-            await self._cancelled(member_id, member)
-        await self.broker.publish(
-            EVENTS_CHANNEL, encode_event(EVENT_PARENT, parent_id, Status.CANCELLED.value)
-        )
-        return Status.CANCELLED
+        if record.status not in FINAL_STATUSES:
+            await self.end_parent(parent_id, Status.CANCELLED, "cancelled", stop=_STOPPABLE)
+        return Status((await self.results.get_parent(parent_id)).status)
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> JobMessage:
         """Wait until the job is ``successful``, ``failed`` or ``cancelled``; return it.
@@ -904,6 +911,10 @@ class Server:
 
 
 _NOT_FINAL = (Status.QUEUED.value, Status.PROCESSING.value)
+#: members a cancel stops, and members a deadline stops (running ones meet the deadline
+#: in their own cancel scope)
+_STOPPABLE = (Status.QUEUED.value, Status.PROCESSING.value, Status.RETRYING.value)
+_WAITING = (Status.QUEUED.value, Status.RETRYING.value)
 _P = TypeVar("_P", GroupMessage, ChainMessage)
 
 

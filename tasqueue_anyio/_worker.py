@@ -234,7 +234,10 @@ class Worker:
         parent_id = meta.group_id or meta.chain_id
         if parent_id is not None:
             await self.server.end_parent(
-                parent_id, Status.FAILED, f"timeout: the {kind}'s deadline passed"
+                parent_id,
+                Status.FAILED,
+                f"timeout: the {kind}'s deadline passed",
+                stop=("queued", "retrying"),
             )
         reason = f"the {kind}'s deadline passed before it started"
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
