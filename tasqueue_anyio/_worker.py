@@ -297,7 +297,8 @@ class Worker:
                     if active.reason is not None:
                         scope.cancel()
                     try:
-                        await self._callback(task.on_processing, ctx)
+                        if task.on_processing is not None:
+                            await self._callback(task.on_processing, ctx)
                         if task.is_async:
                             await task.handler(msg.job.payload, ctx)  # type: ignore[misc]
                         else:

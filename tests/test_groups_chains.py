@@ -609,6 +609,87 @@ async def test_cancel_mid_chain(
         assert final.prev_jobs == [links[0].id]
 
 
+async def test_link_ending_after_its_chain_was_cancelled_starts_no_next_link(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    started = anyio.Event()
+    release = anyio.Event()
+    later = Counter()
+
+    async def shielded(payload: bytes, ctx: JobContext) -> None:
+        started.set()
+        with anyio.CancelScope(shield=True):  # the cancel cannot reach it in here
+            await release.wait()
+        await ctx.save(b"done anyway")
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("shielded", shielded, queue=queue_name, concurrency=1)
+        server.register_task("later", later, queue=queue_name)
+        server.register_task("sentinel", noop, queue=queue_name)
+        links = [Job("shielded", queue=queue_name), Job("later", queue=queue_name)]
+        chain = Chain(links)
+        await server.enqueue_chain(chain)
+        async with running(server):
+            await wait_event(started)
+            assert await server.cancel(chain.id) is Status.CANCELLED
+            release.set()
+            link = await server.wait(links[0].id, timeout=TIMEOUT)
+            await drain(server, queue_name)
+            await drain(server, queue_name)
+            final = await server.get_chain(chain.id)
+
+        assert link.status.is_final
+        assert later.count == 0
+        await assert_no_job(server, links[1].id)
+        assert final.status is Status.CANCELLED
+        assert final.jobs[links[1].id] is Status.CANCELLED
+
+
+@pytest.mark.xfail(
+    reason="library bug: Server.cancel(chain_id) between a link's success being checked "
+    "(member_changed reads the chain's status) and its ack enqueuing the next link lets the "
+    "next link run in the cancelled chain",
+    strict=True,
+)
+async def test_cancel_chain_while_the_next_link_is_being_enqueued(
+    broker: Broker, results: Results, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later = Counter()
+    in_window = anyio.Event()
+    proceed = anyio.Event()
+    links = [Job("ok", queue=queue_name), Job("later", queue=queue_name)]
+    get_result = results.get_result
+
+    async def paused_get_result(job_id: str) -> bytes:
+        # member_changed reads the finished link's result after checking that the chain
+        # is still running, before the next link is enqueued: hold it there
+        if job_id == links[0].id:
+            in_window.set()
+            await proceed.wait()
+        return await get_result(job_id)
+
+    monkeypatch.setattr(results, "get_result", paused_get_result)
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("ok", noop, queue=queue_name, concurrency=1)
+        server.register_task("later", later, queue=queue_name)
+        server.register_task("sentinel", noop, queue=queue_name)
+        chain = Chain(links)
+        await server.enqueue_chain(chain)
+        async with running(server):
+            await wait_event(in_window)
+            assert await server.cancel(chain.id) is Status.CANCELLED
+            proceed.set()
+            # the first sentinel runs once the first link's processor is done (one
+            # processor); the second one behind anything that link enqueued
+            await drain(server, queue_name)
+            await drain(server, queue_name)
+            final = await server.get_chain(chain.id)
+
+    assert later.count == 0
+    assert final.status is Status.CANCELLED
+    assert final.jobs[links[1].id] is Status.CANCELLED
+
+
 async def test_chain_deadline(broker: Broker, results: Results, queue_name: str) -> None:
     gate = Gate()  # never released
     later = Counter()
