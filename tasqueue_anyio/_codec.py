@@ -134,7 +134,10 @@ def _backoff_from_wire(v: Any) -> Backoff | None:
         return None
     if len(v) != 4 or not all(type(x) in _NUM and x > 0 for x in v[:3]) or type(v[3]) is not bool:
         raise DecodeError("field 'backoff' is malformed")
-    return Backoff(initial=v[0], factor=v[1], maximum=v[2], jitter=v[3])
+    try:
+        return Backoff(initial=v[0], factor=v[1], maximum=v[2], jitter=v[3])
+    except InvalidInputError as exc:
+        raise DecodeError(f"field 'backoff' is malformed: {exc}") from exc
 
 
 def _job_to_wire(job: Job) -> list[Any]:

@@ -89,6 +89,16 @@ def _check_non_negative_int(inst: object, attribute: attrs.Attribute[Any], value
         raise InvalidInputError(f"{attribute.name} must be an int >= 0, got {value!r}")
 
 
+def _check_positive(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12:
+        raise InvalidInputError(f"{attribute.name} must be a number > 0, got {value!r}")
+
+
+def _check_bool(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{attribute.name} must be True or False, got {value!r}")
+
+
 def _check_positive_or_none(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
@@ -105,10 +115,10 @@ class Backoff:
     so retries of many jobs that failed together spread out.
     """
 
-    initial: float = attrs.field(default=1.0, validator=_check_positive_or_none)
-    factor: float = attrs.field(default=2.0, validator=_check_positive_or_none)
-    maximum: float = attrs.field(default=300.0, validator=_check_positive_or_none)
-    jitter: bool = True
+    initial: float = attrs.field(default=1.0, validator=_check_positive)
+    factor: float = attrs.field(default=2.0, validator=_check_positive)
+    maximum: float = attrs.field(default=300.0, validator=_check_positive)
+    jitter: bool = attrs.field(default=True, validator=_check_bool)
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (0 for the first retry)."""
@@ -167,6 +177,10 @@ def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:
     for job in jobs:
         if not isinstance(job, Job):
             raise InvalidInputError(f"follow-up jobs must be Job instances, got {job!r}")
+        if job.schedule is not None:
+            raise InvalidInputError(
+                f"follow-up job {job.id} has a schedule: enqueue cron jobs with Server.enqueue"
+            )
     return jobs
 
 

@@ -2,8 +2,8 @@
 
 Fire times are on the cron grid of the expression, evaluated in UTC, and each next fire
 time is computed from the previous *scheduled* time, never from when a run happened, so
-schedules do not drift. Each server's scheduler enqueues a fire time only after winning
-:meth:`Results.advance_schedule`, so with many servers each fire time runs once.
+schedules do not drift. A fire time's run has the same job id on every server and its state is created only if
+absent (:meth:`Results.create_jobs`), so with many servers each fire time runs once.
 """
 
 from __future__ import annotations
@@ -103,8 +103,11 @@ class Scheduler:
                 now = server.clock()
                 if fire <= now:
                     following = next_fire(job.schedule, max(fire, now))
-                    if await server.results.advance_schedule(record.id, fire, following):
-                        await server.enqueue_run(record.id, job, fire)
+                    # The run's id is the same on every server and its state is created
+                    # only once, so racing schedulers (or a crash and a retry) enqueue
+                    # each fire time once; then whoever gets there first moves it on.
+                    await server.enqueue_run(record.id, job, fire)
+                    await server.results.advance_schedule(record.id, fire, following)
                     fire = following
                 soonest = min(soonest, fire)
             with anyio.move_on_after(max(0.0, soonest - server.clock())):

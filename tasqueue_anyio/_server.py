@@ -514,17 +514,22 @@ class Server:
                 except NotFoundError:
                     prev_result = None
                 link = job_from_wire(info.links[index + 1])
-                await self.results.set_parent_status(
-                    parent_id, Status.PROCESSING.value, expect=(Status.QUEUED.value,)
-                )
-                return [
-                    self.new_message(
+                try:
+                    prepared = self.new_message(
                         link,
                         chain_id=parent_id,
                         deadline=info.deadline,
                         prev_job_result=prev_result,
                     )
-                ]
+                except PayloadTooLargeError as exc:
+                    await self.end_parent(
+                        parent_id, Status.FAILED, f"link {link.id} cannot be enqueued: {exc}"
+                    )
+                    return []
+                await self.results.set_parent_status(
+                    parent_id, Status.PROCESSING.value, expect=(Status.QUEUED.value,)
+                )
+                return [prepared]
         new = parent_status(kind, counts, total)
         if new is Status.PROCESSING:
             await self.results.set_parent_status(
@@ -587,7 +592,7 @@ class Server:
 
         :raises JobNotFoundError: no job is stored under ``job_id``
         """
-        record = await self.results.get_job(job_id)
+        record = await self.results.get_job(validate_id(job_id))
         return self.decode_record(record)
 
     def decode_record(self, record: JobRecord) -> JobMessage:
@@ -599,7 +604,7 @@ class Server:
 
         :raises ResultNotFoundError: the job saved nothing (yet)
         """
-        return await self.results.get_result(job_id)
+        return await self.results.get_result(validate_id(job_id))
 
     async def get_pending(self, queue: str = DEFAULT_QUEUE) -> list[JobMessage]:
         """Jobs waiting on ``queue`` (due, not taken by a worker), oldest first.
@@ -788,7 +793,12 @@ class Server:
         )
         msg, _ = self.new_message(run)
         msg = JobMessage(meta=attrs.evolve(msg.meta, schedule=template.schedule), job=run)
-        await self.put_messages([(msg, self.encode(msg))])
+        data = self.encode(msg)
+        created = await self.results.create_jobs(
+            {run.id: JobRecord(status=Status.QUEUED.value, data=data)}
+        )
+        if run.id in created:  # else another server (or an earlier pass) enqueued it
+            await self.broker.enqueue_many([envelope(msg, data)])
         return run.id
 
     def wake_scheduler(self) -> None:
@@ -857,6 +867,7 @@ class Server:
         """
         if self._exit_stack is None:
             raise RuntimeError("Server.wait() needs an open server: use `async with server:`")
+        validate_id(job_id)
         event = anyio.Event()
         waiters = self._waiters.setdefault(job_id, set())
         waiters.add(event)
@@ -874,6 +885,13 @@ class Server:
             waiters.discard(event)
             if not waiters:
                 self._waiters.pop(job_id, None)
+
+    async def save_result(self, job_id: str, result: bytes) -> None:
+        """Store a job's result (what ``ctx.save`` calls), refusing one over
+        ``max_payload_size``: a result may become the next chain link's input."""
+        if len(result) > self.max_payload_size:
+            raise PayloadTooLargeError(f"job {job_id}'s result", len(result), self.max_payload_size)
+        await self.results.set_result(job_id, result)
 
     async def publish_finished(self, job_id: str, status: Status) -> None:
         await self.broker.publish(

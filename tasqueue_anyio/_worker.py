@@ -23,12 +23,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._codec import decode_message
-from ._exceptions import DecodeError, JobCancelledError, JobTimeoutError, UnknownTaskError
+from ._exceptions import (
+    DecodeError,
+    JobCancelledError,
+    JobTimeoutError,
+    NotFoundError,
+    UnknownTaskError,
+)
 from ._jobs import Job, JobContext, JobMessage, Meta, Status
 from ._schedule import Scheduler
 from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord
@@ -49,9 +56,16 @@ _CANCEL = "cancel"
 _SHUTDOWN = "shutdown"
 
 
+#: Longest error description kept in a job's meta (a longer one is cut).
+MAX_ERROR_LENGTH = 4096
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(described) > MAX_ERROR_LENGTH:
+        described = described[: MAX_ERROR_LENGTH - 15] + " ...[truncated]"
+    return described
 
 
 def _run_meta(meta: Meta, processed_at: float, attempt: int) -> Meta:
@@ -116,6 +130,9 @@ class Worker:
                     self._control.cancel_scope.cancel()  # a pending grace timer
             self.server._scheduler = None
             outer.cancel_scope.cancel()  # the watcher
+        # If run() itself was cancelled, say so (the shield kept the cancellation from
+        # surfacing inside; asyncio would otherwise let run() return normally).
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     def _start(self, consumers: TaskGroup, processors: TaskGroup) -> None:
         for queue, concurrency in self.server.queues.items():
@@ -210,6 +227,10 @@ class Worker:
             if msg.meta.deadline is not None and now >= msg.meta.deadline:
                 await self._expired(delivery, msg)
                 return
+            if msg.meta.chain_id is not None and await self._chain_ended(msg.meta.chain_id):
+                # the chain was cancelled (or failed) while this link was being enqueued
+                await self._skip(delivery, msg, "its chain ended before it started")
+                return
             msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
             data = server.encode(msg)
             refused = await self.results.start_job(
@@ -239,7 +260,16 @@ class Worker:
                 f"timeout: the {kind}'s deadline passed",
                 stop=("queued", "retrying"),
             )
-        reason = f"the {kind}'s deadline passed before it started"
+        await self._skip(delivery, msg, f"the {kind}'s deadline passed before it started")
+
+    async def _chain_ended(self, chain_id: str) -> bool:
+        try:
+            return (await self.results.get_parent(chain_id)).status in FINAL_STATUSES
+        except NotFoundError:
+            return False
+
+    async def _skip(self, delivery: Delivery, msg: JobMessage, reason: str) -> None:
+        """Record a job that will not start as ``cancelled`` (unless it already ended)."""
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
         if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
             await self.server.member_changed(msg, Status.CANCELLED, reason)
@@ -252,7 +282,7 @@ class Worker:
         """The job may not start: cancelled, or ended before (a redelivery after a crash)."""
         status = current.status
         if status not in FINAL_STATUSES:  # cancel requested while it was held
-            reason = "cancelled before it started"
+            reason = _describe(JobCancelledError(f"job {msg.id} was cancelled before it started"))
             cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
             if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
                 await self.server.member_changed(msg, Status.CANCELLED, reason)
@@ -276,7 +306,7 @@ class Worker:
         server = self.server
         task = server.get_task(msg.job.task)
         meta = msg.meta
-        ctx = JobContext(meta=meta, save_fn=self.results.set_result)
+        ctx = JobContext(meta=meta, save_fn=server.save_result)
         error: BaseException | None = None
 
         deadline = math.inf
@@ -430,7 +460,7 @@ class Worker:
         await self.server.publish_finished(msg.id, Status.FAILED)
 
     async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage) -> None:
-        reason = "cancelled while running"
+        reason = _describe(JobCancelledError(f"job {msg.id} was cancelled while running"))
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
         if await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING):
             await self.server.member_changed(msg, Status.CANCELLED, reason)
@@ -456,10 +486,12 @@ class Worker:
             await delivery.ack()
             return
         prepared = [*(prepared or ()), *(self.server.new_message(job) for job in follow_ups)]
-        await self.results.set_jobs(
+        # Follow-up ids are fixed in this job's message: a redelivery of it must not
+        # reset (and rerun) follow-ups an earlier delivery already enqueued.
+        created = await self.results.create_jobs(
             {m.id: JobRecord(status=m.meta.status.value, data=data) for m, data in prepared}
         )
-        await delivery.ack(enqueue=[_envelope(m, data) for m, data in prepared])
+        await delivery.ack(enqueue=[_envelope(m, data) for m, data in prepared if m.id in created])
 
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:
         return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)

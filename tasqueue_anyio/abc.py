@@ -267,6 +267,25 @@ class Results(metaclass=ABCMeta):
     async def set_jobs(self, records: Mapping[str, JobRecord]) -> None:
         """Store the state of many jobs in one call, unconditionally (used on enqueue)."""
 
+    async def create_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs that have none yet; leave the others as they are.
+
+        Used for follow-up jobs and chain links, whose ids are fixed in advance, so a
+        redelivered message cannot reset (and rerun) a follow-up that already ran.
+        The default reads then writes; backends make it atomic.
+
+        :return: the ids whose state this call created
+        """
+        created: dict[str, JobRecord] = {}
+        for job_id, record in records.items():
+            try:
+                await self.get_job(job_id)
+            except LookupError:
+                created[job_id] = record
+        if created:
+            await self.set_jobs(created)
+        return set(created)
+
     @abstractmethod
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
         """Atomically move a job to ``record`` if it may start.

@@ -35,7 +35,6 @@ def full_message() -> JobMessage:
         queue="q-follow",
         timeout=1.5,
         delay=2.0,
-        schedule="*/5 * * * *",
     )
     child_ok = Job(
         "child-ok",

@@ -53,7 +53,7 @@ def test_cancel_and_timeout(backend: str) -> None:
         "runs": "1",
         "stopped": "1",
         "retried": "0",  # a cancel is not a failure: not retried despite max_retries=3
-        "prev_error": "cancelled while running",
+        "prev_error": "JobCancelledError: job cancelled-while-running was cancelled while running",
     }
 
     queued = fields(jobs["cancelled-while-queued"])

@@ -12,6 +12,7 @@ from server_support import TIMEOUT, Counter, noop, running
 
 from tasqueue_anyio import (
     DEFAULT_QUEUE,
+    Backoff,
     InvalidInputError,
     Job,
     JobContext,
@@ -409,3 +410,18 @@ async def test_enter_a_server_twice_is_refused(broker: Broker, results: Results)
     async with Server(broker=broker, results=results) as server:
         with pytest.raises(RuntimeError, match="already open"):
             await server.__aenter__()
+
+
+def test_follow_up_with_a_schedule_refused() -> None:
+    with pytest.raises(InvalidInputError, match="has a schedule"):
+        Job("t", on_success=[Job("u", schedule="* * * * *")])
+    with pytest.raises(InvalidInputError, match="has a schedule"):
+        Job("t", on_error=[Job("u", schedule="* * * * *")])
+
+
+def test_backoff_refuses_values_the_wire_would_refuse() -> None:
+    for bad in ({"initial": None}, {"factor": 0}, {"maximum": -1.0}, {"initial": True}):
+        with pytest.raises(InvalidInputError):
+            Backoff(**bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        Backoff(jitter=1)  # type: ignore[arg-type]

@@ -1,0 +1,301 @@
+"""What the Redis broker and results backends share: the client, its lifetime, key
+prefixes, Lua script calls, and the translation of coredis errors.
+
+Both backends run on `coredis <https://coredis.readthedocs.io>`_, whose client is
+AnyIO-native: every call here works under Trio and asyncio alike. Importing this module
+turns on ``coredis.Config.optimized`` (coredis's runtime argument checks off), because
+every call made here is built by this library.
+
+Lua scripts run with ``EVALSHA``: each backend loads its scripts once when it opens, and
+a script the server forgot (a restart, ``SCRIPT FLUSH``) is loaded again and the call
+repeated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import ssl
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import anyio
+import coredis
+from anyio.abc import TaskGroup
+from coredis.exceptions import NoScriptError, RedisError
+
+from ._exceptions import BrokerError, InvalidInputError
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_URL",
+    "RedisBackend",
+    "Scripts",
+    "client_kwargs",
+    "translate_errors",
+    "validate_prefix",
+]
+
+coredis.Config.optimized = True
+
+logger = logging.getLogger("tasqueue_anyio.redis")
+
+#: The key prefix used when none is given.
+DEFAULT_PREFIX = "tasqueue"
+#: The server used when neither a URL nor a client is given.
+DEFAULT_URL = "redis://localhost:6379/0"
+
+# Letters, digits and a few separators: no hash-tag braces, glob characters or spaces,
+# so that a prefix can never change which part of a key Redis Cluster hashes.
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+_B = TypeVar("_B", bound="RedisBackend")
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it may start every key, else raise :class:`InvalidInputError`."""
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+        raise InvalidInputError(
+            f"invalid key prefix {prefix!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -"
+        )
+    return prefix
+
+
+def client_kwargs(url: str) -> dict[str, Any]:
+    """Arguments of :class:`coredis.Redis` for a ``redis://`` or ``rediss://`` URL.
+
+    ``redis://[[username]:password@]host[:port][/db]`` connects in clear text;
+    ``rediss://`` connects with TLS and checks the server's certificate and host name
+    against the system's trusted certificates (or the ``ssl_ca_certs`` file of the query
+    string; ``ssl_certfile`` and ``ssl_keyfile`` give a client certificate). The user
+    name and password are percent-decoded. The database comes from the path or a ``db``
+    query argument.
+
+    :param url: the URL
+    :return: keyword arguments for :class:`coredis.Redis`
+    :raises InvalidInputError: the URL is not a Redis URL this library understands
+    """
+    if not isinstance(url, str):
+        raise InvalidInputError(f"a Redis URL must be a str, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise InvalidInputError(f"invalid Redis URL {url!r}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise InvalidInputError(
+            f"invalid Redis URL {url!r}: the scheme must be redis:// or rediss:// (TLS)"
+        )
+    if not parts.hostname:
+        raise InvalidInputError(f"invalid Redis URL {url!r}: no host")
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    db_text = query.pop("db", None) or parts.path.strip("/") or "0"
+    try:
+        db = int(db_text)
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid Redis URL {url!r}: db {db_text!r} is not a number"
+        ) from None
+    if db < 0:
+        raise InvalidInputError(f"invalid Redis URL {url!r}: db must be >= 0")
+    kwargs: dict[str, Any] = {
+        "host": parts.hostname,
+        "port": port,
+        "db": db,
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password is not None else None,
+        "decode_responses": False,
+    }
+    ca_certs = query.pop("ssl_ca_certs", None)
+    certfile = query.pop("ssl_certfile", None)
+    keyfile = query.pop("ssl_keyfile", None)
+    if query:
+        raise InvalidInputError(
+            f"invalid Redis URL {url!r}: unknown option(s) {', '.join(sorted(query))} "
+            f"(known: db, ssl_ca_certs, ssl_certfile, ssl_keyfile)"
+        )
+    if parts.scheme == "rediss":
+        # create_default_context: CERT_REQUIRED and check_hostname, unlike coredis's own
+        # rediss:// handling, which only asks for an optional certificate.
+        context = ssl.create_default_context(cafile=ca_certs)
+        if certfile:
+            context.load_cert_chain(certfile, keyfile)
+        kwargs["ssl_context"] = context
+    elif ca_certs or certfile or keyfile:
+        raise InvalidInputError(f"invalid Redis URL {url!r}: ssl_* options need rediss://")
+    return kwargs
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn coredis errors raised inside the block into :class:`BrokerError`."""
+    try:
+        yield
+    except RedisError as exc:
+        raise BrokerError(f"Redis failed while {what}: {exc}") from exc
+    except OSError as exc:
+        raise BrokerError(f"Redis connection failed while {what}: {exc}") from exc
+
+
+class Scripts:
+    """Lua scripts by name, called with ``EVALSHA`` (loaded again when Redis forgot them)."""
+
+    def __init__(self, client: coredis.Redis[bytes], sources: dict[str, str]) -> None:
+        self._client = client
+        self._sources = sources
+        self.shas: dict[str, bytes] = {
+            name: hashlib.sha1(source.encode()).hexdigest().encode()
+            for name, source in sources.items()
+        }
+
+    async def load(self) -> None:
+        """Load every script into the server's script cache (one round trip)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            requests = [pipe.script_load(source) for source in self._sources.values()]
+        for request in requests:
+            await request
+
+    async def call(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run script ``name``; load the scripts again if the server does not know it."""
+        client = self._client
+        try:
+            return await client.evalsha(self.shas[name], keys, args)
+        except NoScriptError:
+            await self.load()
+            return await client.evalsha(self.shas[name], keys, args)
+
+    async def call_many(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run several scripts in one pipeline (one round trip, not one transaction).
+
+        :return: each call's reply, or the exception it raised, in order
+        """
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                requests = [pipe.evalsha(self.shas[name], keys, args) for name, keys, args in calls]
+            replies: list[Any] = []
+            for request in requests:
+                try:
+                    replies.append(await request)
+                except RedisError as exc:
+                    replies.append(exc)
+            if attempt == 0 and any(isinstance(reply, NoScriptError) for reply in replies):
+                await self.load()
+                continue
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested single-member groups, or the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class RedisBackend:
+    """The lifetime shared by the Redis backends: a client (made from a URL, or the
+    caller's), a task group for background tasks, counted entries.
+
+    A client given by the caller is used as it is: the caller opens it (``async with
+    client:``) before opening the backend and closes it afterwards; the backend never
+    enters or closes it. A client made from a URL is owned: opened on the first entry,
+    closed when the last entry exits.
+    """
+
+    _what = "Redis backend"
+
+    def __init__(
+        self,
+        url: str | None,
+        client: coredis.Redis[bytes] | None,
+        prefix: str,
+    ) -> None:
+        if url is not None and client is not None:
+            raise InvalidInputError("give a Redis URL or a client, not both")
+        self.prefix = validate_prefix(prefix)
+        if client is None:
+            self.url: str | None = url if url is not None else DEFAULT_URL
+            self.client: coredis.Redis[bytes] = coredis.Redis(**client_kwargs(self.url))
+            self._owns_client = True
+        else:
+            if not isinstance(client, coredis.Redis):
+                raise InvalidInputError(f"expected a coredis.Redis client, got {client!r}")
+            self.url = None
+            self.client = client
+            self._owns_client = False
+        self._entries = 0
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        where = self.url if self.url is not None else repr(self.client)
+        return f"<{type(self).__name__} {where} prefix={self.prefix!r}>"
+
+    async def __aenter__(self: _B) -> _B:
+        if self._entries:
+            self._entries += 1
+            return self
+        try:
+            async with AsyncExitStack() as stack:
+                if self._owns_client:
+                    with translate_errors(f"opening the {self._what}"):
+                        await stack.enter_async_context(self.client)
+                with translate_errors(f"opening the {self._what}"):
+                    await self._open()
+                self._tg = await stack.enter_async_context(anyio.create_task_group())
+                await self._start(self._tg)
+                self._stack = stack.pop_all()
+        except BaseExceptionGroup as group:
+            # coredis's pool task group wraps a failure to open (say, a wrong password)
+            raise _single(group) from None
+        self._entries = 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if self._entries == 0:
+            return
+        self._entries -= 1
+        if self._entries:
+            return
+        stack, self._stack = self._stack, None
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+        self._closing()
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc_val, exc_tb)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the backend is entered."""
+        return self._entries > 0
+
+    def _require_open(self) -> TaskGroup:
+        if self._tg is None:
+            raise RuntimeError(f"this {self._what} is not open: use `async with` first")
+        return self._tg
+
+    async def _open(self) -> None:
+        """Subclass hook: the first entry, the client open (load scripts)."""
+
+    async def _start(self, tg: TaskGroup) -> None:
+        """Subclass hook: start background tasks in ``tg``."""
+
+    def _closing(self) -> None:
+        """Subclass hook: the last exit, before the task group and client close."""

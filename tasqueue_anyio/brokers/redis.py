@@ -1,0 +1,1000 @@
+"""The Redis broker, on coredis: at-least-once delivery with leases and fencing.
+
+Needs Redis 6.2 or later (``LPOP`` with a count). Runs on Trio and asyncio (coredis is
+AnyIO-native).
+
+Keys
+----
+Every key starts with the prefix (default ``tasqueue``). The keys of queue ``Q`` share
+the hash tag ``{q:Q}``, so every script of a queue touches one Redis Cluster slot::
+
+    P:{q:Q}:ready    list    ids of due messages, oldest first (RPUSH, LPOP: FIFO)
+    P:{q:Q}:msg      hash    id -> message bytes (the message exists while this does)
+    P:{q:Q}:att      hash    id -> deliveries so far
+    P:{q:Q}:sched    zset    id scored by ETA (POSIX seconds)
+    P:{q:Q}:lease    zset    id of a held message scored by its lease expiry (ms, Redis clock)
+    P:{q:Q}:held     hash    id of a held message -> its delivery's fencing token
+    P:{q:Q}:seq      string  the queue's fencing-token counter
+    P:{q:Q}:notify   list    at most one element: wakes a consumer blocked in BLPOP
+    P:{q:Q}:dead     list    dead letters, msgpack ``[data, reason, at]``
+
+Queue names are validated (letters, digits, ``_``, ``-``) before they become keys; message
+ids are hash fields and set members, never part of a key. Pub/sub channels are
+``P:ch:NAME``.
+
+Delivery
+--------
+One Lua script (``fetch``) returns messages whose lease expired to the front of the
+ready list, moves *every* due scheduled message to the back of it in ETA order, then pops
+up to N ids and leases them: each gets ``attempt`` (its delivery count) and a fresh
+fencing *token* from the queue's counter, recorded in ``held``. Ack, nack and
+dead-letter are scripts that act only while ``held`` still has the delivery's token; a
+worker whose lease was lost (it was paused past the lease, and the message was swept and
+delivered again) gets :class:`~tasqueue_anyio.BrokerError` and changes nothing.
+
+A broker renews the leases of every message it holds (handed to a worker or fetched and
+not handed over yet) every ``lease / 3`` seconds, one script call per queue, all queues
+in one pipeline. Every consumer sweeps expired leases on each fetch, and an idle one
+wakes at least every ``lease / 3`` seconds to do so. A delivery garbage-collected
+unsettled is given back at the next renewal.
+
+An idle consumer blocks in ``BLPOP`` on the queue's notify list (on a connection of its
+own, which coredis gives to blocking commands), with a timeout until the next ETA;
+enqueues push to that list. No polling.
+
+Clock: lease expiry, ETA due checks and ``nack(delay=...)`` use the Redis server's clock
+(``TIME`` inside the scripts), so every consumer agrees; ETAs are POSIX times from the
+producer's clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import coredis
+import msgpack
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+from coredis.patterns.pubsub import PubSub
+
+from .._exceptions import BrokerError, InvalidInputError
+from .._jobs import validate_queue
+from .._redis import DEFAULT_PREFIX, RedisBackend, Scripts, translate_errors
+from ..abc import Broker, DeadLetter, Delivery, Envelope
+
+__all__ = ["RedisBroker", "RedisDelivery"]
+
+logger = logging.getLogger(__name__)
+
+#: The default lease (seconds) of a held message.
+DEFAULT_LEASE = 15.0
+#: The default and the largest number of messages one fetch takes.
+DEFAULT_BATCH_SIZE = 32
+_MAX_BATCH_SIZE = 1000
+
+# The keys of one queue, in the order every script receives them.
+_SUFFIXES = ("ready", "msg", "att", "sched", "lease", "held", "notify", "seq", "dead")
+_NKEYS = len(_SUFFIXES)
+
+# -- Lua ------------------------------------------------------------------------------------
+# KEYS come in groups of nine per queue (see _SUFFIXES): with k the group's offset,
+# KEYS[k+1] ready, k+2 msg, k+3 att, k+4 sched, k+5 lease, k+6 held, k+7 notify, k+8 seq,
+# k+9 dead.
+
+_LUA_COMMON = r"""
+local function clock()
+  local t = redis.call('TIME')
+  local sec, usec = tonumber(t[1]), tonumber(t[2])
+  return sec + usec / 1000000, sec * 1000 + math.floor(usec / 1000)
+end
+
+local function push_all(cmd, key, items)
+  local n = #items
+  local i = 1
+  while i <= n do
+    local j = math.min(i + 999, n)
+    redis.call(cmd, key, unpack(items, i, j))
+    i = j + 1
+  end
+end
+
+-- wake idle consumers of the queue (they wait for this on pub/sub)
+local function notify(key)
+  redis.call('PUBLISH', key, '')
+end
+
+-- A message for later; idle consumers wake to shorten their wait if it is the earliest.
+local function schedule(key, eta, id, notify_key)
+  redis.call('ZADD', key, eta, id)
+  if redis.call('ZRANGE', key, 0, 0)[1] == id then
+    notify(notify_key)
+  end
+end
+
+-- Messages as quadruples (queue group index from 0, id, data, eta or '') from ARGV[abase+1].
+local function enqueue(abase, now)
+  local ready = {}
+  for i = abase + 1, #ARGV, 4 do
+    local k = tonumber(ARGV[i]) * 9
+    local id = ARGV[i + 1]
+    if redis.call('HSETNX', KEYS[k + 2], id, ARGV[i + 2]) == 1 then
+      local eta = ARGV[i + 3]
+      if eta ~= '' and tonumber(eta) > now then
+        schedule(KEYS[k + 4], eta, id, KEYS[k + 7])
+      else
+        local list = ready[k]
+        if not list then
+          list = {}
+          ready[k] = list
+        end
+        list[#list + 1] = id
+      end
+    end
+  end
+  for k, list in pairs(ready) do
+    local was_empty = redis.call('LLEN', KEYS[k + 1]) == 0
+    push_all('RPUSH', KEYS[k + 1], list)
+    if was_empty then
+      notify(KEYS[k + 7])
+    end
+  end
+end
+
+-- Expired leases back to the front of the ready list, then every due scheduled message
+-- to its back in ETA order (queue group 0).
+local function refresh(now, now_ms)
+  local moved = false
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now_ms, 'LIMIT', 0, 1000)
+  if #expired > 0 then
+    push_all('ZREM', KEYS[5], expired)
+    push_all('HDEL', KEYS[6], expired)
+    local front = {}
+    for i = #expired, 1, -1 do
+      front[#front + 1] = expired[i]
+    end
+    push_all('LPUSH', KEYS[1], front)
+    moved = true
+  end
+  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.17g', now))
+  if #due > 0 then
+    push_all('ZREM', KEYS[4], due)
+    push_all('RPUSH', KEYS[1], due)
+    moved = true
+  end
+  return moved
+end
+"""
+
+# ARGV: count, lease ms. Returns {ms until the next ETA or -1, {id, data, attempt, token, ...}}.
+_LUA_FETCH = r"""
+local now, now_ms = clock()
+refresh(now, now_ms)
+local out = {}
+local ids = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+if ids then
+  local lease_until = now_ms + tonumber(ARGV[2])
+  local token = redis.call('INCRBY', KEYS[8], #ids) - #ids
+  local datas = redis.call('HMGET', KEYS[2], unpack(ids))
+  local leases, held = {}, {}
+  for i = 1, #ids do
+    token = token + 1
+    local id, data = ids[i], datas[i]
+    if not data then
+      -- not put there by this library (or its data is gone): deliver the element
+      -- itself, so that the worker dead-letters it
+      data = id
+      id = '~raw:' .. token
+      redis.call('HSET', KEYS[2], id, data)
+    end
+    local attempt = redis.call('HINCRBY', KEYS[3], id, 1)
+    leases[#leases + 1] = lease_until
+    leases[#leases + 1] = id
+    held[#held + 1] = id
+    held[#held + 1] = token
+    out[#out + 1] = id
+    out[#out + 1] = data
+    out[#out + 1] = attempt
+    out[#out + 1] = token
+  end
+  redis.call('ZADD', KEYS[5], unpack(leases))
+  redis.call('HSET', KEYS[6], unpack(held))
+  if redis.call('LLEN', KEYS[1]) > 0 then
+    notify(KEYS[7])  -- more to do: wake another consumer
+  end
+end
+local wait = -1
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if #first > 0 then
+  wait = math.max(0, math.ceil((tonumber(first[2]) - now) * 1000))
+end
+return {wait, out}
+"""
+
+# ARGV: quadruples (see enqueue). Returns 1.
+_LUA_ENQUEUE = r"""
+local now = clock()
+enqueue(0, now)
+return 1
+"""
+
+# ARGV: id, token, then quadruples to enqueue. Returns 1, or 0 when the lease was lost.
+_LUA_ACK = r"""
+local id = ARGV[1]
+if redis.call('HGET', KEYS[6], id) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[6], id)
+redis.call('ZREM', KEYS[5], id)
+redis.call('HDEL', KEYS[2], id)
+redis.call('HDEL', KEYS[3], id)
+if #ARGV > 2 then
+  local now = clock()
+  enqueue(2, now)
+end
+return 1
+"""
+
+# ARGV: id, token, delay seconds. Returns 1, or 0 when the lease was lost.
+_LUA_NACK = r"""
+local id = ARGV[1]
+if redis.call('HGET', KEYS[6], id) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[6], id)
+redis.call('ZREM', KEYS[5], id)
+local delay = tonumber(ARGV[3])
+if delay > 0 then
+  local now = clock()
+  schedule(KEYS[4], string.format('%.17g', now + delay), id, KEYS[7])
+else
+  if redis.call('LPUSH', KEYS[1], id) == 1 then
+    notify(KEYS[7])
+  end
+end
+return 1
+"""
+
+# ARGV: id, token, dead-letter entry. Returns 1, or 0 when the lease was lost.
+_LUA_DEAD = r"""
+local id = ARGV[1]
+if redis.call('HGET', KEYS[6], id) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[6], id)
+redis.call('ZREM', KEYS[5], id)
+redis.call('HDEL', KEYS[2], id)
+redis.call('HDEL', KEYS[3], id)
+redis.call('RPUSH', KEYS[9], ARGV[3])
+return 1
+"""
+
+# Fetched messages never handed to a worker go back to the front, in their order, their
+# delivery not counted. ARGV: id, token, id, token, ... Returns how many went back.
+_LUA_GIVE_BACK = r"""
+local back = {}
+for i = #ARGV - 1, 1, -2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[6], id) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[6], id)
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('HINCRBY', KEYS[3], id, -1)
+    back[#back + 1] = id
+  end
+end
+if #back > 0 then
+  push_all('LPUSH', KEYS[1], back)
+  notify(KEYS[7])
+end
+return #back
+"""
+
+# ARGV: lease ms, id, token, id, token, ... Returns the ids whose lease was lost.
+_LUA_RENEW = r"""
+local _, now_ms = clock()
+local lease_until = now_ms + tonumber(ARGV[1])
+local lost = {}
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[6], id) == ARGV[i + 1] then
+    redis.call('ZADD', KEYS[5], 'XX', lease_until, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
+# ARGV: 'pending' or 'scheduled'. Returns data (pending) or eta, data pairs (scheduled).
+_LUA_INSPECT = r"""
+local now, now_ms = clock()
+if refresh(now, now_ms) then
+  notify(KEYS[7])
+end
+local out = {}
+if ARGV[1] == 'pending' then
+  local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+  for i = 1, #ids, 1000 do
+    local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+    local datas = redis.call('HMGET', KEYS[2], unpack(chunk))
+    for j = 1, #chunk do
+      out[#out + 1] = datas[j] or chunk[j]
+    end
+  end
+else
+  local pairs_ = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
+  for i = 1, #pairs_, 2 do
+    out[#out + 1] = pairs_[i + 1]
+    out[#out + 1] = redis.call('HGET', KEYS[2], pairs_[i]) or ''
+  end
+end
+return out
+"""
+
+_SCRIPTS = {
+    "fetch": _LUA_COMMON + _LUA_FETCH,
+    "enqueue": _LUA_COMMON + _LUA_ENQUEUE,
+    "ack": _LUA_COMMON + _LUA_ACK,
+    "nack": _LUA_COMMON + _LUA_NACK,
+    "dead": _LUA_COMMON + _LUA_DEAD,
+    "give_back": _LUA_COMMON + _LUA_GIVE_BACK,
+    "renew": _LUA_COMMON + _LUA_RENEW,
+    "inspect": _LUA_COMMON + _LUA_INSPECT,
+}
+
+# -- Python ---------------------------------------------------------------------------------
+
+# States of a RedisDelivery.
+_HELD = 0  # handed out (or fetched), not settled
+_SETTLED = 1  # acked, nacked or dead-lettered, or its lease was found lost
+_WITHDRAWN = 2  # consume() gave it back after a hand-over that may have happened
+
+
+class _Queue:
+    """The keys of one queue and the messages of it this broker holds."""
+
+    __slots__ = ("held", "keys", "name")
+
+    def __init__(self, prefix: str, name: str) -> None:
+        self.name = name
+        base = f"{prefix}:{{q:{name}}}:"
+        self.keys: list[bytes] = [(base + suffix).encode() for suffix in _SUFFIXES]
+        #: id -> fencing token of every message of this queue held by this broker
+        self.held: dict[bytes, bytes] = {}
+
+
+def _abandon(
+    abandoned: deque[tuple[_Queue, bytes, bytes]], item: tuple[_Queue, bytes, bytes]
+) -> None:
+    """Finalizer of an unsettled :class:`RedisDelivery` (runs wherever the GC runs)."""
+    abandoned.append(item)
+
+
+class _Waiter:
+    """What an idle consumer waits on: set by its queue's notifications."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: anyio.Event | None = None
+
+    def arm(self) -> anyio.Event:
+        event = self.event
+        if event is None or event.is_set():
+            event = self.event = anyio.Event()
+        return event
+
+    def wake(self, _data: bytes) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+class RedisDelivery(Delivery):
+    """A message handed out by :meth:`RedisBroker.consume`, held under a lease.
+
+    Settle it with exactly one of :meth:`ack`, :meth:`nack` or :meth:`dead_letter`;
+    settling again does nothing. Each settle is one script that acts only while this
+    delivery's fencing token is still the one Redis recorded: if the lease was lost
+    (the message was swept and delivered again), it raises
+    :class:`~tasqueue_anyio.BrokerError` and changes nothing. A delivery that is
+    garbage-collected unsettled is given back by the broker's next renewal.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_attempt",
+        "_broker",
+        "_data",
+        "_finalizer",
+        "_id",
+        "_q",
+        "_state",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        broker: RedisBroker,
+        queue: _Queue,
+        message_id: bytes,
+        data: bytes,
+        attempt: int,
+        token: bytes,
+    ) -> None:
+        self._broker = broker
+        self._q = queue
+        self._id = message_id
+        self._data = data
+        self._attempt = attempt
+        self._token = token
+        self._state = _HELD
+        queue.held[message_id] = token
+        self._finalizer = weakref.finalize(
+            self, _abandon, broker._abandoned, (queue, message_id, token)
+        )
+        self._finalizer.atexit = False
+
+    @property
+    def data(self) -> bytes:
+        """The message as it was enqueued."""
+        return self._data
+
+    @property
+    def queue(self) -> str:
+        """The queue the message was taken from."""
+        return self._q.name
+
+    @property
+    def attempt(self) -> int:
+        """How many times this message has been delivered, this time included (1 first)."""
+        return self._attempt
+
+    @property
+    def message_id(self) -> str:
+        """The id the message was enqueued with."""
+        return self._id.decode(errors="replace")
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisDelivery queue={self._q.name!r} id={self.message_id!r} attempt={self._attempt}>"
+        )
+
+    def _stop_renewing(self) -> None:
+        self._finalizer.detach()
+        held = self._q.held
+        if held.get(self._id) == self._token:
+            del held[self._id]
+
+    def _lost(self, action: str) -> BrokerError:
+        self._state = _SETTLED
+        return BrokerError(
+            f"lease lost: cannot {action} message {self.message_id!r} of queue "
+            f"{self._q.name!r} (attempt {self._attempt}); its lease expired or its "
+            f"consumer gave it back, and another delivery of it owns it now"
+        )
+
+    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+        """Remove the message for good and, in the same script, enqueue ``enqueue``.
+
+        Messages for other queues go into the same script on a single Redis server
+        (atomic). With ``split_slots`` (Redis Cluster, where they may live on other
+        slots) they are enqueued first, then the ack runs: a crash in between repeats the
+        enqueue (deduplicated by message id while the first copy exists), never loses it.
+
+        :param enqueue: messages to enqueue with the removal
+        :raises BrokerError: the lease was lost; nothing was removed or enqueued
+        """
+        if self._state != _HELD:
+            if self._state == _WITHDRAWN:
+                raise self._lost("ack")
+            return
+        self._stop_renewing()
+        if await self._broker._ack(self._q, self._id, self._token, enqueue):
+            self._state = _SETTLED
+        else:
+            raise self._lost("ack")
+
+    async def nack(self, *, delay: float = 0) -> None:
+        """Give the message back: to the front of its queue, or after ``delay`` seconds.
+
+        :param delay: seconds before the message may be delivered again (Redis clock)
+        :raises BrokerError: the lease was lost; nothing changed
+        """
+        if self._state != _HELD:
+            self._state = _SETTLED  # a withdrawn message is back in its queue already
+            return
+        self._stop_renewing()
+        broker = self._broker
+        with translate_errors("giving a message back"):
+            done = await broker._scripts.call(
+                "nack", self._q.keys, (self._id, self._token, repr(max(0.0, float(delay))))
+            )
+        if done:
+            self._state = _SETTLED
+        else:
+            raise self._lost("nack")
+
+    async def dead_letter(self, reason: str) -> None:
+        """Remove the message and append it, with ``reason`` and the time, to the queue's
+        dead letters (one script).
+
+        :param reason: why the message was set aside
+        :raises BrokerError: the lease was lost; nothing changed
+        """
+        if self._state != _HELD:
+            if self._state == _WITHDRAWN:
+                raise self._lost("dead-letter")
+            return
+        self._stop_renewing()
+        entry = msgpack.packb([self._data, str(reason), time.time()], use_bin_type=True)
+        with translate_errors("dead-lettering a message"):
+            done = await self._broker._scripts.call(
+                "dead", self._q.keys, (self._id, self._token, entry)
+            )
+        if done:
+            self._state = _SETTLED
+        else:
+            raise self._lost("dead-letter")
+
+
+class RedisBroker(RedisBackend, Broker):
+    """A :class:`~tasqueue_anyio.abc.Broker` on Redis (6.2 or later), via coredis.
+
+    Open it with ``async with``: it owns its connections (unless given a ``client``) and
+    runs its lease renewal and pub/sub reader in a task group of its own. Entering it
+    again is counted; share one broker between tasks by entering it in a parent task
+    first.
+
+    :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
+        certificate and host name checked); default ``redis://localhost:6379/0``
+    :param client: a coredis client to use instead of a URL; the caller opens and
+        closes it (``async with client:`` around the broker's use)
+    :param prefix: the start of every key and channel name
+    :param lease: seconds a fetched message stays held without renewal; a live broker
+        renews every ``lease / 3`` seconds, so a message comes back about ``lease``
+        seconds after its worker died
+    :param batch_size: the most messages one fetch takes (a consumer takes at most as
+        many as its stream has receivers, so a small worker does not hoard messages)
+    :param split_slots: run multi-queue writes as one script per queue (needed on Redis
+        Cluster, where queues live on different slots); ``None``: only for cluster clients
+    """
+
+    _what = "Redis broker"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: coredis.Redis[bytes] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        lease: float = DEFAULT_LEASE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        split_slots: bool | None = None,
+    ) -> None:
+        super().__init__(url, client, prefix)
+        if not isinstance(lease, (int, float)) or not 0.05 <= lease <= 86400:
+            raise InvalidInputError(f"lease must be seconds in [0.05, 86400], got {lease!r}")
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or not 1 <= batch_size <= _MAX_BATCH_SIZE
+        ):
+            raise InvalidInputError(
+                f"batch_size must be an int in [1, {_MAX_BATCH_SIZE}], got {batch_size!r}"
+            )
+        self.lease = float(lease)
+        self.batch_size = batch_size
+        self.split_slots = bool(split_slots)
+        self._lease_ms = str(max(1, round(self.lease * 1000))).encode()
+        self._scripts = Scripts(self.client, _SCRIPTS)
+        self._queues: dict[str, _Queue] = {}
+        self._abandoned: deque[tuple[_Queue, bytes, bytes]] = deque()
+        # pub/sub
+        self._pubsub: PubSub[bytes] | None = None
+        self._pubsub_lock: anyio.Lock | None = None
+        self._callbacks: dict[bytes, list[Callable[[bytes], None]]] = {}
+        self._subscribed: set[bytes] = set()
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._pubsub_lock = anyio.Lock()  # locks belong to one event loop
+        await self._scripts.load()
+
+    async def _start(self, tg: TaskGroup) -> None:
+        tg.start_soon(self._renew_forever, name=f"{self!r} lease renewal")
+
+    def _closing(self) -> None:
+        self._pubsub = None
+        self._subscribed.clear()
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            validate_queue(name)
+            q = self._queues[name] = _Queue(self.prefix, name)
+        return q
+
+    def _channel(self, channel: str) -> bytes:
+        if not isinstance(channel, str) or not channel:
+            raise InvalidInputError(f"a channel name must be a non-empty str, got {channel!r}")
+        return f"{self.prefix}:ch:{channel}".encode()
+
+    # -- enqueue ----------------------------------------------------------------------------
+
+    def _enqueue_call(
+        self, messages: Sequence[Envelope], first: _Queue | None = None
+    ) -> tuple[list[bytes], list[Any]]:
+        """KEYS and the message quadruples of ARGV for the ``enqueue`` Lua function."""
+        groups: dict[str, int] = {}
+        keys: list[bytes] = []
+        if first is not None:
+            groups[first.name] = 0
+            keys.extend(first.keys)
+        args: list[Any] = []
+        for env in messages:
+            index = groups.get(env.queue)
+            if index is None:
+                q = self._queue(env.queue)
+                index = groups[env.queue] = len(groups)
+                keys.extend(q.keys)
+            if not isinstance(env.id, str) or not env.id:
+                raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
+            eta = env.eta
+            args += (index, env.id, env.data, "" if eta is None else repr(float(eta)))
+        return keys, args
+
+    async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
+        """Put messages on their queues in one script (one round trip).
+
+        Messages due now are appended in the given order; the others go to their queue's
+        schedule. A message whose id is already stored on its queue (enqueued and not
+        yet acked) is not stored twice. With ``split_slots``, one script per queue,
+        pipelined: each queue's messages are stored all or none.
+
+        :param messages: the messages
+        :raises InvalidInputError: a queue name or message id is invalid (nothing stored)
+        """
+        if not messages:
+            return
+        if self.split_slots:
+            by_queue: dict[str, list[Envelope]] = {}
+            for env in messages:
+                by_queue.setdefault(env.queue, []).append(env)
+            calls = [("enqueue", *self._enqueue_call(group)) for group in by_queue.values()]
+            with translate_errors("enqueueing"):
+                replies = await self._scripts.call_many(calls)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise BrokerError(f"Redis failed while enqueueing: {reply}") from reply
+            return
+        keys, args = self._enqueue_call(messages)
+        with translate_errors("enqueueing"):
+            await self._scripts.call("enqueue", keys, args)
+
+    async def _ack(
+        self, q: _Queue, message_id: bytes, token: bytes, enqueue: Sequence[Envelope]
+    ) -> bool:
+        if enqueue and self.split_slots:
+            others = [env for env in enqueue if env.queue != q.name]
+            if others:
+                await self.enqueue_many(others)
+                enqueue = [env for env in enqueue if env.queue == q.name]
+        if enqueue:
+            keys, args = self._enqueue_call(enqueue, first=q)
+            args[:0] = (message_id, token)
+        else:
+            keys, args = q.keys, [message_id, token]
+        with translate_errors("acking a message"):
+            return bool(await self._scripts.call("ack", keys, args))
+
+    # -- consume ----------------------------------------------------------------------------
+
+    async def consume(self, queue: str, send_stream: MemoryObjectSendStream[Delivery]) -> None:
+        """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
+
+        Fetches up to ``min(batch_size, number of receivers)`` messages per round trip,
+        hands them over one at a time, and blocks in ``BLPOP`` while the queue is empty.
+        On cancellation (or when every receiver is gone) the messages fetched and not
+        handed over go back to the front of the queue, their delivery not counted; the
+        one whose hand-over was interrupted goes back too, so a receiver that did get it
+        finds its lease lost when it settles. Redis errors are logged and retried with
+        a bounded backoff.
+
+        :param queue: the queue
+        :param send_stream: where to hand the deliveries; closed on return
+        """
+        q = self._queue(queue)
+        self._require_open()
+        local: deque[RedisDelivery] = deque()
+        waiter = _Waiter()
+        with send_stream:
+            try:
+                async with self._listen(q.keys[6], waiter.wake):
+                    await self._feed(q, send_stream, local, waiter)
+            finally:
+                if local:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                        await self._give_back(q, local)
+
+    async def _feed(
+        self,
+        q: _Queue,
+        send_stream: MemoryObjectSendStream[Delivery],
+        local: deque[RedisDelivery],
+        waiter: _Waiter,
+    ) -> None:
+        backoff = 0.0
+        while True:
+            if not local:
+                receivers = send_stream.statistics().open_receive_streams
+                event = waiter.arm()  # before the fetch: a notification during it counts
+                try:
+                    wait_ms, batch = await self._fetch(q, min(self.batch_size, max(1, receivers)))
+                except BrokerError as exc:
+                    backoff = min(5.0, backoff * 2 or 0.05)
+                    logger.warning(
+                        "consuming queue %r failed (%s); retrying in %.2fs",
+                        q.name,
+                        exc,
+                        backoff,
+                        extra={"queue": q.name},
+                    )
+                    await anyio.sleep(backoff)
+                    continue
+                backoff = 0.0
+                if not batch:
+                    # until an enqueue notifies, the next ETA, or the next sweep
+                    timeout = self.lease / 3
+                    if wait_ms >= 0:
+                        timeout = min(timeout, wait_ms / 1000)
+                    with anyio.move_on_after(timeout):
+                        await event.wait()
+                    continue
+                local.extend(batch)
+            delivery = local[0]
+            try:
+                await send_stream.send(delivery)
+            except anyio.BrokenResourceError:
+                return
+            except BaseException:
+                delivery._state = _WITHDRAWN
+                raise
+            local.popleft()
+            del delivery
+
+    async def _fetch(self, q: _Queue, count: int) -> tuple[int, list[RedisDelivery]]:
+        with translate_errors(f"fetching from queue {q.name!r}"):
+            wait_ms, flat = await self._scripts.call("fetch", q.keys, (count, self._lease_ms))
+        deliveries = [
+            RedisDelivery(self, q, flat[i], flat[i + 1], flat[i + 2], str(flat[i + 3]).encode())
+            for i in range(0, len(flat), 4)
+        ]
+        return int(wait_ms), deliveries
+
+    async def _give_back(self, q: _Queue, deliveries: Sequence[RedisDelivery]) -> None:
+        args: list[bytes] = []
+        for delivery in deliveries:
+            if delivery._state == _SETTLED:
+                continue
+            delivery._stop_renewing()
+            if delivery._state == _HELD:
+                delivery._state = _SETTLED
+            args += (delivery._id, delivery._token)
+        if not args:
+            return
+        try:
+            with translate_errors(f"giving messages back to queue {q.name!r}"):
+                await self._scripts.call("give_back", q.keys, args)
+        except BrokerError:
+            logger.exception(
+                "could not give %d fetched messages back to queue %r; they come back "
+                "when their lease expires",
+                len(args) // 2,
+                q.name,
+                extra={"queue": q.name},
+            )
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        interval = self.lease / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.renew_leases()
+            except BrokerError:
+                logger.exception("renewing leases failed; trying again in %.2fs", interval)
+
+    async def renew_leases(self) -> None:
+        """Renew the lease of every message this broker holds, now (one round trip).
+
+        Runs every ``lease / 3`` seconds by itself; also gives back the messages of
+        deliveries that were garbage-collected unsettled.
+        """
+        abandoned = self._abandoned
+        while abandoned:
+            q, message_id, token = abandoned.popleft()
+            if q.held.get(message_id) == token:
+                del q.held[message_id]
+            with translate_errors("giving back an abandoned message"):
+                await self._scripts.call("nack", q.keys, (message_id, token, "0"))
+        calls: list[tuple[str, Sequence[Any], Sequence[Any]]] = []
+        queues: list[_Queue] = []
+        for q in self._queues.values():
+            if q.held:
+                args: list[bytes] = [self._lease_ms]
+                for item in q.held.copy().items():
+                    args += item
+                calls.append(("renew", q.keys, args))
+                queues.append(q)
+        if not calls:
+            return
+        with translate_errors("renewing leases"):
+            replies = await self._scripts.call_many(calls)
+        for q, reply in zip(queues, replies, strict=True):
+            if isinstance(reply, Exception):
+                logger.error("renewing the leases of queue %r failed: %s", q.name, reply)
+                continue
+            for message_id in reply:
+                logger.warning(
+                    "lost the lease of message %r of queue %r (delivered again elsewhere)",
+                    message_id,
+                    q.name,
+                    extra={"queue": q.name},
+                )
+                q.held.pop(message_id, None)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    async def get_pending(self, queue: str) -> list[bytes]:
+        """Messages on ``queue`` that are due and not held by a worker, oldest first.
+
+        Moves due scheduled messages and expired leases to the queue first, as a fetch
+        would.
+
+        :param queue: the queue
+        :return: the messages' data
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading queue {q.name!r}"):
+            return list(await self._scripts.call("inspect", q.keys, ("pending",)))
+
+    async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
+        """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order.
+
+        :param queue: the queue
+        :return: ``(eta, data)`` pairs, earliest first (equal ETAs in message id order)
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading queue {q.name!r}"):
+            flat = await self._scripts.call("inspect", q.keys, ("scheduled",))
+        return [(float(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
+        """Messages of ``queue`` set aside with :meth:`RedisDelivery.dead_letter`.
+
+        :param queue: the queue
+        :return: the dead letters, oldest first
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading the dead letters of queue {q.name!r}"):
+            entries = await self.client.lrange(q.keys[8], 0, -1)
+        out = []
+        for entry in entries:
+            try:
+                data, reason, at = msgpack.unpackb(entry, raw=False, use_list=True)
+                if not isinstance(data, bytes):
+                    raise TypeError("data is not bytes")
+                out.append(DeadLetter(queue=q.name, data=data, reason=str(reason), at=float(at)))
+            except Exception:
+                out.append(
+                    DeadLetter(queue=q.name, data=bytes(entry), reason="unreadable entry", at=0.0)
+                )
+        return out
+
+    # -- pub/sub ----------------------------------------------------------------------------
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Publish ``data`` on ``channel`` (Redis pub/sub: best effort, no history).
+
+        :param channel: the channel name
+        :param data: the message
+        """
+        key = self._channel(channel)
+        with translate_errors("publishing"):
+            await self.client.publish(key, data)
+
+    @asynccontextmanager
+    async def subscribe(
+        self, channel: str, callback: Callable[[bytes], None]
+    ) -> AsyncIterator[None]:
+        """Call ``callback`` with every message published on ``channel`` inside the block.
+
+        The broker has one subscriber connection, whose reader task (in the broker's task
+        group) calls the callbacks in publishing order. Entering returns once Redis
+        confirmed the subscription, so every message published after that is seen.
+
+        :param channel: the channel name
+        :param callback: a quick, non-blocking function of the message
+        """
+        async with self._listen(self._channel(channel), callback):
+            yield
+
+    @asynccontextmanager
+    async def _listen(self, key: bytes, callback: Callable[[bytes], None]) -> AsyncIterator[None]:
+        """Call ``callback`` with every message on the pub/sub channel ``key`` (raw)."""
+        tg = self._require_open()
+        lock = self._pubsub_lock
+        assert lock is not None
+        async with lock:
+            if self._pubsub is None:
+                await tg.start(self._read_pubsub, name=f"{self!r} pub/sub reader")
+            callbacks = self._callbacks.setdefault(key, [])
+            callbacks.append(callback)
+            try:
+                if key not in self._subscribed:
+                    assert self._pubsub is not None
+                    with translate_errors(f"subscribing to {key!r}"):
+                        await self._pubsub.subscribe(key)
+                    self._subscribed.add(key)
+            except BaseException:
+                self._remove_callback(key, callback)
+                raise
+        try:
+            yield
+        finally:
+            self._remove_callback(key, callback)
+            if key not in self._callbacks:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    async with lock:
+                        pubsub = self._pubsub
+                        if key not in self._callbacks and key in self._subscribed:
+                            self._subscribed.discard(key)
+                            if pubsub is not None:
+                                try:
+                                    await pubsub.unsubscribe(key)
+                                except Exception:
+                                    logger.debug("unsubscribing from %r failed", key, exc_info=True)
+
+    def _remove_callback(self, key: bytes, callback: Callable[[bytes], None]) -> None:
+        callbacks = self._callbacks.get(key)
+        if callbacks is None:
+            return
+        callbacks.remove(callback)
+        if not callbacks:
+            del self._callbacks[key]
+
+    async def _read_pubsub(self, *, task_status: TaskStatus[None]) -> None:
+        async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            self._pubsub = pubsub
+            try:
+                task_status.started()
+                while True:
+                    message = await pubsub.get_message()
+                    if message is None or message["type"] != "message":
+                        continue
+                    channel = message["channel"]
+                    data = message["data"]
+                    assert isinstance(channel, bytes)
+                    for callback in tuple(self._callbacks.get(channel, ())):
+                        try:
+                            callback(data)  # type: ignore[arg-type]
+                        except Exception:
+                            logger.exception(
+                                "subscriber %r of channel %r raised",
+                                callback,
+                                channel,
+                                extra={"channel": channel},
+                            )
+            finally:
+                self._pubsub = None
+                self._subscribed.clear()

@@ -1,0 +1,717 @@
+"""The Redis results store, on coredis. Runs on Trio and asyncio.
+
+Keys
+----
+Every key starts with the prefix ``P`` (default ``tasqueue``). The kind of a key comes
+*before* the id, and the id is the key's hash tag, so no id can reach a key of another
+kind, and the keys of one job (or one group or chain) share a Redis Cluster slot::
+
+    P:s:{ID}          hash    job state: st (status), d (message), c ("1": cancel requested)
+    P:r:{ID}          string  the job's saved result
+    P:p:{ID}          hash    group or chain: k (kind), st (status), d (data), e (error)
+    P:pm:{ID}         hash    its members: job id -> status
+    P:pc:{ID}         hash    its member counts: status -> number of members
+    P:{l}:success     zset    ids of jobs that ended successful, scored by end order
+    P:{l}:failed      zset    ids of jobs that ended failed, scored by end order
+    P:{l}:seq         string  the end-order counter
+    P:{sched}:data    hash    schedule id -> encoded job
+    P:{sched}:fire    hash    schedule id -> repr() of its next fire time
+
+Every conditional write (``start_job``, ``update_job``, ``request_cancel``,
+``set_member_status``, ``set_parent_status``, ``advance_schedule``) is one Lua script, so
+it is atomic, and sets the key's expiry in the same script. Fire times are stored as
+``repr(float)``, which reads back as the same float, so ``advance_schedule`` compares
+exactly.
+
+On a single Redis server the listing update of ``update_job`` happens in the job's
+script. (For Redis Cluster, where the listings live on another slot, it would be a
+second step: see the module notes in ``docs/backends.md``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import coredis
+
+from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
+from .._redis import DEFAULT_PREFIX, RedisBackend, Scripts, translate_errors
+from ..abc import JobRecord, ParentRecord, Results, ScheduleRecord
+
+__all__ = ["RedisResults"]
+
+_LUA_COMMON = r"""
+local FINAL = {successful = true, failed = true, cancelled = true}
+
+local function expire(ttl, ...)
+  if ttl > 0 then
+    for _, key in ipairs({...}) do
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+end
+
+-- the listings: KEYS[2] success, KEYS[3] failed, KEYS[4] end-order counter
+local function list_end(status, id)
+  if status == 'successful' then
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), id)
+  elseif status == 'failed' then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), id)
+  end
+end
+
+local function hset_pairs(key, items, first)
+  local n = #items
+  local i = first
+  while i <= n do
+    local j = math.min(i + 999, n)
+    redis.call('HSET', key, unpack(items, i, j))
+    i = j + 1
+  end
+end
+"""
+
+# KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms.
+# Returns 0 when written, else the current {st, d, c}.
+_LUA_START = r"""
+local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c')
+if cur[1] and (FINAL[cur[1]] or cur[3] == '1') then
+  return cur
+end
+redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'c', ARGV[4])
+expire(tonumber(ARGV[5]), KEYS[1])
+list_end(ARGV[2], ARGV[1])
+return 0
+"""
+
+# KEYS: state, success, failed, seq. ARGV: id, status, data, ttl ms, expected statuses...
+_LUA_UPDATE = r"""
+local st = redis.call('HGET', KEYS[1], 'st')
+if not st then
+  return 0
+end
+local ok = false
+for i = 5, #ARGV do
+  if ARGV[i] == st then
+    ok = true
+    break
+  end
+end
+if not ok then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3])
+expire(tonumber(ARGV[4]), KEYS[1])
+list_end(ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: state. ARGV: ttl ms. Returns 0 (no state) or {st, d, c} after the call.
+_LUA_CANCEL = r"""
+local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c')
+local st = cur[1]
+if not st then
+  return 0
+end
+if FINAL[st] then
+  return cur
+end
+if st == 'queued' or st == 'retrying' then
+  redis.call('HSET', KEYS[1], 'st', 'cancelled')
+  cur[1] = 'cancelled'
+elseif cur[3] == '1' then
+  return cur
+else
+  redis.call('HSET', KEYS[1], 'c', '1')
+  cur[3] = '1'
+end
+expire(tonumber(ARGV[1]), KEYS[1])
+return cur
+"""
+
+# KEYS: state keys. ARGV: ttl ms, then status, data, cancel per key.
+_LUA_SET_JOBS = r"""
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local a = 2 + (i - 1) * 3
+  redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2])
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 1
+"""
+
+# KEYS: state keys. ARGV: ttl ms, then status, data, cancel per key. Writes only the
+# states that do not exist; returns the (1-based) indexes of those it wrote.
+_LUA_CREATE_JOBS = r"""
+local ttl = tonumber(ARGV[1])
+local created = {}
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local a = 2 + (i - 1) * 3
+    redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2])
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    end
+    created[#created + 1] = i
+  end
+end
+return created
+"""
+
+# KEYS: state, result, success, failed. ARGV: id.
+_LUA_DELETE = r"""
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"""
+
+# KEYS: listing. ARGV: state key prefix, suffix. Listed ids whose state is gone
+# (expired) leave the listing. Single server only: the state keys are built here.
+_LUA_LISTING = r"""
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out, gone = {}, {}
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', ARGV[1] .. id .. ARGV[2]) == 1 then
+    out[#out + 1] = id
+  else
+    gone[#gone + 1] = id
+  end
+end
+for i = 1, #gone, 1000 do
+  redis.call('ZREM', KEYS[1], unpack(gone, i, math.min(i + 999, #gone)))
+end
+return out
+"""
+
+# KEYS: parent, members, counts. ARGV: ttl ms, kind, status, data, has error, error,
+# then member id, status pairs.
+_LUA_SET_PARENT = r"""
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'k', ARGV[2], 'st', ARGV[3], 'd', ARGV[4], 'e', ARGV[6])
+else
+  redis.call('HSET', KEYS[1], 'k', ARGV[2], 'st', ARGV[3], 'd', ARGV[4])
+end
+if #ARGV > 6 then
+  hset_pairs(KEYS[2], ARGV, 7)
+  local counts = {}
+  for i = 8, #ARGV, 2 do
+    counts[ARGV[i]] = (counts[ARGV[i]] or 0) + 1
+  end
+  local flat = {}
+  for status, n in pairs(counts) do
+    flat[#flat + 1] = status
+    flat[#flat + 1] = n
+  end
+  redis.call('HSET', KEYS[3], unpack(flat))
+end
+expire(tonumber(ARGV[1]), KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""
+
+# KEYS: parent, members. Returns 0 or {{k, st, d, e}, {member, status, ...}}.
+_LUA_GET_PARENT = r"""
+local fields = redis.call('HMGET', KEYS[1], 'k', 'st', 'd', 'e')
+if not fields[1] then
+  return 0
+end
+return {fields, redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: parent, members, counts. ARGV: ttl ms, job id, status.
+# Returns 0 (no parent) or the counts {status, n, ...}.
+_LUA_SET_MEMBER = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local old = redis.call('HGET', KEYS[2], ARGV[2])
+if old ~= ARGV[3] then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  if old then
+    if redis.call('HINCRBY', KEYS[3], old, -1) <= 0 then
+      redis.call('HDEL', KEYS[3], old)
+    end
+  end
+  redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+end
+expire(tonumber(ARGV[1]), KEYS[1], KEYS[2], KEYS[3])
+return redis.call('HGETALL', KEYS[3])
+"""
+
+# KEYS: parent, members, counts. ARGV: ttl ms, status, has error, error, expected...
+_LUA_SET_PARENT_STATUS = r"""
+local st = redis.call('HGET', KEYS[1], 'st')
+if not st then
+  return 0
+end
+local ok = false
+for i = 5, #ARGV do
+  if ARGV[i] == st then
+    ok = true
+    break
+  end
+end
+if not ok then
+  return 0
+end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'st', ARGV[2], 'e', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'st', ARGV[2])
+end
+expire(tonumber(ARGV[1]), KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""
+
+# KEYS: schedule data, fire times. ARGV: id, data, fire.
+_LUA_SET_SCHEDULE = r"""
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: schedule data, fire times. Returns {{id, data, ...}, {id, fire, ...}}.
+_LUA_GET_SCHEDULES = r"""
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: schedule data, fire times. ARGV: id, expected fire, next fire.
+_LUA_ADVANCE = r"""
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: schedule data, fire times. ARGV: id.
+_LUA_DELETE_SCHEDULE = r"""
+redis.call('HDEL', KEYS[1], ARGV[1])
+return redis.call('HDEL', KEYS[2], ARGV[1])
+"""
+
+_SCRIPTS = {
+    name: _LUA_COMMON + source
+    for name, source in {
+        "start": _LUA_START,
+        "update": _LUA_UPDATE,
+        "cancel": _LUA_CANCEL,
+        "set_jobs": _LUA_SET_JOBS,
+        "create_jobs": _LUA_CREATE_JOBS,
+        "delete": _LUA_DELETE,
+        "listing": _LUA_LISTING,
+        "set_parent": _LUA_SET_PARENT,
+        "get_parent": _LUA_GET_PARENT,
+        "set_member": _LUA_SET_MEMBER,
+        "set_parent_status": _LUA_SET_PARENT_STATUS,
+        "set_schedule": _LUA_SET_SCHEDULE,
+        "get_schedules": _LUA_GET_SCHEDULES,
+        "advance": _LUA_ADVANCE,
+        "delete_schedule": _LUA_DELETE_SCHEDULE,
+    }.items()
+}
+
+
+def _ttl_ms(ttl: float | None, what: str) -> int:
+    if ttl is None:
+        return 0
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0:
+        raise InvalidInputError(f"{what} must be seconds > 0 or None, got {ttl!r}")
+    return max(1, round(ttl * 1000))
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"a {what} must be a non-empty str, got {value!r}")
+    return value
+
+
+def _record(fields: list[Any]) -> JobRecord:
+    status, data, cancel = fields
+    return JobRecord(status=status.decode(), data=data or b"", cancel_requested=cancel == b"1")
+
+
+def _counts(flat: list[Any]) -> dict[str, int]:
+    return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class RedisResults(RedisBackend, Results):
+    """A :class:`~tasqueue_anyio.abc.Results` store on Redis, via coredis.
+
+    Open it with ``async with`` (it owns its connections unless given a ``client``;
+    entering it again is counted).
+
+    The success and failed listings hold each job id at most once, in the order the jobs
+    ended; a job that ends again moves to the end of the listing of its new status. A
+    listing only shows jobs whose state is still stored.
+
+    :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
+        certificate and host name checked); default ``redis://localhost:6379/0``
+    :param client: a coredis client to use instead of a URL; the caller opens and
+        closes it
+    :param prefix: the start of every key
+    :param job_ttl: seconds job state, and group and chain state, is kept after its last
+        write (``None``: forever), as a Redis expiry set by the writing script
+    :param result_ttl: seconds a saved result is kept after it was written (``None``:
+        forever)
+    """
+
+    _what = "Redis results store"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: coredis.Redis[bytes] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        job_ttl: float | None = None,
+        result_ttl: float | None = None,
+    ) -> None:
+        super().__init__(url, client, prefix)
+        self.job_ttl = job_ttl
+        self.result_ttl = result_ttl
+        self._job_ttl = _ttl_ms(job_ttl, "job_ttl")
+        self._result_ttl = _ttl_ms(result_ttl, "result_ttl")
+        self._job_ttl_arg = str(self._job_ttl).encode()
+        p = self.prefix
+        self._state_prefix = f"{p}:s:{{"
+        self._result_prefix = f"{p}:r:{{"
+        self._listing_keys = [
+            f"{p}:{{l}}:success".encode(),
+            f"{p}:{{l}}:failed".encode(),
+            f"{p}:{{l}}:seq".encode(),
+        ]
+        self._schedule_keys = [f"{p}:{{sched}}:data".encode(), f"{p}:{{sched}}:fire".encode()]
+        self._scripts = Scripts(self.client, _SCRIPTS)
+
+    async def _open(self) -> None:
+        await self._scripts.load()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _state(self, job_id: str) -> str:
+        return f"{self._state_prefix}{job_id}}}"
+
+    def _result(self, job_id: str) -> str:
+        return f"{self._result_prefix}{job_id}}}"
+
+    def _parent(self, parent_id: str) -> list[str]:
+        _check_id(parent_id, "group or chain id")
+        p = self.prefix
+        return [f"{p}:p:{{{parent_id}}}", f"{p}:pm:{{{parent_id}}}", f"{p}:pc:{{{parent_id}}}"]
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        """The stored state of a job (one ``HMGET``).
+
+        :param job_id: the job id
+        :return: the record
+        :raises JobNotFoundError: nothing is stored under ``job_id`` (or it expired)
+        """
+        key = self._state(_check_id(job_id, "job id"))
+        with translate_errors("reading job state"):
+            fields = await self.client.hmget(key, ["st", "d", "c"])
+        if fields[0] is None:
+            raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
+        return _record(list(fields))
+
+    async def set_jobs(self, records: Mapping[str, JobRecord]) -> None:
+        """Store the state of many jobs in one script, unconditionally (the listings are
+        not touched).
+
+        :param records: records by job id
+        """
+        if not records:
+            return
+        with translate_errors("storing job state"):
+            await self._scripts.call("set_jobs", *self._jobs_call(records))
+
+    def _jobs_call(self, records: Mapping[str, JobRecord]) -> tuple[list[str], list[Any]]:
+        keys = []
+        args: list[Any] = [self._job_ttl_arg]
+        for job_id, record in records.items():
+            keys.append(self._state(_check_id(job_id, "job id")))
+            args += (record.status, record.data, b"1" if record.cancel_requested else b"0")
+        return keys, args
+
+    async def create_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs that have none yet, atomically (one script); leave
+        the others as they are.
+
+        :param records: records by job id
+        :return: the ids whose state this call created
+        """
+        if not records:
+            return set()
+        ids = list(records)
+        with translate_errors("creating job state"):
+            created = await self._scripts.call("create_jobs", *self._jobs_call(records))
+        return {ids[index - 1] for index in created}
+
+    async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
+        """Move a job to ``record`` if it has no state, or is not final and not cancelled
+        (one script).
+
+        :param job_id: the job id
+        :param record: the new state
+        :return: ``None`` when ``record`` was written, else the current (unchanged) record
+        """
+        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys]
+        args = (
+            job_id,
+            record.status,
+            record.data,
+            b"1" if record.cancel_requested else b"0",
+            self._job_ttl_arg,
+        )
+        with translate_errors("starting a job"):
+            reply = await self._scripts.call("start", keys, args)
+        return None if reply == 0 else _record(reply)
+
+    async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
+        """Write ``record`` if the job's status is one of ``expect`` (one script, which
+        also lists a ``successful`` or ``failed`` job). ``cancel_requested`` is kept as
+        stored.
+
+        :param job_id: the job id
+        :param record: the new state
+        :param expect: the statuses the job may currently have
+        :return: whether ``record`` was written (never when the job has no state)
+        """
+        if not expect:
+            return False
+        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys]
+        args = [job_id, record.status, record.data, self._job_ttl_arg, *expect]
+        with translate_errors("updating a job"):
+            return bool(await self._scripts.call("update", keys, args))
+
+    async def request_cancel(self, job_id: str) -> JobRecord:
+        """Ask a job to stop (one script).
+
+        A ``queued`` or ``retrying`` job becomes ``cancelled``; a job in a final status is
+        left as it is; any other is marked ``cancel_requested``.
+
+        :param job_id: the job id
+        :return: the record as it is after the call
+        :raises JobNotFoundError: nothing is stored under ``job_id`` (or it expired)
+        """
+        keys = [self._state(_check_id(job_id, "job id"))]
+        with translate_errors("cancelling a job"):
+            reply = await self._scripts.call("cancel", keys, (self._job_ttl_arg,))
+        if reply == 0:
+            raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
+        return _record(reply)
+
+    async def get_result(self, job_id: str) -> bytes:
+        """The result a job saved.
+
+        :param job_id: the job id
+        :return: the saved bytes
+        :raises ResultNotFoundError: the job saved no result (or it expired)
+        """
+        key = self._result(_check_id(job_id, "job id"))
+        with translate_errors("reading a result"):
+            data = await self.client.get(key)
+        if data is None:
+            raise ResultNotFoundError(f"no result is stored for job id {job_id!r}")
+        return data
+
+    async def set_result(self, job_id: str, data: bytes) -> None:
+        """Store (replace) the result of a job, with ``result_ttl`` if set.
+
+        :param job_id: the job id
+        :param data: the result
+        """
+        key = self._result(_check_id(job_id, "job id"))
+        with translate_errors("storing a result"):
+            if self._result_ttl:
+                await self.client.set(key, data, px=self._result_ttl)
+            else:
+                await self.client.set(key, data)
+
+    async def delete_job(self, job_id: str) -> None:
+        """Forget a job: its state, its result and its place in the listings (one script).
+
+        :param job_id: the job id; an unknown one is ignored
+        """
+        _check_id(job_id, "job id")
+        keys = [self._state(job_id), self._result(job_id), *self._listing_keys[:2]]
+        with translate_errors("deleting a job"):
+            await self._scripts.call("delete", keys, (job_id,))
+
+    async def _listing(self, key: bytes) -> list[str]:
+        with translate_errors("reading a listing"):
+            if self._job_ttl:
+                ids = await self._scripts.call("listing", [key], (self._state_prefix, "}"))
+            else:
+                ids = await self.client.zrange(key, 0, -1)
+        return [job_id.decode() for job_id in ids]
+
+    async def get_success(self) -> list[str]:
+        """Ids of jobs that ended ``successful``, in the order they ended.
+
+        :return: the ids, each once
+        """
+        return await self._listing(self._listing_keys[0])
+
+    async def get_failed(self) -> list[str]:
+        """Ids of jobs that ended ``failed``, in the order they ended.
+
+        :return: the ids, each once
+        """
+        return await self._listing(self._listing_keys[1])
+
+    # -- groups and chains ("parents") ---------------------------------------------------
+
+    async def set_parent(self, parent_id: str, record: ParentRecord) -> None:
+        """Store (replace) the state of a group or chain, its member counts rebuilt
+        (one script).
+
+        :param parent_id: the group or chain id
+        :param record: the new state
+        """
+        keys = self._parent(parent_id)
+        has_error = record.error is not None
+        args: list[Any] = [
+            self._job_ttl_arg,
+            record.kind,
+            record.status,
+            record.data,
+            b"1" if has_error else b"0",
+            record.error if has_error else b"",
+        ]
+        for member, status in record.members.items():
+            args += (member, status)
+        with translate_errors("storing a group or chain"):
+            await self._scripts.call("set_parent", keys, args)
+
+    async def get_parent(self, parent_id: str) -> ParentRecord:
+        """The stored state of a group or chain (one script: a consistent snapshot).
+
+        :param parent_id: the group or chain id
+        :return: the record
+        :raises NotFoundError: nothing is stored under ``parent_id`` (or it expired)
+        """
+        keys = self._parent(parent_id)[:2]
+        with translate_errors("reading a group or chain"):
+            reply = await self._scripts.call("get_parent", keys, ())
+        if reply == 0:
+            raise NotFoundError(f"no group or chain is stored under id {parent_id!r}")
+        (kind, status, data, error), flat = reply
+        return ParentRecord(
+            kind=kind.decode(),
+            status=status.decode(),
+            data=data or b"",
+            members={flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)},
+            error=None if error is None else error.decode(),
+        )
+
+    async def set_member_status(self, parent_id: str, job_id: str, status: str) -> dict[str, int]:
+        """Record a member's status; return how many members are in each status (one
+        script, counters kept in a hash).
+
+        :param parent_id: the group or chain id
+        :param job_id: the member job id
+        :param status: the member's new status
+        :return: status → number of members, without zero counts
+        :raises NotFoundError: nothing is stored under ``parent_id`` (or it expired)
+        """
+        keys = self._parent(parent_id)
+        with translate_errors("recording a member's status"):
+            reply = await self._scripts.call(
+                "set_member", keys, (self._job_ttl_arg, _check_id(job_id, "job id"), status)
+            )
+        if reply == 0:
+            raise NotFoundError(f"no group or chain is stored under id {parent_id!r}")
+        return _counts(reply)
+
+    async def set_parent_status(
+        self, parent_id: str, status: str, *, expect: Collection[str], error: str | None = None
+    ) -> bool:
+        """Set the parent's status (and ``error``, if given) if its status is in ``expect``
+        (one script).
+
+        :param parent_id: the group or chain id
+        :param status: the new status
+        :param expect: the statuses the parent may currently have
+        :param error: the new error; ``None`` keeps the stored one
+        :return: whether it was written (never when nothing is stored or it expired)
+        """
+        if not expect:
+            return False
+        keys = self._parent(parent_id)
+        args = [
+            self._job_ttl_arg,
+            status,
+            b"0" if error is None else b"1",
+            b"" if error is None else error,
+            *expect,
+        ]
+        with translate_errors("setting a group's or chain's status"):
+            return bool(await self._scripts.call("set_parent_status", keys, args))
+
+    # -- cron schedules --------------------------------------------------------------------
+
+    async def set_schedule(self, record: ScheduleRecord) -> None:
+        """Store (replace) a schedule (its fire time as ``repr(float)``).
+
+        :param record: the schedule
+        """
+        args = (_check_id(record.id, "schedule id"), record.data, repr(float(record.next_fire)))
+        with translate_errors("storing a schedule"):
+            await self._scripts.call("set_schedule", self._schedule_keys, args)
+
+    async def get_schedules(self) -> list[ScheduleRecord]:
+        """Every stored schedule, ordered by id (code point order).
+
+        :return: the schedules
+        """
+        with translate_errors("reading schedules"):
+            datas, fires = await self._scripts.call("get_schedules", self._schedule_keys, ())
+        fire_by_id = {fires[i]: fires[i + 1] for i in range(0, len(fires), 2)}
+        records = []
+        for i in range(0, len(datas), 2):
+            fire = fire_by_id.get(datas[i])
+            if fire is None:
+                continue
+            records.append(
+                ScheduleRecord(id=datas[i].decode(), data=datas[i + 1], next_fire=float(fire))
+            )
+        records.sort(key=lambda record: record.id)
+        return records
+
+    async def advance_schedule(
+        self, schedule_id: str, expect_fire: float, next_fire: float
+    ) -> bool:
+        """Move a schedule's ``next_fire`` from ``expect_fire`` to ``next_fire`` (one
+        script comparing the stored ``repr`` exactly).
+
+        :param schedule_id: the schedule id
+        :param expect_fire: the ``next_fire`` the schedule must have now
+        :param next_fire: the new ``next_fire``
+        :return: whether it was moved
+        """
+        args = (
+            _check_id(schedule_id, "schedule id"),
+            repr(float(expect_fire)),
+            repr(float(next_fire)),
+        )
+        with translate_errors("advancing a schedule"):
+            return bool(await self._scripts.call("advance", self._schedule_keys, args))
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule.
+
+        :param schedule_id: the schedule id
+        :return: whether it existed
+        """
+        args = (_check_id(schedule_id, "schedule id"),)
+        with translate_errors("deleting a schedule"):
+            return bool(await self._scripts.call("delete_schedule", self._schedule_keys, args))
