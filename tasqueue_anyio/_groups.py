@@ -112,7 +112,8 @@ class GroupMessage:
 class ChainMessage:
     """The state of a chain, as :meth:`Server.get_chain` returns it.
 
-    :ivar current_job: the link running or next to run (the last one once the chain ended)
+    :ivar current_job: the link running or next to run; once the chain ended, the last
+        link if it succeeded, else the link that failed or was cancelled
     :ivar prev_jobs: the links before ``current_job``, in order
     :ivar jobs: link job id → its status, in order (links not reached yet are ``queued``)
     """

@@ -417,7 +417,7 @@ class Server:
         await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
 
     async def enqueue_group(self, group: Group) -> str:
-        """Enqueue every job of ``group`` (one results call and one broker call).
+        """Enqueue every job of ``group`` (two results calls, for the group and its jobs, and one broker call).
 
         :return: the group id
         """

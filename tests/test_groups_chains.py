@@ -645,15 +645,11 @@ async def test_link_ending_after_its_chain_was_cancelled_starts_no_next_link(
         assert final.jobs[links[1].id] is Status.CANCELLED
 
 
-@pytest.mark.xfail(
-    reason="library bug: Server.cancel(chain_id) between a link's success being checked "
-    "(member_changed reads the chain's status) and its ack enqueuing the next link lets the "
-    "next link run in the cancelled chain",
-    strict=True,
-)
 async def test_cancel_chain_while_the_next_link_is_being_enqueued(
     broker: Broker, results: Results, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Regression: the chain is cancelled after a link's success was checked against the
+    chain's status but before the next link was enqueued; that next link must not run."""
     later = Counter()
     in_window = anyio.Event()
     proceed = anyio.Event()
@@ -687,7 +683,77 @@ async def test_cancel_chain_while_the_next_link_is_being_enqueued(
 
     assert later.count == 0
     assert final.status is Status.CANCELLED
-    assert final.jobs[links[1].id] is Status.CANCELLED
+    assert final.jobs == {links[0].id: Status.SUCCESSFUL, links[1].id: Status.CANCELLED}
+    # if the link's state was recorded before the cancel was seen, it ended cancelled
+    try:
+        skipped = await server.get_job(links[1].id)
+    except JobNotFoundError:
+        pass
+    else:
+        assert skipped.status is Status.CANCELLED
+
+
+async def test_link_result_over_the_payload_limit_fails_the_chain(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    later = Counter()
+
+    async def big(payload: bytes, ctx: JobContext) -> None:
+        await ctx.save(b"x" * 2000)  # a result may become the next link's input
+
+    async with Server(broker=broker, results=results, max_payload_size=1000) as server:
+        server.register_task("big", big, queue=queue_name)
+        server.register_task("later", later, queue=queue_name)
+        links = [Job("big", queue=queue_name), Job("later", queue=queue_name)]
+        chain = Chain(links)
+        await server.enqueue_chain(chain)
+        async with running(server):
+            done = await server.wait_chain(chain.id, timeout=TIMEOUT)
+            link = await server.wait(links[0].id, timeout=TIMEOUT)
+
+        assert link.status is Status.FAILED
+        assert link.meta.prev_error is not None
+        assert link.meta.prev_error.startswith("PayloadTooLargeError")
+        assert done.status is Status.FAILED
+        assert done.error is not None
+        assert links[0].id in done.error
+        assert done.jobs == {links[0].id: Status.FAILED, links[1].id: Status.CANCELLED}
+        assert later.count == 0
+        await assert_no_job(server, links[1].id)
+
+
+async def test_next_link_too_large_to_enqueue_fails_the_chain(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    """Regression: the next link's message (its payload plus the previous result) over
+    ``max_message_size`` once wedged the chain, its last link redelivered forever."""
+    later = Counter()
+    limit = 100_000
+
+    async def big(payload: bytes, ctx: JobContext) -> None:
+        await ctx.save(b"r" * (limit - 100))  # within the payload limit
+
+    # max_message_size is raised to max_payload_size + 64 KiB
+    server = Server(broker=broker, results=results, max_payload_size=limit, max_message_size=1)
+    assert server.max_message_size == limit + 64 * 1024
+    async with server:
+        server.register_task("big", big, queue=queue_name)
+        server.register_task("later", later, queue=queue_name)
+        links = [Job("big", queue=queue_name), Job("later", b"p" * (limit - 100), queue=queue_name)]
+        chain = Chain(links)
+        await server.enqueue_chain(chain)
+        async with running(server):
+            done = await server.wait_chain(chain.id, timeout=TIMEOUT)
+            first = await server.wait(links[0].id, timeout=TIMEOUT)
+
+        assert first.status is Status.SUCCESSFUL
+        assert done.status is Status.FAILED
+        assert done.error is not None
+        assert links[1].id in done.error
+        assert "over the limit" in done.error  # the PayloadTooLargeError text
+        assert done.jobs == {links[0].id: Status.SUCCESSFUL, links[1].id: Status.CANCELLED}
+        assert later.count == 0
+        await assert_no_job(server, links[1].id)
 
 
 async def test_chain_deadline(broker: Broker, results: Results, queue_name: str) -> None:
