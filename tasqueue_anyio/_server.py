@@ -299,6 +299,26 @@ class Server:
 
         return decorator
 
+    def set_concurrency(self, queue: str, concurrency: int) -> None:
+        """Change the number of processors of ``queue`` (a registered task's queue) before
+        :meth:`run` starts: a deployment knob, as ``tasqueue worker -c QUEUE=N``.
+
+        :raises InvalidInputError: no task is registered on ``queue``, or a bad number
+        """
+        if queue not in self._queues:
+            raise InvalidInputError(
+                f"no task is registered on queue {queue!r} "
+                f"(queues: {', '.join(self._queues) or 'none'})"
+            )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidInputError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if self._worker is not None:
+            raise RuntimeError("change concurrency before Server.run() starts")
+        self._queues[queue] = concurrency
+        for name, task in self._tasks.items():
+            if task.queue == queue:
+                self._tasks[name] = attrs.evolve(task, concurrency=concurrency)
+
     def get_tasks(self) -> list[str]:
         """Names of the registered tasks."""
         return list(self._tasks)

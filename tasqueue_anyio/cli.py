@@ -1,0 +1,407 @@
+"""The ``tasqueue`` command: run a worker, inspect and control jobs.
+
+::
+
+    tasqueue worker myapp.tasks:server [--backend trio] [-c emails=20] [--burst] [--grace 30]
+    tasqueue job JOB_ID --app myapp.tasks:server [--json]
+    tasqueue pending QUEUE --broker redis://localhost/0 --results redis://localhost/0
+
+Built on the standard library's :mod:`argparse`: the command is small, and a CLI
+framework would be one more dependency for every user of the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import anyio
+import attrs
+
+from ._exceptions import BrokerError, InvalidInputError, NotFoundError, TasqueueError
+from ._groups import ChainMessage, GroupMessage
+from ._jobs import JobMessage, validate_queue
+from ._server import Server
+from .abc import Broker, Results
+
+__all__ = ["main"]
+
+#: How often ``--burst`` looks whether the queues are empty (seconds).
+BURST_CHECK_INTERVAL = 0.2
+
+
+class CLIError(Exception):
+    """An error the command reports in one line (exit status 1 unless said otherwise)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- finding the server ---------------------------------------------------------------------
+
+
+def load_server(spec: str) -> Server:
+    """The :class:`Server` named by ``MODULE:ATTR`` (or returned by calling it).
+
+    :raises CLIError: the module or attribute is missing, or is not a server
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CLIError(f"{spec!r} is not MODULE:ATTR (for example myapp.tasks:server)", 2)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the working directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CLIError(f"cannot import module {module_name!r}: {exc}", 2) from exc
+    try:
+        value: Any = module
+        for part in attr.split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        raise CLIError(f"module {module_name!r} has no attribute {attr!r}", 2) from None
+    if not isinstance(value, Server) and callable(value) and not inspect.isclass(value):
+        try:
+            value = value()
+        except Exception as exc:
+            raise CLIError(f"calling {spec}() to get the server failed: {exc!r}", 2) from exc
+    if not isinstance(value, Server):
+        raise CLIError(
+            f"{spec} is a {type(value).__name__}, not a tasqueue_anyio.Server "
+            f"(or a function returning one)",
+            2,
+        )
+    return value
+
+
+def _scheme(url: str) -> str:
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("memory", "redis", "rediss", "unix", "nats", "tls"):
+        raise CLIError(f"unknown URL scheme in {url!r} (memory, redis, rediss, nats)", 2)
+    return scheme
+
+
+def broker_from_url(url: str) -> Broker:
+    """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
+    ``rediss://``, ``nats://`` / ``tls://``."""
+    scheme = _scheme(url)
+    try:
+        if scheme == "memory":
+            from .brokers.memory import MemoryBroker
+
+            return MemoryBroker()
+        if scheme in ("nats", "tls"):
+            from .brokers import nats  # type: ignore[attr-defined,unused-ignore]
+
+            return nats.NatsBroker(url)  # type: ignore[no-any-return,unused-ignore]
+        from .brokers.redis import RedisBroker
+
+        return RedisBroker(url)
+    except ImportError as exc:
+        raise CLIError(f"the backend for {url!r} is not installed: {exc}") from exc
+
+
+def results_from_url(url: str) -> Results:
+    """A results store for ``url`` (the schemes of :func:`broker_from_url`)."""
+    scheme = _scheme(url)
+    try:
+        if scheme == "memory":
+            from .results.memory import MemoryResults
+
+            return MemoryResults()
+        if scheme in ("nats", "tls"):
+            from .results import nats  # type: ignore[attr-defined,unused-ignore]
+
+            return nats.NatsResults(url)  # type: ignore[no-any-return,unused-ignore]
+        from .results.redis import RedisResults
+
+        return RedisResults(url)
+    except ImportError as exc:
+        raise CLIError(f"the backend for {url!r} is not installed: {exc}") from exc
+
+
+def server_for(args: argparse.Namespace) -> Server:
+    if args.app:
+        return load_server(args.app)
+    if args.broker and args.results:
+        return Server(broker=broker_from_url(args.broker), results=results_from_url(args.results))
+    raise CLIError("say where the jobs are: --app MODULE:ATTR, or --broker URL --results URL", 2)
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value.hex()
+    if hasattr(value, "value") and isinstance(getattr(value, "value", None), str):
+        return value.value  # enums
+    if attrs.has(type(value)):
+        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def job_to_dict(msg: JobMessage) -> dict[str, Any]:
+    meta = _plain(msg.meta)
+    return {
+        "id": msg.id,
+        "task": msg.job.task,
+        "status": msg.status.value,
+        "queue": msg.meta.queue,
+        "payload": _plain(msg.job.payload),
+        "meta": meta,
+    }
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_plain(obj), sort_keys=True))
+        return
+    data = _plain(obj)
+    if isinstance(data, dict):
+        width = max((len(k) for k in data), default=0)
+        for key, value in data.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for k, v in value.items():
+                    print(f"  {k}: {v}")
+            else:
+                print(f"{key:<{width}}  {value}")
+    elif isinstance(data, list):
+        for item in data:
+            print(item if not isinstance(item, dict) else json.dumps(item, sort_keys=True))
+    else:
+        print(data)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def run_worker(server: Server, *, burst: bool, grace: float) -> None:
+    """Run ``server``'s workers until a signal (or, with ``burst``, empty queues)."""
+    async with server, anyio.create_task_group() as tg:
+
+        async def run_then_end(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            await server.run(task_status=task_status)
+            tg.cancel_scope.cancel()
+
+        await tg.start(run_then_end)
+        tg.start_soon(_watch_signals, server, tg.cancel_scope, grace)
+        if burst:
+            tg.start_soon(_watch_empty, server)
+
+
+async def _watch_signals(server: Server, scope: anyio.CancelScope, grace: float) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stopping = False
+        async for signum in signals:
+            if not stopping:
+                stopping = True
+                server.log.warning(
+                    "%s: finishing running jobs within %gs (again to stop at once)",
+                    signal.Signals(signum).name,
+                    grace,
+                )
+                server.stop(grace)
+            else:
+                scope.cancel()  # running jobs go back to the broker
+
+
+async def _watch_empty(server: Server) -> None:
+    while True:
+        await anyio.sleep(BURST_CHECK_INTERVAL)
+        if server.active:
+            continue
+        pending = [await server.broker.get_pending(queue) for queue in server.queues]
+        if not any(pending) and not server.active:
+            server.stop(0)
+            return
+
+
+async def inspect_command(args: argparse.Namespace) -> None:
+    server = server_for(args)
+    async with server:
+        cmd = args.command
+        if cmd == "job":
+            _print(job_to_dict(await server.get_job(args.id)), args.json)
+        elif cmd == "group":
+            group: GroupMessage = await server.get_group(args.id)
+            _print(group, args.json)
+        elif cmd == "chain":
+            chain: ChainMessage = await server.get_chain(args.id)
+            _print(chain, args.json)
+        elif cmd == "pending":
+            jobs = await server.get_pending(validate_queue(args.queue))
+            _print(
+                [job_to_dict(m) if args.json else f"{m.id}  {m.job.task}" for m in jobs], args.json
+            )
+        elif cmd == "scheduled":
+            jobs = await server.get_scheduled(validate_queue(args.queue))
+            _print(
+                [
+                    job_to_dict(m) if args.json else f"{m.id}  {m.job.task}  eta={m.meta.eta}"
+                    for m in jobs
+                ],
+                args.json,
+            )
+        elif cmd == "dead":
+            letters = await server.get_dead_letters(validate_queue(args.queue))
+            _print([_plain(d) if args.json else f"{d.at}  {d.reason}" for d in letters], args.json)
+        elif cmd == "failed":
+            _print(await server.get_failed(), args.json)
+        elif cmd == "successful":
+            _print(await server.get_success(), args.json)
+        elif cmd == "schedules":
+            schedules = await server.get_schedules()
+            _print(
+                [
+                    _plain(s) if args.json else f"{s.id}  {s.cron}  next={s.next_fire}"
+                    for s in schedules
+                ],
+                args.json,
+            )
+        elif cmd == "cancel":
+            status = await server.cancel(args.id)
+            _print({"id": args.id, "status": status.value}, args.json)
+        elif cmd == "delete":
+            await server.delete_job(args.id)
+            _print({"id": args.id, "deleted": True}, args.json)
+        else:  # pragma: no cover - argparse only allows the commands above
+            raise CLIError(f"unknown command {cmd!r}", 2)
+
+
+# -- the entry point --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tasqueue", description="Run tasqueue_anyio workers and inspect jobs."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = commands.add_parser("worker", help="run the workers of a Server")
+    worker.add_argument("app", metavar="MODULE:ATTR", help="a Server, or a function returning one")
+    worker.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    worker.add_argument(
+        "-c",
+        "--concurrency",
+        action="append",
+        default=[],
+        metavar="QUEUE=N",
+        help="processors for QUEUE (repeatable), overriding the registration",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long running jobs may take before they are handed back",
+    )
+
+    def inspector(name: str, help: str, *positional: tuple[str, str]) -> None:
+        sub = commands.add_parser(name, help=help)
+        for arg, arg_help in positional:
+            sub.add_argument(arg, help=arg_help)
+        sub.add_argument("--app", metavar="MODULE:ATTR", help="take the backends from this Server")
+        sub.add_argument("--broker", metavar="URL", help="broker URL (with --results)")
+        sub.add_argument("--results", metavar="URL", help="results URL (with --broker)")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+
+    inspector("job", "show a job", ("id", "job id"))
+    inspector("group", "show a group", ("id", "group id"))
+    inspector("chain", "show a chain", ("id", "chain id"))
+    inspector("pending", "list the jobs waiting on a queue", ("queue", "queue name"))
+    inspector(
+        "scheduled", "list the jobs of a queue waiting for their ETA", ("queue", "queue name")
+    )
+    inspector("dead", "list a queue's dead letters", ("queue", "queue name"))
+    inspector("failed", "list the ids of failed jobs")
+    inspector("successful", "list the ids of successful jobs")
+    inspector("schedules", "list the cron schedules")
+    inspector("cancel", "cancel a job, group or chain", ("id", "job, group or chain id"))
+    inspector("delete", "forget a job's state and result", ("id", "job id"))
+    return parser
+
+
+def _apply_concurrency(server: Server, overrides: Sequence[str]) -> None:
+    for item in overrides:
+        queue, sep, number = item.partition("=")
+        if not sep or not number.isdigit() or int(number) < 1:
+            raise CLIError(f"--concurrency wants QUEUE=N with N >= 1, got {item!r}", 2)
+        server.set_concurrency(validate_queue(queue), int(number))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        try:
+            if args.command == "worker":
+                server = load_server(args.app)
+                _apply_concurrency(server, args.concurrency)
+                anyio.run(_worker_main, server, args.burst, args.grace, backend=args.backend)
+            else:
+                anyio.run(inspect_command, args, backend=args.backend)
+        except BaseException as exc:
+            raise _unwrap(exc) from None
+    except CLIError as exc:
+        return _fail(str(exc), exc.status, args.debug)
+    except NotFoundError as exc:
+        return _fail(f"not found: {exc}", 1, args.debug)
+    except InvalidInputError as exc:
+        return _fail(str(exc), 2, args.debug)
+    except (BrokerError, OSError) as exc:
+        return _fail(f"cannot reach the backend: {exc}", 1, args.debug)
+    except TasqueueError as exc:
+        return _fail(str(exc), 1, args.debug)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _worker_main(server: Server, burst: bool, grace: float) -> None:
+    await run_worker(server, burst=burst, grace=grace)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group from a task group, or ``exc``."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # type: ignore[attr-defined]
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    return exc
+
+
+def _fail(message: str, status: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"tasqueue: error: {message}", file=sys.stderr)
+    return status
+
+
+def entry_point() -> NoReturn:
+    """The ``tasqueue`` console script."""
+    sys.exit(main())
