@@ -61,7 +61,7 @@ from ._jobs import (
     validate_queue,
 )
 from ._schedule import Schedule, Scheduler, decode_template, encode_template, next_fire, run_id
-from ._tracing import Tracing
+from ._tracing import Metrics, Tracing
 from ._worker import ActiveJob, Worker
 from .abc import (
     FINAL_STATUSES,
@@ -117,7 +117,10 @@ class Server:
     :param broker: moves messages (default: a new :class:`~tasqueue_anyio.brokers.memory.MemoryBroker`)
     :param results: stores job state (default: a new :class:`~tasqueue_anyio.results.memory.MemoryResults`)
     :param logger: where the server logs (default: the ``tasqueue_anyio.server`` logger)
-    :param tracer_provider: an OpenTelemetry ``TracerProvider``; no tracing without one
+    :param tracer_provider: an OpenTelemetry ``TracerProvider``: spans for enqueue and for
+        each run of a job, the run continuing the producer's trace; no tracing without one
+    :param meter_provider: an OpenTelemetry ``MeterProvider``: job counters and a duration
+        histogram by task and queue; no metrics without one
     :param default_concurrency: processors of a queue whose first task names no concurrency
     :param max_payload_size: the largest job payload accepted by ``enqueue`` (bytes)
     :param max_message_size: the largest encoded message accepted or decoded (bytes)
@@ -134,6 +137,7 @@ class Server:
         results: Results | None = None,
         logger: logging.Logger | None = None,
         tracer_provider: Any = None,
+        meter_provider: Any = None,
         default_concurrency: int = 10,
         max_payload_size: int = 1024 * 1024,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -156,6 +160,7 @@ class Server:
         self.results = results
         self.log = logger if logger is not None else _log
         self.tracing = Tracing(tracer_provider)
+        self.metrics = Metrics(meter_provider)
         self.default_concurrency = default_concurrency
         self.max_payload_size = max_payload_size
         self.max_message_size = max(max_message_size, max_payload_size + 64 * 1024)
@@ -344,8 +349,12 @@ class Server:
         group_id: str | None = None,
         chain_id: str | None = None,
         deadline: float | None = None,
+        trace: dict[str, str] | None = None,
     ) -> tuple[JobMessage, bytes]:
-        """Build a job's first message and its encoding, checking sizes (no I/O)."""
+        """Build a job's first message and its encoding, checking sizes (no I/O).
+
+        :param trace: the trace context to carry (default: the current one)
+        """
         if not isinstance(job, Job):
             raise InvalidInputError(f"expected a Job, got {job!r}")
         self._check_payloads(job)
@@ -364,7 +373,7 @@ class Server:
             group_id=group_id,
             chain_id=chain_id,
             deadline=deadline,
-            trace=self.tracing.carrier(),
+            trace=self.tracing.carrier() if trace is None else trace,
         )
         msg = JobMessage(meta=meta, job=job)
         return msg, self.encode(msg)
@@ -419,13 +428,15 @@ class Server:
                 if job.schedule is not None:
                     await self._add_schedule(job)
             return ids
-        prepared = [self.new_message(job) for job in jobs]
-        if not prepared:
+        if not jobs:
             return []
-        ids = [msg.id for msg, _ in prepared]
+        ids = [job.id for job in jobs]
         if len(set(ids)) != len(ids):
             raise InvalidInputError("two jobs of one enqueue_many call share an id")
-        with self.tracing.producer_span("tasqueue.enqueue", {"tasqueue.jobs": len(ids)}):
+        attributes = {"tasqueue.jobs": len(ids), "tasqueue.job.id": ids[0]}
+        with self.tracing.producer_span("tasqueue.enqueue", attributes):
+            # built inside the span: the messages carry its trace context
+            prepared = [self.new_message(job) for job in jobs]
             await self.put_messages(prepared)
         return ids
 
@@ -443,6 +454,10 @@ class Server:
         """
         if not isinstance(group, Group):
             raise InvalidInputError(f"expected a Group, got {group!r}")
+        with self.tracing.producer_span("tasqueue.enqueue_group", {"tasqueue.group.id": group.id}):
+            return await self._enqueue_group(group)
+
+    async def _enqueue_group(self, group: Group) -> str:
         now = self.clock()
         deadline = None if group.timeout is None else now + group.timeout
         prepared = [
@@ -465,8 +480,7 @@ class Server:
                 members={job.id: Status.QUEUED.value for job in group.jobs},
             ),
         )
-        with self.tracing.producer_span("tasqueue.enqueue_group", {"tasqueue.group.id": group.id}):
-            await self.put_messages(prepared)
+        await self.put_messages(prepared)
         return group.id
 
     async def enqueue_chain(self, chain: Chain) -> str:
@@ -476,6 +490,10 @@ class Server:
         """
         if not isinstance(chain, Chain):
             raise InvalidInputError(f"expected a Chain, got {chain!r}")
+        with self.tracing.producer_span("tasqueue.enqueue_chain", {"tasqueue.chain.id": chain.id}):
+            return await self._enqueue_chain(chain)
+
+    async def _enqueue_chain(self, chain: Chain) -> str:
         now = self.clock()
         deadline = None if chain.timeout is None else now + chain.timeout
         for job in chain.jobs:  # refuse oversize links now, not when they are reached
@@ -498,14 +516,18 @@ class Server:
                 members={job.id: Status.QUEUED.value for job in chain.jobs},
             ),
         )
-        with self.tracing.producer_span("tasqueue.enqueue_chain", {"tasqueue.chain.id": chain.id}):
-            await self.put_messages([first])
+        await self.put_messages([first])
         return chain.id
 
     # -- groups and chains: keeping their state ---------------------------------------------
 
     async def member_changed(
-        self, msg: JobMessage, status: Status, error: str | None = None
+        self,
+        msg: JobMessage,
+        status: Status,
+        error: str | None = None,
+        *,
+        trace: dict[str, str] | None = None,
     ) -> list[tuple[JobMessage, bytes]]:
         """Record that a member of a group or chain reached ``status``.
 
@@ -540,6 +562,7 @@ class Server:
                         chain_id=parent_id,
                         deadline=info.deadline,
                         prev_job_result=prev_result,
+                        trace=msg.meta.trace if trace is None else trace,
                     )
                 except PayloadTooLargeError as exc:
                     await self.end_parent(

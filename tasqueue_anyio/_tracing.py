@@ -16,7 +16,7 @@ from opentelemetry.propagate import extract, inject
 if TYPE_CHECKING:
     from ._jobs import JobMessage
 
-__all__ = ["Tracing"]
+__all__ = ["Metrics", "Tracing"]
 
 _NAME = "tasqueue_anyio"
 
@@ -79,3 +79,40 @@ class Tracing:
 
 
 _NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+class Metrics:
+    """Job counters and a duration histogram through the OpenTelemetry metrics API, or
+    nothing when no meter provider is given.
+
+    Instruments (attributes ``tasqueue.task`` and ``tasqueue.queue``):
+    ``tasqueue.jobs.successful``, ``tasqueue.jobs.failed``, ``tasqueue.jobs.retried``,
+    ``tasqueue.jobs.cancelled`` (counters) and ``tasqueue.job.duration`` (seconds a run
+    took, histogram, with ``tasqueue.status`` too).
+    """
+
+    def __init__(self, provider: Any) -> None:
+        self.enabled = provider is not None
+        if provider is None:
+            return
+        from opentelemetry import metrics
+
+        meter = metrics.get_meter(_NAME, meter_provider=provider)
+        self._counters = {
+            status: meter.create_counter(
+                f"tasqueue.jobs.{status}", unit="{job}", description=f"jobs {status}"
+            )
+            for status in ("successful", "failed", "retried", "cancelled")
+        }
+        self._duration = meter.create_histogram(
+            "tasqueue.job.duration", unit="s", description="how long a job's run took"
+        )
+
+    def record(self, outcome: str, task: str, queue: str, duration: float | None) -> None:
+        """Count a run's ``outcome`` (``successful``, ``failed``, ``retried``, ``cancelled``)."""
+        if not self.enabled:
+            return
+        attributes = {"tasqueue.task": task, "tasqueue.queue": queue}
+        self._counters[outcome].add(1, attributes)
+        if duration is not None:
+            self._duration.record(duration, {**attributes, "tasqueue.status": outcome})

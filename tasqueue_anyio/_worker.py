@@ -79,6 +79,16 @@ def _run_meta(meta: Meta, processed_at: float, attempt: int) -> Meta:
     return new
 
 
+class _RunInfo:
+    """What the end of a run needs to know about it: its trace context and duration."""
+
+    __slots__ = ("duration", "trace")
+
+    def __init__(self, trace: dict[str, str] | None, duration: float) -> None:
+        self.trace = trace
+        self.duration = duration
+
+
 class ActiveJob:
     """A job taken by this process: its cancel scope once it runs, and why it was cancelled."""
 
@@ -315,7 +325,11 @@ class Worker:
         if meta.deadline is not None:
             deadline = min(deadline, anyio.current_time() + (meta.deadline - server.clock()))
 
+        trace: dict[str, str] | None = None  # follow-ups continue this run's span
+        started = anyio.current_time()
         with server.tracing.consumer_span(msg, delivery.attempt) as span:
+            if span is not None:
+                trace = server.tracing.carrier()
             if task is None:
                 error = UnknownTaskError(
                     f"task {msg.job.task!r} is not registered on this worker "
@@ -361,12 +375,13 @@ class Worker:
             if span is not None:
                 self._end_span(span, error)
 
+        run = _RunInfo(trace, anyio.current_time() - started)
         if error is None:
-            await self._finish_success(delivery, msg, data, ctx, task)
+            await self._finish_success(delivery, msg, data, ctx, task, run)
         elif isinstance(error, JobCancelledError):
-            await self._finish_cancelled(delivery, msg)
+            await self._finish_cancelled(delivery, msg, run)
         else:
-            await self._finish_error(delivery, msg, ctx, task, error)
+            await self._finish_error(delivery, msg, ctx, task, error, run)
 
     @staticmethod
     def _end_span(span: Any, error: BaseException | None) -> None:
@@ -385,7 +400,13 @@ class Worker:
     # -- endings --------------------------------------------------------------------------------
 
     async def _finish_success(
-        self, delivery: Delivery, msg: JobMessage, data: bytes, ctx: JobContext, task: Task | None
+        self,
+        delivery: Delivery,
+        msg: JobMessage,
+        data: bytes,
+        ctx: JobContext,
+        task: Task | None,
+        run: _RunInfo,
     ) -> None:
         # The stored status is authoritative over the one inside ``data``, so the
         # processing message's bytes serve the final record as they are.
@@ -396,9 +417,10 @@ class Worker:
             await delivery.ack()
             return
         await self._callback(task.on_success if task else None, ctx)
-        links = await self.server.member_changed(msg, Status.SUCCESSFUL)
-        await self._ack(delivery, msg.job.on_success, links)
+        links = await self.server.member_changed(msg, Status.SUCCESSFUL, trace=run.trace)
+        await self._ack(delivery, msg.job.on_success, links, trace=run.trace)
         await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
+        self.server.metrics.record("successful", msg.job.task, msg.meta.queue, run.duration)
 
     async def _finish_error(
         self,
@@ -407,6 +429,7 @@ class Worker:
         ctx: JobContext,
         task: Task | None,
         error: BaseException,
+        run: _RunInfo,
     ) -> None:
         meta = msg.meta
         description = _describe(error)
@@ -440,6 +463,7 @@ class Worker:
                 meta.max_retries,
                 extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
             )
+            self.server.metrics.record("retried", msg.job.task, meta.queue, run.duration)
             await self._callback(task.on_retrying if task else None, ctx, error)
             return
 
@@ -456,16 +480,18 @@ class Worker:
             return
         await self._callback(task.on_failed if task else None, ctx, error)
         await self.server.member_changed(msg, Status.FAILED, description)
-        await self._ack(delivery, msg.job.on_error)
+        await self._ack(delivery, msg.job.on_error, trace=run.trace)
         await self.server.publish_finished(msg.id, Status.FAILED)
+        self.server.metrics.record("failed", msg.job.task, meta.queue, run.duration)
 
-    async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage) -> None:
+    async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage, run: _RunInfo) -> None:
         reason = _describe(JobCancelledError(f"job {msg.id} was cancelled while running"))
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
         if await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING):
             await self.server.member_changed(msg, Status.CANCELLED, reason)
         await delivery.ack()
         await self.server.publish_finished(msg.id, Status.CANCELLED)
+        self.server.metrics.record("cancelled", msg.job.task, msg.meta.queue, run.duration)
 
     def _ended_elsewhere(self, msg: JobMessage) -> None:
         self.log.warning(
@@ -479,13 +505,18 @@ class Worker:
         delivery: Delivery,
         follow_ups: Sequence[Job],
         prepared: list[tuple[JobMessage, bytes]] | None = None,
+        *,
+        trace: dict[str, str] | None = None,
     ) -> None:
         """Ack, enqueueing follow-up jobs (and a chain's next link) in the same step,
         their state recorded first."""
         if not follow_ups and not prepared:
             await delivery.ack()
             return
-        prepared = [*(prepared or ()), *(self.server.new_message(job) for job in follow_ups)]
+        prepared = [
+            *(prepared or ()),
+            *(self.server.new_message(job, trace=trace) for job in follow_ups),
+        ]
         # Follow-up ids are fixed in this job's message: a redelivery of it must not
         # reset (and rerun) follow-ups an earlier delivery already enqueued.
         created = await self.results.create_jobs(
