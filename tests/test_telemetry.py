@@ -177,8 +177,8 @@ async def test_metrics_count_outcomes_by_task_and_queue(
                         str(attrs.get("tasqueue.task")),
                         str(attrs.get("tasqueue.status", "")),
                     )
-                    value: float = getattr(point, "value", None) or getattr(point, "count", 0)
-                    points[key] = value
+                    value = getattr(point, "value", None)
+                    points[key] = float(value if value is not None else point.count)  # type: ignore[union-attr]
     assert points[("tasqueue.jobs.successful", "flaky", "")] == 1
     assert points[("tasqueue.jobs.retried", "flaky", "")] == 1
     assert points[("tasqueue.jobs.failed", "flaky", "")] == 1
