@@ -86,19 +86,26 @@ def main() -> None:
     n, c = args.jobs, args.concurrency
     print(f"{n} no-op jobs, concurrency {c}, median of {args.repeat} runs (jobs/s)")
     print(
-        f"{'backend':<8} {'bare stream':>12} {'+decode':>9} {'server':>8} {'ratio':>6} {'enqueue':>9}"
+        f"{'backend':<8} {'bare stream':>12} {'+decode':>9} {'server':>8} {'ratio':>6}"
+        f" {'enqueue':>9} {'+tracing':>9}"
     )
     for backend in ("asyncio", "trio"):
-        bare, bare_decode, served, enqueued = [], [], [], []
+        bare, bare_decode, served, enqueued, traced = [], [], [], [], []
         for _ in range(args.repeat):  # alternate, so drift hits both alike
             bare.append(anyio.run(bare_stream, n, c, False, backend=backend))
             bare_decode.append(anyio.run(bare_stream, n, c, True, backend=backend))
             e, s = anyio.run(server_run, n, c, backend=backend)
             enqueued.append(e)
             served.append(s)
-        b, bd, s, e = (statistics.median(x) for x in (bare, bare_decode, served, enqueued))
-        print(f"{backend:<8} {b:>12,.0f} {bd:>9,.0f} {s:>8,.0f} {s / b:>6.2f} {e:>9,.0f}")
+            traced.append(anyio.run(server_run, n, c, True, backend=backend)[1])
+        b, bd, s, e, t = (
+            statistics.median(x) for x in (bare, bare_decode, served, enqueued, traced)
+        )
+        print(
+            f"{backend:<8} {b:>12,.0f} {bd:>9,.0f} {s:>8,.0f} {s / b:>6.2f} {e:>9,.0f} {t:>9,.0f}"
+        )
     print("ratio = server / bare stream (the plain hand-off, the stricter baseline)")
+    print("server: no tracer provider; +tracing: an SDK TracerProvider (spans made, not exported)")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,17 @@ def test_cron(backend: str) -> None:
         "ran 3 times, [1, 1] seconds apart",
         "schedules left: 0",
     ]
+
+
+def test_memory_benchmark_runs() -> None:
+    """The benchmark still runs (a smoke run: its figures are not judged here)."""
+    bench = EXAMPLES.parent / "benchmarks" / "bench_memory.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--jobs", "200", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = [line.split()[0] for line in out.splitlines()[2:4]]
+    assert rows == ["asyncio", "trio"]
