@@ -448,39 +448,21 @@ class Server:
         await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
 
     async def enqueue_group(self, group: Group) -> str:
-        """Enqueue every job of ``group`` (two results calls, for the group and its jobs, and one broker call).
+        """Enqueue every job of ``group``: the group's record, then its jobs with one
+        results call and one broker call.
 
         :return: the group id
         """
         if not isinstance(group, Group):
             raise InvalidInputError(f"expected a Group, got {group!r}")
         with self.tracing.producer_span("tasqueue.enqueue_group", {"tasqueue.group.id": group.id}):
-            return await self._enqueue_group(group)
-
-    async def _enqueue_group(self, group: Group) -> str:
-        now = self.clock()
-        deadline = None if group.timeout is None else now + group.timeout
-        prepared = [
-            self.new_message(job, now=now, group_id=group.id, deadline=deadline)
-            for job in group.jobs
-        ]
-        info = ParentInfo(
-            kind=GROUP,
-            id=group.id,
-            created_at=now,
-            deadline=deadline,
-            job_ids=tuple(job.id for job in group.jobs),
-        )
-        await self.results.set_parent(
-            group.id,
-            ParentRecord(
-                kind=GROUP,
-                status=Status.QUEUED.value,
-                data=encode_parent(info),
-                members={job.id: Status.QUEUED.value for job in group.jobs},
-            ),
-        )
-        await self.put_messages(prepared)
+            now = self.clock()
+            deadline = None if group.timeout is None else now + group.timeout
+            prepared = [
+                self.new_message(job, now=now, group_id=group.id, deadline=deadline)
+                for job in group.jobs
+            ]
+            await self._create_parent(GROUP, group.id, group.jobs, now, deadline, prepared)
         return group.id
 
     async def enqueue_chain(self, chain: Chain) -> str:
@@ -491,33 +473,42 @@ class Server:
         if not isinstance(chain, Chain):
             raise InvalidInputError(f"expected a Chain, got {chain!r}")
         with self.tracing.producer_span("tasqueue.enqueue_chain", {"tasqueue.chain.id": chain.id}):
-            return await self._enqueue_chain(chain)
+            now = self.clock()
+            deadline = None if chain.timeout is None else now + chain.timeout
+            for job in chain.jobs:  # refuse oversize links now, not when they are reached
+                self._check_payloads(job)
+            first = self.new_message(chain.jobs[0], now=now, chain_id=chain.id, deadline=deadline)
+            await self._create_parent(CHAIN, chain.id, chain.jobs, now, deadline, [first])
+        return chain.id
 
-    async def _enqueue_chain(self, chain: Chain) -> str:
-        now = self.clock()
-        deadline = None if chain.timeout is None else now + chain.timeout
-        for job in chain.jobs:  # refuse oversize links now, not when they are reached
-            self._check_payloads(job)
-        first = self.new_message(chain.jobs[0], now=now, chain_id=chain.id, deadline=deadline)
+    async def _create_parent(
+        self,
+        kind: str,
+        parent_id: str,
+        jobs: Sequence[Job],
+        now: float,
+        deadline: float | None,
+        prepared: Sequence[tuple[JobMessage, bytes]],
+    ) -> None:
+        """Record a new group or chain (every member ``queued``), then enqueue ``prepared``."""
         info = ParentInfo(
-            kind=CHAIN,
-            id=chain.id,
+            kind=kind,
+            id=parent_id,
             created_at=now,
             deadline=deadline,
-            job_ids=tuple(job.id for job in chain.jobs),
-            links=tuple(job_to_wire(job) for job in chain.jobs),
+            job_ids=tuple(job.id for job in jobs),
+            links=tuple(job_to_wire(job) for job in jobs) if kind == CHAIN else (),
         )
         await self.results.set_parent(
-            chain.id,
+            parent_id,
             ParentRecord(
-                kind=CHAIN,
+                kind=kind,
                 status=Status.QUEUED.value,
                 data=encode_parent(info),
-                members={job.id: Status.QUEUED.value for job in chain.jobs},
+                members={job.id: Status.QUEUED.value for job in jobs},
             ),
         )
-        await self.put_messages([first])
-        return chain.id
+        await self.put_messages(prepared)
 
     # -- groups and chains: keeping their state ---------------------------------------------
 

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from examples_support import EXAMPLES, run_example
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_demo(backend: str) -> None:
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "demo.py"), backend],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    lines = out.splitlines()
-    assert len(lines) == 6, out
+    lines = run_example("demo.py", backend)
+    assert len(lines) == 6, lines
     statuses = [line.split()[:2] for line in lines]
     assert statuses == [
         ["add", "successful"],
@@ -41,14 +32,7 @@ def test_demo(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_cron(backend: str) -> None:
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "cron.py"), backend],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert out.splitlines() == [
+    assert run_example("cron.py", backend) == [
         "schedule True cron='* * * * * *'",
         "ran 3 times, [1, 1] seconds apart",
         "schedules left: 0",

@@ -2,25 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run_example(name: str, backend: str) -> list[str]:
-    """Run ``examples/<name>`` on ``backend``; return its output lines."""
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), backend],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    return out.splitlines()
+from examples_support import run_example
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

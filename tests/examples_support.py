@@ -1,0 +1,20 @@
+"""Running the example scripts (not a test module itself)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, backend: str, *, timeout: float = 60) -> list[str]:
+    """Run ``examples/<name>`` on ``backend`` in a fresh interpreter; return its output lines."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), backend],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout.splitlines()
