@@ -18,7 +18,7 @@ import logging
 import re
 import ssl
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -26,8 +26,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import coredis
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from coredis.exceptions import NoScriptError, RedisError
+from coredis.patterns.pipeline import Pipeline
+from coredis.response._callbacks import NoopCallback
 
 from ._exceptions import BrokerError, InvalidInputError
 
@@ -37,8 +39,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_URL",
+    "Commands",
     "RedisBackend",
-    "Scripts",
     "client_kwargs",
     "translate_errors",
     "validate_prefix",
@@ -145,8 +147,45 @@ def translate_errors(what: str) -> Iterator[None]:
         raise BrokerError(f"Redis connection failed while {what}: {exc}") from exc
 
 
-class Scripts:
-    """Lua scripts by name, called with ``EVALSHA`` (loaded again when Redis forgot them)."""
+_EVALSHA = b"EVALSHA"
+_RAW: NoopCallback[Any] = NoopCallback()
+
+
+def evalsha(client: Any, sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """``EVALSHA``, built without coredis's per-command wrappers inside a pipeline (they
+    cost more than the command itself); through the client's own method otherwise."""
+    if isinstance(client, Pipeline):
+        return client.create_request(_EVALSHA, sha, len(keys), *keys, *args, callback=_RAW)
+    return client.evalsha(sha, keys, args)
+
+
+class _Call:
+    """One command waiting for the next flush of a :class:`Commands` combiner."""
+
+    __slots__ = ("done", "error", "make", "reply", "taken")
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        self.make = make
+        self.done = anyio.Event()
+        self.reply: Any = None
+        self.error: BaseException | None = None
+        self.taken = False
+
+
+class Commands:
+    """Lua scripts by name (run with ``EVALSHA``) and a write-combiner for every call.
+
+    While :meth:`run` runs (in the backend's task group), concurrent calls do not each
+    make a round trip of their own: they queue, and one flusher sends whatever is queued
+    as one pipeline each time the previous one returned (a lone call goes out as it is).
+    A coredis call costs far more Python CPU than a pipelined command, so under load this
+    is what makes the per-job cost small. Calls made by one task stay in order; a call
+    cancelled before it was sent is not sent. Without :meth:`run` (before the backend
+    opened), calls go straight to the client.
+
+    A script the server does not know (a restart, ``SCRIPT FLUSH``) is loaded again and
+    its call repeated.
+    """
 
     def __init__(self, client: coredis.Redis[bytes], sources: dict[str, str]) -> None:
         self._client = client
@@ -155,44 +194,151 @@ class Scripts:
             name: hashlib.sha1(source.encode()).hexdigest().encode()
             for name, source in sources.items()
         }
+        self._pending: list[_Call] = []
+        self._wakeup: anyio.Event | None = None
+        self._running = False
+        #: how many round trips the flusher made, and how many calls they carried
+        self.flushes = 0
+        self.calls = 0
 
     async def load(self) -> None:
         """Load every script into the server's script cache (one round trip)."""
         async with self._client.pipeline(transaction=False) as pipe:
-            requests = [pipe.script_load(source) for source in self._sources.values()]
-        for request in requests:
-            await request
+            for source in self._sources.values():
+                pipe.script_load(source)
 
-    async def call(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run script ``name``; load the scripts again if the server does not know it."""
-        client = self._client
+    def script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Awaitable[Any]:
+        """Run script ``name`` (through the combiner)."""
+        sha = self.shas[name]
+        return self.submit(lambda client: evalsha(client, sha, keys, args))
+
+    async def submit(self, make: Callable[[Any], Any]) -> Any:
+        """Run the command ``make(client)`` builds (``make`` is called with the client or
+        a pipeline and returns the coredis request), through the combiner."""
+        if not self._running:
+            return await self._direct(make)
+        call = _Call(make)
+        self._pending.append(call)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
         try:
-            return await client.evalsha(self.shas[name], keys, args)
+            await call.done.wait()
+        except BaseException:
+            if not call.taken:
+                self._pending.remove(call)
+            raise
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    async def gather(self, makes: Sequence[Callable[[Any], Any]]) -> list[Any]:
+        """Run several commands in one flush; return each reply, or the exception it
+        raised, in order."""
+        if not self._running:
+            out: list[Any] = []
+            for make in makes:
+                try:
+                    out.append(await self._direct(make))
+                except Exception as exc:
+                    out.append(exc)
+            return out
+        calls = [_Call(make) for make in makes]
+        self._pending.extend(calls)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
+        try:
+            for call in calls:
+                await call.done.wait()
+        except BaseException:
+            for call in calls:
+                if not call.taken and call in self._pending:
+                    self._pending.remove(call)
+            raise
+        return [call.reply if call.error is None else call.error for call in calls]
+
+    async def _direct(self, make: Callable[[Any], Any]) -> Any:
+        try:
+            return await make(self._client)
         except NoScriptError:
             await self.load()
-            return await client.evalsha(self.shas[name], keys, args)
+            return await make(self._client)
 
-    async def call_many(
-        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]
-    ) -> list[Any]:
-        """Run several scripts in one pipeline (one round trip, not one transaction).
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: send queued calls, one pipeline at a time, until cancelled."""
+        self._running = True
+        batch: list[_Call] = []
+        try:
+            task_status.started()
+            while True:
+                if not self._pending:
+                    wakeup = self._wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                batch, self._pending = self._pending, []
+                for call in batch:
+                    call.taken = True
+                await self._flush(batch)
+                batch = []
+        finally:
+            self._running = False
+            closed = BrokerError("the Redis backend closed before the call was sent")
+            for call in (*batch, *self._pending):
+                if not call.done.is_set():
+                    call.error = closed
+                    call.done.set()
+            self._pending = []
 
-        :return: each call's reply, or the exception it raised, in order
+    async def _flush(self, batch: list[_Call]) -> None:
+        """Send ``batch``; answer each call (its reply or its error) and wake its caller.
+
+        If the flusher is cancelled meanwhile (the backend closes), the calls not
+        answered yet are left to :meth:`run`, which fails them.
         """
-        for attempt in range(2):
+        self.flushes += 1
+        self.calls += len(batch)
+        if len(batch) == 1:
+            call = batch[0]
+            try:
+                call.reply = await self._direct(call.make)
+            except Exception as exc:
+                call.error = exc
+            call.done.set()
+            return
+        try:
             async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                requests = [pipe.evalsha(self.shas[name], keys, args) for name, keys, args in calls]
-            replies: list[Any] = []
-            for request in requests:
-                try:
-                    replies.append(await request)
-                except RedisError as exc:
-                    replies.append(exc)
-            if attempt == 0 and any(isinstance(reply, NoScriptError) for reply in replies):
-                await self.load()
+                for call in batch:
+                    call.make(pipe)
+            results = list(pipe.results or ())
+            if len(results) != len(batch):
+                raise BrokerError(f"a pipeline of {len(batch)} got {len(results)} replies")
+        except Exception as exc:
+            for call in batch:
+                call.error = exc
+                call.done.set()
+            return
+        unknown = []
+        for call, reply in zip(batch, results, strict=True):
+            if isinstance(reply, NoScriptError):
+                unknown.append(call)
                 continue
-            return replies
-        raise AssertionError("unreachable")  # pragma: no cover
+            if isinstance(reply, BaseException):
+                call.error = reply
+            else:
+                call.reply = reply
+            call.done.set()
+        if unknown:
+            try:
+                await self.load()
+            except Exception as exc:
+                for call in unknown:
+                    call.error = exc
+                    call.done.set()
+                return
+            await self._flush(unknown)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -220,6 +366,7 @@ class RedisBackend:
         url: str | None,
         client: coredis.Redis[bytes] | None,
         prefix: str,
+        scripts: dict[str, str],
     ) -> None:
         if url is not None and client is not None:
             raise InvalidInputError("give a Redis URL or a client, not both")
@@ -234,6 +381,7 @@ class RedisBackend:
             self.url = None
             self.client = client
             self._owns_client = False
+        self._cmds = Commands(self.client, scripts)
         self._entries = 0
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
@@ -292,10 +440,12 @@ class RedisBackend:
         return self._tg
 
     async def _open(self) -> None:
-        """Subclass hook: the first entry, the client open (load scripts)."""
+        """The first entry, the client open: load the scripts (subclasses extend it)."""
+        await self._cmds.load()
 
     async def _start(self, tg: TaskGroup) -> None:
-        """Subclass hook: start background tasks in ``tg``."""
+        """Start background tasks in ``tg``: the write-combiner (subclasses extend it)."""
+        await tg.start(self._cmds.run, name=f"{self!r} write-combiner")
 
     def _closing(self) -> None:
         """Subclass hook: the last exit, before the task group and client close."""

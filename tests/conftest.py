@@ -8,25 +8,56 @@ backend, and cleans up on exit).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from uuid import uuid4
 
 import pytest
+from redis_server import RedisServer, shared_server, stop_shared_server
 
 from tasqueue_anyio.abc import Broker, Results
 from tasqueue_anyio.brokers.memory import MemoryBroker
 from tasqueue_anyio.results.memory import MemoryResults
 
+
+def redis_broker() -> AbstractAsyncContextManager[Broker]:
+    """A broker on the session's Redis server, under a prefix of its own."""
+    from tasqueue_anyio.brokers.redis import RedisBroker
+
+    return RedisBroker(shared_server().url, prefix=f"t{uuid4().hex[:12]}")
+
+
+def redis_results() -> AbstractAsyncContextManager[Results]:
+    """A results store on the session's Redis server, under a prefix of its own."""
+    from tasqueue_anyio.results.redis import RedisResults
+
+    return RedisResults(shared_server().url, prefix=f"t{uuid4().hex[:12]}")
+
+
 #: backend name -> factory of an async context manager yielding an open broker
 BROKER_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Broker]]] = {
     "memory": MemoryBroker,
+    "redis": redis_broker,
 }
 
 #: backend name -> factory of an async context manager yielding an open results store
 RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]] = {
     "memory": MemoryResults,
+    "redis": redis_results,
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_server_lifetime() -> Iterator[None]:
+    """Stop the session's Redis server (started on first use, if any) at the end."""
+    yield
+    stop_shared_server()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> RedisServer:
+    """The session's Redis server (started now if not yet); skips without redis-server."""
+    return shared_server()
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -37,18 +68,24 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=sorted(BROKER_FACTORIES))
-async def broker(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Broker]:
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The backend under test; a test using both a broker and a results store gets the
+    pair of one backend (not every combination of backends)."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+async def broker(backend_name: str, anyio_backend: str) -> AsyncIterator[Broker]:
     """An open broker of each registered backend."""
-    factory = BROKER_FACTORIES[request.param]
-    async with factory() as opened:
+    async with BROKER_FACTORIES[backend_name]() as opened:
         yield opened
 
 
-@pytest.fixture(params=sorted(RESULTS_FACTORIES))
-async def results(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Results]:
+@pytest.fixture
+async def results(backend_name: str, anyio_backend: str) -> AsyncIterator[Results]:
     """An open results store of each registered backend."""
-    factory = RESULTS_FACTORIES[request.param]
-    async with factory() as opened:
+    async with RESULTS_FACTORIES[backend_name]() as opened:
         yield opened
 
 
@@ -56,3 +93,27 @@ async def results(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIt
 def queue_name() -> str:
     """A queue name no other test uses (backends may be shared between tests)."""
     return f"q-{uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nats_server_lifetime() -> Iterator[None]:
+    """Stop the session's NATS server (started on first use, if any) at the end."""
+    yield
+    from nats_server import stop_shared_nats_server
+
+    stop_shared_nats_server()
+
+
+from typing import TYPE_CHECKING  # noqa: E402  (appended with the NATS fixtures)
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> NatsServer:
+    """The session's ``nats-server -js`` (started now if not yet); skips without a binary."""
+    from nats_server import shared_nats_server
+
+    return shared_nats_server()
+
+
+if TYPE_CHECKING:
+    from nats_server import NatsServer

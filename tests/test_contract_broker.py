@@ -240,7 +240,7 @@ async def test_dead_letter(broker: Broker, queue_name: str) -> None:
 async def test_eta_scheduling(broker: Broker, queue_name: str) -> None:
     start = anyio.current_time()
     now = time.time()
-    delays = {b"c": 0.3, b"a": 0.1, b"b": 0.2}
+    delays = {b"c": 0.5, b"a": 0.3, b"b": 0.4}
     etas = {data: now + delay for data, delay in delays.items()}
     await broker.enqueue_many([envelope(queue_name, data, eta=eta) for data, eta in etas.items()])
     await broker.enqueue(envelope(queue_name, b"late", eta=now - 10))  # in the past: due now

@@ -15,7 +15,7 @@ the hash tag ``{q:Q}``, so every script of a queue touches one Redis Cluster slo
     P:{q:Q}:lease    zset    id of a held message scored by its lease expiry (ms, Redis clock)
     P:{q:Q}:held     hash    id of a held message -> its delivery's fencing token
     P:{q:Q}:seq      string  the queue's fencing-token counter
-    P:{q:Q}:notify   list    at most one element: wakes a consumer blocked in BLPOP
+    P:{q:Q}:notify   channel pub/sub channel (not a key) that wakes idle consumers
     P:{q:Q}:dead     list    dead letters, msgpack ``[data, reason, at]``
 
 Queue names are validated (letters, digits, ``_``, ``-``) before they become keys; message
@@ -38,9 +38,17 @@ in one pipeline. Every consumer sweeps expired leases on each fetch, and an idle
 wakes at least every ``lease / 3`` seconds to do so. A delivery garbage-collected
 unsettled is given back at the next renewal.
 
-An idle consumer blocks in ``BLPOP`` on the queue's notify list (on a connection of its
-own, which coredis gives to blocking commands), with a timeout until the next ETA;
-enqueues push to that list. No polling.
+An idle consumer waits, without polling, for a notification on the queue's pub/sub
+channel (received by the broker's one subscriber connection), at most until the next ETA
+or the next sweep. Scripts publish one when a queue's ready list goes from empty to
+not empty, when a message becomes the earliest scheduled one, and after a fetch that
+left messages behind (so other idle consumers take them). Waiting on pub/sub rather
+than in ``BLPOP`` keeps cancellation cheap: coredis drops the connection of a blocking
+command that is cancelled, and a cancelled connection attempt leaks its streams
+(``ResourceWarning``).
+
+Every call goes through a write-combiner (:class:`tasqueue_anyio._redis.Commands`):
+calls made while a round trip is in flight share the next one, as one pipeline.
 
 Clock: lease expiry, ETA due checks and ``nack(delay=...)`` use the Redis server's clock
 (``TIME`` inside the scripts), so every consumer agrees; ETAs are POSIX times from the
@@ -66,7 +74,7 @@ from coredis.patterns.pubsub import PubSub
 
 from .._exceptions import BrokerError, InvalidInputError
 from .._jobs import validate_queue
-from .._redis import DEFAULT_PREFIX, RedisBackend, Scripts, translate_errors
+from .._redis import DEFAULT_PREFIX, RedisBackend, evalsha, translate_errors
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
 __all__ = ["RedisBroker", "RedisDelivery"]
@@ -376,6 +384,10 @@ def _abandon(
     abandoned.append(item)
 
 
+def _evalsha(sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Callable[[Any], Any]:
+    return lambda client: evalsha(client, sha, keys, args)
+
+
 class _Waiter:
     """What an idle consumer waits on: set by its queue's notifications."""
 
@@ -512,7 +524,7 @@ class RedisDelivery(Delivery):
         self._stop_renewing()
         broker = self._broker
         with translate_errors("giving a message back"):
-            done = await broker._scripts.call(
+            done = await broker._cmds.script(
                 "nack", self._q.keys, (self._id, self._token, repr(max(0.0, float(delay))))
             )
         if done:
@@ -534,7 +546,7 @@ class RedisDelivery(Delivery):
         self._stop_renewing()
         entry = msgpack.packb([self._data, str(reason), time.time()], use_bin_type=True)
         with translate_errors("dead-lettering a message"):
-            done = await self._broker._scripts.call(
+            done = await self._broker._cmds.script(
                 "dead", self._q.keys, (self._id, self._token, entry)
             )
         if done:
@@ -577,7 +589,7 @@ class RedisBroker(RedisBackend, Broker):
         batch_size: int = DEFAULT_BATCH_SIZE,
         split_slots: bool | None = None,
     ) -> None:
-        super().__init__(url, client, prefix)
+        super().__init__(url, client, prefix, _SCRIPTS)
         if not isinstance(lease, (int, float)) or not 0.05 <= lease <= 86400:
             raise InvalidInputError(f"lease must be seconds in [0.05, 86400], got {lease!r}")
         if (
@@ -592,7 +604,6 @@ class RedisBroker(RedisBackend, Broker):
         self.batch_size = batch_size
         self.split_slots = bool(split_slots)
         self._lease_ms = str(max(1, round(self.lease * 1000))).encode()
-        self._scripts = Scripts(self.client, _SCRIPTS)
         self._queues: dict[str, _Queue] = {}
         self._abandoned: deque[tuple[_Queue, bytes, bytes]] = deque()
         # pub/sub
@@ -605,9 +616,10 @@ class RedisBroker(RedisBackend, Broker):
 
     async def _open(self) -> None:
         self._pubsub_lock = anyio.Lock()  # locks belong to one event loop
-        await self._scripts.load()
+        await super()._open()
 
     async def _start(self, tg: TaskGroup) -> None:
+        await super()._start(tg)
         tg.start_soon(self._renew_forever, name=f"{self!r} lease renewal")
 
     def _closing(self) -> None:
@@ -669,16 +681,19 @@ class RedisBroker(RedisBackend, Broker):
             by_queue: dict[str, list[Envelope]] = {}
             for env in messages:
                 by_queue.setdefault(env.queue, []).append(env)
-            calls = [("enqueue", *self._enqueue_call(group)) for group in by_queue.values()]
+            sha = self._cmds.shas["enqueue"]
+            calls = [self._enqueue_call(group) for group in by_queue.values()]
             with translate_errors("enqueueing"):
-                replies = await self._scripts.call_many(calls)
+                replies = await self._cmds.gather(
+                    [_evalsha(sha, keys, args) for keys, args in calls]
+                )
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise BrokerError(f"Redis failed while enqueueing: {reply}") from reply
             return
         keys, args = self._enqueue_call(messages)
         with translate_errors("enqueueing"):
-            await self._scripts.call("enqueue", keys, args)
+            await self._cmds.script("enqueue", keys, args)
 
     async def _ack(
         self, q: _Queue, message_id: bytes, token: bytes, enqueue: Sequence[Envelope]
@@ -694,7 +709,7 @@ class RedisBroker(RedisBackend, Broker):
         else:
             keys, args = q.keys, [message_id, token]
         with translate_errors("acking a message"):
-            return bool(await self._scripts.call("ack", keys, args))
+            return bool(await self._cmds.script("ack", keys, args))
 
     # -- consume ----------------------------------------------------------------------------
 
@@ -773,7 +788,7 @@ class RedisBroker(RedisBackend, Broker):
 
     async def _fetch(self, q: _Queue, count: int) -> tuple[int, list[RedisDelivery]]:
         with translate_errors(f"fetching from queue {q.name!r}"):
-            wait_ms, flat = await self._scripts.call("fetch", q.keys, (count, self._lease_ms))
+            wait_ms, flat = await self._cmds.script("fetch", q.keys, (count, self._lease_ms))
         deliveries = [
             RedisDelivery(self, q, flat[i], flat[i + 1], flat[i + 2], str(flat[i + 3]).encode())
             for i in range(0, len(flat), 4)
@@ -793,7 +808,7 @@ class RedisBroker(RedisBackend, Broker):
             return
         try:
             with translate_errors(f"giving messages back to queue {q.name!r}"):
-                await self._scripts.call("give_back", q.keys, args)
+                await self._cmds.script("give_back", q.keys, args)
         except BrokerError:
             logger.exception(
                 "could not give %d fetched messages back to queue %r; they come back "
@@ -826,20 +841,21 @@ class RedisBroker(RedisBackend, Broker):
             if q.held.get(message_id) == token:
                 del q.held[message_id]
             with translate_errors("giving back an abandoned message"):
-                await self._scripts.call("nack", q.keys, (message_id, token, "0"))
-        calls: list[tuple[str, Sequence[Any], Sequence[Any]]] = []
+                await self._cmds.script("nack", q.keys, (message_id, token, "0"))
+        sha = self._cmds.shas["renew"]
+        calls: list[Callable[[Any], Any]] = []
         queues: list[_Queue] = []
         for q in self._queues.values():
             if q.held:
                 args: list[bytes] = [self._lease_ms]
                 for item in q.held.copy().items():
                     args += item
-                calls.append(("renew", q.keys, args))
+                calls.append(_evalsha(sha, q.keys, args))
                 queues.append(q)
         if not calls:
             return
         with translate_errors("renewing leases"):
-            replies = await self._scripts.call_many(calls)
+            replies = await self._cmds.gather(calls)
         for q, reply in zip(queues, replies, strict=True):
             if isinstance(reply, Exception):
                 logger.error("renewing the leases of queue %r failed: %s", q.name, reply)
@@ -866,7 +882,7 @@ class RedisBroker(RedisBackend, Broker):
         """
         q = self._queue(queue)
         with translate_errors(f"reading queue {q.name!r}"):
-            return list(await self._scripts.call("inspect", q.keys, ("pending",)))
+            return list(await self._cmds.script("inspect", q.keys, ("pending",)))
 
     async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
         """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order.
@@ -876,7 +892,7 @@ class RedisBroker(RedisBackend, Broker):
         """
         q = self._queue(queue)
         with translate_errors(f"reading queue {q.name!r}"):
-            flat = await self._scripts.call("inspect", q.keys, ("scheduled",))
+            flat = await self._cmds.script("inspect", q.keys, ("scheduled",))
         return [(float(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
@@ -887,7 +903,7 @@ class RedisBroker(RedisBackend, Broker):
         """
         q = self._queue(queue)
         with translate_errors(f"reading the dead letters of queue {q.name!r}"):
-            entries = await self.client.lrange(q.keys[8], 0, -1)
+            entries = await self._cmds.submit(lambda client: client.lrange(q.keys[8], 0, -1))
         out = []
         for entry in entries:
             try:
@@ -911,7 +927,7 @@ class RedisBroker(RedisBackend, Broker):
         """
         key = self._channel(channel)
         with translate_errors("publishing"):
-            await self.client.publish(key, data)
+            await self._cmds.submit(lambda client: client.publish(key, data))
 
     @asynccontextmanager
     async def subscribe(

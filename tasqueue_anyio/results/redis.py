@@ -24,8 +24,10 @@ it is atomic, and sets the key's expiry in the same script. Fire times are store
 exactly.
 
 On a single Redis server the listing update of ``update_job`` happens in the job's
-script. (For Redis Cluster, where the listings live on another slot, it would be a
-second step: see the module notes in ``docs/backends.md``.)
+script, and a listing read drops the ids whose state expired in one script. (On Redis
+Cluster the listings live on another slot than the job: both would become a second
+step, which this module does not do yet.) Every call goes through a write-combiner:
+concurrent calls share one round trip.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import coredis
 
 from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
-from .._redis import DEFAULT_PREFIX, RedisBackend, Scripts, translate_errors
+from .._redis import DEFAULT_PREFIX, RedisBackend, translate_errors
 from ..abc import JobRecord, ParentRecord, Results, ScheduleRecord
 
 __all__ = ["RedisResults"]
@@ -318,6 +320,9 @@ _SCRIPTS = {
 }
 
 
+_FIELDS = ("st", "d", "c")
+
+
 def _ttl_ms(ttl: float | None, what: str) -> int:
     if ttl is None:
         return 0
@@ -373,7 +378,7 @@ class RedisResults(RedisBackend, Results):
         job_ttl: float | None = None,
         result_ttl: float | None = None,
     ) -> None:
-        super().__init__(url, client, prefix)
+        super().__init__(url, client, prefix, _SCRIPTS)
         self.job_ttl = job_ttl
         self.result_ttl = result_ttl
         self._job_ttl = _ttl_ms(job_ttl, "job_ttl")
@@ -388,10 +393,6 @@ class RedisResults(RedisBackend, Results):
             f"{p}:{{l}}:seq".encode(),
         ]
         self._schedule_keys = [f"{p}:{{sched}}:data".encode(), f"{p}:{{sched}}:fire".encode()]
-        self._scripts = Scripts(self.client, _SCRIPTS)
-
-    async def _open(self) -> None:
-        await self._scripts.load()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -417,7 +418,7 @@ class RedisResults(RedisBackend, Results):
         """
         key = self._state(_check_id(job_id, "job id"))
         with translate_errors("reading job state"):
-            fields = await self.client.hmget(key, ["st", "d", "c"])
+            fields = await self._cmds.submit(lambda client: client.hmget(key, _FIELDS))
         if fields[0] is None:
             raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
         return _record(list(fields))
@@ -431,7 +432,7 @@ class RedisResults(RedisBackend, Results):
         if not records:
             return
         with translate_errors("storing job state"):
-            await self._scripts.call("set_jobs", *self._jobs_call(records))
+            await self._cmds.script("set_jobs", *self._jobs_call(records))
 
     def _jobs_call(self, records: Mapping[str, JobRecord]) -> tuple[list[str], list[Any]]:
         keys = []
@@ -452,7 +453,7 @@ class RedisResults(RedisBackend, Results):
             return set()
         ids = list(records)
         with translate_errors("creating job state"):
-            created = await self._scripts.call("create_jobs", *self._jobs_call(records))
+            created = await self._cmds.script("create_jobs", *self._jobs_call(records))
         return {ids[index - 1] for index in created}
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
@@ -472,7 +473,7 @@ class RedisResults(RedisBackend, Results):
             self._job_ttl_arg,
         )
         with translate_errors("starting a job"):
-            reply = await self._scripts.call("start", keys, args)
+            reply = await self._cmds.script("start", keys, args)
         return None if reply == 0 else _record(reply)
 
     async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
@@ -490,7 +491,7 @@ class RedisResults(RedisBackend, Results):
         keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys]
         args = [job_id, record.status, record.data, self._job_ttl_arg, *expect]
         with translate_errors("updating a job"):
-            return bool(await self._scripts.call("update", keys, args))
+            return bool(await self._cmds.script("update", keys, args))
 
     async def request_cancel(self, job_id: str) -> JobRecord:
         """Ask a job to stop (one script).
@@ -504,7 +505,7 @@ class RedisResults(RedisBackend, Results):
         """
         keys = [self._state(_check_id(job_id, "job id"))]
         with translate_errors("cancelling a job"):
-            reply = await self._scripts.call("cancel", keys, (self._job_ttl_arg,))
+            reply = await self._cmds.script("cancel", keys, (self._job_ttl_arg,))
         if reply == 0:
             raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
         return _record(reply)
@@ -518,10 +519,10 @@ class RedisResults(RedisBackend, Results):
         """
         key = self._result(_check_id(job_id, "job id"))
         with translate_errors("reading a result"):
-            data = await self.client.get(key)
+            data = await self._cmds.submit(lambda client: client.get(key))
         if data is None:
             raise ResultNotFoundError(f"no result is stored for job id {job_id!r}")
-        return data
+        return bytes(data)
 
     async def set_result(self, job_id: str, data: bytes) -> None:
         """Store (replace) the result of a job, with ``result_ttl`` if set.
@@ -531,10 +532,8 @@ class RedisResults(RedisBackend, Results):
         """
         key = self._result(_check_id(job_id, "job id"))
         with translate_errors("storing a result"):
-            if self._result_ttl:
-                await self.client.set(key, data, px=self._result_ttl)
-            else:
-                await self.client.set(key, data)
+            ttl = self._result_ttl or None
+            await self._cmds.submit(lambda client: client.set(key, data, px=ttl))
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job: its state, its result and its place in the listings (one script).
@@ -544,14 +543,14 @@ class RedisResults(RedisBackend, Results):
         _check_id(job_id, "job id")
         keys = [self._state(job_id), self._result(job_id), *self._listing_keys[:2]]
         with translate_errors("deleting a job"):
-            await self._scripts.call("delete", keys, (job_id,))
+            await self._cmds.script("delete", keys, (job_id,))
 
     async def _listing(self, key: bytes) -> list[str]:
         with translate_errors("reading a listing"):
             if self._job_ttl:
-                ids = await self._scripts.call("listing", [key], (self._state_prefix, "}"))
+                ids = await self._cmds.script("listing", [key], (self._state_prefix, "}"))
             else:
-                ids = await self.client.zrange(key, 0, -1)
+                ids = await self._cmds.submit(lambda client: client.zrange(key, 0, -1))
         return [job_id.decode() for job_id in ids]
 
     async def get_success(self) -> list[str]:
@@ -590,7 +589,7 @@ class RedisResults(RedisBackend, Results):
         for member, status in record.members.items():
             args += (member, status)
         with translate_errors("storing a group or chain"):
-            await self._scripts.call("set_parent", keys, args)
+            await self._cmds.script("set_parent", keys, args)
 
     async def get_parent(self, parent_id: str) -> ParentRecord:
         """The stored state of a group or chain (one script: a consistent snapshot).
@@ -601,7 +600,7 @@ class RedisResults(RedisBackend, Results):
         """
         keys = self._parent(parent_id)[:2]
         with translate_errors("reading a group or chain"):
-            reply = await self._scripts.call("get_parent", keys, ())
+            reply = await self._cmds.script("get_parent", keys, ())
         if reply == 0:
             raise NotFoundError(f"no group or chain is stored under id {parent_id!r}")
         (kind, status, data, error), flat = reply
@@ -625,7 +624,7 @@ class RedisResults(RedisBackend, Results):
         """
         keys = self._parent(parent_id)
         with translate_errors("recording a member's status"):
-            reply = await self._scripts.call(
+            reply = await self._cmds.script(
                 "set_member", keys, (self._job_ttl_arg, _check_id(job_id, "job id"), status)
             )
         if reply == 0:
@@ -655,7 +654,7 @@ class RedisResults(RedisBackend, Results):
             *expect,
         ]
         with translate_errors("setting a group's or chain's status"):
-            return bool(await self._scripts.call("set_parent_status", keys, args))
+            return bool(await self._cmds.script("set_parent_status", keys, args))
 
     # -- cron schedules --------------------------------------------------------------------
 
@@ -666,7 +665,7 @@ class RedisResults(RedisBackend, Results):
         """
         args = (_check_id(record.id, "schedule id"), record.data, repr(float(record.next_fire)))
         with translate_errors("storing a schedule"):
-            await self._scripts.call("set_schedule", self._schedule_keys, args)
+            await self._cmds.script("set_schedule", self._schedule_keys, args)
 
     async def get_schedules(self) -> list[ScheduleRecord]:
         """Every stored schedule, ordered by id (code point order).
@@ -674,7 +673,7 @@ class RedisResults(RedisBackend, Results):
         :return: the schedules
         """
         with translate_errors("reading schedules"):
-            datas, fires = await self._scripts.call("get_schedules", self._schedule_keys, ())
+            datas, fires = await self._cmds.script("get_schedules", self._schedule_keys, ())
         fire_by_id = {fires[i]: fires[i + 1] for i in range(0, len(fires), 2)}
         records = []
         for i in range(0, len(datas), 2):
@@ -704,7 +703,7 @@ class RedisResults(RedisBackend, Results):
             repr(float(next_fire)),
         )
         with translate_errors("advancing a schedule"):
-            return bool(await self._scripts.call("advance", self._schedule_keys, args))
+            return bool(await self._cmds.script("advance", self._schedule_keys, args))
 
     async def delete_schedule(self, schedule_id: str) -> bool:
         """Remove a schedule.
@@ -714,4 +713,4 @@ class RedisResults(RedisBackend, Results):
         """
         args = (_check_id(schedule_id, "schedule id"),)
         with translate_errors("deleting a schedule"):
-            return bool(await self._scripts.call("delete_schedule", self._schedule_keys, args))
+            return bool(await self._cmds.script("delete_schedule", self._schedule_keys, args))

@@ -1,0 +1,148 @@
+"""A throwaway ``redis-server`` for the tests (not a test module itself).
+
+:func:`start_redis_server` runs one on a free loopback port (127.0.0.1 only), without
+persistence (``--save '' --appendonly no``), in a temporary directory, and returns once it
+answers ``PING``. :meth:`RedisServer.stop` terminates it, then kills it, by its own pid.
+
+:func:`shared_server` is the one server of a test session, started on first use (so a
+run that selects no Redis test starts none); ``conftest.py`` stops it when the session
+ends. Without a ``redis-server`` binary, the tests that need it are skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+__all__ = ["RedisServer", "shared_server", "start_redis_server", "stop_shared_server"]
+
+#: Seconds a starting server may take to answer PING.
+START_TIMEOUT = 10.0
+
+SKIP_REASON = (
+    "redis-server is not installed (apt-get install redis-server; .ci/run installs it): "
+    "skipping the Redis backend tests"
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ping(port: int, password: str | None = None) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if password is not None:
+                sock.sendall(f"AUTH {password}\r\n".encode())
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A running ``redis-server`` process on 127.0.0.1."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, directory: Path, password: str | None
+    ) -> None:
+        self.process = process
+        self.port = port
+        self.directory = directory
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of database 0 (with the password, if any)."""
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Terminate the server (kill it if it does not exit within 5 s); remove its dir."""
+        process = self.process
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_redis_server(
+    *, password: str | None = None, extra_args: Sequence[str] = ()
+) -> RedisServer:
+    """Start a ``redis-server`` on a free loopback port and wait until it answers.
+
+    :param password: ``requirepass`` for the default user, if any
+    :param extra_args: more ``redis-server`` options (``--name value`` pairs)
+    :raises RuntimeError: it did not answer within :data:`START_TIMEOUT`
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server")
+    for _ in range(3):  # a free port can be taken between the probe and the bind
+        port = _free_port()
+        directory = Path(tempfile.mkdtemp(prefix="tasqueue-redis-"))
+        args = [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(directory),
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", str(directory / "redis.log"),
+        ]  # fmt: skip
+        if password is not None:
+            args += ["--requirepass", password]
+        args += list(extra_args)
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        server = RedisServer(process, port, directory, password)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            if _ping(port, password):
+                return server
+            time.sleep(0.02)
+        log = (directory / "redis.log").read_text(errors="replace")[-2000:]
+        server.stop()
+        if "Address already in use" not in log:
+            raise RuntimeError(f"redis-server did not start on port {port}: {log}")
+    raise RuntimeError("redis-server did not start (no free port)")
+
+
+_shared: RedisServer | None = None
+
+
+def shared_server() -> RedisServer:
+    """The test session's Redis server, started on first use; skips without one."""
+    global _shared
+    if _shared is None:
+        if shutil.which("redis-server") is None:
+            pytest.skip(SKIP_REASON)
+        _shared = start_redis_server()
+    return _shared
+
+
+def stop_shared_server() -> None:
+    """Stop the session's server, if one was started."""
+    global _shared
+    server, _shared = _shared, None
+    if server is not None:
+        server.stop()
