@@ -519,11 +519,14 @@ class Server:
         error: str | None = None,
         *,
         trace: dict[str, str] | None = None,
+        ended: list[tuple[str, Status]] | None = None,
     ) -> list[tuple[JobMessage, bytes]]:
         """Record that a member of a group or chain reached ``status``.
 
-        Updates the parent's status (and publishes its end); for a chain link that
-        succeeded, returns the next link's prepared message, to be enqueued with the ack.
+        Updates the parent's status (and publishes its end, or, given ``ended``, appends
+        ``(parent id, status)`` to it for the caller to publish once the member's own
+        follow-ups exist); for a chain link that succeeded, returns the next link's
+        prepared message, to be enqueued with the ack.
         """
         meta = msg.meta
         parent_id = meta.group_id or meta.chain_id
@@ -557,7 +560,10 @@ class Server:
                     )
                 except PayloadTooLargeError as exc:
                     await self.end_parent(
-                        parent_id, Status.FAILED, f"link {link.id} cannot be enqueued: {exc}"
+                        parent_id,
+                        Status.FAILED,
+                        f"link {link.id} cannot be enqueued: {exc}",
+                        ended=ended,
                     )
                     return []
                 await self.results.set_parent_status(
@@ -571,7 +577,7 @@ class Server:
             )
         elif new is not None:
             reason = None if new is Status.SUCCESSFUL else f"job {msg.id} {status.value}: {error}"
-            await self.end_parent(parent_id, new, reason)
+            await self.end_parent(parent_id, new, reason, ended=ended)
         return []
 
     async def end_parent(
@@ -581,6 +587,7 @@ class Server:
         error: str | None,
         *,
         stop: Collection[str] = (),
+        ended: list[tuple[str, Status]] | None = None,
     ) -> bool:
         """Move a group or chain to a final status (once) and publish its end.
 
@@ -614,10 +621,17 @@ class Server:
                     await self.results.set_member_status(
                         parent_id, member_id, Status.CANCELLED.value
                     )
+        if ended is None:
+            await self.publish_parent(parent_id, status)
+        else:
+            ended.append((parent_id, status))
+        return True
+
+    async def publish_parent(self, parent_id: str, status: Status) -> None:
+        """Announce that a group or chain ended (wakes :meth:`wait_group`/:meth:`wait_chain`)."""
         await self.broker.publish(
             EVENTS_CHANNEL, encode_event(EVENT_PARENT, parent_id, status.value)
         )
-        return True
 
     # -- inspection -------------------------------------------------------------------------
 

@@ -417,8 +417,13 @@ class Worker:
             await delivery.ack()
             return
         await self._callback(task.on_success if task else None, ctx)
-        links = await self.server.member_changed(msg, Status.SUCCESSFUL, trace=run.trace)
+        ended: list[tuple[str, Status]] = []
+        links = await self.server.member_changed(
+            msg, Status.SUCCESSFUL, trace=run.trace, ended=ended
+        )
         await self._ack(delivery, msg.job.on_success, links, trace=run.trace)
+        for parent_id, status in ended:  # once the follow-ups exist
+            await self.server.publish_parent(parent_id, status)
         await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
         self.server.metrics.record("successful", msg.job.task, msg.meta.queue, run.duration)
 
@@ -479,8 +484,11 @@ class Worker:
             await delivery.ack()
             return
         await self._callback(task.on_failed if task else None, ctx, error)
-        await self.server.member_changed(msg, Status.FAILED, description)
+        ended: list[tuple[str, Status]] = []
+        await self.server.member_changed(msg, Status.FAILED, description, ended=ended)
         await self._ack(delivery, msg.job.on_error, trace=run.trace)
+        for parent_id, status in ended:  # once the follow-ups exist
+            await self.server.publish_parent(parent_id, status)
         await self.server.publish_finished(msg.id, Status.FAILED)
         self.server.metrics.record("failed", msg.job.task, meta.queue, run.duration)
 
