@@ -14,6 +14,7 @@ from ._exceptions import InvalidInputError as InvalidInputError
 from ._exceptions import JobCancelledError as JobCancelledError
 from ._exceptions import JobNotFoundError as JobNotFoundError
 from ._exceptions import JobTimeoutError as JobTimeoutError
+from ._exceptions import LeaseLostError as LeaseLostError
 from ._exceptions import NotFoundError as NotFoundError
 from ._exceptions import PayloadTooLargeError as PayloadTooLargeError
 from ._exceptions import QueueConcurrencyError as QueueConcurrencyError
@@ -53,6 +54,7 @@ __all__ = [
     "JobMessage",
     "JobNotFoundError",
     "JobTimeoutError",
+    "LeaseLostError",
     "Meta",
     "NotFoundError",
     "PayloadTooLargeError",

@@ -48,6 +48,11 @@ class BrokerError(TasqueueError):
     """The broker or results backend failed (connection lost, server error)."""
 
 
+class LeaseLostError(BrokerError):
+    """A worker's run of a job no longer owns it: its lease expired (the worker was
+    paused or cut off) and another worker took the job over. Nothing was written."""
+
+
 class DecodeError(TasqueueError, ValueError):
     """Bytes read from a broker or store are not a valid message of this library."""
 

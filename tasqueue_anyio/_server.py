@@ -34,6 +34,7 @@ from ._exceptions import (
     DecodeError,
     InvalidInputError,
     JobNotFoundError,
+    LeaseLostError,
     NotFoundError,
     PayloadTooLargeError,
     QueueConcurrencyError,
@@ -934,12 +935,20 @@ class Server:
             if not waiters:
                 self._waiters.pop(job_id, None)
 
-    async def save_result(self, job_id: str, result: bytes) -> None:
+    async def save_result(self, job_id: str, result: bytes, *, run: str | None = None) -> None:
         """Store a job's result (what ``ctx.save`` calls), refusing one over
-        ``max_payload_size``: a result may become the next chain link's input."""
+        ``max_payload_size``: a result may become the next chain link's input.
+
+        :param run: the fencing token of the run saving it, if any
+        :raises LeaseLostError: that run no longer owns the job (nothing is saved)
+        """
         if len(result) > self.max_payload_size:
             raise PayloadTooLargeError(f"job {job_id}'s result", len(result), self.max_payload_size)
-        await self.results.set_result(job_id, result)
+        if not await self.results.set_result(job_id, result, run=run):
+            raise LeaseLostError(
+                f"job {job_id}: this run no longer owns the job (its lease was lost and "
+                f"another worker took it over, or it ended); the result was not saved"
+            )
 
     async def publish_finished(self, job_id: str, status: Status) -> None:
         await self.broker.publish(

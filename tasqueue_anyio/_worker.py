@@ -80,13 +80,16 @@ def _run_meta(meta: Meta, processed_at: float, attempt: int) -> Meta:
 
 
 class _RunInfo:
-    """What the end of a run needs to know about it: its trace context and duration."""
+    """What the end of a run needs to know about it: its fencing token, trace context
+    and duration."""
 
-    __slots__ = ("duration", "trace")
+    __slots__ = ("duration", "token", "trace")
 
-    def __init__(self, trace: dict[str, str] | None, duration: float) -> None:
-        self.trace = trace
-        self.duration = duration
+    def __init__(self, token: str) -> None:
+        #: this run's fencing token: retries so far and the delivery attempt
+        self.token = token
+        self.trace: dict[str, str] | None = None
+        self.duration: float | None = None
 
 
 class ActiveJob:
@@ -243,15 +246,16 @@ class Worker:
                 return
             msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
             data = server.encode(msg)
+            run = _RunInfo(f"{msg.meta.retried}.{delivery.attempt}")
             refused = await self.results.start_job(
-                job_id, JobRecord(status="processing", data=data)
+                job_id, JobRecord(status="processing", data=data, run=run.token)
             )
             if refused is not None:
                 await self._not_started(delivery, msg, refused)
                 return
             if msg.meta.group_id is not None or msg.meta.chain_id is not None:
                 await server.member_changed(msg, Status.PROCESSING)
-            await self._run(delivery, msg, data, active)
+            await self._run(delivery, msg, data, active, run)
         finally:
             jobs = registry[job_id]
             jobs.remove(active)
@@ -311,12 +315,17 @@ class Worker:
         await self._ack(delivery, follow_ups, links)
 
     async def _run(
-        self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob
+        self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo
     ) -> None:
         server = self.server
         task = server.get_task(msg.job.task)
         meta = msg.meta
-        ctx = JobContext(meta=meta, save_fn=server.save_result)
+        token = run.token
+
+        async def save(job_id: str, result: bytes) -> None:
+            await server.save_result(job_id, result, run=token)
+
+        ctx = JobContext(meta=meta, save_fn=save)
         error: BaseException | None = None
 
         deadline = math.inf
@@ -357,7 +366,7 @@ class Worker:
                         # Shutdown is not an outcome: the job goes back to the broker.
                         requeued = self._evolve(msg, Status.QUEUED)
                         await self.results.update_job(
-                            msg.id, self._record(requeued), expect=_PROCESSING
+                            msg.id, self._record(requeued), expect=_PROCESSING, run=token
                         )
                         await delivery.nack()
                         return
@@ -375,7 +384,8 @@ class Worker:
             if span is not None:
                 self._end_span(span, error)
 
-        run = _RunInfo(trace, anyio.current_time() - started)
+        run.trace = trace
+        run.duration = anyio.current_time() - started
         if error is None:
             await self._finish_success(delivery, msg, data, ctx, task, run)
         elif isinstance(error, JobCancelledError):
@@ -411,7 +421,10 @@ class Worker:
         # The stored status is authoritative over the one inside ``data``, so the
         # processing message's bytes serve the final record as they are.
         if not await self.results.update_job(
-            msg.id, JobRecord(status="successful", data=data), expect=_PROCESSING
+            msg.id,
+            JobRecord(status="successful", data=data, run=run.token),
+            expect=_PROCESSING,
+            run=run.token,
         ):
             self._ended_elsewhere(msg)
             await delivery.ack()
@@ -451,7 +464,10 @@ class Worker:
             )
             data = self.server.encode(retry)
             if not await self.results.update_job(
-                msg.id, JobRecord(status="retrying", data=data), expect=_PROCESSING
+                msg.id,
+                JobRecord(status="retrying", data=data, run=run.token),
+                expect=_PROCESSING,
+                run=run.token,
             ):
                 self._ended_elsewhere(msg)
                 await delivery.ack()
@@ -479,7 +495,9 @@ class Worker:
             description,
             extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
         )
-        if not await self.results.update_job(msg.id, self._record(failed), expect=_PROCESSING):
+        if not await self.results.update_job(
+            msg.id, self._record(failed, run.token), expect=_PROCESSING, run=run.token
+        ):
             self._ended_elsewhere(msg)
             await delivery.ack()
             return
@@ -495,7 +513,9 @@ class Worker:
     async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage, run: _RunInfo) -> None:
         reason = _describe(JobCancelledError(f"job {msg.id} was cancelled while running"))
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
-        if await self.results.update_job(msg.id, self._record(cancelled), expect=_PROCESSING):
+        if await self.results.update_job(
+            msg.id, self._record(cancelled, run.token), expect=_PROCESSING, run=run.token
+        ):
             await self.server.member_changed(msg, Status.CANCELLED, reason)
         await delivery.ack()
         await self.server.publish_finished(msg.id, Status.CANCELLED)
@@ -535,8 +555,8 @@ class Worker:
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:
         return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)
 
-    def _record(self, msg: JobMessage) -> JobRecord:
-        return JobRecord(status=msg.meta.status.value, data=self.server.encode(msg))
+    def _record(self, msg: JobMessage, run: str = "") -> JobRecord:
+        return JobRecord(status=msg.meta.status.value, data=self.server.encode(msg), run=run)
 
     async def _callback(self, callback: Any, *args: Any) -> None:
         if callback is None:

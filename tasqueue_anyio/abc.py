@@ -76,11 +76,16 @@ class JobRecord:
     :param data: the encoded job message
     :param cancel_requested: set by :meth:`Results.request_cancel` on a running job, so
         that a redelivery of it never starts again
+    :param run: the fencing token of the run that wrote the record (empty when none):
+        a run whose broker lease was lost cannot write over the run that took the job
+        over, because :meth:`Results.update_job` and :meth:`Results.set_result` given a
+        ``run`` only write while it is still the stored one
     """
 
     status: str
     data: bytes
     cancel_requested: bool = False
+    run: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -147,8 +152,9 @@ class Delivery(metaclass=ABCMeta):
         Brokers that can make the two one atomic write (or one round trip) do so; the
         others enqueue first, then remove, so a crash in between repeats, never loses.
 
-        :raises BrokerError: the message could not be removed (for leased brokers: the
-            lease was lost to another worker, whose run now owns the job)
+        :raises LeaseLostError: the lease was lost to another delivery of the message,
+            whose run now owns the job (nothing was changed)
+        :raises BrokerError: the message could not be removed
         """
 
     @abstractmethod
@@ -297,8 +303,11 @@ class Results(metaclass=ABCMeta):
         """
 
     @abstractmethod
-    async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
-        """Atomically write ``record`` if the job's current status is one of ``expect``.
+    async def update_job(
+        self, job_id: str, record: JobRecord, *, expect: Collection[str], run: str | None = None
+    ) -> bool:
+        """Atomically write ``record`` if the job's current status is one of ``expect``
+        (and, given ``run``, the stored ``run`` token equals it).
 
         When ``record.status`` is ``successful`` or ``failed`` the job id is added to the
         matching listing in the same step. ``cancel_requested`` is kept as stored.
@@ -326,8 +335,12 @@ class Results(metaclass=ABCMeta):
         """
 
     @abstractmethod
-    async def set_result(self, job_id: str, data: bytes) -> None:
-        """Store (replace) the result of a job."""
+    async def set_result(self, job_id: str, data: bytes, *, run: str | None = None) -> bool:
+        """Store (replace) the result of a job; given ``run``, only while the job is
+        ``processing`` under that run token (atomically).
+
+        :return: whether it was stored
+        """
 
     @abstractmethod
     async def delete_job(self, job_id: str) -> None:

@@ -4,7 +4,7 @@
 
     tasqueue worker myapp.tasks:server [--backend trio] [-c emails=20] [--burst] [--grace 30]
     tasqueue job JOB_ID --app myapp.tasks:server [--json]
-    tasqueue pending QUEUE --broker redis://localhost/0 --results redis://localhost/0
+    tasqueue pending QUEUE --broker redis://localhost/0 [--results URL] [--prefix PREFIX]
 
 Built on the standard library's :mod:`argparse`: the command is small, and a CLI
 framework would be one more dependency for every user of the library.
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -25,6 +27,7 @@ from typing import Any, NoReturn
 
 import anyio
 import attrs
+from anyio.abc import TaskStatus
 
 from ._exceptions import BrokerError, InvalidInputError, NotFoundError, TasqueueError
 from ._groups import ChainMessage, GroupMessage
@@ -36,6 +39,8 @@ __all__ = ["main"]
 
 #: How often ``--burst`` looks whether the queues are empty (seconds).
 BURST_CHECK_INTERVAL = 0.2
+
+_log = logging.getLogger("tasqueue_anyio.cli")
 
 
 class CLIError(Exception):
@@ -76,8 +81,8 @@ def load_server(spec: str) -> Server:
             raise CLIError(f"calling {spec}() to get the server failed: {exc!r}", 2) from exc
     if not isinstance(value, Server):
         raise CLIError(
-            f"{spec} is a {type(value).__name__}, not a tasqueue_anyio.Server "
-            f"(or a function returning one)",
+            f"{spec} is not a tasqueue_anyio.Server (or a function returning one): "
+            f"it is of type {type(value).__name__}",
             2,
         )
     return value
@@ -90,10 +95,16 @@ def _scheme(url: str) -> str:
     return scheme
 
 
-def broker_from_url(url: str) -> Broker:
+def _check_prefix(scheme: str, prefix: str | None) -> None:
+    if prefix is not None and scheme not in ("redis", "rediss", "unix"):
+        raise CLIError(f"--prefix is for Redis URLs, not {scheme}://", 2)
+
+
+def broker_from_url(url: str, prefix: str | None = None) -> Broker:
     """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
-    ``rediss://``, ``nats://`` / ``tls://``."""
+    ``rediss://`` (keys under ``prefix``), ``nats://`` / ``tls://``."""
     scheme = _scheme(url)
+    _check_prefix(scheme, prefix)
     try:
         if scheme == "memory":
             from .brokers.memory import MemoryBroker
@@ -105,14 +116,15 @@ def broker_from_url(url: str) -> Broker:
             return nats.NatsBroker(url)  # type: ignore[no-any-return,unused-ignore]
         from .brokers.redis import RedisBroker
 
-        return RedisBroker(url)
+        return RedisBroker(url) if prefix is None else RedisBroker(url, prefix=prefix)
     except ImportError as exc:
         raise CLIError(f"the backend for {url!r} is not installed: {exc}") from exc
 
 
-def results_from_url(url: str) -> Results:
+def results_from_url(url: str, prefix: str | None = None) -> Results:
     """A results store for ``url`` (the schemes of :func:`broker_from_url`)."""
     scheme = _scheme(url)
+    _check_prefix(scheme, prefix)
     try:
         if scheme == "memory":
             from .results.memory import MemoryResults
@@ -124,17 +136,22 @@ def results_from_url(url: str) -> Results:
             return nats.NatsResults(url)  # type: ignore[no-any-return,unused-ignore]
         from .results.redis import RedisResults
 
-        return RedisResults(url)
+        return RedisResults(url) if prefix is None else RedisResults(url, prefix=prefix)
     except ImportError as exc:
         raise CLIError(f"the backend for {url!r} is not installed: {exc}") from exc
 
 
 def server_for(args: argparse.Namespace) -> Server:
+    if args.app and (args.broker or args.results or args.prefix):
+        raise CLIError("give --app MODULE:ATTR or --broker/--results/--prefix, not both", 2)
     if args.app:
         return load_server(args.app)
-    if args.broker and args.results:
-        return Server(broker=broker_from_url(args.broker), results=results_from_url(args.results))
-    raise CLIError("say where the jobs are: --app MODULE:ATTR, or --broker URL --results URL", 2)
+    if args.broker:
+        return Server(
+            broker=broker_from_url(args.broker, args.prefix),
+            results=results_from_url(args.results or args.broker, args.prefix),
+        )
+    raise CLIError("say where the jobs are: --app MODULE:ATTR, or --broker URL [--results URL]", 2)
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -169,9 +186,21 @@ def job_to_dict(msg: JobMessage) -> dict[str, Any]:
     }
 
 
+class _StdoutClosed(Exception):
+    """Whoever read the output went away (``tasqueue failed | head -1``)."""
+
+
 def _print(obj: Any, as_json: bool) -> None:
+    try:
+        _write(obj, as_json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
+def _write(obj: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(_plain(obj), sort_keys=True))
+        print(json.dumps(_plain(obj), default=str))
         return
     data = _plain(obj)
     if isinstance(data, dict):
@@ -185,7 +214,7 @@ def _print(obj: Any, as_json: bool) -> None:
                 print(f"{key:<{width}}  {value}")
     elif isinstance(data, list):
         for item in data:
-            print(item if not isinstance(item, dict) else json.dumps(item, sort_keys=True))
+            print(json.dumps(item, default=str) if isinstance(item, dict) else item)
     else:
         print(data)
 
@@ -195,42 +224,65 @@ def _print(obj: Any, as_json: bool) -> None:
 
 async def run_worker(server: Server, *, burst: bool, grace: float) -> None:
     """Run ``server``'s workers until a signal (or, with ``burst``, empty queues)."""
-    async with server, anyio.create_task_group() as tg:
+    signalled = anyio.Event()
+    # A second signal cancels this scope: running jobs go back to the broker at once. It
+    # holds run() only, not the server: the hand-back needs the backends' connections.
+    run_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        # Listen first: from here on a signal stops the worker gracefully, never kills it.
+        await tg.start(_watch_signals, server, run_scope, grace, signalled)
+        async with server:
+            with run_scope:
+                if not signalled.is_set():
+                    async with anyio.create_task_group() as running:
 
-        async def run_then_end(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-            await server.run(task_status=task_status)
-            tg.cancel_scope.cancel()
+                        async def run_then_end(
+                            *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                        ) -> None:
+                            await server.run(task_status=task_status)
+                            running.cancel_scope.cancel()
 
-        await tg.start(run_then_end)
-        tg.start_soon(_watch_signals, server, tg.cancel_scope, grace)
-        if burst:
-            tg.start_soon(_watch_empty, server)
+                        await running.start(run_then_end)
+                        if signalled.is_set():  # it came while run() was starting
+                            server.stop(grace)
+                        if burst:
+                            running.start_soon(_watch_empty, server, grace)
+        tg.cancel_scope.cancel()
 
 
-async def _watch_signals(server: Server, scope: anyio.CancelScope, grace: float) -> None:
+async def _watch_signals(
+    server: Server,
+    scope: anyio.CancelScope,
+    grace: float,
+    signalled: anyio.Event,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        stopping = False
+        task_status.started()
         async for signum in signals:
-            if not stopping:
-                stopping = True
-                server.log.warning(
+            if not signalled.is_set():
+                signalled.set()
+                _log.warning(
                     "%s: finishing running jobs within %gs (again to stop at once)",
                     signal.Signals(signum).name,
                     grace,
                 )
                 server.stop(grace)
             else:
+                _log.warning("%s: stopping now", signal.Signals(signum).name)
                 scope.cancel()  # running jobs go back to the broker
 
 
-async def _watch_empty(server: Server) -> None:
+async def _watch_empty(server: Server, grace: float) -> None:
     while True:
         await anyio.sleep(BURST_CHECK_INTERVAL)
         if server.active:
             continue
         pending = [await server.broker.get_pending(queue) for queue in server.queues]
         if not any(pending) and not server.active:
-            server.stop(0)
+            _log.info("the queues are empty: stopping (--burst)")
+            server.stop(grace)  # a job taken meanwhile may still finish
             return
 
 
@@ -293,10 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasqueue", description="Run tasqueue_anyio workers and inspect jobs."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    debug_help = "show tracebacks and debug logs"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # also after the command; SUPPRESS keeps a subcommand from resetting one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    worker = commands.add_parser("worker", help="run the workers of a Server")
+    worker = commands.add_parser("worker", help="run the workers of a Server", parents=[common])
     worker.add_argument("app", metavar="MODULE:ATTR", help="a Server, or a function returning one")
     worker.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     worker.add_argument(
@@ -317,12 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def inspector(name: str, help: str, *positional: tuple[str, str]) -> None:
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, help=help, parents=[common])
         for arg, arg_help in positional:
             sub.add_argument(arg, help=arg_help)
         sub.add_argument("--app", metavar="MODULE:ATTR", help="take the backends from this Server")
-        sub.add_argument("--broker", metavar="URL", help="broker URL (with --results)")
-        sub.add_argument("--results", metavar="URL", help="results URL (with --broker)")
+        sub.add_argument("--broker", metavar="URL", help="broker URL (instead of --app)")
+        sub.add_argument("--results", metavar="URL", help="results URL (default: the broker URL)")
+        sub.add_argument(
+            "--prefix", metavar="PREFIX", help="Redis key prefix of --broker/--results URLs"
+        )
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
 
@@ -345,9 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _apply_concurrency(server: Server, overrides: Sequence[str]) -> None:
     for item in overrides:
         queue, sep, number = item.partition("=")
-        if not sep or not number.isdigit() or int(number) < 1:
+        try:
+            count = int(number) if sep and number.isascii() else 0
+        except ValueError:
+            count = 0
+        if count < 1:
             raise CLIError(f"--concurrency wants QUEUE=N with N >= 1, got {item!r}", 2)
-        server.set_concurrency(validate_queue(queue), int(number))
+        server.set_concurrency(validate_queue(queue), count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -360,27 +423,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        try:
-            if args.command == "worker":
-                server = load_server(args.app)
-                _apply_concurrency(server, args.concurrency)
-                anyio.run(_worker_main, server, args.burst, args.grace, backend=args.backend)
-            else:
-                anyio.run(inspect_command, args, backend=args.backend)
-        except BaseException as exc:
-            raise _unwrap(exc) from None
-    except CLIError as exc:
-        return _fail(str(exc), exc.status, args.debug)
-    except NotFoundError as exc:
-        return _fail(f"not found: {exc}", 1, args.debug)
-    except InvalidInputError as exc:
-        return _fail(str(exc), 2, args.debug)
-    except (BrokerError, OSError) as exc:
-        return _fail(f"cannot reach the backend: {exc}", 1, args.debug)
-    except TasqueueError as exc:
-        return _fail(str(exc), 1, args.debug)
-    except KeyboardInterrupt:
-        return 130
+        if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+            raise CLIError("--backend trio needs Trio: pip install 'tasqueue_anyio[trio]'", 2)
+        if args.command == "worker":
+            server = load_server(args.app)
+            _apply_concurrency(server, args.concurrency)
+            anyio.run(_worker_main, server, args.burst, args.grace, backend=args.backend)
+        else:
+            anyio.run(inspect_command, args, backend=args.backend)
+    except BaseException as exc:
+        return _report(_unwrap(exc), args.debug)
     return 0
 
 
@@ -395,9 +447,30 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _fail(message: str, status: int, debug: bool) -> int:
+def _report(exc: BaseException, debug: bool) -> int:
+    """Report a failure in one line (with the traceback if ``debug``); the exit status.
+
+    An exception nobody expected (a bug) is raised again, for Python to show in full.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, _StdoutClosed):  # stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as if killed by SIGPIPE
+    if isinstance(exc, CLIError):
+        message, status = str(exc), exc.status
+    elif isinstance(exc, NotFoundError):
+        message, status = f"not found: {exc}", 1
+    elif isinstance(exc, InvalidInputError):
+        message, status = str(exc), 2
+    elif isinstance(exc, (BrokerError, OSError)):
+        message, status = f"cannot reach the backend: {exc}", 1
+    elif isinstance(exc, TasqueueError):
+        message, status = str(exc), 1
+    else:
+        raise exc
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
     print(f"tasqueue: error: {message}", file=sys.stderr)
     return status
 
@@ -405,3 +478,7 @@ def _fail(message: str, status: int, debug: bool) -> int:
 def entry_point() -> NoReturn:
     """The ``tasqueue`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -505,3 +505,46 @@ async def test_delete_schedule(results: Results, schedule_id: str) -> None:
     assert my_schedules(await results.get_schedules(), schedule_id) == [schedule(other, 6.0)]
     assert not await results.advance_schedule(schedule_id, 5.0, 6.0)
     assert my_schedules(await results.get_schedules(), schedule_id) == [schedule(other, 6.0)]
+
+
+# -- fencing by run token ---------------------------------------------------------------
+
+
+async def test_update_job_fenced_by_run_token(results: Results) -> None:
+    job_id = f"fence-{uuid4().hex}"
+    await results.set_jobs({job_id: JobRecord(status="queued", data=b"q")})
+    assert (
+        await results.start_job(job_id, JobRecord(status="processing", data=b"p", run="0.2"))
+        is None
+    )
+    assert (await results.get_job(job_id)).run == "0.2"
+    # a run that lost the job (attempt 1) cannot write over attempt 2's run
+    stale = JobRecord(status="successful", data=b"stale", run="0.1")
+    assert not await results.update_job(job_id, stale, expect=["processing"], run="0.1")
+    current = await results.get_job(job_id)
+    assert (current.status, current.data, current.run) == ("processing", b"p", "0.2")
+    assert job_id not in await results.get_success()
+    done = JobRecord(status="successful", data=b"done", run="0.2")
+    assert await results.update_job(job_id, done, expect=["processing"], run="0.2")
+    assert (await results.get_job(job_id)).data == b"done"
+    assert job_id in await results.get_success()
+
+
+async def test_set_result_fenced_by_run_token(results: Results) -> None:
+    job_id = f"fence-{uuid4().hex}"
+    await results.set_jobs({job_id: JobRecord(status="queued", data=b"q")})
+    # not processing yet: a fenced save is refused, an unfenced one is not
+    assert not await results.set_result(job_id, b"early", run="0.1")
+    with pytest.raises(ResultNotFoundError):
+        await results.get_result(job_id)
+    await results.start_job(job_id, JobRecord(status="processing", data=b"p", run="0.2"))
+    assert not await results.set_result(job_id, b"zombie", run="0.1")
+    assert await results.set_result(job_id, b"owner", run="0.2")
+    assert await results.get_result(job_id) == b"owner"
+    await results.update_job(
+        job_id, JobRecord(status="successful", data=b"p", run="0.2"), expect=["processing"]
+    )
+    assert not await results.set_result(job_id, b"late", run="0.2")  # the run ended
+    assert await results.get_result(job_id) == b"owner"
+    assert await results.set_result(job_id, b"admin") is True  # unfenced
+    assert await results.get_result(job_id) == b"admin"

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .._exceptions import BrokerError
+from .._exceptions import LeaseLostError
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
 __all__ = ["MemoryBroker", "MemoryDelivery"]
@@ -140,7 +140,7 @@ class MemoryDelivery(Delivery):
         try:
             self._q.ready.remove(self._message)
         except ValueError:
-            raise BrokerError(
+            raise LeaseLostError(
                 f"the message on queue {self._q.name!r} was given back by its consumer and "
                 f"delivered again; that delivery now owns it"
             ) from None

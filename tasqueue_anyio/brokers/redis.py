@@ -72,7 +72,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from coredis.patterns.pubsub import PubSub
 
-from .._exceptions import BrokerError, InvalidInputError
+from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import validate_queue
 from .._redis import DEFAULT_PREFIX, RedisBackend, evalsha, translate_errors
 from ..abc import Broker, DeadLetter, Delivery, Envelope
@@ -483,9 +483,9 @@ class RedisDelivery(Delivery):
         if held.get(self._id) == self._token:
             del held[self._id]
 
-    def _lost(self, action: str) -> BrokerError:
+    def _lost(self, action: str) -> LeaseLostError:
         self._state = _SETTLED
-        return BrokerError(
+        return LeaseLostError(
             f"lease lost: cannot {action} message {self.message_id!r} of queue "
             f"{self._q.name!r} (attempt {self._attempt}); its lease expired or its "
             f"consumer gave it back, and another delivery of it owns it now"

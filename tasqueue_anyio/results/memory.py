@@ -217,7 +217,9 @@ class MemoryResults(Results):
         self._write(job_id, record)
         return None
 
-    async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
+    async def update_job(
+        self, job_id: str, record: JobRecord, *, expect: Collection[str], run: str | None = None
+    ) -> bool:
         """Write ``record`` if the job's current status is one of ``expect``.
 
         ``cancel_requested`` is kept as stored; a ``successful`` or ``failed`` record lists
@@ -226,10 +228,13 @@ class MemoryResults(Results):
         :param job_id: the job id
         :param record: the new state
         :param expect: the statuses the job may currently have
+        :param run: if given, the run token the job must still have
         :return: whether ``record`` was written (never when the job has no state)
         """
         current = self._jobs.get(job_id)
         if current is None or current.status not in expect:
+            return False
+        if run is not None and current.run != run:
             return False
         if record.cancel_requested != current.cancel_requested:
             record = attrs.evolve(record, cancel_requested=current.cancel_requested)
@@ -270,13 +275,20 @@ class MemoryResults(Results):
             raise ResultNotFoundError(f"no result is stored for job id {job_id!r}")
         return data
 
-    async def set_result(self, job_id: str, data: bytes) -> None:
+    async def set_result(self, job_id: str, data: bytes, *, run: str | None = None) -> bool:
         """Store (replace) the result of a job.
 
         :param job_id: the job id
         :param data: the result
+        :param run: if given, store only while the job is ``processing`` under this run
+        :return: whether it was stored
         """
+        if run is not None:
+            current = self._jobs.get(job_id)
+            if current is None or current.status != "processing" or current.run != run:
+                return False
         self._results.set(job_id, data)
+        return True
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job: its state, its result and its place in the listings.

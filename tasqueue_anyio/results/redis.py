@@ -79,24 +79,29 @@ end
 # KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms.
 # Returns 0 when written, else the current {st, d, c}.
 _LUA_START = r"""
-local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c')
+local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
 if cur[1] and (FINAL[cur[1]] or cur[3] == '1') then
   return cur
 end
-redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'c', ARGV[4])
+redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'c', ARGV[4], 'r', ARGV[6])
 expire(tonumber(ARGV[5]), KEYS[1])
 list_end(ARGV[2], ARGV[1])
 return 0
 """
 
-# KEYS: state, success, failed, seq. ARGV: id, status, data, ttl ms, expected statuses...
+# KEYS: state, success, failed, seq. ARGV: id, status, data, ttl ms, run token to check
+# ('' for none), run token to write, expected statuses...
 _LUA_UPDATE = r"""
-local st = redis.call('HGET', KEYS[1], 'st')
+local cur = redis.call('HMGET', KEYS[1], 'st', 'r')
+local st = cur[1]
 if not st then
   return 0
 end
+if ARGV[5] ~= '' and cur[2] ~= ARGV[5] then
+  return 0
+end
 local ok = false
-for i = 5, #ARGV do
+for i = 7, #ARGV do
   if ARGV[i] == st then
     ok = true
     break
@@ -105,15 +110,31 @@ end
 if not ok then
   return 0
 end
-redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3])
+redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'r', ARGV[6])
 expire(tonumber(ARGV[4]), KEYS[1])
 list_end(ARGV[2], ARGV[1])
 return 1
 """
 
+# KEYS: state, result. ARGV: data, result ttl ms, run token. Stores the result only
+# while the job is processing under that run.
+_LUA_SET_RESULT = r"""
+local cur = redis.call('HMGET', KEYS[1], 'st', 'r')
+if cur[1] ~= 'processing' or cur[2] ~= ARGV[3] then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
 # KEYS: state. ARGV: ttl ms. Returns 0 (no state) or {st, d, c} after the call.
 _LUA_CANCEL = r"""
-local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c')
+local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
 local st = cur[1]
 if not st then
   return 0
@@ -139,7 +160,7 @@ _LUA_SET_JOBS = r"""
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
   local a = 2 + (i - 1) * 3
-  redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2])
+  redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', '')
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
@@ -155,7 +176,7 @@ local created = {}
 for i = 1, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local a = 2 + (i - 1) * 3
-    redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2])
+    redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', '')
     if ttl > 0 then
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
@@ -303,6 +324,7 @@ _SCRIPTS = {
     for name, source in {
         "start": _LUA_START,
         "update": _LUA_UPDATE,
+        "set_result": _LUA_SET_RESULT,
         "cancel": _LUA_CANCEL,
         "set_jobs": _LUA_SET_JOBS,
         "create_jobs": _LUA_CREATE_JOBS,
@@ -320,7 +342,7 @@ _SCRIPTS = {
 }
 
 
-_FIELDS = ("st", "d", "c")
+_FIELDS = ("st", "d", "c", "r")
 
 
 def _ttl_ms(ttl: float | None, what: str) -> int:
@@ -338,8 +360,13 @@ def _check_id(value: object, what: str) -> str:
 
 
 def _record(fields: list[Any]) -> JobRecord:
-    status, data, cancel = fields
-    return JobRecord(status=status.decode(), data=data or b"", cancel_requested=cancel == b"1")
+    status, data, cancel, run = fields
+    return JobRecord(
+        status=status.decode(),
+        data=data or b"",
+        cancel_requested=cancel == b"1",
+        run=run.decode() if run else "",
+    )
 
 
 def _counts(flat: list[Any]) -> dict[str, int]:
@@ -471,12 +498,15 @@ class RedisResults(RedisBackend, Results):
             record.data,
             b"1" if record.cancel_requested else b"0",
             self._job_ttl_arg,
+            record.run,
         )
         with translate_errors("starting a job"):
             reply = await self._cmds.script("start", keys, args)
         return None if reply == 0 else _record(reply)
 
-    async def update_job(self, job_id: str, record: JobRecord, *, expect: Collection[str]) -> bool:
+    async def update_job(
+        self, job_id: str, record: JobRecord, *, expect: Collection[str], run: str | None = None
+    ) -> bool:
         """Write ``record`` if the job's status is one of ``expect`` (one script, which
         also lists a ``successful`` or ``failed`` job). ``cancel_requested`` is kept as
         stored.
@@ -484,12 +514,21 @@ class RedisResults(RedisBackend, Results):
         :param job_id: the job id
         :param record: the new state
         :param expect: the statuses the job may currently have
+        :param run: if given, the run token the job must still have
         :return: whether ``record`` was written (never when the job has no state)
         """
         if not expect:
             return False
         keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys]
-        args = [job_id, record.status, record.data, self._job_ttl_arg, *expect]
+        args = [
+            job_id,
+            record.status,
+            record.data,
+            self._job_ttl_arg,
+            "" if run is None else run,
+            record.run,
+            *expect,
+        ]
         with translate_errors("updating a job"):
             return bool(await self._cmds.script("update", keys, args))
 
@@ -524,16 +563,25 @@ class RedisResults(RedisBackend, Results):
             raise ResultNotFoundError(f"no result is stored for job id {job_id!r}")
         return bytes(data)
 
-    async def set_result(self, job_id: str, data: bytes) -> None:
+    async def set_result(self, job_id: str, data: bytes, *, run: str | None = None) -> bool:
         """Store (replace) the result of a job, with ``result_ttl`` if set.
 
         :param job_id: the job id
         :param data: the result
+        :param run: if given, store only while the job is ``processing`` under this run
+            (one script: the state and the result share a cluster slot)
+        :return: whether it was stored
         """
         key = self._result(_check_id(job_id, "job id"))
+        ttl = self._result_ttl or None
+        if run is not None:
+            keys = [self._state(job_id), key]
+            args = (data, ttl or 0, run)
+            with translate_errors("storing a result"):
+                return bool(await self._cmds.script("set_result", keys, args))
         with translate_errors("storing a result"):
-            ttl = self._result_ttl or None
             await self._cmds.submit(lambda client: client.set(key, data, px=ttl))
+        return True
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job: its state, its result and its place in the listings (one script).
