@@ -160,6 +160,8 @@ class Server:
         self.broker = broker
         self.results = results
         self.log = logger if logger is not None else _log
+        #: whether the caller gave the logger (then the worker logs through it too)
+        self.custom_logger = logger is not None
         self.tracing = Tracing(tracer_provider)
         self.metrics = Metrics(meter_provider)
         self.default_concurrency = default_concurrency

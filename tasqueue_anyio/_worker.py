@@ -18,6 +18,7 @@ cancelled while it writes, except past ``finalize_timeout`` after a shutdown beg
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from ._server import Server, Task
 
 __all__ = ["ActiveJob", "Worker"]
+
+_log = logging.getLogger("tasqueue_anyio.worker")
 
 _RUNNABLE = ("queued", "retrying", "processing")
 _PROCESSING = ("processing",)
@@ -116,7 +119,7 @@ class Worker:
         self.server = server
         self.results = server.results
         self.broker = server.broker
-        self.log = server.log
+        self.log = server.log if server.custom_logger else _log
         self.shutting_down = False
         self._consumers_scope: anyio.CancelScope | None = None
         self._shield: anyio.CancelScope | None = None
