@@ -16,7 +16,7 @@ import attrs
 import msgpack
 from croniter import croniter
 
-from ._exceptions import DecodeError
+from ._exceptions import BrokerError, DecodeError
 from ._jobs import Job
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ __all__ = ["Schedule", "next_fire"]
 
 #: How often a scheduler re-reads the schedules even when nothing woke it (seconds).
 RESCAN_INTERVAL = 60.0
+#: The longest wait between attempts while the backends fail (seconds).
+MAX_RETRY_DELAY = 5.0
 
 
 def next_fire(expression: str, after: float) -> float:
@@ -89,26 +91,45 @@ class Scheduler:
 
     async def run(self) -> None:
         server = self.server
+        backoff = 0.0
         while True:
             self._wakeup = anyio.Event()
-            soonest = server.clock() + RESCAN_INTERVAL
-            for record in await server.results.get_schedules():
-                try:
-                    job = decode_template(record.data)
-                except DecodeError as exc:
-                    server.log.error("schedule %s is unreadable: %s", record.id, exc)
-                    continue
-                assert job.schedule is not None
-                fire = record.next_fire
-                now = server.clock()
-                if fire <= now:
-                    following = next_fire(job.schedule, max(fire, now))
-                    # The run's id is the same on every server and its state is created
-                    # only once, so racing schedulers (or a crash and a retry) enqueue
-                    # each fire time once; then whoever gets there first moves it on.
-                    await server.enqueue_run(record.id, job, fire)
-                    await server.results.advance_schedule(record.id, fire, following)
-                    fire = following
-                soonest = min(soonest, fire)
+            try:
+                soonest = await self._pass()
+            except BrokerError as exc:
+                # The backends are away (a restart, a partition): a pass that failed
+                # half-way is safe to repeat (each fire time's run is created once), and
+                # the worker must outlive the outage rather than end with this error.
+                backoff = min(MAX_RETRY_DELAY, backoff * 2 or 0.05)
+                server.log.warning(
+                    "the cron scheduler failed (%s); retrying in %.2fs", exc, backoff
+                )
+                await anyio.sleep(backoff)
+                continue
+            backoff = 0.0
             with anyio.move_on_after(max(0.0, soonest - server.clock())):
                 await self._wakeup.wait()
+
+    async def _pass(self) -> float:
+        """Enqueue the runs of every due schedule; return when the next one is due."""
+        server = self.server
+        soonest = server.clock() + RESCAN_INTERVAL
+        for record in await server.results.get_schedules():
+            try:
+                job = decode_template(record.data)
+            except DecodeError as exc:
+                server.log.error("schedule %s is unreadable: %s", record.id, exc)
+                continue
+            assert job.schedule is not None
+            fire = record.next_fire
+            now = server.clock()
+            if fire <= now:
+                following = next_fire(job.schedule, max(fire, now))
+                # The run's id is the same on every server and its state is created
+                # only once, so racing schedulers (or a crash and a retry) enqueue
+                # each fire time once; then whoever gets there first moves it on.
+                await server.enqueue_run(record.id, job, fire)
+                await server.results.advance_schedule(record.id, fire, following)
+                fire = following
+            soonest = min(soonest, fire)
+        return soonest

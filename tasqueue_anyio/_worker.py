@@ -34,6 +34,7 @@ from ._exceptions import (
     DecodeError,
     JobCancelledError,
     JobTimeoutError,
+    LeaseLostError,
     NotFoundError,
     UnknownTaskError,
 )
@@ -199,6 +200,15 @@ class Worker:
                     with anyio.move_on_after(1, shield=True):
                         await delivery.nack()
                     raise
+                except LeaseLostError as exc:
+                    # Another delivery of the message owns the job now: nothing to give back.
+                    self.log.warning(
+                        "a run on queue %r lost its lease; another worker owns the job now: %s: %s",
+                        delivery.queue,
+                        type(exc).__name__,
+                        exc,
+                        extra={"queue": delivery.queue},
+                    )
                 except Exception:
                     # A backend failure while recording: leave the message to come back.
                     self.log.exception(

@@ -7,6 +7,10 @@ answers ``PING``. :meth:`RedisServer.stop` terminates it, then kills it, by its 
 :func:`shared_server` is the one server of a test session, started on first use (so a
 run that selects no Redis test starts none); ``conftest.py`` stops it when the session
 ends. Without a ``redis-server`` binary, the tests that need it are skipped.
+
+For crash tests, :meth:`RedisServer.kill` kills a server with ``SIGKILL`` (by its pid) and
+:func:`restart_redis_server` starts it again with the same command line: the same port,
+directory and options (so an append-only file is loaded again).
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "shared_server", "start_redis_server", "stop_shared_server"]
+__all__ = [
+    "RedisServer",
+    "restart_redis_server",
+    "shared_server",
+    "start_redis_server",
+    "stop_shared_server",
+]
 
 #: Seconds a starting server may take to answer PING.
 START_TIMEOUT = 10.0
@@ -81,6 +91,14 @@ class RedisServer:
                 process.wait(5)
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def kill(self) -> None:
+        """Kill the server with ``SIGKILL`` (a crash: no shutdown, no last save); keep its
+        directory for :func:`restart_redis_server`."""
+        process = self.process
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
 
 def start_redis_server(
     *, password: str | None = None, extra_args: Sequence[str] = ()
@@ -125,6 +143,33 @@ def start_redis_server(
         if "Address already in use" not in log:
             raise RuntimeError(f"redis-server did not start on port {port}: {log}")
     raise RuntimeError("redis-server did not start (no free port)")
+
+
+def restart_redis_server(server: RedisServer) -> None:
+    """Start the stopped (or killed) ``server`` again, with the command line it was started
+    with (same port, directory and options), and wait until it answers ``PING`` (Redis
+    answers ``LOADING`` while it reads its data back).
+
+    :raises RuntimeError: it is still running, or did not answer within
+        :data:`START_TIMEOUT` (it is killed then)
+    """
+    if server.process.poll() is None:
+        raise RuntimeError(f"redis-server on port {server.port} is still running")
+    process = subprocess.Popen(
+        server.process.args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server.process = process
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and process.poll() is None:
+        if _ping(server.port, server.password):
+            return
+        time.sleep(0.02)
+    server.kill()
+    log = (server.directory / "redis.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"redis-server did not restart on port {server.port}: {log}")
 
 
 _shared: RedisServer | None = None

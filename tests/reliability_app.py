@@ -1,0 +1,175 @@
+"""The application ``tests/test_redis_reliability.py`` runs as worker processes (not a test
+module): ``python -m tasqueue_anyio.cli worker reliability_app:make_server``, or forked by
+:func:`fork_server`.
+
+Configured by the environment, so that each process gets a short lease:
+
+- ``RELIABILITY_REDIS_URL``: the Redis server (default ``redis://127.0.0.1:6379/0``)
+- ``RELIABILITY_PREFIX``: the key prefix, one per test (default ``tasqueue-reliability``)
+- ``RELIABILITY_LEASE``: the broker's lease in seconds (default 1.5)
+- ``RELIABILITY_CONCURRENCY``: processors of :data:`QUEUE` (default 4)
+
+The tasks leave their traces in Redis, under ``PREFIX:t:`` (a part of the key space the
+library does not use), so the test process reads them whatever worker wrote them:
+
+- ``hold`` (payload: comma-separated seconds, one per attempt, the last one repeating)
+  pushes ``"<pid>:<attempt>"`` onto ``PREFIX:t:started:<job id>``, sleeps, saves its pid
+  as the job's result, then pushes its pid onto ``PREFIX:t:saved:<job id>``. A rejected
+  save (:class:`LeaseLostError`) is logged, with the pid, and raised.
+- ``effect`` (payload: seconds to sleep, default none) sleeps, then in one script counts
+  an execution in the hash ``PREFIX:t:executions`` and performs the idempotent effect:
+  ``SET PREFIX:t:effect:<job id> NX``, and only when that set the key, ``HINCRBY
+  PREFIX:t:effects <job id> 1``.
+- ``nap`` (payload: seconds to sleep) only sleeps: it never touches Redis itself, so a
+  Redis outage reaches nothing but the library.
+
+Importing this module has no side effects: the worker command names the factory
+(``reliability_app:make_server``), which reads the environment when the worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import anyio
+
+from tasqueue_anyio import JobContext, LeaseLostError, Server
+from tasqueue_anyio.brokers.redis import RedisBroker
+from tasqueue_anyio.results.redis import RedisResults
+
+__all__ = ["QUEUE", "Keys", "fork_server", "make_server"]
+
+#: The queue of every task of this app.
+QUEUE = "rel"
+
+log = logging.getLogger("reliability_app")
+
+# KEYS: effect marker, effects hash, executions hash. ARGV: job id.
+_EFFECT = """
+redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+if redis.call('SET', KEYS[1], '1', 'NX') then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+  return 1
+end
+return 0
+"""
+
+
+class Keys:
+    """The keys of the tasks' traces under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.base = f"{prefix}:t:"
+        self.executions = self.base + "executions"
+        self.effects = self.base + "effects"
+
+    def started(self, job_id: str) -> str:
+        return f"{self.base}started:{job_id}"
+
+    def saved(self, job_id: str) -> str:
+        return f"{self.base}saved:{job_id}"
+
+    def effect(self, job_id: str) -> str:
+        return f"{self.base}effect:{job_id}"
+
+
+def make_server(
+    url: str | None = None, prefix: str | None = None, lease: float | None = None
+) -> Server:
+    """A server with this app's tasks, on the Redis store the environment names."""
+    url = url or os.environ.get("RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = prefix or os.environ.get("RELIABILITY_PREFIX", "tasqueue-reliability")
+    if lease is None:
+        lease = float(os.environ.get("RELIABILITY_LEASE", "1.5"))
+    concurrency = int(os.environ.get("RELIABILITY_CONCURRENCY", "4"))
+    broker = RedisBroker(url, prefix=prefix, lease=lease)
+    keys = Keys(prefix)
+    pid = os.getpid()
+
+    async def hold(payload: bytes, ctx: JobContext) -> None:
+        durations = [float(part) for part in payload.decode().split(",")]
+        attempt = ctx.meta.attempt
+        job_id = ctx.job_id
+        await broker.client.rpush(keys.started(job_id), [f"{pid}:{attempt}"])
+        await anyio.sleep(durations[min(attempt, len(durations)) - 1])
+        try:
+            await ctx.save(str(pid).encode())
+        except LeaseLostError as exc:
+            log.error("pid %d: LeaseLostError saving the result of job %s: %s", pid, job_id, exc)
+            raise
+        await broker.client.rpush(keys.saved(job_id), [str(pid)])
+
+    async def effect(payload: bytes, ctx: JobContext) -> None:
+        job_id = ctx.job_id
+        await anyio.sleep(float(payload or b"0"))
+        await broker.client.eval(
+            _EFFECT, [keys.effect(job_id), keys.effects, keys.executions], [job_id]
+        )
+
+    async def nap(payload: bytes, ctx: JobContext) -> None:
+        await anyio.sleep(float(payload or b"0"))
+
+    server = Server(broker=broker, results=RedisResults(url, prefix=prefix))
+    server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency)
+    server.register_task("effect", effect, queue=QUEUE)
+    server.register_task("nap", nap, queue=QUEUE)
+    return server
+
+
+def fork_server() -> None:
+    """Fork worker processes on request, from an interpreter that imported the library once.
+
+    A cold ``python -m tasqueue_anyio.cli worker ...`` spends about a second of CPU on its
+    imports (several seconds of wall time on a busy two-core machine), more than the two
+    seconds between kills of the kill storm. This server imports everything first, then
+    reads commands on stdin, one a line, answering each on stdout:
+
+    - ``fork BACKEND LOG``: fork a child that runs the worker command's own entry point,
+      ``tasqueue_anyio.cli.main(["worker", "reliability_app:make_server", "--backend",
+      BACKEND])``, its stdout and stderr appended to the file ``LOG``; answers its pid.
+    - ``reap PID``: wait for that child to end (it stays a zombie until then, so its pid
+      cannot be reused by another process before the test has killed it); answers ``ok``.
+
+    It ends at the end of its input. Run it with the worker environment (see above) and
+    ``python -c "import reliability_app; reliability_app.fork_server()"``.
+    """
+    # everything a worker imports, once (Trio is a test dependency)
+    import anyio._backends._asyncio
+    import anyio._backends._trio  # noqa: F401
+    import coredis  # noqa: F401
+
+    import tasqueue_anyio.cli as cli
+
+    for line in sys.stdin:
+        command, *args = line.rstrip("\n").split(" ", 2)
+        if command == "fork":
+            backend, log = args
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+                    os.close(fd)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.close(null)
+                    code = cli.main(["worker", "reliability_app:make_server", "--backend", backend])
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            print(pid, flush=True)
+        elif command == "reap":
+            os.waitpid(int(args[0]), 0)
+            print("ok", flush=True)
+        else:
+            print(f"unknown command {command!r}", flush=True)
