@@ -17,6 +17,7 @@ cancelled while it writes, except past ``finalize_timeout`` after a shutdown beg
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -325,7 +326,7 @@ class Worker:
             links = await self.server.member_changed(msg, Status.SUCCESSFUL)
         elif status == "failed":
             follow_ups = msg.job.on_error
-        await self._ack(delivery, follow_ups, links)
+        await self._ack(delivery, follow_ups, links, redelivered=True)
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo
@@ -548,9 +549,15 @@ class Worker:
         prepared: list[tuple[JobMessage, bytes]] | None = None,
         *,
         trace: dict[str, str] | None = None,
+        redelivered: bool = False,
     ) -> None:
         """Ack, enqueueing follow-up jobs (and a chain's next link) in the same step,
-        their state recorded first."""
+        their state recorded first.
+
+        :param redelivered: the job had ended in an earlier delivery, whose ack may have
+            failed after the follow-ups' state was created: enqueue those still ``queued``
+            too (at least once: a follow-up may then run twice, never zero times)
+        """
         if not follow_ups and not prepared:
             await delivery.ack()
             return
@@ -563,6 +570,12 @@ class Worker:
         created = await self.results.create_jobs(
             {m.id: JobRecord(status=m.meta.status.value, data=data) for m, data in prepared}
         )
+        if redelivered:
+            for m, _ in prepared:
+                if m.id not in created:
+                    with contextlib.suppress(NotFoundError):
+                        if (await self.results.get_job(m.id)).status == Status.QUEUED.value:
+                            created.add(m.id)
         await delivery.ack(enqueue=[_envelope(m, data) for m, data in prepared if m.id in created])
 
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:

@@ -9,9 +9,10 @@ backend, and cleans up on exit).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from uuid import uuid4
 
+import anyio
 import pytest
 from redis_server import RedisServer, shared_server, stop_shared_server
 
@@ -34,16 +35,49 @@ def redis_results() -> AbstractAsyncContextManager[Results]:
     return RedisResults(shared_server().url, prefix=f"t{uuid4().hex[:12]}")
 
 
+@asynccontextmanager
+async def nats_broker() -> AsyncIterator[Broker]:
+    """A broker on the session's NATS server, on a stream of its own (deleted after)."""
+    from nats_server import shared_nats_server
+
+    from tasqueue_anyio.brokers.nats import NatsBroker
+
+    async with NatsBroker(shared_nats_server().url, prefix=f"t{uuid4().hex[:12]}") as broker:
+        try:
+            yield broker
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await broker.js.delete_stream(broker.stream)
+
+
+@asynccontextmanager
+async def nats_results() -> AsyncIterator[Results]:
+    """A results store on the session's NATS server, in a bucket of its own (deleted
+    after)."""
+    from nats_server import shared_nats_server
+
+    from tasqueue_anyio.results.nats import NatsResults
+
+    async with NatsResults(shared_nats_server().url, bucket=f"t{uuid4().hex[:12]}") as results:
+        try:
+            yield results
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await results.drop()
+
+
 #: backend name -> factory of an async context manager yielding an open broker
 BROKER_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Broker]]] = {
     "memory": MemoryBroker,
     "redis": redis_broker,
+    "nats": nats_broker,
 }
 
 #: backend name -> factory of an async context manager yielding an open results store
 RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]] = {
     "memory": MemoryResults,
     "redis": redis_results,
+    "nats": nats_results,
 }
 
 

@@ -1,0 +1,439 @@
+"""What the NATS broker and results backends share: the client and its lifetime, names,
+the encoding of ids into subject tokens and KV keys, pipelined JetStream publishes,
+batched direct gets, and the translation of client errors.
+
+Both backends run on the project's own AnyIO NATS client (:mod:`tasqueue_anyio._nats`),
+so everything here works under Trio and asyncio alike.
+
+Pipelining
+----------
+:meth:`NatsBackend.request_many` sends many requests back to back on the connection
+(one socket write when they fit) and waits for every reply at once: ``n`` publishes cost
+one round trip, not ``n``. The replies come to a short-lived wildcard inbox
+(``_INBOX.<random>.*``), each request on its own reply subject, so they are matched by
+subject, not by arrival order. Requests from one call reach the server in the order
+given, so messages published to one stream are stored in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._exceptions import BrokerError, InvalidInputError
+from ._nats.client import Client, NoRespondersError, RequestTimeoutError
+from ._nats.jetstream import JetStream, JetStreamError, PubAck, StoredMsg, _api_reply
+from ._nats.protocol import Msg, NatsError
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_URL",
+    "NatsBackend",
+    "decode_token",
+    "encode_token",
+    "translate_errors",
+    "validate_name",
+]
+
+logger = logging.getLogger("tasqueue_anyio.nats")
+
+#: The server used when neither a URL nor a client is given.
+DEFAULT_URL = "nats://127.0.0.1:4222"
+#: The prefix of subjects (broker) and the bucket name (results) used when none is given.
+DEFAULT_PREFIX = "tasqueue"
+
+# Letters, digits, ``_`` and ``-``: a valid subject token, stream name, consumer name and
+# KV bucket name alike (no ``.``, wildcard, space or path separator).
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Characters an encoded token keeps as they are; every other byte becomes ``=XX``.
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPE_RE = re.compile(r"=([0-9A-F]{2})")
+
+_B = TypeVar("_B", bound="NatsBackend")
+
+Header = tuple[str, str]
+#: One request of :meth:`NatsBackend.request_many`: subject, payload, headers.
+Request = tuple[str, bytes, Sequence[Header]]
+
+
+def validate_name(value: object, what: str) -> str:
+    """Return ``value`` if it may be a subject token, stream or bucket name.
+
+    :raises InvalidInputError: it is not 1-64 characters from ``A-Z a-z 0-9 _ -``
+    """
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise InvalidInputError(
+            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -"
+        )
+    return value
+
+
+def encode_token(text: str) -> str:
+    """Encode ``text`` into one subject token and KV key token, reversibly.
+
+    Letters, digits, ``_`` and ``-`` stay as they are; every other byte of the UTF-8
+    encoding becomes ``=XX`` (upper-case hex), ``=`` itself included. The result has no
+    ``.``, wildcard or space, is never empty for a non-empty ``text``, and stays readable
+    (``job:1`` → ``job=3A1``).
+
+    :raises InvalidInputError: ``text`` is empty or not a str
+    """
+    if not isinstance(text, str) or not text:
+        raise InvalidInputError(f"an id must be a non-empty str, got {text!r}")
+    if text.isascii() and all(ord(char) in _PLAIN for char in text):
+        return text
+    return "".join(chr(byte) if byte in _PLAIN else f"={byte:02X}" for byte in text.encode())
+
+
+def decode_token(token: str) -> str:
+    """Reverse :func:`encode_token`."""
+    if "=" not in token:
+        return token
+    raw = bytearray()
+    index = 0
+    while index < len(token):
+        match = _ESCAPE_RE.match(token, index)
+        if match is not None:
+            raw.append(int(match[1], 16))
+            index = match.end()
+        else:
+            raw += token[index].encode()
+            index += 1
+    return raw.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn NATS client errors raised inside the block into :class:`BrokerError` with
+    context (invalid input and lost leases pass through unchanged)."""
+    try:
+        yield
+    except InvalidInputError:
+        raise
+    except NatsError as exc:
+        raise BrokerError(f"NATS failed while {what}: {exc}") from exc
+
+
+def _pub_ack(msg: Msg, subject: str) -> PubAck:
+    if msg.status == 503:
+        raise JetStreamError(f"no stream is bound to subject {subject!r} (nothing was stored)")
+    reply = _api_reply(msg, subject)
+    try:
+        return PubAck(
+            stream=str(reply["stream"]),
+            seq=int(reply["seq"]),
+            duplicate=bool(reply.get("duplicate", False)),
+            domain=reply.get("domain") or None,
+        )
+    except (KeyError, TypeError, ValueError):
+        raise JetStreamError(f"unreadable PubAck on {subject!r}: {reply!r}") from None
+
+
+class NatsBackend:
+    """The lifetime shared by the NATS backends: a client (made from a URL, or the
+    caller's), a task group for background tasks, counted entries.
+
+    A client given by the caller is used as it is: the caller enters it (``async with
+    client:``) before opening the backend and leaves it afterwards. A client made from a
+    URL is owned: a new one connects on the first entry and closes on the last exit.
+
+    :param url: ``nats://[user:password@]host:port`` (``tls://`` for TLS with certificate
+        checks), or several of them for reconnects
+    :param client: an open :class:`~tasqueue_anyio._nats.client.Client` instead
+    :param timeout: seconds to wait for any one reply from the server
+    """
+
+    _what = "NATS backend"
+
+    def __init__(
+        self,
+        url: str | Sequence[str] | None,
+        client: Client | None,
+        *,
+        timeout: float = 5.0,
+    ) -> None:
+        if url is not None and client is not None:
+            raise InvalidInputError("give a NATS URL or a client, not both")
+        if client is not None and not isinstance(client, Client):
+            raise InvalidInputError(f"expected a tasqueue_anyio._nats Client, got {client!r}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidInputError(f"timeout must be seconds > 0, got {timeout!r}")
+        if client is None:
+            self.url: str | Sequence[str] | None = url if url is not None else DEFAULT_URL
+        else:
+            self.url = None
+        self.timeout = float(timeout)
+        self._given_client = client
+        self._client: Client | None = client
+        self._js: JetStream | None = None
+        self._entries = 0
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        where = self.url if self.url is not None else repr(self._given_client)
+        return f"<{type(self).__name__} {where}>"
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def __aenter__(self: _B) -> _B:
+        if self._entries:
+            self._entries += 1
+            return self
+        async with AsyncExitStack() as stack:
+            if self._given_client is None:
+                assert self.url is not None
+                client = Client(self.url, name=f"tasqueue {self._what}")
+                with translate_errors(f"connecting the {self._what}"):
+                    await stack.enter_async_context(client)
+                self._client = client
+            else:
+                client = self._given_client
+            self._js = JetStream(client, timeout=self.timeout)
+            with translate_errors(f"opening the {self._what}"):
+                await self._open()
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self._start(self._tg)
+            self._stack = stack.pop_all()
+        self._entries = 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if self._entries == 0:
+            return
+        self._entries -= 1
+        if self._entries:
+            return
+        stack, self._stack = self._stack, None
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+        self._closing()
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc_val, exc_tb)
+        if self._given_client is None:
+            self._client = None
+        self._js = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the backend is entered."""
+        return self._entries > 0
+
+    @property
+    def client(self) -> Client:
+        """The NATS client (while the backend is open)."""
+        client = self._client
+        if client is None or self._js is None:
+            raise RuntimeError(f"this {self._what} is not open: use `async with` first")
+        return client
+
+    @property
+    def js(self) -> JetStream:
+        """The JetStream API of the client (while the backend is open)."""
+        js = self._js
+        if js is None:
+            raise RuntimeError(f"this {self._what} is not open: use `async with` first")
+        return js
+
+    def _require_open(self) -> TaskGroup:
+        if self._tg is None:
+            raise RuntimeError(f"this {self._what} is not open: use `async with` first")
+        return self._tg
+
+    async def _open(self) -> None:
+        """The first entry, the client connected: create streams (subclasses)."""
+
+    async def _start(self, tg: TaskGroup) -> None:
+        """Start background tasks in ``tg`` (subclasses)."""
+
+    def _closing(self) -> None:
+        """Subclass hook: the last exit, before the task group and client close."""
+
+    def server_at_least(self, version: tuple[int, int, int]) -> bool:
+        """Whether the connected server is ``version`` or newer."""
+        return self.client.server_version >= version
+
+    # -- pipelining ----------------------------------------------------------------------------
+
+    async def request_many(self, requests: Sequence[Request]) -> list[Msg | NatsError]:
+        """Send ``requests`` back to back and wait for all their replies (one round trip).
+
+        :return: per request, in order, its reply or the error that stands for it
+            (:class:`NoRespondersError` for a ``503``, :class:`RequestTimeoutError` when
+            no reply came within the backend's timeout)
+        """
+        client = self.client
+        if not requests:
+            return []
+        if len(requests) == 1:
+            subject, payload, headers = requests[0]
+            try:
+                return [
+                    await client.request(
+                        subject, payload, headers=list(headers) or None, timeout=self.timeout
+                    )
+                ]
+            except (NoRespondersError, RequestTimeoutError) as exc:
+                return [exc]
+        inbox = client.new_inbox()
+        replies: list[Msg | NatsError | None] = [None] * len(requests)
+        missing = len(requests)
+        sub = await client.subscribe(f"{inbox}.*", max_pending=len(requests) + 16)
+        try:
+            for index, (subject, payload, headers) in enumerate(requests):
+                await client.publish(
+                    subject, payload, reply=f"{inbox}.{index}", headers=list(headers) or None
+                )
+            with anyio.move_on_after(self.timeout):
+                while missing:
+                    msg = await sub.next_msg()
+                    try:
+                        index = int(msg.subject[len(inbox) + 1 :])
+                    except ValueError:
+                        continue
+                    if 0 <= index < len(replies) and replies[index] is None:
+                        if msg.status == 503:
+                            replies[index] = NoRespondersError(requests[index][0])
+                        else:
+                            replies[index] = msg
+                        missing -= 1
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+        return [
+            reply
+            if reply is not None
+            else RequestTimeoutError(f"no reply on {requests[index][0]!r} within {self.timeout} s")
+            for index, reply in enumerate(replies)
+        ]
+
+    async def publish_many(self, requests: Sequence[Request]) -> list[PubAck | NatsError]:
+        """JetStream-publish many messages in one round trip, stored in the given order.
+
+        :return: per message, its :class:`PubAck` or the error that refused it (say
+            :class:`~tasqueue_anyio._nats.jetstream.WrongLastSequenceError`)
+        """
+        out: list[PubAck | NatsError] = []
+        for request, reply in zip(requests, await self.request_many(requests), strict=True):
+            if isinstance(reply, NatsError):
+                if isinstance(reply, NoRespondersError):
+                    reply = JetStreamError(
+                        f"no stream is bound to subject {request[0]!r} (nothing was stored)"
+                    )
+                out.append(reply)
+                continue
+            try:
+                out.append(_pub_ack(reply, request[0]))
+            except NatsError as exc:
+                out.append(exc)
+        return out
+
+    async def publish_all(self, requests: Sequence[Request], what: str) -> list[PubAck]:
+        """:meth:`publish_many`, raising the first error (after every reply is in)."""
+        acks = await self.publish_many(requests)
+        for ack in acks:
+            if isinstance(ack, NatsError):
+                raise BrokerError(f"NATS failed while {what}: {ack}") from ack
+        return acks  # type: ignore[return-value]
+
+    # -- reading streams -------------------------------------------------------------------------
+
+    async def read_range(
+        self, stream: str, subject: str, start: int = 1, *, batch: int = 256
+    ) -> list[StoredMsg]:
+        """Every message of ``stream`` on ``subject`` (wildcards allowed) from sequence
+        ``start`` on, oldest first, without consuming anything.
+
+        Uses batched direct gets (``DIRECT.GET`` with ``next_by_subj`` and ``batch``,
+        nats-server 2.11+; the stream needs ``allow_direct``): ``ceil(n / batch)`` round
+        trips for ``n`` messages. Older servers get one direct get per message.
+        """
+        out: list[StoredMsg] = []
+        seq = max(1, start)
+        batched = self.server_at_least((2, 11, 0))
+        while True:
+            if batched:
+                chunk, more = await self._direct_batch(stream, subject, seq, batch)
+            else:
+                single = await self._direct_one(stream, subject, seq)
+                chunk, more = ([single], True) if single is not None else ([], False)
+            out += chunk
+            if not chunk or not more:
+                return out
+            seq = chunk[-1].seq + 1
+
+    async def _direct_one(self, stream: str, subject: str, seq: int) -> StoredMsg | None:
+        body = json.dumps({"seq": seq, "next_by_subj": subject}).encode()
+        msg = await self.client.request(
+            f"{self.js.prefix}.DIRECT.GET.{stream}", body, timeout=self.timeout
+        )
+        if msg.status == 404:
+            return None
+        if msg.status is not None:
+            raise JetStreamError(f"direct get on {stream}: {msg.status} {msg.description}")
+        return StoredMsg.from_direct(msg)
+
+    async def _direct_batch(
+        self, stream: str, subject: str, seq: int, batch: int
+    ) -> tuple[list[StoredMsg], bool]:
+        client = self.client
+        body = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
+        out: list[StoredMsg] = []
+        pending = 0
+        async with client.reply_inbox(batch + 8) as inbox:
+            await client.publish(f"{self.js.prefix}.DIRECT.GET.{stream}", body, reply=inbox.subject)
+            while True:
+                received: Msg | None = None
+                with anyio.move_on_after(self.timeout):
+                    received = await inbox.receive()
+                if received is None:
+                    raise RequestTimeoutError(
+                        f"no reply to a direct get on {stream} within {self.timeout} s"
+                    )
+                msg = received
+                status = msg.status
+                if status is None:
+                    stored = StoredMsg.from_direct(msg)
+                    out.append(stored)
+                    pending = _int_header(msg, "Nats-Num-Pending")
+                    continue
+                if status == 204:  # end of batch
+                    return out, pending > 0 or _int_header(msg, "Nats-Num-Pending") > 0
+                if status == 404:
+                    return out, False
+                if status == 503:
+                    raise JetStreamError(f"no stream {stream!r} answers direct gets")
+                raise JetStreamError(f"direct get on {stream}: {status} {msg.description}")
+
+
+def _int_header(msg: Msg, name: str) -> int:
+    headers = msg.headers
+    if headers is None:
+        return 0
+    try:
+        return int(headers.get(name, "0"))
+    except ValueError:
+        return 0
+
+
+def header_value(headers: Any, name: str, default: str = "") -> str:
+    """A header of a message or stored message (``default`` when absent)."""
+    if headers is None:
+        return default
+    value = headers.get(name)
+    return default if value is None else str(value)

@@ -1,0 +1,1001 @@
+"""The NATS JetStream broker: at-least-once delivery on a work-queue stream.
+
+Runs on Trio and asyncio, on the project's own AnyIO NATS client. Needs a nats-server
+with JetStream; 2.11 or later for batched inspection, 2.12 or later for ETAs (native
+message schedules).
+
+Layout
+------
+One stream per broker prefix ``P`` (default ``tasqueue``), named ``P``, with work-queue
+retention (a message leaves the stream when it is acknowledged), direct gets allowed and,
+on nats-server 2.12+, message schedules allowed::
+
+    P.q.Q            due messages of queue Q, oldest first
+    P.s.Q.<token>    a message of queue Q waiting for its ETA (a schedule: see below)
+    P.d.Q            dead letters of queue Q, msgpack ``[data, reason, at]``
+    P.e.<channel>    events (core NATS, not stored: the stream does not bind it)
+
+Queue names are validated (letters, digits, ``_``, ``-``) and so is the prefix, so neither
+can inject ``.``, ``*`` or ``>``; message ids and channel names are escaped into one
+subject token (:func:`~tasqueue_anyio._nats_backend.encode_token`).
+
+Each queue has ONE durable pull consumer, named after the queue and filtered on
+``P.q.Q``, shared by every worker of every process: JetStream hands each message to one
+of them at a time. Delivery is at least once: a worker acknowledges (``+ACK``, waiting
+for the server's confirmation) only after it recorded the job's state.
+
+Leases
+------
+A delivered message is held for the consumer's ``ack_wait``. The broker renews every
+message it holds (handed to a worker, or fetched and not handed over yet) with ``+WPI``
+every ``ack_wait / 3`` seconds, from a task in its own task group, then confirms the
+renewals with one flush. A worker that dies stops renewing, and JetStream delivers the
+message again after ``ack_wait``.
+
+:attr:`NatsDelivery.attempt` is JetStream's delivered count (plus the deliveries of the
+earlier copies of a message put back with :meth:`~NatsDelivery.nack`, carried in the
+``Tasqueue-Delivered`` header), so a redelivery always has a higher attempt and the
+server's run token (``retried.attempt``) fences the results store: a stale run's writes
+are refused. JetStream itself accepts an ack from any delivery of a message, so the
+broker also fences its own settles: a delivery whose lease was not renewed within
+``ack_wait`` (its process was paused, its renewals could not reach the server) is
+considered lost, and settling it raises :class:`~tasqueue_anyio.LeaseLostError` without
+touching the message, which belongs to its redelivery.
+
+Putting a message back
+----------------------
+:meth:`NatsDelivery.nack` does not use ``-NAK``: a NAK'd message stays in the consumer's
+delivered range, where no API can list it, so :meth:`NatsBroker.get_pending` could not
+show it. It publishes a copy (to the *back* of the queue, or as a schedule after
+``delay``) and then acknowledges the original: two round trips, and a crash in between
+leaves both, which at-least-once allows. Fetched messages not handed over when
+:meth:`~NatsBroker.consume` is cancelled go back the same way. (On a server without
+message schedules, ``nack(delay > 0)`` falls back to ``-NAK`` with a delay.)
+
+ETA
+---
+A message with a future ETA is published as a native message schedule (nats-server
+2.12+, ``Nats-Schedule: @at <time>``) on ``P.s.Q.<token>`` with ``P.q.Q`` as its target:
+at the ETA the server stores it on the queue, where the consumer delivers it like any
+other message, and removes the schedule. The ETA also travels in a ``Tasqueue-Eta``
+header so :meth:`~NatsBroker.get_scheduled` can list the exact value. An older server
+refuses with :class:`~tasqueue_anyio.BrokerError` (message schedules need nats-server
+2.12).
+
+The server's scheduler fires at or after the ETA, never before, but runs at most every
+250 ms, and stores the schedules that came due in one run in *publishing* order, not ETA
+order (measured: up to about 0.25 s late). So a consumer that fetches a message fired by
+the scheduler (it has a ``Nats-Scheduler`` header) waits 25 ms for the rest of the run to
+land, fetches it too, and hands the run's messages out in ETA order. Across consumers
+(processes) each run is ordered per consumer only, as any concurrent processing is.
+
+Inspection costs
+----------------
+:meth:`~NatsBroker.get_pending` reads the consumer's info (one round trip), then the
+queue's messages past its delivered sequence with batched direct gets (one round trip per
+256 messages): messages not delivered yet. A message whose worker died is held until its
+``ack_wait`` runs out and is not listed meanwhile. :meth:`~NatsBroker.get_scheduled` and
+:meth:`~NatsBroker.get_dead_letters` read their subjects the same way from the start of
+the stream (the server finds the matching messages; nothing is consumed).
+
+A pull request cancelled at the moment the server delivers a message to it (a consumer
+stopped) strands that message until its ``ack_wait`` runs out; then it is delivered
+again.
+
+Round trips
+-----------
+Per job: its share of a fetch (one no-wait pull request per batch of up to
+``batch_size`` messages, no more than the consumer's receivers), and one confirmed ack.
+An ack that enqueues (follow-ups, retries) adds one pipelined publish round trip for all
+its messages; :meth:`~NatsBroker.enqueue_many` is one round trip for any number of
+messages. Renewals cost one flush per ``ack_wait / 3`` for every held message together.
+Concurrent calls share socket writes (the client coalesces them).
+
+Events
+------
+:meth:`~NatsBroker.publish` is a core NATS publish on ``P.e.<channel>`` (best effort).
+:meth:`~NatsBroker.subscribe` shares one subscription per channel among its callbacks,
+read by one task in the broker's task group, which calls them in publishing order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import Literal
+
+import anyio
+import msgpack
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
+from .._jobs import validate_queue
+from .._nats.client import Client, ConnectionClosedError, SlowConsumerError, Subscription
+from .._nats.jetstream import (
+    ERR_NO_MESSAGE_FOUND,
+    ERR_STREAM_NOT_FOUND,
+    ConsumerConfig,
+    ConsumerNotFoundError,
+    FetchError,
+    JetStreamAPIError,
+    JsMsg,
+    StoredMsg,
+    StreamConfig,
+    format_timestamp,
+    parse_timestamp,
+)
+from .._nats.protocol import NatsError
+from .._nats_backend import (
+    DEFAULT_PREFIX,
+    NatsBackend,
+    Request,
+    encode_token,
+    header_value,
+    translate_errors,
+    validate_name,
+)
+from ..abc import Broker, DeadLetter, Delivery, Envelope
+
+__all__ = ["NatsBroker", "NatsDelivery"]
+
+logger = logging.getLogger(__name__)
+
+#: The default ``ack_wait`` (seconds): how long a delivered message is held unrenewed.
+DEFAULT_ACK_WAIT = 30.0
+#: The default and the largest number of messages one fetch takes.
+DEFAULT_BATCH_SIZE = 32
+_MAX_BATCH_SIZE = 1000
+
+#: Deliveries of the earlier copies of a message (see :meth:`NatsDelivery.nack`).
+H_DELIVERED = "Tasqueue-Delivered"
+#: The ETA of a scheduled message, ``repr(float)`` of POSIX seconds.
+H_ETA = "Tasqueue-Eta"
+
+# Within this many seconds before an ETA a message is published as due, not scheduled.
+_ETA_SLACK = 0.001
+# Seconds a consumer that fetched a message fired by the scheduler waits for the rest of
+# the scheduler's run to be stored before it takes it (see _fetch).
+_RUN_SETTLE = 0.025
+
+# States of a NatsDelivery.
+_HELD = 0  # handed out (or fetched), not settled
+_SETTLED = 1  # acked, put back, dead-lettered, or its lease found lost
+_WITHDRAWN = 2  # consume() gave it back after a hand-over that may have happened
+_SETTLING = 3  # a settle is in flight
+
+
+class _Lease:
+    """The renewal state of one held message (shared by its delivery and the broker's
+    registry, so the registry does not keep the delivery alive)."""
+
+    __slots__ = ("base", "lost", "reply")
+
+    def __init__(self, reply: str, base: float) -> None:
+        self.reply = reply
+        #: the clock (``anyio.current_time()``) at or before the server last started
+        #: this message's ack timer: the fetch request, then each confirmed renewal
+        self.base = base
+        self.lost = False
+
+
+class _Queue:
+    """The subjects and consumer of one queue."""
+
+    __slots__ = ("consumer", "dead", "name", "ready", "scheduled", "subject")
+
+    def __init__(self, prefix: str, name: str) -> None:
+        self.name = name
+        self.consumer = name
+        self.subject = f"{prefix}.q.{name}"
+        self.scheduled = f"{prefix}.s.{name}"
+        self.dead = f"{prefix}.d.{name}"
+        self.ready = False  # the consumer was ensured since the broker opened
+
+
+class _Channel:
+    """One event subscription and the callbacks sharing it."""
+
+    __slots__ = ("callbacks", "sub")
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.callbacks: list[Callable[[bytes], None]] = []
+
+
+def _abandon(abandoned: deque[_Lease], lease: _Lease) -> None:
+    """Finalizer of an unsettled :class:`NatsDelivery` (runs wherever the GC runs)."""
+    abandoned.append(lease)
+
+
+def _copy_headers(msg: JsMsg) -> list[tuple[str, str]]:
+    """The headers of ``msg`` a copy keeps: none of the server's (``Nats-*``), nor ours
+    that the copy sets again."""
+    headers = msg.headers
+    if headers is None:
+        return []
+    return [
+        (name, value)
+        for name, value in headers.items_
+        if not name.lower().startswith("nats-") and name.lower() not in ("tasqueue-delivered",)
+    ]
+
+
+def _fired(msg: JsMsg) -> bool:
+    """Whether ``msg`` was stored by the server's scheduler (an ETA that came due)."""
+    headers = msg.headers
+    return headers is not None and "Nats-Scheduler" in headers
+
+
+def _msg_eta(msg: JsMsg) -> float:
+    try:
+        return float(header_value(msg.headers, H_ETA, "0"))
+    except ValueError:
+        return 0.0
+
+
+def _prior_deliveries(msg: JsMsg) -> int:
+    try:
+        return max(0, int(header_value(msg.headers, H_DELIVERED, "0")))
+    except ValueError:
+        return 0
+
+
+class NatsDelivery(Delivery):
+    """A message handed out by :meth:`NatsBroker.consume`, held under JetStream's ack wait.
+
+    Settle it with exactly one of :meth:`ack`, :meth:`nack` or :meth:`dead_letter`;
+    settling again does nothing. Settling a delivery whose lease was lost raises
+    :class:`~tasqueue_anyio.LeaseLostError` and changes nothing. A delivery that is
+    garbage-collected unsettled is given back (``-NAK``) at the broker's next renewal.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_attempt",
+        "_broker",
+        "_finalizer",
+        "_lease",
+        "_msg",
+        "_q",
+        "_state",
+    )
+
+    def __init__(self, broker: NatsBroker, queue: _Queue, msg: JsMsg, base: float) -> None:
+        self._broker = broker
+        self._q = queue
+        self._msg = msg
+        self._attempt = _prior_deliveries(msg) + msg.metadata.num_delivered
+        self._state = _HELD
+        lease = self._lease = _Lease(msg.reply, base)
+        broker._leases[msg.reply] = lease
+        self._finalizer = weakref.finalize(self, _abandon, broker._abandoned, lease)
+        self._finalizer.atexit = False
+
+    @property
+    def data(self) -> bytes:
+        """The message as it was enqueued."""
+        return self._msg.payload
+
+    @property
+    def queue(self) -> str:
+        """The queue the message was taken from."""
+        return self._q.name
+
+    @property
+    def attempt(self) -> int:
+        """How many times this message has been delivered, this time included (1 first):
+        JetStream's delivered count, plus the deliveries of the copies it was put back as."""
+        return self._attempt
+
+    @property
+    def stream_sequence(self) -> int:
+        """The message's sequence in the stream."""
+        return self._msg.metadata.stream_seq
+
+    def __repr__(self) -> str:
+        return (
+            f"<NatsDelivery queue={self._q.name!r} seq={self.stream_sequence} "
+            f"attempt={self._attempt}>"
+        )
+
+    def _stop_renewing(self) -> None:
+        self._finalizer.detach()
+        leases = self._broker._leases
+        if leases.get(self._lease.reply) is self._lease:
+            del leases[self._lease.reply]
+
+    def _lost(self, action: str) -> LeaseLostError:
+        self._state = _SETTLED
+        self._stop_renewing()
+        return LeaseLostError(
+            f"lease lost: cannot {action} message {self.stream_sequence} of queue "
+            f"{self._q.name!r} (attempt {self._attempt}); it was not renewed within the "
+            f"ack wait of {self._broker.ack_wait:g} s (or its consumer gave it back), "
+            f"and another delivery of it owns it now"
+        )
+
+    def _begin(self, action: str) -> bool:
+        """Start settling: ``False`` when already settled (nothing to do).
+
+        :raises LeaseLostError: the lease is lost (the delivery is settled now)
+        """
+        state = self._state
+        if state == _WITHDRAWN:
+            if action == "nack":  # already back in its queue
+                self._state = _SETTLED
+                return False
+            raise self._lost(action)
+        if state != _HELD:
+            return False
+        if not self._broker._lease_held(self._lease):
+            raise self._lost(action)
+        self._state = _SETTLING
+        return True
+
+    def _end(self, done: bool) -> None:
+        if done:
+            self._state = _SETTLED
+            self._stop_renewing()
+        else:
+            self._state = _HELD
+
+    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+        """Remove the message for good, after enqueueing ``enqueue``.
+
+        The messages to enqueue are stored first (one round trip), then the ack is sent
+        and confirmed by the server (one round trip): a crash in between enqueues them
+        again on the redelivery (deduplicated by message id within the stream's
+        duplicate window), never loses them.
+
+        :param enqueue: messages to enqueue before the removal
+        :raises LeaseLostError: the lease was lost; nothing was enqueued or removed
+        :raises BrokerError: the server failed (the message comes back after its lease)
+        """
+        if not self._begin("ack"):
+            return
+        done = False
+        try:
+            if enqueue:
+                await self._broker.enqueue_many(enqueue)
+            await self._broker._settle([self._msg.reply], b"+ACK", "acking a message")
+            done = True
+        finally:
+            self._end(done)
+
+    async def nack(self, *, delay: float = 0) -> None:
+        """Give the message back: a copy to the back of its queue, or scheduled after
+        ``delay`` seconds, then the original acknowledged (two round trips).
+
+        The copy carries the delivery count, so its next delivery has the next
+        ``attempt``.
+
+        :param delay: seconds before the message may be delivered again
+        :raises LeaseLostError: the lease was lost; nothing changed
+        """
+        if not self._begin("nack"):
+            return
+        done = False
+        try:
+            await self._broker._put_back([(self, True)], delay=max(0.0, float(delay)))
+            done = True
+        finally:
+            self._end(done)
+
+    async def dead_letter(self, reason: str) -> None:
+        """Publish the message, with ``reason`` and the time, on its queue's dead-letter
+        subject, then terminate it (``+TERM``, confirmed): two round trips.
+
+        :param reason: why the message was set aside
+        :raises LeaseLostError: the lease was lost; nothing changed
+        """
+        if not self._begin("dead-letter"):
+            return
+        done = False
+        broker = self._broker
+        try:
+            entry = msgpack.packb([self.data, str(reason), time.time()], use_bin_type=True)
+            metadata = self._msg.metadata
+            headers = [("Nats-Msg-Id", f"dead:{metadata.stream_seq}:{metadata.num_delivered}")]
+            await broker.publish_all(
+                [(self._q.dead, entry, headers)], f"dead-lettering on queue {self._q.name!r}"
+            )
+            body = b"+TERM " + str(reason).encode(errors="replace")[:1024]
+            await broker._settle([self._msg.reply], body, "terminating a message")
+            done = True
+        finally:
+            self._end(done)
+
+
+class NatsBroker(NatsBackend, Broker):
+    """A :class:`~tasqueue_anyio.abc.Broker` on NATS JetStream.
+
+    Open it with ``async with``: it connects (unless given a ``client``), creates or
+    updates its stream, and runs its lease renewal and event readers in a task group of
+    its own. Entering it again is counted.
+
+    :param url: ``nats://[user:password@]host:port`` (``tls://`` for TLS, certificate
+        checked), or a list of servers; default ``nats://127.0.0.1:4222``
+    :param client: an open :class:`tasqueue_anyio._nats.client.Client` to use instead;
+        the caller enters and leaves it
+    :param prefix: the stream name and the first token of every subject
+        (letters, digits, ``_``, ``-``)
+    :param ack_wait: seconds a delivered message stays held without renewal; the broker
+        renews every ``ack_wait / 3`` seconds, so a message comes back about ``ack_wait``
+        seconds after its worker died. Each queue's consumer is created (or updated)
+        with this value: give every process the same.
+    :param batch_size: the most messages one fetch takes (a consumer takes at most as
+        many as its stream has receivers)
+    :param poll_interval: the longest a pull request waits on the server for a message
+        (default ``min(5, ack_wait / 3)``; at most ``ack_wait / 3``)
+    :param duplicate_window: seconds the stream remembers message ids: enqueueing a
+        message with the id of one enqueued within this window stores nothing
+    :param storage: ``"file"`` (survives a server restart) or ``"memory"``
+    :param replicas: stream replicas (on a cluster)
+    :param timeout: seconds to wait for any one reply from the server
+    """
+
+    _what = "NATS broker"
+
+    def __init__(
+        self,
+        url: str | Sequence[str] | None = None,
+        *,
+        client: Client | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        ack_wait: float = DEFAULT_ACK_WAIT,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        poll_interval: float | None = None,
+        duplicate_window: float = 120.0,
+        storage: Literal["file", "memory"] = "file",
+        replicas: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(url, client, timeout=timeout)
+        self.prefix = validate_name(prefix, "prefix")
+        if (
+            not isinstance(ack_wait, (int, float))
+            or isinstance(ack_wait, bool)
+            or not 0.3 <= ack_wait <= 86400
+        ):
+            raise InvalidInputError(f"ack_wait must be seconds in [0.3, 86400], got {ack_wait!r}")
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or not 1 <= batch_size <= _MAX_BATCH_SIZE
+        ):
+            raise InvalidInputError(
+                f"batch_size must be an int in [1, {_MAX_BATCH_SIZE}], got {batch_size!r}"
+            )
+        self.ack_wait = float(ack_wait)
+        if poll_interval is None:
+            poll_interval = min(5.0, self.ack_wait / 3)
+        if not isinstance(poll_interval, (int, float)) or poll_interval < 0.05:
+            raise InvalidInputError(f"poll_interval must be seconds >= 0.05, got {poll_interval!r}")
+        self.poll_interval = min(float(poll_interval), self.ack_wait / 3)
+        if not isinstance(duplicate_window, (int, float)) or duplicate_window <= 0:
+            raise InvalidInputError(
+                f"duplicate_window must be seconds > 0, got {duplicate_window!r}"
+            )
+        if storage not in ("file", "memory"):
+            raise InvalidInputError(f"storage must be 'file' or 'memory', got {storage!r}")
+        self.batch_size = batch_size
+        self.duplicate_window = float(duplicate_window)
+        self.storage: Literal["file", "memory"] = storage
+        self.replicas = replicas
+        #: the stream's name
+        self.stream = self.prefix
+        # a lease is lost when unrenewed this long (a margin below ack_wait for latency)
+        self._lease_limit = self.ack_wait - min(1.0, self.ack_wait * 0.1)
+        self._queues: dict[str, _Queue] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._abandoned: deque[_Lease] = deque()
+        self._channels: dict[str, _Channel] = {}
+        self._channel_lock: anyio.Lock | None = None
+        self._schedules = False
+
+    def __repr__(self) -> str:
+        where = self.url if self.url is not None else "client"
+        return f"<NatsBroker {where} prefix={self.prefix!r}>"
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._channel_lock = anyio.Lock()
+        for q in self._queues.values():
+            q.ready = False
+        self._schedules = self.server_at_least((2, 12, 0))
+        await self._ensure_stream()
+
+    async def _ensure_stream(self) -> None:
+        p = self.prefix
+        await self.js.ensure_stream(
+            StreamConfig(
+                name=self.stream,
+                subjects=[f"{p}.q.*", f"{p}.s.*.*", f"{p}.d.*"],
+                retention="workqueue",
+                storage=self.storage,
+                num_replicas=self.replicas,
+                duplicate_window=self.duplicate_window,
+                allow_direct=True,
+                allow_msg_schedules=self._schedules,
+            )
+        )
+
+    async def _start(self, tg: TaskGroup) -> None:
+        tg.start_soon(self._renew_forever, name=f"{self!r} lease renewal")
+
+    def _closing(self) -> None:
+        self._channels.clear()
+        self._leases.clear()
+        self._abandoned.clear()
+
+    # -- names ----------------------------------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            validate_queue(name)
+            q = self._queues[name] = _Queue(self.prefix, name)
+        return q
+
+    def _event_subject(self, channel: str) -> str:
+        if not isinstance(channel, str) or not channel:
+            raise InvalidInputError(f"a channel name must be a non-empty str, got {channel!r}")
+        return f"{self.prefix}.e.{encode_token(channel)}"
+
+    async def _ensure_consumer(self, q: _Queue) -> None:
+        if q.ready:
+            return
+        config = ConsumerConfig(
+            durable_name=q.consumer,
+            ack_policy="explicit",
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+            filter_subject=q.subject,
+            deliver_policy="all",
+            description=f"tasqueue queue {q.name}",
+        )
+        try:
+            await self.js.ensure_consumer(self.stream, config)
+        except JetStreamAPIError as exc:
+            if exc.err_code != ERR_STREAM_NOT_FOUND:  # create the stream, then try again
+                raise
+            await self._ensure_stream()
+            await self.js.ensure_consumer(self.stream, config)
+        q.ready = True
+
+    # -- enqueue ----------------------------------------------------------------------------
+
+    def _publication(self, env: Envelope, now: float) -> Request:
+        q = self._queue(env.queue)
+        if not isinstance(env.id, str) or not env.id:
+            raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
+        headers: list[tuple[str, str]] = [("Nats-Msg-Id", env.id)]
+        eta = env.eta
+        if eta is None or eta <= now + _ETA_SLACK:
+            return (q.subject, env.data, headers)
+        return self._schedule(q, "i" + encode_token(env.id), env.data, float(eta), headers)
+
+    def _schedule(
+        self, q: _Queue, token: str, data: bytes, eta: float, headers: list[tuple[str, str]]
+    ) -> Request:
+        if not self._schedules:
+            raise BrokerError(
+                f"an ETA needs message schedules, which need nats-server 2.12 or newer; "
+                f"the server is {'.'.join(map(str, self.client.server_version))}"
+            )
+        at = datetime.fromtimestamp(eta, tz=timezone.utc)
+        headers = [
+            *headers,
+            (H_ETA, repr(eta)),
+            ("Nats-Schedule", f"@at {format_timestamp(at)}"),
+            ("Nats-Schedule-Target", q.subject),
+        ]
+        return (f"{q.scheduled}.{token}", data, headers)
+
+    async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
+        """Publish messages to the stream in one round trip (pipelined publishes, each
+        confirmed), stored in the given order.
+
+        A message due now goes to its queue's subject; one with a later ETA becomes a
+        message schedule. Each carries its id as ``Nats-Msg-Id``, so the same message
+        enqueued again while its first copy is still in the stream is not stored twice.
+        (JetStream remembers ids for the stream's duplicate window, also after the first
+        copy was acknowledged: a message the server reports as a duplicate of one that is
+        gone is published again without its id, one more round trip, so that
+        re-enqueueing a finished job runs it again.)
+
+        :param messages: the messages
+        :raises InvalidInputError: a queue name or message id is invalid (nothing sent)
+        :raises BrokerError: a message was refused (the others may be stored) or an ETA
+            needs a newer server
+        """
+        if not messages:
+            return
+        now = time.time()
+        requests = [self._publication(env, now) for env in messages]
+        with translate_errors("enqueueing"):
+            acks = await self.publish_all(requests, "enqueueing")
+            again: list[Request] = []
+            for request, ack in zip(requests, acks, strict=True):
+                if ack.duplicate and not await self._stored(ack.seq):
+                    subject, data, headers = request
+                    again.append((subject, data, [h for h in headers if h[0] != "Nats-Msg-Id"]))
+            if again:
+                await self.publish_all(again, "enqueueing")
+
+    async def _stored(self, seq: int) -> bool:
+        """Whether the stream still has the message at ``seq``."""
+        try:
+            await self.js.get_msg(self.stream, seq=seq)
+        except JetStreamAPIError as exc:
+            if exc.err_code == ERR_NO_MESSAGE_FOUND:
+                return False
+            raise
+        return True
+
+    # -- consume ----------------------------------------------------------------------------
+
+    async def consume(self, queue: str, send_stream: MemoryObjectSendStream[Delivery]) -> None:
+        """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
+
+        Fetches up to ``min(batch_size, number of receivers)`` messages per round trip
+        (a no-wait pull request), and when the queue is empty waits in a pull request of
+        one message that expires after ``poll_interval``. Hands them over one at a time.
+        On cancellation (or when every receiver is gone) the messages fetched and not
+        handed over go back to the queue (see :meth:`NatsDelivery.nack`), their delivery
+        not counted; the one whose hand-over was interrupted goes back too, its delivery
+        counted, and a receiver that did get it finds its lease lost when it settles.
+        Server errors are logged and retried with a bounded backoff.
+
+        :param queue: the queue
+        :param send_stream: where to hand the deliveries; closed on return
+        """
+        q = self._queue(queue)
+        self._require_open()
+        local: deque[NatsDelivery] = deque()
+        with send_stream:
+            try:
+                await self._feed(q, send_stream, local)
+            finally:
+                if local:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
+                        await self._give_back(q, local)
+
+    async def _feed(
+        self,
+        q: _Queue,
+        send_stream: MemoryObjectSendStream[Delivery],
+        local: deque[NatsDelivery],
+    ) -> None:
+        backoff = 0.0
+        while True:
+            if not local:
+                receivers = send_stream.statistics().open_receive_streams
+                want = min(self.batch_size, max(1, receivers))
+                try:
+                    with translate_errors(f"fetching from queue {q.name!r}"):
+                        await self._ensure_consumer(q)
+                        batch = await self._fetch(q, want)
+                except BrokerError as exc:
+                    if isinstance(exc.__cause__, (ConsumerNotFoundError, FetchError)):
+                        q.ready = False  # deleted under us: create it again
+                    backoff = min(5.0, backoff * 2 or 0.05)
+                    logger.warning(
+                        "consuming queue %r failed (%s); retrying in %.2fs",
+                        q.name,
+                        exc,
+                        backoff,
+                        extra={"queue": q.name},
+                    )
+                    await anyio.sleep(backoff)
+                    continue
+                backoff = 0.0
+                local.extend(batch)
+                del batch  # only `local` may hold them (see NatsDelivery: abandoned ones)
+                if not local:
+                    continue
+            delivery = local[0]
+            try:
+                await send_stream.send(delivery)
+            except anyio.BrokenResourceError:
+                return
+            except BaseException:
+                delivery._state = _WITHDRAWN
+                raise
+            local.popleft()
+            del delivery
+
+    async def _fetch(self, q: _Queue, want: int) -> list[NatsDelivery]:
+        js = self.js
+        base = anyio.current_time()
+        msgs = await js.fetch(self.stream, q.consumer, want, no_wait=True)
+        if not msgs:
+            base = anyio.current_time()
+            msgs = await js.fetch(self.stream, q.consumer, 1, expires=self.poll_interval)
+        if any(_fired(msg) for msg in msgs):
+            # A scheduler run stores its messages in publishing order: let the run land,
+            # take the rest of it, and hand its messages out in ETA order.
+            await anyio.sleep(_RUN_SETTLE)
+            if len(msgs) < self.batch_size:
+                msgs += await js.fetch(
+                    self.stream, q.consumer, self.batch_size - len(msgs), no_wait=True
+                )
+            slots = [index for index, msg in enumerate(msgs) if _fired(msg)]
+            fired = sorted(
+                (msgs[index] for index in slots),
+                key=lambda msg: (_msg_eta(msg), msg.metadata.stream_seq),
+            )
+            for index, msg in zip(slots, fired, strict=True):
+                msgs[index] = msg
+        return [NatsDelivery(self, q, msg, base) for msg in msgs]
+
+    async def _give_back(self, q: _Queue, deliveries: Iterable[NatsDelivery]) -> None:
+        back: list[tuple[NatsDelivery, bool]] = []
+        for delivery in deliveries:
+            if delivery._state == _HELD:
+                delivery._state = _SETTLED
+                back.append((delivery, False))  # never handed over: not counted
+            elif delivery._state == _WITHDRAWN:
+                back.append((delivery, True))  # its receiver may have it: counted
+            else:
+                continue
+            delivery._stop_renewing()
+        if not back:
+            return
+        try:
+            await self._put_back(back, delay=0.0)
+        except BrokerError:
+            logger.exception(
+                "could not give %d fetched messages back to queue %r; they come back "
+                "when their ack wait runs out",
+                len(back),
+                q.name,
+                extra={"queue": q.name},
+            )
+
+    async def _put_back(
+        self, deliveries: Sequence[tuple[NatsDelivery, bool]], *, delay: float
+    ) -> None:
+        """Copy the deliveries, in order, to the back of their queue (or as schedules
+        after ``delay``), then acknowledge the originals. With each delivery comes
+        whether its delivery counts (the copy's next ``attempt`` follows it)."""
+        if delay > 0 and not self._schedules:
+            # no message schedules: the server's own delayed redelivery
+            body = b"-NAK " + f'{{"delay":{round(delay * 1e9)}}}'.encode()
+            await self._settle([d._msg.reply for d, _ in deliveries], body, "giving a message back")
+            return
+        eta = time.time() + delay
+        requests: list[Request] = []
+        for delivery, counted in deliveries:
+            msg = delivery._msg
+            attempts = delivery._attempt if counted else delivery._attempt - 1
+            headers = [*_copy_headers(msg), (H_DELIVERED, str(max(0, attempts)))]
+            if delay > 0:
+                meta = msg.metadata
+                token = f"n{meta.stream_seq}-{meta.num_delivered}"
+                requests.append(self._schedule(delivery._q, token, msg.payload, eta, headers))
+            else:
+                requests.append((delivery._q.subject, msg.payload, headers))
+        await self.publish_all(requests, "giving messages back")
+        await self._settle(
+            [d._msg.reply for d, _ in deliveries], b"+ACK", "acking given-back messages"
+        )
+
+    async def _settle(self, replies: Sequence[str], body: bytes, what: str) -> None:
+        """Send ``body`` (``+ACK``, ``+TERM``...) to each ack subject and wait for the
+        server to confirm them (one round trip)."""
+        with translate_errors(what):
+            answers = await self.request_many([(reply, body, ()) for reply in replies])
+        for answer in answers:
+            if isinstance(answer, NatsError):
+                raise BrokerError(f"NATS failed while {what}: {answer}") from answer
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _lease_held(self, lease: _Lease) -> bool:
+        return not lease.lost and anyio.current_time() - lease.base < self._lease_limit
+
+    async def _renew_forever(self) -> None:
+        interval = self.ack_wait / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.renew_leases()
+            except BrokerError:
+                logger.exception("renewing leases failed; trying again in %.2fs", interval)
+
+    async def renew_leases(self) -> None:
+        """Renew every message this broker holds, now: a ``+WPI`` each, then one flush
+        (one round trip). Runs every ``ack_wait / 3`` seconds by itself.
+
+        A message not renewed within its ack wait is marked lost instead (its process
+        was paused or cut off: JetStream has delivered it again). Messages of deliveries
+        garbage-collected unsettled are given back with ``-NAK``.
+        """
+        client = self.client
+        with translate_errors("renewing leases"):
+            while self._abandoned:
+                lease = self._abandoned.popleft()
+                if self._leases.get(lease.reply) is lease:
+                    del self._leases[lease.reply]
+                    await client.publish(lease.reply, b"-NAK")
+            now = anyio.current_time()
+            alive: list[_Lease] = []
+            for reply, lease in list(self._leases.items()):
+                if now - lease.base >= self._lease_limit:
+                    lease.lost = True
+                    del self._leases[reply]
+                    logger.warning(
+                        "lost the lease of a message (not renewed within %.3g s); "
+                        "JetStream delivers it again",
+                        self.ack_wait,
+                    )
+                    continue
+                alive.append(lease)
+            for lease in alive:
+                await client.publish(lease.reply, b"+WPI")
+            await client.flush(self.timeout)
+        for lease in alive:
+            lease.base = max(lease.base, now)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    async def get_pending(self, queue: str) -> list[bytes]:
+        """Messages on ``queue`` not delivered yet, oldest first.
+
+        One round trip for the consumer's delivered sequence, then one per 256 messages
+        (batched direct gets past it). A message held by a worker that died is not
+        listed until JetStream delivers it again.
+
+        :param queue: the queue
+        :return: the messages' data
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading queue {q.name!r}"):
+            start = 1
+            try:
+                info = await self.js.consumer_info(self.stream, q.consumer)
+                start = int(info.raw.get("delivered", {}).get("stream_seq", 0)) + 1
+            except ConsumerNotFoundError:
+                pass
+            messages = await self.read_range(self.stream, q.subject, start)
+        return [m.payload for m in messages]
+
+    async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
+        """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order.
+
+        :param queue: the queue
+        :return: ``(eta, data)`` pairs, earliest first (equal ETAs in publishing order)
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading the schedules of queue {q.name!r}"):
+            messages = await self.read_range(self.stream, f"{q.scheduled}.*")
+        entries = [(_eta(m), m.seq, m.payload) for m in messages]
+        entries.sort(key=lambda entry: (entry[0], entry[1]))
+        return [(eta, data) for eta, _, data in entries]
+
+    async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
+        """Messages of ``queue`` set aside with :meth:`NatsDelivery.dead_letter`.
+
+        :param queue: the queue
+        :return: the dead letters, oldest first
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading the dead letters of queue {q.name!r}"):
+            messages = await self.read_range(self.stream, q.dead)
+        out = []
+        for message in messages:
+            try:
+                data, reason, at = msgpack.unpackb(message.payload, raw=False, use_list=True)
+                if not isinstance(data, bytes):
+                    raise TypeError("data is not bytes")
+                out.append(DeadLetter(queue=q.name, data=data, reason=str(reason), at=float(at)))
+            except Exception:
+                out.append(
+                    DeadLetter(
+                        queue=q.name,
+                        data=message.payload,
+                        reason="unreadable entry",
+                        at=message.time.timestamp(),
+                    )
+                )
+        return out
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Publish ``data`` on ``channel`` (core NATS: best effort, no history).
+
+        :param channel: the channel name
+        :param data: the message
+        """
+        subject = self._event_subject(channel)
+        with translate_errors("publishing an event"):
+            await self.client.publish(subject, data)
+
+    @asynccontextmanager
+    async def subscribe(
+        self, channel: str, callback: Callable[[bytes], None]
+    ) -> AsyncIterator[None]:
+        """Call ``callback`` with every message published on ``channel`` inside the block.
+
+        One subscription per channel, read by a task in the broker's task group, which
+        calls the callbacks in publishing order. Entering returns once the server has
+        the subscription, so every message published after that is seen.
+
+        :param channel: the channel name
+        :param callback: a quick, non-blocking function of the message
+        """
+        tg = self._require_open()
+        subject = self._event_subject(channel)
+        lock = self._channel_lock
+        assert lock is not None
+        async with lock:
+            entry = self._channels.get(subject)
+            if entry is None:
+                with translate_errors(f"subscribing to channel {channel!r}"):
+                    sub = await self.client.subscribe(subject)
+                    try:
+                        await self.client.flush(self.timeout)
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            await sub.unsubscribe()
+                        raise
+                entry = self._channels[subject] = _Channel(sub)
+                tg.start_soon(self._read_channel, subject, entry, name=f"{self!r} {subject}")
+            entry.callbacks.append(callback)
+        try:
+            yield
+        finally:
+            entry.callbacks.remove(callback)
+            if not entry.callbacks and self._channels.get(subject) is entry:
+                del self._channels[subject]
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await entry.sub.unsubscribe()
+                    except NatsError:
+                        logger.debug("unsubscribing from %r failed", subject, exc_info=True)
+
+    async def _read_channel(self, subject: str, entry: _Channel) -> None:
+        while True:
+            try:
+                msg = await entry.sub.next_msg()
+            except SlowConsumerError as exc:
+                logger.warning("events on %r were dropped: %s", subject, exc)
+                continue
+            except ConnectionClosedError:
+                return  # unsubscribed, or the client closed
+            for callback in tuple(entry.callbacks):
+                try:
+                    callback(msg.payload)
+                except Exception:
+                    logger.exception(
+                        "subscriber %r of %r raised",
+                        callback,
+                        subject,
+                        extra={"channel": subject},
+                    )
+
+
+def _eta(message: StoredMsg) -> float:
+    """The ETA of a scheduled message: our header, else the schedule's own time."""
+    value = header_value(message.headers, H_ETA)
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    schedule = header_value(message.headers, "Nats-Schedule")
+    if schedule.startswith("@at "):
+        try:
+            return parse_timestamp(schedule[4:].strip()).timestamp()
+        except ValueError:
+            pass
+    return message.time.timestamp()

@@ -1,0 +1,1005 @@
+"""The NATS results store, on a JetStream key-value bucket. Runs on Trio and asyncio.
+
+Keys
+----
+One bucket (default ``tasqueue``: stream ``KV_tasqueue``, history 1). The kind of a key
+comes first, so no id can reach a key of another kind; the id is escaped into the KV
+character set by :func:`~tasqueue_anyio._nats_backend.encode_token` (letters, digits,
+``_`` and ``-`` kept, every other byte as ``=XX``: ``job:1`` → ``job=3A1``), so ids with
+``:``, ``@``, ``+``, ``/``, ``.`` or any other character are safe::
+
+    j.<id>    job state: msgpack {s: status, d: message, c: cancel requested, r: run};
+              header ``Tasqueue-Status`` (the status again, for the listings)
+    r.<id>    the job's saved result (the bytes as they are)
+    p.<id>    group or chain: msgpack {k, s, d, e, m: members, n: member counts}
+    c.<id>    cron schedule: msgpack {d: data, f: next fire time (float64, exact)}
+
+Values are plain KV entries: any KV client (``nats-py``, the ``nats`` CLI) reads them.
+
+Compare-and-set
+---------------
+Every conditional write (``start_job``, ``update_job``, ``request_cancel``,
+``create_jobs``, ``set_member_status``, ``set_parent_status``, ``advance_schedule``) is a
+publish with ``Nats-Expected-Last-Subject-Sequence``: it is stored only if the key is
+still at the revision the decision was made on; on a conflict the key is read again and
+the decision made again (at most ``max_conflicts`` times, with a short random backoff,
+then :class:`~tasqueue_anyio.BrokerError`). ``set_result(run=...)`` publishes the result
+with ``Nats-Expected-Last-Subject-Sequence-Subject`` pointing at the job's *state* key, so
+the result is stored only while the state is still the ``processing`` record of that run:
+one atomic write across two keys (nats-server 2.11+; older servers check, then write).
+
+Round trips: the store remembers the last revision and value it wrote or read of each
+key (a bounded cache), and writes within one process are serialised per key, so a
+transition following one made here (``update_job`` after ``start_job``) is one round
+trip. A decision *refused* on a remembered value is always confirmed on a fresh read.
+Batches (``set_jobs``, ``create_jobs``) are pipelined: one round trip.
+
+Listings
+--------
+The success and failed listings are not kept apart: a job is listed while the last
+write of its state has status ``successful`` (or ``failed``), in the order of those
+writes (the KV revision is the stream sequence, a monotonic counter). So listing is
+atomic with the state write and costs no extra write, and a deleted or expired job
+leaves the listings with its state. Reading one lists the last header of every job key
+through a short-lived ephemeral consumer (headers only): a few round trips plus the
+transfer of ~100 bytes per stored job.
+
+Expiry
+------
+On nats-server 2.11+ every write of job state and group or chain state carries a
+per-message TTL (``Nats-TTL``) of ``job_ttl``, and a result one of ``result_ttl``: an entry
+expires that long after its last write (TTLs are whole seconds, at least 1). On an older
+server (or with ``per_key_ttl=False``) the bucket's ``max_age`` is the longer of the two
+instead, for every entry: the shorter one is not honoured, and cron schedules, which never
+expire, move to a second bucket ``<bucket>_cron`` without a ``max_age``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import anyio
+import attrs
+import msgpack
+
+from .._exceptions import (
+    BrokerError,
+    InvalidInputError,
+    JobNotFoundError,
+    NotFoundError,
+    ResultNotFoundError,
+)
+from .._nats.client import Client
+from .._nats.jetstream import (
+    ConsumerConfig,
+    JsMsg,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyValue,
+    WrongLastSequenceError,
+    _api_reply,
+)
+from .._nats.protocol import NatsError
+from .._nats_backend import (
+    DEFAULT_PREFIX,
+    NatsBackend,
+    Request,
+    decode_token,
+    encode_token,
+    header_value,
+    translate_errors,
+    validate_name,
+)
+from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord
+
+__all__ = ["NatsResults"]
+
+_T = TypeVar("_T")
+
+#: The header repeating a job state's status (read by the listings).
+H_STATUS = "Tasqueue-Status"
+
+_CANCELLABLE_AT_ONCE = frozenset({"queued", "retrying"})
+
+
+class _NoWrite:
+    """What a compare-and-set step returns when it writes nothing."""
+
+
+_NO_WRITE = _NoWrite()
+
+
+def _ttl(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise InvalidInputError(f"{what} must be seconds > 0 or None, got {value!r}")
+    return max(1.0, float(value))
+
+
+def _duration(seconds: float) -> str:
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"a {what} must be a non-empty str, got {value!r}")
+    return value
+
+
+# -- value codecs -------------------------------------------------------------------------------
+
+
+def _pack(value: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def _encode_job(record: JobRecord) -> bytes:
+    return _pack(
+        {"s": record.status, "d": record.data, "c": record.cancel_requested, "r": record.run}
+    )
+
+
+def _decode_job(data: bytes) -> JobRecord:
+    try:
+        value = msgpack.unpackb(data, raw=False)
+        return JobRecord(
+            status=str(value["s"]),
+            data=bytes(value.get("d") or b""),
+            cancel_requested=bool(value.get("c", False)),
+            run=str(value.get("r") or ""),
+        )
+    except Exception as exc:
+        raise BrokerError(f"unreadable job state in the results bucket: {exc}") from None
+
+
+def _encode_parent(record: ParentRecord, counts: dict[str, int]) -> bytes:
+    return _pack(
+        {
+            "k": record.kind,
+            "s": record.status,
+            "d": record.data,
+            "e": record.error,
+            "m": dict(record.members),
+            "n": counts,
+        }
+    )
+
+
+def _decode_parent(data: bytes) -> tuple[ParentRecord, dict[str, int]]:
+    try:
+        value = msgpack.unpackb(data, raw=False)
+        record = ParentRecord(
+            kind=str(value["k"]),
+            status=str(value["s"]),
+            data=bytes(value.get("d") or b""),
+            members={str(k): str(v) for k, v in (value.get("m") or {}).items()},
+            error=None if value.get("e") is None else str(value["e"]),
+        )
+        counts = {str(k): int(v) for k, v in (value.get("n") or {}).items()}
+        return record, counts
+    except Exception as exc:
+        raise BrokerError(f"unreadable group or chain state in the results bucket: {exc}") from None
+
+
+def _count(members: Mapping[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for status in members.values():
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def _encode_schedule(record: ScheduleRecord) -> bytes:
+    return _pack({"d": record.data, "f": float(record.next_fire)})
+
+
+def _decode_schedule(schedule_id: str, data: bytes) -> ScheduleRecord:
+    try:
+        value = msgpack.unpackb(data, raw=False)
+        return ScheduleRecord(id=schedule_id, data=bytes(value["d"]), next_fire=float(value["f"]))
+    except Exception as exc:
+        raise BrokerError(f"unreadable cron schedule in the results bucket: {exc}") from None
+
+
+class _KeyLocks:
+    """One lock per key while anyone holds or waits for it (so concurrent transitions of
+    one key in one process do not race each other into conflicts)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[anyio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (anyio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0] and self._locks.get(key) is entry:
+                del self._locks[key]
+
+
+class NatsResults(NatsBackend, Results):
+    """A :class:`~tasqueue_anyio.abc.Results` store on a NATS JetStream key-value bucket.
+
+    Open it with ``async with``: it connects (unless given a ``client``) and creates or
+    updates its bucket. Entering it again is counted.
+
+    The success and failed listings hold each job id at most once, in the order the jobs
+    ended; a job that ends again moves to the end. A job is listed while its stored
+    state has that status (see the module documentation).
+
+    :param url: ``nats://[user:password@]host:port`` (``tls://`` for TLS), or a list of
+        servers; default ``nats://127.0.0.1:4222``
+    :param client: an open :class:`tasqueue_anyio._nats.client.Client` to use instead;
+        the caller enters and leaves it
+    :param bucket: the KV bucket's name (letters, digits, ``_``, ``-``)
+    :param job_ttl: seconds job state, and group and chain state, is kept after its last
+        write (``None``: forever); at least 1
+    :param result_ttl: seconds a saved result is kept after it was written (``None``:
+        forever); at least 1
+    :param per_key_ttl: use per-message TTLs (``None``: when the server has them,
+        nats-server 2.11+); ``False`` uses the bucket's ``max_age`` (see the module
+        documentation)
+    :param storage: ``"file"`` or ``"memory"``
+    :param replicas: bucket replicas (on a cluster)
+    :param max_conflicts: revision conflicts one conditional write retries before it
+        gives up
+    :param cache_size: keys whose last revision is remembered
+    :param timeout: seconds to wait for any one reply from the server
+    """
+
+    _what = "NATS results store"
+
+    def __init__(
+        self,
+        url: str | Sequence[str] | None = None,
+        *,
+        client: Client | None = None,
+        bucket: str = DEFAULT_PREFIX,
+        job_ttl: float | None = None,
+        result_ttl: float | None = None,
+        per_key_ttl: bool | None = None,
+        storage: Literal["file", "memory"] = "file",
+        replicas: int = 1,
+        max_conflicts: int = 100,
+        cache_size: int = 4096,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(url, client, timeout=timeout)
+        self.bucket = validate_name(bucket, "bucket name")
+        self.job_ttl = _ttl(job_ttl, "job_ttl")
+        self.result_ttl = _ttl(result_ttl, "result_ttl")
+        if storage not in ("file", "memory"):
+            raise InvalidInputError(f"storage must be 'file' or 'memory', got {storage!r}")
+        if (
+            isinstance(max_conflicts, bool)
+            or not isinstance(max_conflicts, int)
+            or max_conflicts < 1
+        ):
+            raise InvalidInputError(f"max_conflicts must be an int >= 1, got {max_conflicts!r}")
+        self.per_key_ttl = per_key_ttl
+        self.storage: Literal["file", "memory"] = storage
+        self.replicas = replicas
+        self.max_conflicts = max_conflicts
+        self._cache_size = max(0, int(cache_size))
+        self._cache: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._locks = _KeyLocks()
+        self._kv: KeyValue | None = None
+        self._cron: KeyValue | None = None
+        self._ttls = False  # per-message TTLs in use
+        self._fenced_results = False  # Nats-Expected-Last-Subject-Sequence-Subject works
+
+    def __repr__(self) -> str:
+        where = self.url if self.url is not None else "client"
+        return f"<NatsResults {where} bucket={self.bucket!r}>"
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._locks = _KeyLocks()
+        self._cache.clear()
+        js = self.js
+        has_ttls = self.server_at_least((2, 11, 0))
+        if self.per_key_ttl and not has_ttls:
+            raise BrokerError(
+                "per-key TTLs need nats-server 2.11 or newer; the server is "
+                + ".".join(map(str, self.client.server_version))
+            )
+        self._ttls = has_ttls if self.per_key_ttl is None else self.per_key_ttl
+        self._fenced_results = has_ttls
+        ttls = [t for t in (self.job_ttl, self.result_ttl) if t is not None]
+        max_age = max(ttls) if ttls and not self._ttls else None
+        self._kv = await js.create_key_value(
+            self.bucket,
+            storage=self.storage,
+            replicas=self.replicas,
+            per_key_ttl=self._ttls,
+            ttl=max_age,
+        )
+        if max_age is not None:
+            self._cron = await js.create_key_value(
+                f"{self.bucket}_cron", storage=self.storage, replicas=self.replicas
+            )
+        else:
+            self._cron = self._kv
+
+    def _closing(self) -> None:
+        self._kv = None
+        self._cron = None
+        self._cache.clear()
+
+    @property
+    def kv(self) -> KeyValue:
+        """The bucket (while the store is open)."""
+        if self._kv is None:
+            raise RuntimeError("this NATS results store is not open: use `async with` first")
+        return self._kv
+
+    @property
+    def cron(self) -> KeyValue:
+        """The bucket of the cron schedules (the main one unless ``max_age`` is in use)."""
+        if self._cron is None:
+            raise RuntimeError("this NATS results store is not open: use `async with` first")
+        return self._cron
+
+    async def drop(self) -> None:
+        """Delete the bucket (and the cron bucket, if separate) with everything in it."""
+        with translate_errors("deleting the results bucket"):
+            if self._cron is not None and self._cron is not self._kv:
+                await self.js.delete_stream(self._cron.stream)
+            await self.js.delete_stream(self.kv.stream)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _subject(self, key: str, kv: KeyValue | None = None) -> str:
+        return f"$KV.{(kv or self.kv).bucket}.{key}"
+
+    def _cache_get(self, key: str) -> tuple[int, Any] | None:
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._cache.move_to_end(key)
+        return entry
+
+    def _cache_put(self, key: str, revision: int, value: Any) -> None:
+        if not self._cache_size:
+            return
+        cache = self._cache
+        cache[key] = (revision, value)
+        cache.move_to_end(key)
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    async def _read(self, key: str, kv: KeyValue | None = None) -> tuple[int, bytes | None]:
+        """The key's revision and value; ``(0 or the delete marker's revision, None)``
+        when it has none."""
+        try:
+            entry = await (kv or self.kv).get(key)
+        except KeyDeletedError as deleted:
+            return deleted.revision, None
+        except KeyNotFoundError:
+            return 0, None
+        return entry.revision, entry.value
+
+    def _headers(
+        self, ttl: float | None, extra: Sequence[tuple[str, str]] = ()
+    ) -> list[tuple[str, str]]:
+        headers = list(extra)
+        if ttl is not None and self._ttls:
+            headers.append(("Nats-TTL", _duration(ttl)))
+        return headers
+
+    async def _write(
+        self,
+        key: str,
+        payload: bytes,
+        headers: list[tuple[str, str]],
+        *,
+        expect: int | None,
+        kv: KeyValue | None = None,
+    ) -> int:
+        """Publish ``payload`` under ``key`` (if its last revision is ``expect``, when
+        given); return the new revision.
+
+        :raises WrongLastSequenceError: the key is at another revision
+        """
+        if expect is not None:
+            headers = [*headers, ("Nats-Expected-Last-Subject-Sequence", str(expect))]
+        ack = await self.js.publish(self._subject(key, kv), payload, headers=headers)
+        return ack.seq
+
+    async def _cas(
+        self,
+        key: str,
+        decode: Callable[[bytes], Any],
+        step: Callable[[Any | None], tuple[Any, _T]],
+        encode: Callable[[Any], tuple[bytes, list[tuple[str, str]]]],
+        what: str,
+        kv: KeyValue | None = None,
+    ) -> _T:
+        """Run ``step`` on the key's current value and write what it returns, atomically.
+
+        ``step(value or None)`` returns ``(new value, result)``, or ``(_NO_WRITE, result)``
+        to write nothing. A remembered value is used first; a step that writes nothing on
+        a remembered value runs again on a fresh read (a refusal is always confirmed).
+        """
+        async with self._locks.hold(key):
+            cached = self._cache_get(key)
+            fresh = cached is None
+            if cached is None:
+                revision, raw = await self._read(key, kv)
+                value = None if raw is None else decode(raw)
+            else:
+                revision, value = cached
+            for attempt in range(self.max_conflicts):
+                new, result = step(value)
+                if new is _NO_WRITE:
+                    if fresh:
+                        if value is not None:
+                            self._cache_put(key, revision, value)
+                        return result
+                else:
+                    payload, headers = encode(new)
+                    try:
+                        written = await self._write(key, payload, headers, expect=revision, kv=kv)
+                    except WrongLastSequenceError:
+                        self._cache.pop(key, None)
+                        if attempt:
+                            await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                    else:
+                        self._cache_put(key, written, new)
+                        return result
+                revision, raw = await self._read(key, kv)
+                value = None if raw is None else decode(raw)
+                fresh = True
+        raise BrokerError(
+            f"gave up {what} after {self.max_conflicts} conflicting writes (another "
+            f"process keeps changing it)"
+        )
+
+    # -- keys ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _job_key(job_id: str) -> str:
+        return "j." + encode_token(_check_id(job_id, "job id"))
+
+    @staticmethod
+    def _result_key(job_id: str) -> str:
+        return "r." + encode_token(_check_id(job_id, "job id"))
+
+    @staticmethod
+    def _parent_key(parent_id: str) -> str:
+        return "p." + encode_token(_check_id(parent_id, "group or chain id"))
+
+    @staticmethod
+    def _schedule_key(schedule_id: str) -> str:
+        return "c." + encode_token(_check_id(schedule_id, "schedule id"))
+
+    def _job_value(self, record: JobRecord) -> tuple[bytes, list[tuple[str, str]]]:
+        return _encode_job(record), self._headers(self.job_ttl, [(H_STATUS, record.status)])
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        """The stored state of a job (one direct get).
+
+        :param job_id: the job id
+        :return: the record
+        :raises JobNotFoundError: nothing is stored under ``job_id`` (or it expired)
+        """
+        key = self._job_key(job_id)
+        with translate_errors("reading job state"):
+            revision, raw = await self._read(key)
+        if raw is None:
+            self._cache.pop(key, None)
+            raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
+        record = _decode_job(raw)
+        self._cache_put(key, revision, record)
+        return record
+
+    async def set_jobs(self, records: Mapping[str, JobRecord]) -> None:
+        """Store the state of many jobs, unconditionally, in one round trip (pipelined
+        publishes).
+
+        :param records: records by job id
+        """
+        if not records:
+            return
+        keys = [self._job_key(job_id) for job_id in records]
+        requests: list[Request] = []
+        for key, record in zip(keys, records.values(), strict=True):
+            payload, headers = self._job_value(record)
+            requests.append((self._subject(key), payload, headers))
+        with translate_errors("storing job state"):
+            acks = await self.publish_all(requests, "storing job state")
+        for key, record, ack in zip(keys, records.values(), acks, strict=True):
+            self._cache_put(key, ack.seq, record)
+
+    async def create_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs that have none yet (each a create-if-absent
+        publish, all pipelined: one round trip); leave the others as they are.
+
+        Each key is created atomically; the batch as a whole is not one transaction.
+
+        :param records: records by job id
+        :return: the ids whose state this call created
+        """
+        if not records:
+            return set()
+        ids = list(records)
+        keys = [self._job_key(job_id) for job_id in ids]
+        requests: list[Request] = []
+        for key, record in zip(keys, records.values(), strict=True):
+            payload, headers = self._job_value(record)
+            headers.append(("Nats-Expected-Last-Subject-Sequence", "0"))
+            requests.append((self._subject(key), payload, headers))
+        created: set[str] = set()
+        with translate_errors("creating job state"):
+            acks = await self.publish_many(requests)
+            for job_id, key, ack in zip(ids, keys, acks, strict=True):
+                record = records[job_id]
+                if isinstance(ack, WrongLastSequenceError):
+                    # set, or a delete marker left by another KV client: create on top
+                    revision, raw = await self._read(key)
+                    if raw is not None or not revision:
+                        continue
+                    payload, headers = self._job_value(record)
+                    try:
+                        written = await self._write(key, payload, headers, expect=revision)
+                    except WrongLastSequenceError:
+                        continue
+                    self._cache_put(key, written, record)
+                    created.add(job_id)
+                    continue
+                if isinstance(ack, NatsError):
+                    raise ack
+                self._cache_put(key, ack.seq, record)
+                created.add(job_id)
+        return created
+
+    async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
+        """Move a job to ``record`` if it has no state, or is not final and not cancelled
+        (compare-and-set; one round trip when the job's revision is remembered, else two).
+
+        :param job_id: the job id
+        :param record: the new state
+        :return: ``None`` when ``record`` was written, else the current (unchanged) record
+        """
+
+        def step(current: JobRecord | None) -> tuple[Any, JobRecord | None]:
+            if current is not None and (
+                current.status in FINAL_STATUSES or current.cancel_requested
+            ):
+                return _NO_WRITE, current
+            return record, None
+
+        with translate_errors("starting a job"):
+            return await self._cas(
+                self._job_key(job_id), _decode_job, step, self._job_value, "starting a job"
+            )
+
+    async def update_job(
+        self, job_id: str, record: JobRecord, *, expect: Collection[str], run: str | None = None
+    ) -> bool:
+        """Write ``record`` if the job's status is one of ``expect`` (and its run token is
+        ``run``, if given), by compare-and-set; ``cancel_requested`` is kept as stored.
+        A ``successful`` or ``failed`` record lists the job in the same write.
+
+        :param job_id: the job id
+        :param record: the new state
+        :param expect: the statuses the job may currently have
+        :param run: if given, the run token the job must still have
+        :return: whether ``record`` was written (never when the job has no state)
+        """
+        if not expect:
+            return False
+        expected = frozenset(expect)
+
+        def step(current: JobRecord | None) -> tuple[Any, bool]:
+            if current is None or current.status not in expected:
+                return _NO_WRITE, False
+            if run is not None and current.run != run:
+                return _NO_WRITE, False
+            if record.cancel_requested != current.cancel_requested:
+                return attrs.evolve(record, cancel_requested=current.cancel_requested), True
+            return record, True
+
+        with translate_errors("updating a job"):
+            return await self._cas(
+                self._job_key(job_id), _decode_job, step, self._job_value, "updating a job"
+            )
+
+    async def request_cancel(self, job_id: str) -> JobRecord:
+        """Ask a job to stop (compare-and-set).
+
+        A ``queued`` or ``retrying`` job becomes ``cancelled``; a job in a final status is
+        left as it is; any other is marked ``cancel_requested``.
+
+        :param job_id: the job id
+        :return: the record as it is after the call
+        :raises JobNotFoundError: nothing is stored under ``job_id`` (or it expired)
+        """
+
+        def step(current: JobRecord | None) -> tuple[Any, JobRecord | None]:
+            if current is None:
+                return _NO_WRITE, None
+            if current.status in FINAL_STATUSES:
+                return _NO_WRITE, current
+            if current.status in _CANCELLABLE_AT_ONCE:
+                updated = attrs.evolve(current, status="cancelled")
+            elif current.cancel_requested:
+                return _NO_WRITE, current
+            else:
+                updated = attrs.evolve(current, cancel_requested=True)
+            return updated, updated
+
+        with translate_errors("cancelling a job"):
+            result = await self._cas(
+                self._job_key(job_id), _decode_job, step, self._job_value, "cancelling a job"
+            )
+        if result is None:
+            raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
+        return result
+
+    async def get_result(self, job_id: str) -> bytes:
+        """The result a job saved (one direct get).
+
+        :param job_id: the job id
+        :return: the saved bytes
+        :raises ResultNotFoundError: the job saved no result (or it expired)
+        """
+        key = self._result_key(job_id)
+        with translate_errors("reading a result"):
+            _, raw = await self._read(key)
+        if raw is None:
+            raise ResultNotFoundError(f"no result is stored for job id {job_id!r}")
+        return raw
+
+    async def set_result(self, job_id: str, data: bytes, *, run: str | None = None) -> bool:
+        """Store (replace) the result of a job, with ``result_ttl`` if set.
+
+        Given ``run``, the result is published with an expectation on the job's *state*
+        key (``Nats-Expected-Last-Subject-Sequence-Subject``): it is stored only if the
+        state is still the revision read as ``processing`` under that run, atomically
+        (one round trip when that revision is remembered).
+
+        :param job_id: the job id
+        :param data: the result
+        :param run: if given, store only while the job is ``processing`` under this run
+        :return: whether it was stored
+        """
+        key = self._result_key(job_id)
+        headers = self._headers(self.result_ttl)
+        if run is None:
+            with translate_errors("storing a result"):
+                await self._write(key, bytes(data), headers, expect=None)
+            return True
+        state_key = self._job_key(job_id)
+        with translate_errors("storing a result"):
+            cached = self._cache_get(state_key)
+            fresh = cached is None
+            if cached is None:
+                revision, raw = await self._read(state_key)
+                state = None if raw is None else _decode_job(raw)
+            else:
+                revision, state = cached
+            for attempt in range(self.max_conflicts):
+                if state is None or state.status != "processing" or state.run != run:
+                    if fresh:
+                        return False
+                else:
+                    if not self._fenced_results:  # an old server: check, then write
+                        await self._write(key, bytes(data), headers, expect=None)
+                        return True
+                    fence = [
+                        ("Nats-Expected-Last-Subject-Sequence", str(revision)),
+                        ("Nats-Expected-Last-Subject-Sequence-Subject", self._subject(state_key)),
+                    ]
+                    try:
+                        await self._write(key, bytes(data), [*headers, *fence], expect=None)
+                    except WrongLastSequenceError:
+                        self._cache.pop(state_key, None)
+                        if attempt:
+                            await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                    else:
+                        return True
+                revision, raw = await self._read(state_key)
+                state = None if raw is None else _decode_job(raw)
+                if state is not None:
+                    self._cache_put(state_key, revision, state)
+                fresh = True
+        raise BrokerError(
+            f"gave up storing the result of job {job_id!r} after {self.max_conflicts} "
+            f"conflicting writes of its state"
+        )
+
+    async def delete_job(self, job_id: str) -> None:
+        """Forget a job: its state (and so its place in the listings) and its result,
+        purged from the bucket's stream (two purge requests, pipelined: one round trip;
+        no delete marker is left).
+
+        :param job_id: the job id; an unknown one is ignored
+        """
+        keys = [self._job_key(job_id), self._result_key(job_id)]
+        with translate_errors("deleting a job"):
+            await self._purge(keys)
+        for key in keys:
+            self._cache.pop(key, None)
+
+    async def _purge(self, keys: Sequence[str], kv: KeyValue | None = None) -> int:
+        """Purge every message of ``keys``; return how many were purged."""
+        bucket = kv or self.kv
+        subject = f"{self.js.prefix}.STREAM.PURGE.{bucket.stream}"
+        requests: list[Request] = [
+            (subject, json.dumps({"filter": self._subject(key, bucket)}).encode(), ())
+            for key in keys
+        ]
+        purged = 0
+        for reply in await self.request_many(requests):
+            if isinstance(reply, NatsError):
+                raise reply
+            purged += int(_api_reply(reply, subject).get("purged", 0))
+        return purged
+
+    async def _scan(self, kv: KeyValue, filter: str, *, headers_only: bool) -> list[JsMsg]:
+        """The last entry of every key matching ``filter``, in revision order, read by a
+        short-lived ephemeral consumer (deleted after)."""
+        js = self.js
+        config = ConsumerConfig(
+            ack_policy="none",
+            deliver_policy="last_per_subject",
+            filter_subject=self._subject(filter, kv),
+            headers_only=headers_only,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        info = await js.ensure_consumer(kv.stream, config)
+        out: list[JsMsg] = []
+        try:
+            pending = info.num_pending
+            while pending > 0:
+                batch = await js.fetch(kv.stream, info.name, min(pending, 512), no_wait=True)
+                if not batch:
+                    break
+                out += batch
+                pending = batch[-1].metadata.num_pending
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.timeout),
+                contextlib.suppress(NatsError),
+            ):
+                await js.delete_consumer(kv.stream, info.name)
+        return [msg for msg in out if header_value(msg.headers, "KV-Operation", "PUT") == "PUT"]
+
+    async def _listing(self, status: str) -> list[str]:
+        with translate_errors("reading a listing"):
+            entries = await self._scan(self.kv, "j.>", headers_only=True)
+        start = len(self._subject("j."))
+        return [
+            decode_token(msg.subject[start:])
+            for msg in entries
+            if header_value(msg.headers, H_STATUS) == status
+        ]
+
+    async def get_success(self) -> list[str]:
+        """Ids of jobs that ended ``successful``, in the order they ended.
+
+        :return: the ids, each once
+        """
+        return await self._listing("successful")
+
+    async def get_failed(self) -> list[str]:
+        """Ids of jobs that ended ``failed``, in the order they ended.
+
+        :return: the ids, each once
+        """
+        return await self._listing("failed")
+
+    # -- groups and chains ("parents") ---------------------------------------------------
+
+    def _parent_value(
+        self, value: tuple[ParentRecord, dict[str, int]]
+    ) -> tuple[bytes, list[tuple[str, str]]]:
+        record, counts = value
+        return _encode_parent(record, counts), self._headers(self.job_ttl)
+
+    async def set_parent(self, parent_id: str, record: ParentRecord) -> None:
+        """Store (replace) the state of a group or chain, its member counts rebuilt.
+
+        :param parent_id: the group or chain id
+        :param record: the new state
+        """
+        key = self._parent_key(parent_id)
+        value = (attrs.evolve(record, members=dict(record.members)), _count(record.members))
+        payload, headers = self._parent_value(value)
+        with translate_errors("storing a group or chain"):
+            async with self._locks.hold(key):
+                revision = await self._write(key, payload, headers, expect=None)
+                self._cache_put(key, revision, value)
+
+    async def get_parent(self, parent_id: str) -> ParentRecord:
+        """The stored state of a group or chain (one direct get).
+
+        :param parent_id: the group or chain id
+        :return: the record (its ``members`` a fresh dictionary)
+        :raises NotFoundError: nothing is stored under ``parent_id`` (or it expired)
+        """
+        key = self._parent_key(parent_id)
+        with translate_errors("reading a group or chain"):
+            revision, raw = await self._read(key)
+        if raw is None:
+            raise NotFoundError(f"no group or chain is stored under id {parent_id!r}")
+        record, counts = _decode_parent(raw)
+        self._cache_put(key, revision, (record, counts))
+        return attrs.evolve(record, members=dict(record.members))
+
+    async def set_member_status(self, parent_id: str, job_id: str, status: str) -> dict[str, int]:
+        """Record a member's status; return how many members are in each status
+        (compare-and-set; the counts are kept in the record, not recounted).
+
+        :param parent_id: the group or chain id
+        :param job_id: the member job id
+        :param status: the member's new status
+        :return: status → number of members, without zero counts
+        :raises NotFoundError: nothing is stored under ``parent_id`` (or it expired)
+        """
+        _check_id(job_id, "job id")
+
+        def step(
+            current: tuple[ParentRecord, dict[str, int]] | None,
+        ) -> tuple[Any, dict[str, int] | None]:
+            if current is None:
+                return _NO_WRITE, None
+            record, counts = current
+            old = record.members.get(job_id)
+            members = dict(record.members)
+            counts = dict(counts)
+            if old is not None:
+                remaining = counts.get(old, 0) - 1
+                if remaining > 0:
+                    counts[old] = remaining
+                else:
+                    counts.pop(old, None)
+            members[job_id] = status
+            counts[status] = counts.get(status, 0) + 1
+            # written even when unchanged: a write restarts the time to live
+            return (attrs.evolve(record, members=members), counts), dict(counts)
+
+        with translate_errors("recording a member's status"):
+            result = await self._cas(
+                self._parent_key(parent_id),
+                _decode_parent,
+                step,
+                self._parent_value,
+                "recording a member's status",
+            )
+        if result is None:
+            raise NotFoundError(f"no group or chain is stored under id {parent_id!r}")
+        return result
+
+    async def set_parent_status(
+        self, parent_id: str, status: str, *, expect: Collection[str], error: str | None = None
+    ) -> bool:
+        """Set the parent's status (and ``error``, if given) if its status is in ``expect``
+        (compare-and-set).
+
+        :param parent_id: the group or chain id
+        :param status: the new status
+        :param expect: the statuses the parent may currently have
+        :param error: the new error; ``None`` keeps the stored one
+        :return: whether it was written (never when nothing is stored or it expired)
+        """
+        if not expect:
+            return False
+        expected = frozenset(expect)
+
+        def step(current: tuple[ParentRecord, dict[str, int]] | None) -> tuple[Any, bool]:
+            if current is None or current[0].status not in expected:
+                return _NO_WRITE, False
+            record, counts = current
+            changes: dict[str, Any] = {"status": status}
+            if error is not None:
+                changes["error"] = error
+            return (attrs.evolve(record, **changes), counts), True
+
+        with translate_errors("setting a group's or chain's status"):
+            return await self._cas(
+                self._parent_key(parent_id),
+                _decode_parent,
+                step,
+                self._parent_value,
+                "setting a group's or chain's status",
+            )
+
+    # -- cron schedules --------------------------------------------------------------------
+
+    async def set_schedule(self, record: ScheduleRecord) -> None:
+        """Store (replace) a schedule (never expires).
+
+        :param record: the schedule
+        """
+        key = self._schedule_key(record.id)
+        with translate_errors("storing a schedule"):
+            async with self._locks.hold(key):
+                revision = await self._write(
+                    key, _encode_schedule(record), [], expect=None, kv=self.cron
+                )
+                self._cache_put(key, revision, record)
+
+    async def get_schedules(self) -> list[ScheduleRecord]:
+        """Every stored schedule, ordered by id (code point order).
+
+        :return: the schedules
+        """
+        kv = self.cron
+        with translate_errors("reading schedules"):
+            entries = await self._scan(kv, "c.>", headers_only=False)
+        start = len(self._subject("c.", kv))
+        records = [
+            _decode_schedule(decode_token(msg.subject[start:]), msg.payload) for msg in entries
+        ]
+        records.sort(key=lambda record: record.id)
+        return records
+
+    async def advance_schedule(
+        self, schedule_id: str, expect_fire: float, next_fire: float
+    ) -> bool:
+        """Move a schedule's ``next_fire`` from ``expect_fire`` to ``next_fire``
+        (compare-and-set; fire times are stored as exact float64).
+
+        :param schedule_id: the schedule id
+        :param expect_fire: the ``next_fire`` the schedule must have now
+        :param next_fire: the new ``next_fire``
+        :return: whether it was moved
+        """
+        expect_value = float(expect_fire)
+
+        def decode(raw: bytes) -> ScheduleRecord:
+            return _decode_schedule(schedule_id, raw)
+
+        def step(current: ScheduleRecord | None) -> tuple[Any, bool]:
+            if current is None or current.next_fire != expect_value:
+                return _NO_WRITE, False
+            return attrs.evolve(current, next_fire=float(next_fire)), True
+
+        def encode(record: ScheduleRecord) -> tuple[bytes, list[tuple[str, str]]]:
+            return _encode_schedule(record), []
+
+        with translate_errors("advancing a schedule"):
+            return await self._cas(
+                self._schedule_key(schedule_id),
+                decode,
+                step,
+                encode,
+                "advancing a schedule",
+                kv=self.cron,
+            )
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule (a purge of its key: of two racing deletes, one purges it).
+
+        :param schedule_id: the schedule id
+        :return: whether it existed
+        """
+        key = self._schedule_key(schedule_id)
+        with translate_errors("deleting a schedule"):
+            async with self._locks.hold(key):
+                self._cache.pop(key, None)
+                _, raw = await self._read(key, self.cron)
+                purged = await self._purge([key], self.cron)
+        return purged > 0 and raw is not None

@@ -1,0 +1,826 @@
+"""NATS-only behaviour of :mod:`tasqueue_anyio.brokers.nats` and
+:mod:`tasqueue_anyio.results.nats`: names and key encoding, leases and fencing, renewal,
+batching, ETAs, poison messages, compare-and-set, expiry, round trips, and interop with
+``nats-py`` (asyncio only).
+
+The contract suites cover the rest (``conftest.BROKER_FACTORIES``, ``RESULTS_FACTORIES``).
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import uuid4
+
+import anyio
+import msgpack
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
+from nats_server import NatsServer
+from server_support import TIMEOUT, Counter, running
+
+from tasqueue_anyio import (
+    BrokerError,
+    InvalidInputError,
+    Job,
+    JobContext,
+    JobNotFoundError,
+    LeaseLostError,
+    NotFoundError,
+    Server,
+    Status,
+)
+from tasqueue_anyio._nats.client import Client
+from tasqueue_anyio._nats.jetstream import JetStream
+from tasqueue_anyio._nats_backend import decode_token, encode_token
+from tasqueue_anyio.abc import Delivery, Envelope, JobRecord, ParentRecord, ScheduleRecord
+from tasqueue_anyio.brokers.nats import NatsBroker
+from tasqueue_anyio.results.nats import NatsResults
+
+pytestmark = pytest.mark.anyio
+
+_KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+
+
+def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
+    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
+
+
+def name() -> str:
+    return f"t{uuid4().hex[:12]}"
+
+
+@asynccontextmanager
+async def broker_on(
+    server: NatsServer, prefix: str | None = None, **kwargs: Any
+) -> AsyncIterator[NatsBroker]:
+    """An open broker; its stream is deleted afterwards (unless ``keep``)."""
+    keep = kwargs.pop("keep", False)
+    async with NatsBroker(server.url, prefix=prefix or name(), **kwargs) as broker:
+        try:
+            yield broker
+        finally:
+            if not keep:
+                with anyio.CancelScope(shield=True):
+                    await broker.js.delete_stream(broker.stream)
+
+
+@asynccontextmanager
+async def results_on(
+    server: NatsServer, bucket: str | None = None, **kwargs: Any
+) -> AsyncIterator[NatsResults]:
+    """An open results store; its bucket is deleted afterwards (unless ``keep``)."""
+    keep = kwargs.pop("keep", False)
+    async with NatsResults(server.url, bucket=bucket or name(), **kwargs) as results:
+        try:
+            yield results
+        finally:
+            if not keep:
+                with anyio.CancelScope(shield=True):
+                    await results.drop()
+
+
+@asynccontextmanager
+async def consuming(
+    broker: NatsBroker, queue: str, *, receivers: int = 1
+) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
+    """Run ``broker.consume(queue, ...)`` with ``receivers`` open receiving ends."""
+    send, receive_stream = anyio.create_memory_object_stream[Delivery](0)
+    clones = [receive_stream.clone() for _ in range(receivers - 1)]
+    try:
+        with receive_stream:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(broker.consume, queue, send)
+                try:
+                    yield receive_stream
+                finally:
+                    tg.cancel_scope.cancel()
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
+    with anyio.fail_after(TIMEOUT):
+        return await stream.receive()
+
+
+# -- names and encodings -------------------------------------------------------------------------
+
+ODD_IDS = [
+    "plain-id_1",
+    "job:msg:42",
+    "a@b+c/d=e",
+    "dots.in.the.middle",
+    ".leading",
+    "trailing.",
+    "x..y",
+    "*",
+    ">",
+    "with space",
+    "ünïcödé",
+    "=3A",
+]
+
+
+@pytest.mark.parametrize("text", ODD_IDS)
+def test_tokens_are_reversible_and_in_the_kv_charset(text: str) -> None:
+    token = encode_token(text)
+    assert decode_token(token) == text
+    assert _KV_KEY.match(token)
+    assert not {".", "*", ">", " "} & set(token)
+    assert len({encode_token(t) for t in ODD_IDS}) == len(ODD_IDS)  # no two collide
+
+
+def test_bad_options_refused() -> None:
+    for prefix in ("has space", "a.b", "a*", ">", "", "x" * 65):
+        with pytest.raises(InvalidInputError):
+            NatsBroker("nats://127.0.0.1", prefix=prefix)
+        with pytest.raises(InvalidInputError):
+            NatsResults("nats://127.0.0.1", bucket=prefix)
+    with pytest.raises(InvalidInputError):
+        NatsBroker("nats://127.0.0.1", ack_wait=0)
+    with pytest.raises(InvalidInputError):
+        NatsBroker("nats://127.0.0.1", batch_size=0)
+    with pytest.raises(InvalidInputError):
+        NatsResults("nats://127.0.0.1", job_ttl=-1)
+    with pytest.raises(InvalidInputError):
+        NatsResults("nats://127.0.0.1", client=object())  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        NatsResults(client=object())  # type: ignore[arg-type]
+
+
+async def test_caller_client_is_not_closed(nats_server: NatsServer) -> None:
+    async with Client(nats_server.url) as client:
+        broker = NatsBroker(client=client, prefix=name())
+        async with broker:
+            await broker.enqueue(envelope("q", b"m"))
+        await client.flush()  # still usable after the broker closed
+        async with broker:  # and the broker opens again on it
+            assert await broker.get_pending("q") == [b"m"]
+            assert broker.is_open
+            async with broker:  # entries are counted
+                pass
+            assert broker.is_open
+            await broker.js.delete_stream(broker.stream)
+        assert not broker.is_open
+
+
+async def test_two_prefixes_never_see_each_other(nats_server: NatsServer) -> None:
+    queue, job_id = "shared", uuid4().hex
+    async with (
+        broker_on(nats_server) as broker_a,
+        broker_on(nats_server) as broker_b,
+        results_on(nats_server) as results_a,
+        results_on(nats_server) as results_b,
+    ):
+        await broker_a.enqueue(envelope(queue, b"a's message"))
+        await broker_a.enqueue(envelope(queue, b"later", eta=time.time() + 60))
+        await results_a.set_jobs({job_id: JobRecord(status="queued", data=b"a's job")})
+        await results_a.set_result(job_id, b"a's result")
+        assert await broker_a.get_pending(queue) == [b"a's message"]
+        assert await broker_b.get_pending(queue) == []
+        assert await broker_b.get_scheduled(queue) == []
+        with pytest.raises(JobNotFoundError):
+            await results_b.get_job(job_id)
+        with pytest.raises(LookupError):
+            await results_b.get_result(job_id)
+
+
+@pytest.mark.parametrize("queue", ["a*", "a.b", ">", "a b", "", "q\n", "x" * 129])
+async def test_bad_queue_names_refused(nats_server: NatsServer, queue: str) -> None:
+    async with broker_on(nats_server) as broker:
+        with pytest.raises(InvalidInputError):
+            await broker.enqueue(Envelope(queue=queue, data=b"x", id="i"))
+        with pytest.raises(InvalidInputError):
+            await broker.get_pending(queue)
+        with pytest.raises(InvalidInputError):
+            await broker.get_dead_letters(queue)
+        send, receive_stream = anyio.create_memory_object_stream[Delivery](0)
+        with receive_stream, send, pytest.raises(InvalidInputError):
+            await broker.consume(queue, send)
+
+
+async def test_one_durable_consumer_per_queue_shared(nats_server: NatsServer) -> None:
+    prefix, queue = name(), "shared-q"
+    async with (
+        broker_on(nats_server, prefix) as one,
+        broker_on(nats_server, prefix, keep=True) as two,
+    ):
+        await one.enqueue_many([envelope(queue, f"m{i}".encode()) for i in range(20)])
+        got: list[bytes] = []
+        async with consuming(one, queue) as s1, consuming(two, queue) as s2:
+            for _ in range(10):
+                for stream in (s1, s2):
+                    delivery = await receive(stream)
+                    got.append(delivery.data)
+                    await delivery.ack()
+        assert sorted(got) == sorted(f"m{i}".encode() for i in range(20))
+        names = await one.js.api(f"CONSUMER.NAMES.{one.stream}")
+        assert names["consumers"] == [queue]
+
+
+# -- leases and fencing ----------------------------------------------------------------------------
+
+
+async def test_dead_worker_message_comes_back_after_ack_wait(nats_server: NatsServer) -> None:
+    prefix, queue = name(), "lease"
+    async with broker_on(nats_server, prefix, ack_wait=0.5, keep=True) as dead:
+        await dead.enqueue(envelope(queue, b"job"))
+        async with consuming(dead, queue) as stream:
+            taken = await receive(stream)
+            assert taken.attempt == 1
+    # the broker is gone (its connection and renewals with it), the delivery unsettled
+    async with broker_on(nats_server, prefix, ack_wait=0.5) as alive:
+        assert await alive.get_pending(queue) == []  # held until the ack wait runs out
+        start = anyio.current_time()
+        async with consuming(alive, queue) as stream:
+            again = await receive(stream)
+            assert (again.data, again.attempt) == (b"job", 2)
+            assert anyio.current_time() - start < 3
+            # fencing: the first delivery's settle is refused, the new owner keeps it
+            with pytest.raises(LeaseLostError, match="lease lost"):
+                await taken.dead_letter("zombie")
+            await taken.nack()  # settled by the refusal: does nothing now
+            assert await alive.get_dead_letters(queue) == []
+            await again.ack()
+        assert await alive.get_pending(queue) == []
+        info = await alive.js.stream_info(alive.stream)
+        assert info.messages == 0
+
+
+async def test_lost_lease_refuses_ack_with_enqueue(nats_server: NatsServer) -> None:
+    prefix, queue = name(), "fence"
+    async with broker_on(nats_server, prefix, ack_wait=0.4, keep=True) as zombie:
+        await zombie.enqueue(envelope(queue, b"job"))
+        async with consuming(zombie, queue) as stream:
+            first = await receive(stream)
+    async with (
+        broker_on(nats_server, prefix, ack_wait=0.4) as owner,
+        consuming(owner, queue) as stream,
+    ):
+        second = await receive(stream)
+        assert second.attempt == 2
+        with pytest.raises(LeaseLostError):
+            await first.ack(enqueue=[envelope(queue, b"follow-up")])
+        assert await owner.get_pending(queue) == []  # no follow-up was enqueued
+        await second.ack(enqueue=[envelope(queue, b"follow-up")])
+        follow = await receive(stream)
+        assert follow.data == b"follow-up"
+        await follow.ack()
+
+
+async def test_paused_worker_cannot_ack_over_the_redelivery(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose renewals stopped (paused past the ack wait) finds its lease lost even
+    though JetStream would accept its ack, so it cannot remove the message the new
+    delivery owns."""
+    prefix, queue = name(), "paused"
+    async with (
+        broker_on(nats_server, prefix, ack_wait=0.6) as paused,
+        broker_on(nats_server, prefix, ack_wait=0.6, keep=True) as other,
+    ):
+
+        async def no_renewal() -> None:
+            pass
+
+        monkeypatch.setattr(paused, "renew_leases", no_renewal)
+        await paused.enqueue(envelope(queue, b"job"))
+        async with consuming(paused, queue) as stream:
+            stale = await receive(stream)
+        async with consuming(other, queue) as other_stream:
+            owner = await receive(other_stream)
+            assert owner.attempt == 2
+            with pytest.raises(LeaseLostError):
+                await stale.ack()
+            info = await other.js.consumer_info(other.stream, queue)
+            assert info.num_ack_pending == 1  # the owner still holds it
+            await owner.ack()
+
+
+async def test_renewal_keeps_a_long_job(nats_server: NatsServer) -> None:
+    prefix, queue = name(), "long"
+    async with (
+        broker_on(nats_server, prefix, ack_wait=0.6) as worker,
+        broker_on(nats_server, prefix, ack_wait=0.6, keep=True) as other,
+    ):
+        await worker.enqueue(envelope(queue, b"long job"))
+        async with consuming(worker, queue) as stream:
+            delivery = await receive(stream)
+            async with consuming(other, queue) as other_stream:
+                with anyio.move_on_after(2.0) as scope:
+                    await other_stream.receive()  # must not get the held message
+                assert scope.cancelled_caught
+            await delivery.ack()  # still ours after three ack waits
+        assert await worker.get_pending(queue) == []
+
+
+async def test_abandoned_delivery_is_given_back(nats_server: NatsServer) -> None:
+    queue = "abandoned"
+    async with broker_on(nats_server, ack_wait=5) as broker:
+        await broker.enqueue(envelope(queue, b"job"))
+        async with consuming(broker, queue) as stream:
+            delivery = await receive(stream)
+            del delivery
+            await anyio.sleep(0.05)  # the consumer's hand-over frame lets go of it too
+            gc.collect()
+            assert broker._abandoned
+            start = anyio.current_time()
+            await broker.renew_leases()
+            again = await receive(stream)
+            assert anyio.current_time() - start < 1  # given back, not left to the ack wait
+            assert (again.data, again.attempt) == (b"job", 2)
+            await again.ack()
+
+
+# -- order, batches, ETAs, put-backs -------------------------------------------------------------
+
+
+async def test_fifo_under_backlog(nats_server: NatsServer) -> None:
+    queue = "backlog"
+    expected = [f"m{i:03d}".encode() for i in range(300)]
+    async with broker_on(nats_server, batch_size=16) as broker:
+        for start in range(0, 300, 50):  # several enqueue calls
+            await broker.enqueue_many(
+                [envelope(queue, data) for data in expected[start : start + 50]]
+            )
+        assert await broker.get_pending(queue) == expected
+        got = []
+        async with consuming(broker, queue, receivers=4) as stream:
+            for _ in expected:
+                delivery = await receive(stream)
+                got.append(delivery.data)
+                await delivery.ack()
+    assert got == expected
+
+
+async def test_batch_fetch_gives_back_unhanded_messages(nats_server: NatsServer) -> None:
+    queue = "batch"
+    expected = [f"m{i}".encode() for i in range(12)]
+    async with broker_on(nats_server, batch_size=8) as broker:
+        await broker.enqueue_many([envelope(queue, data) for data in expected])
+        async with consuming(broker, queue, receivers=5) as stream:
+            first = await receive(stream)  # the consumer fetched 5 (its receivers) at once
+            assert first.data == b"m0"
+            assert await broker.get_pending(queue) == expected[5:]
+        # cancelled: the four fetched and never handed over went back, to the back
+        assert await broker.get_pending(queue) == expected[5:] + expected[1:5]
+        async with consuming(broker, queue) as stream:
+            second = await receive(stream)
+            assert (second.data, second.attempt) == (b"m5", 1)
+        await first.ack()
+
+
+async def test_nack_copies_carry_the_attempt(nats_server: NatsServer) -> None:
+    queue = "nack"
+    async with broker_on(nats_server) as broker:
+        await broker.enqueue(envelope(queue, b"job"))
+        async with consuming(broker, queue) as stream:
+            for attempt in (1, 2, 3):
+                delivery = await receive(stream)
+                assert (delivery.data, delivery.attempt) == (b"job", attempt)
+                await delivery.nack()
+            delivery = await receive(stream)
+            assert delivery.attempt == 4
+            before = time.time()
+            await delivery.nack(delay=30)
+            ((eta, data),) = await broker.get_scheduled(queue)
+            assert data == b"job"
+            assert before + 30 <= eta <= time.time() + 30
+            assert await broker.get_pending(queue) == []
+        info = await broker.js.stream_info(broker.stream)
+        assert info.messages == 1  # only the schedule: every original was acknowledged
+
+
+async def test_due_etas_are_handed_out_in_eta_order(nats_server: NatsServer) -> None:
+    """The server's scheduler fires the schedules due in one run in publishing order; the
+    consumer hands each run out in ETA order."""
+    queue = "etas"
+    now = time.time()
+    offsets = [0.40, 0.10, 0.35, 0.20, 0.15, 0.30, 0.25, 0.05]
+    async with broker_on(nats_server) as broker:
+        await broker.enqueue_many(
+            [envelope(queue, f"{offset:.2f}".encode(), eta=now + offset) for offset in offsets]
+        )
+        scheduled = await broker.get_scheduled(queue)
+        assert [data for _, data in scheduled] == [f"{o:.2f}".encode() for o in sorted(offsets)]
+        await anyio.sleep(max(0.0, now + 1.0 - time.time()))  # let them all fire
+        assert await broker.get_scheduled(queue) == []
+        got = []
+        async with consuming(broker, queue) as stream:
+            for _ in offsets:
+                delivery = await receive(stream)
+                got.append(delivery.data)
+                assert time.time() >= now + float(delivery.data) - 0.001
+                await delivery.ack()
+        assert got == [f"{o:.2f}".encode() for o in sorted(offsets)]
+
+
+async def test_idle_consumer_gets_a_scheduled_message_promptly(nats_server: NatsServer) -> None:
+    queue = "wake"
+    async with broker_on(nats_server) as broker:
+        await broker.enqueue(envelope(queue, b"late", eta=time.time() + 60))
+        async with consuming(broker, queue) as stream:
+            await anyio.sleep(0.1)  # the consumer is idle in a pull request
+            eta = time.time() + 0.3
+            await broker.enqueue(envelope(queue, b"soon", eta=eta))
+            delivery = await receive(stream)
+            assert delivery.data == b"soon"
+            assert eta <= time.time() < eta + 1.0
+            await delivery.ack()
+
+
+async def test_eta_needs_message_schedules(nats_server: NatsServer) -> None:
+    async with broker_on(nats_server) as broker:
+        broker._schedules = False  # as on a server older than 2.12
+        with pytest.raises(BrokerError, match=r"2\.12"):
+            await broker.enqueue(envelope("old", b"x", eta=time.time() + 10))
+        await broker.enqueue(envelope("old", b"due", eta=time.time() - 1))  # due: fine
+        assert await broker.get_pending("old") == [b"due"]
+
+
+async def test_repeated_message_id_is_stored_once(nats_server: NatsServer) -> None:
+    queue = "dedupe"
+    async with broker_on(nats_server) as broker:
+        message = envelope(queue, b"once")
+        await broker.enqueue(message)
+        await broker.enqueue_many([message, message])
+        assert await broker.get_pending(queue) == [b"once"]
+        async with consuming(broker, queue) as stream:
+            await (await receive(stream)).ack()
+        # the first copy is gone: the same message enqueued again is stored again
+        await broker.enqueue(message)
+        assert await broker.get_pending(queue) == [b"once"]
+
+
+async def test_finished_job_enqueued_again_with_its_id_runs_again(nats_server: NatsServer) -> None:
+    queue, counter = "again", Counter()
+    async with (
+        broker_on(nats_server) as broker,
+        results_on(nats_server) as results,
+        Server(broker=broker, results=results) as server,
+    ):
+        server.register_task("count", counter, queue=queue)
+        async with running(server):
+            for _ in range(2):
+                job_id = await server.enqueue(Job("count", b"x", id="fixed-id", queue=queue))
+                done = await server.wait(job_id, timeout=TIMEOUT)
+                assert done.status is Status.SUCCESSFUL
+    assert counter.payloads == [b"x", b"x"]
+
+
+async def test_events_on_odd_channel_names(nats_server: NatsServer) -> None:
+    async with broker_on(nats_server) as broker:
+        got: list[bytes] = []
+        for channel in ("a.b", "*", "job:1/x"):
+            async with broker.subscribe(channel, got.append):
+                await broker.publish(channel, channel.encode())
+                await broker.publish("other", b"not this")
+                with anyio.fail_after(TIMEOUT):
+                    while channel.encode() not in got:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+        assert got == [b"a.b", b"*", b"job:1/x"]
+
+
+# -- with a server ------------------------------------------------------------------------------
+
+
+async def test_poison_message_is_dead_lettered_and_the_queue_flows(
+    nats_server: NatsServer,
+) -> None:
+    queue = "poison"
+    counter = Counter()
+    async with (
+        broker_on(nats_server) as broker,
+        results_on(nats_server) as results,
+        Server(broker=broker, results=results) as server,
+    ):
+        server.register_task("count", counter, queue=queue)
+        # undecodable bytes published straight to the queue's subject
+        await broker.js.publish(f"{broker.prefix}.q.{queue}", b"\xc1garbage")
+        async with running(server):
+            job_id = await server.enqueue(Job("count", b"after", queue=queue))
+            await server.wait(job_id, timeout=TIMEOUT)
+        dead = await broker.get_dead_letters(queue)
+        assert [d.data for d in dead] == [b"\xc1garbage"]
+        assert dead[0].reason
+        assert (await broker.js.stream_info(broker.stream, subjects_filter=">")).subjects == {
+            f"{broker.prefix}.d.{queue}": 1
+        }
+    assert counter.payloads == [b"after"]
+
+
+async def test_zombie_run_cannot_overwrite_the_new_run(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker paused past the ack wait: the job runs again elsewhere (attempt 2), and
+    the paused run's result, state and ack are all refused when it resumes."""
+    prefix, bucket, queue = name(), name(), "zombie"
+    release = anyio.Event()
+    attempts: list[int] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        attempts.append(ctx.meta.attempt)
+        if len(attempts) == 1:
+            await release.wait()  # the zombie: paused until the other run is done
+            await ctx.save(b"zombie result")
+        else:
+            await ctx.save(b"owner result")
+
+    async with (
+        broker_on(nats_server, prefix, ack_wait=0.6) as zombie_broker,
+        broker_on(nats_server, prefix, ack_wait=0.6, keep=True) as owner_broker,
+        results_on(nats_server, bucket) as results,
+        results_on(nats_server, bucket, keep=True) as owner_results,
+    ):
+
+        async def no_renewal() -> None:
+            pass
+
+        monkeypatch.setattr(zombie_broker, "renew_leases", no_renewal)
+        zombie = Server(broker=zombie_broker, results=results)
+        owner = Server(broker=owner_broker, results=owner_results)
+        async with zombie, owner:
+            zombie.register_task("t", handler, queue=queue)
+            owner.register_task("t", handler, queue=queue)
+            async with running(zombie):
+                job_id = await zombie.enqueue(Job("t", queue=queue))
+                with anyio.fail_after(TIMEOUT):
+                    while not attempts:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                async with running(owner):
+                    done = await owner.wait(job_id, timeout=TIMEOUT)
+                release.set()
+                with anyio.fail_after(TIMEOUT):
+                    while zombie.active:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+            final = await owner.get_job(job_id)
+            assert await owner.get_result(job_id) == b"owner result"
+    assert attempts == [1, 2]
+    assert done.status is Status.SUCCESSFUL
+    assert final.status is Status.SUCCESSFUL
+    assert final.meta.attempt == 2
+
+
+# -- results: compare-and-set, round trips, expiry ---------------------------------------------------
+
+
+async def test_odd_ids_stored_and_listed_exactly(nats_server: NatsServer) -> None:
+    async with results_on(nats_server) as results:
+        records = {i: JobRecord(status="processing", data=i.encode()) for i in ODD_IDS}
+        await results.set_jobs(records)
+        for job_id in ODD_IDS:
+            assert await results.update_job(
+                job_id, JobRecord(status="successful", data=b"done"), expect=["processing"]
+            )
+            await results.set_result(job_id, job_id.encode())
+        assert await results.get_success() == ODD_IDS
+        for job_id in ODD_IDS:
+            assert await results.get_result(job_id) == job_id.encode()
+        keys = await results.kv.keys()
+        assert all(_KV_KEY.match(key) for key in keys)
+        assert "j.job=3Amsg=3A42" in keys
+
+
+async def test_transition_after_a_local_write_is_one_round_trip(nats_server: NatsServer) -> None:
+    async with results_on(nats_server) as results:
+        job_id = uuid4().hex
+        await results.set_jobs({job_id: JobRecord(status="queued", data=b"q")})
+        reads = 0
+        read = results._read
+
+        async def counting_read(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read(*args, **kwargs)
+
+        results._read = counting_read  # type: ignore[method-assign]
+        assert (
+            await results.start_job(job_id, JobRecord(status="processing", data=b"p", run="0.1"))
+            is None
+        )
+        assert await results.set_result(job_id, b"r", run="0.1")
+        assert await results.update_job(
+            job_id,
+            JobRecord(status="successful", data=b"s", run="0.1"),
+            expect=["processing"],
+            run="0.1",
+        )
+        assert reads == 0  # every decision made on the remembered revision
+        # a refusal is confirmed on a fresh read
+        assert not await results.update_job(
+            job_id, JobRecord(status="failed", data=b"f"), expect=["processing"]
+        )
+        assert reads == 1
+
+
+async def test_conflicting_writers_in_two_processes(nats_server: NatsServer) -> None:
+    """Two stores (two connections, as two processes would have) racing on one parent:
+    every update lands once, through revision conflicts and retries."""
+    bucket, parent_id = name(), uuid4().hex
+    members = [f"m{i:02d}" for i in range(40)]
+    async with (
+        results_on(nats_server, bucket) as one,
+        results_on(nats_server, bucket, keep=True) as two,
+    ):
+        await one.set_parent(
+            parent_id,
+            ParentRecord(
+                kind="group", status="queued", data=b"", members=dict.fromkeys(members, "queued")
+            ),
+        )
+        await two.get_parent(parent_id)  # both remember the same revision
+        returned: list[dict[str, int]] = []
+
+        async def finish(store: NatsResults, member: str) -> None:
+            returned.append(await store.set_member_status(parent_id, member, "successful"))
+
+        async with anyio.create_task_group() as tg:
+            for index, member in enumerate(members):
+                tg.start_soon(finish, (one, two)[index % 2], member)
+        assert sorted(counts.get("successful", 0) for counts in returned) == list(range(1, 41))
+        assert (await one.get_parent(parent_id)).members == dict.fromkeys(members, "successful")
+
+        # advance_schedule from both: exactly one wins
+        await one.set_schedule(ScheduleRecord(id="s", data=b"j", next_fire=10.5))
+        await two.get_schedules()
+        won = []
+
+        async def advance(store: NatsResults) -> None:
+            won.append(await store.advance_schedule("s", 10.5, 70.5))
+
+        async with anyio.create_task_group() as tg:
+            for store in (one, two, one, two):
+                tg.start_soon(advance, store)
+        assert sorted(won) == [False, False, False, True]
+
+
+async def test_set_result_is_fenced_by_the_state_key(nats_server: NatsServer) -> None:
+    bucket = name()
+    async with (
+        results_on(nats_server, bucket) as zombie,
+        results_on(nats_server, bucket, keep=True) as owner,
+    ):
+        job_id = uuid4().hex
+        await zombie.set_jobs({job_id: JobRecord(status="queued", data=b"q")})
+        await zombie.start_job(job_id, JobRecord(status="processing", data=b"p", run="0.1"))
+        # another process takes the job over: the zombie's remembered revision is stale
+        await owner.start_job(job_id, JobRecord(status="processing", data=b"p", run="0.2"))
+        assert not await zombie.set_result(job_id, b"zombie", run="0.1")
+        assert await owner.set_result(job_id, b"owner", run="0.2")
+        assert await zombie.get_result(job_id) == b"owner"
+
+
+async def test_create_jobs_over_missing_present_and_deleted_keys(nats_server: NatsServer) -> None:
+    async with results_on(nats_server) as results:
+        old, new, deleted = uuid4().hex, uuid4().hex, uuid4().hex
+        await results.set_jobs(
+            {
+                old: JobRecord(status="successful", data=b"ran"),
+                deleted: JobRecord(status="queued", data=b"x"),
+            }
+        )
+        await results.kv.delete(f"j.{deleted}")  # a delete marker, as another KV client leaves
+        with pytest.raises(JobNotFoundError):
+            await results.get_job(deleted)
+        created = await results.create_jobs(
+            {
+                old: JobRecord(status="queued", data=b"again"),
+                new: JobRecord(status="queued", data=b"n"),
+                deleted: JobRecord(status="queued", data=b"d"),
+            }
+        )
+        assert created == {new, deleted}
+        assert await results.get_job(old) == JobRecord(status="successful", data=b"ran")
+        assert (await results.get_job(deleted)).data == b"d"
+
+
+async def test_job_and_result_expiry(nats_server: NatsServer) -> None:
+    async with results_on(nats_server, job_ttl=1, result_ttl=1) as r:
+        job_id = uuid4().hex
+        await r.set_jobs({job_id: JobRecord(status="processing", data=b"x")})
+        assert await r.update_job(
+            job_id, JobRecord(status="successful", data=b"y"), expect=["processing"]
+        )
+        await r.set_result(job_id, b"result")
+        await r.set_schedule(ScheduleRecord(id="cron", data=b"j", next_fire=1.0))
+        assert job_id in await r.get_success()
+        parent_id = uuid4().hex
+        await r.set_parent(
+            parent_id,
+            ParentRecord(kind="group", status="queued", data=b"", members={"a": "queued"}),
+        )
+        await anyio.sleep(0.6)
+        assert await r.set_member_status(parent_id, "a", "successful") == {"successful": 1}
+        await anyio.sleep(0.7)
+        with pytest.raises(JobNotFoundError):
+            await r.get_job(job_id)
+        with pytest.raises(LookupError):
+            await r.get_result(job_id)
+        assert job_id not in await r.get_success()
+        assert (await r.get_parent(parent_id)).members == {"a": "successful"}  # restarted
+        await anyio.sleep(0.6)
+        with pytest.raises(NotFoundError):
+            await r.get_parent(parent_id)
+        assert [s.id for s in await r.get_schedules()] == ["cron"]  # never expires
+
+
+async def test_bucket_max_age_fallback_keeps_schedules(nats_server: NatsServer) -> None:
+    async with results_on(nats_server, job_ttl=1, per_key_ttl=False) as r:
+        assert r.cron is not r.kv
+        assert (await r.js.stream_info(r.kv.stream)).config["max_age"] == 1_000_000_000
+        job_id = uuid4().hex
+        await r.set_jobs({job_id: JobRecord(status="queued", data=b"x")})
+        await r.set_schedule(ScheduleRecord(id="cron", data=b"j", next_fire=1.0))
+        await anyio.sleep(1.5)
+        with pytest.raises(JobNotFoundError):
+            await r.get_job(job_id)
+        assert [s.id for s in await r.get_schedules()] == ["cron"]
+        assert await r.advance_schedule("cron", 1.0, 2.0)
+        assert await r.delete_schedule("cron")
+
+
+# -- interop with nats-py (asyncio only) ----------------------------------------------------------
+
+
+@pytest.fixture
+async def nats_py(nats_server: NatsServer) -> AsyncIterator[Any]:
+    nats = pytest.importorskip("nats", reason="nats-py (a test dependency) is not installed")
+    client = await nats.connect(nats_server.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_interop_nats_py_consumes_our_job_message(
+    nats_server: NatsServer, nats_py: Any
+) -> None:
+    queue = "interop-out"
+    async with broker_on(nats_server) as broker:
+        async with consuming(broker, queue):  # creates the queue's durable consumer
+            await anyio.sleep(0.05)
+        message = envelope(queue, b"job for nats-py")
+        await broker.enqueue(message)
+        js = nats_py.jetstream()
+        psub = await js.pull_subscribe(
+            f"{broker.prefix}.q.{queue}", durable=queue, stream=broker.stream
+        )
+        (msg,) = await psub.fetch(1, timeout=5)
+        assert msg.data == b"job for nats-py"
+        assert msg.headers["Nats-Msg-Id"] == message.id
+        assert msg.metadata.num_delivered == 1
+        await msg.ack_sync()
+        assert await broker.get_pending(queue) == []
+        assert (await broker.js.stream_info(broker.stream)).messages == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_interop_we_consume_a_nats_py_message(nats_server: NatsServer, nats_py: Any) -> None:
+    queue = "interop-in"
+    async with broker_on(nats_server) as broker:
+        js = nats_py.jetstream()
+        await js.publish(f"{broker.prefix}.q.{queue}", b"from nats-py", headers={"X-Trace": "t1"})
+        assert await broker.get_pending(queue) == [b"from nats-py"]
+        async with consuming(broker, queue) as stream:
+            delivery = await receive(stream)
+            assert (delivery.data, delivery.attempt) == (b"from nats-py", 1)
+            await delivery.ack()
+        info = await js.stream_info(broker.stream)
+        assert info.state.messages == 0  # our ack removed it, as nats-py sees it
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_interop_nats_py_reads_our_kv_entries(nats_server: NatsServer, nats_py: Any) -> None:
+    async with results_on(nats_server) as results:
+        job_id = "job:msg:1/x"
+        await results.set_jobs({job_id: JobRecord(status="queued", data=b"message")})
+        await results.set_result(job_id, b"the result")
+        kv = await nats_py.jetstream().key_value(results.bucket)
+        entry = await kv.get(f"j.{encode_token(job_id)}")
+        state = msgpack.unpackb(entry.value, raw=False)
+        assert (state["s"], state["d"]) == ("queued", b"message")
+        assert (await kv.get(f"r.{encode_token(job_id)}")).value == b"the result"
+        assert sorted(await kv.keys()) == sorted(await results.kv.keys())
+        # and a delete by nats-py is seen by ours
+        await kv.delete(f"j.{encode_token(job_id)}")
+        with pytest.raises(JobNotFoundError):
+            await results.get_job(job_id)
+
+
+async def test_interop_our_client_reads_the_broker_stream(nats_server: NatsServer) -> None:
+    """The broker's stream is a plain work-queue stream: our client's JetStream API sees
+    the job where the broker put it."""
+    queue = "plain"
+    async with broker_on(nats_server) as broker, Client(nats_server.url) as client:
+        await broker.enqueue(envelope(queue, b"visible"))
+        js = JetStream(client)
+        info = await js.stream_info(broker.stream, subjects_filter=">")
+        assert info.config["retention"] == "workqueue"
+        assert info.subjects == {f"{broker.prefix}.q.{queue}": 1}
