@@ -1,0 +1,429 @@
+"""Redis: tasqueue_anyio against its peers, in one run against one local redis-server.
+
+For each library (tasqueue_anyio on asyncio and Trio, streaq on asyncio and Trio, SAQ,
+arq, taskiq with taskiq-redis's list and stream brokers): flush the database, enqueue
+N no-op jobs with the library's fastest bulk API (in a child process, which times the
+call), then start ONE worker process at concurrency C and time, from the parent, the
+span from the worker entering the library's worker loop until the library's own store
+says all N jobs ended. The libraries alternate across the repetitions; the table
+shows medians, and tasqueue_anyio's ratios to the best peer of the same run.
+
+    python3 benchmarks/bench_redis_peers.py [--jobs 20000] [--concurrency 32] [--repeat 3]
+        [--libraries tasqueue_anyio,streaq,saq,arq,taskiq,taskiq-stream] [--profile PREFIX]
+
+A library that is not installed is skipped with a note (``pip install
+'tasqueue_anyio[bench]'`` installs them all). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peers import PEERS, Peer
+from peers.common import RedisServer, Reporter, Resp, start_redis_server
+
+HERE = Path(__file__).resolve()
+OURS = "tasqueue_anyio"
+#: seconds a worker may take to report that it started, and to settle after ``done``
+START_TIMEOUT = 60.0
+SETTLE_TIMEOUT = 60.0
+
+
+class RunError(Exception):
+    """One measurement failed (the run goes on without it)."""
+
+
+@dataclass
+class Measurement:
+    enqueue_rate: float  # jobs/s of the bulk enqueue
+    rate: float  # jobs/s from the worker's start to the last recorded end
+    cpu_ms: float  # worker CPU per job (ms), start to done
+    commands: float  # Redis commands per job (commands run by scripts included)
+    redis_cpu_us: float  # Redis server CPU per job (µs)
+    settle_ms: float  # from the worker's last task body to the store showing all ends
+    sys_share: float  # the kernel's share of the worker's CPU (system / (user + system))
+    top_commands: Counter[str] = field(default_factory=Counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- child processes --------------------------------------------------------------------------
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Run as a child: ``enqueue`` (report its duration) or ``work`` (report start/done)."""
+    peer = PEERS[args.library]
+    lib: Any = peer.load()
+    if args.child == "enqueue":
+        seconds = lib.enqueue(args.url, args.jobs, args.backend, **peer.options)
+        os.write(
+            args.report_fd, (json.dumps({"event": "enqueued", "seconds": seconds}) + "\n").encode()
+        )
+        return
+    reporter = Reporter(args.report_fd, args.jobs, tag=f"{peer.name}-{args.backend}")
+    lib.work(args.url, args.jobs, args.concurrency, args.backend, reporter, **peer.options)
+
+
+class Child:
+    """A child process of this script with a report pipe; stopped by its own pid."""
+
+    def __init__(
+        self, role: str, peer: Peer, backend: str, url: str, args: argparse.Namespace
+    ) -> None:
+        read_fd, write_fd = os.pipe()
+        self._read_fd = read_fd
+        self._buffer = b""
+        self._lines: list[tuple[dict[str, Any], float]] = []
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
+        env = dict(os.environ)
+        if role == "work" and args.profile:
+            env["BENCH_PROFILE"] = args.profile
+        else:
+            env.pop("BENCH_PROFILE", None)
+        command = [
+            sys.executable, str(HERE), "--child", role,
+            "--library", peer.name, "--backend", backend, "--url", url,
+            "--jobs", str(args.jobs), "--concurrency", str(args.concurrency),
+            "--report-fd", str(write_fd),
+        ]  # fmt: skip
+        try:
+            self.process = subprocess.Popen(
+                command,
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            os.close(write_fd)
+
+    def event(self, name: str, timeout: float) -> tuple[dict[str, Any], float]:
+        """Wait for the report ``name``; return it and the parent's clock when it came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._lines:
+                report, arrived = self._lines.pop(0)
+                if report["event"] == name:
+                    return report, arrived
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunError(f"no {name!r} report within {timeout:.0f}s{self.output()}")
+            readable, _, _ = select.select([self._read_fd], [], [], left)
+            if not readable:
+                continue
+            arrived = time.perf_counter()
+            chunk = os.read(self._read_fd, 65536)
+            if not chunk:
+                self.process.wait(5)
+                raise RunError(
+                    f"the child exited ({self.process.returncode}) before {name!r}{self.output()}"
+                )
+            *complete, self._buffer = (self._buffer + chunk).split(b"\n")
+            self._lines += [(json.loads(line), arrived) for line in complete]
+
+    def output(self) -> str:
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace").strip()
+        return f"; its output:\n{text[-3000:]}" if text else ""
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; close the pipe."""
+        process = self.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        os.close(self._read_fd)
+        self._log.close()
+
+
+# -- one measurement --------------------------------------------------------------------------
+
+
+def measure(
+    peer: Peer, backend: str, server: RedisServer, r: Resp, args: argparse.Namespace
+) -> Measurement:
+    lib: Any = peer.load()
+    jobs = args.jobs
+    r.call("FLUSHALL")
+
+    producer = Child("enqueue", peer, backend, server.url, args)
+    try:
+        report, _ = producer.event("enqueued", timeout=max(120.0, jobs / 50))
+        if producer.process.wait(60) != 0:
+            raise RunError(f"the enqueue child failed{producer.output()}")
+    finally:
+        producer.stop()
+    enqueue_rate = jobs / report["seconds"]
+    waiting = lib.queued(r, **peer.options)
+    if waiting != jobs:
+        raise RunError(f"{waiting} jobs queued after enqueueing {jobs}")
+
+    sent0 = r.sent.copy()
+    calls0 = r.command_calls()
+    redis_cpu0 = r.cpu_seconds()
+    worker = Child("work", peer, backend, server.url, args)
+    try:
+        start, t_start = worker.event("start", timeout=START_TIMEOUT)
+        # a generous bound: 5 jobs/s, as slow as the slowest peer could be made to go
+        done, t_done = worker.event("done", timeout=max(120.0, jobs / 5))
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (ended := lib.finished(r, jobs, **peer.options)) < jobs:
+            if time.monotonic() > deadline:
+                raise RunError(f"only {ended} of {jobs} jobs recorded as ended")
+            time.sleep(0.001)
+        t_end = time.perf_counter()
+        sent1 = r.sent.copy()
+        calls1 = r.command_calls()
+        redis_cpu1 = r.cpu_seconds()
+    finally:
+        worker.stop()
+
+    delta = calls1 - calls0
+    delta.subtract(sent1 - sent0)  # the parent's own commands (checks, INFO)
+    delta = +delta
+    return Measurement(
+        enqueue_rate=enqueue_rate,
+        rate=jobs / (t_end - t_start),
+        cpu_ms=(done["cpu"] - start["cpu"]) * 1000 / jobs,
+        commands=sum(delta.values()) / jobs,
+        redis_cpu_us=(redis_cpu1 - redis_cpu0) * 1e6 / jobs,
+        settle_ms=(t_end - t_done) * 1000,
+        sys_share=_sys_share(start, done),
+        top_commands=delta,
+        extra=done.get("extra") or {},
+    )
+
+
+def _sys_share(start: dict[str, Any], done: dict[str, Any]) -> float:
+    user, system = done["user"] - start["user"], done["sys"] - start["sys"]
+    return system / (user + system) if user + system > 0 else 0.0
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(
+    rows: list[tuple[Peer, str]],
+    results: dict[tuple[str, str], list[Measurement]],
+    args: argparse.Namespace,
+    redis_version: str,
+) -> None:
+    med: dict[tuple[str, str], dict[str, float]] = {}
+    for peer, backend in rows:
+        ms = results[peer.name, backend]
+        if ms:
+            med[peer.name, backend] = {
+                name: _median([getattr(m, name) for m in ms])
+                for name in (
+                    "enqueue_rate",
+                    "rate",
+                    "cpu_ms",
+                    "commands",
+                    "redis_cpu_us",
+                    "settle_ms",
+                )
+            }
+    peers = {key: m for key, m in med.items() if key[0] != OURS}
+    best_rate = max(peers.items(), key=lambda kv: kv[1]["rate"], default=None)
+    best_enqueue = max(peers.items(), key=lambda kv: kv[1]["enqueue_rate"], default=None)
+
+    print(
+        f"Redis {redis_version}, {args.jobs:,} no-op jobs, one worker process at concurrency "
+        f"{args.concurrency}, median of {args.repeat} run(s)"
+    )
+    header = (
+        f"{'library':<15} {'backend':<8} {'enqueue/s':>10} {'processing/s':>13}"
+        f" {'vs best: proc':>14} {'enq':>6} {'CPU ms/job':>11} {'cmds/job':>9}"
+        f" {'Redis us/job':>13}"
+    )
+    print(header)
+    for peer, backend in rows:
+        m = med.get((peer.name, backend))
+        if m is None:
+            print(f"{peer.name:<15} {backend:<8} {'failed':>10}")
+            continue
+        proc_ratio = enq_ratio = "-"
+        if peer.name == OURS and best_rate is not None and best_enqueue is not None:
+            proc_ratio = f"{m['rate'] / best_rate[1]['rate']:.2f}x"
+            enq_ratio = f"{m['enqueue_rate'] / best_enqueue[1]['enqueue_rate']:.2f}x"
+        print(
+            f"{peer.name:<15} {backend:<8} {m['enqueue_rate']:>10,.0f} {m['rate']:>13,.0f}"
+            f" {proc_ratio:>14} {enq_ratio:>6} {m['cpu_ms']:>11.3f} {m['commands']:>9.1f}"
+            f" {m['redis_cpu_us']:>13.0f}"
+        )
+    if best_rate is not None and best_enqueue is not None:
+        (rate_name, rate_backend), rate_m = best_rate
+        (enq_name, enq_backend), enq_m = best_enqueue
+        print(
+            f"best peer: processing {rate_name} ({rate_backend}) {rate_m['rate']:,.0f}/s; "
+            f"enqueue {enq_name} ({enq_backend}) {enq_m['enqueue_rate']:,.0f}/s"
+        )
+    ours_a, ours_t = med.get((OURS, "asyncio")), med.get((OURS, "trio"))
+    if ours_a and ours_t:
+        print(
+            f"trio/asyncio ({OURS}): processing {ours_t['rate'] / ours_a['rate']:.2f}, "
+            f"enqueue {ours_t['enqueue_rate'] / ours_a['enqueue_rate']:.2f}"
+        )
+    print(
+        "processing: worker entering its loop -> the library's store shows every job ended;"
+        " CPU: the worker's, per job; cmds: Redis commands per job (commandstats, commands"
+        " run by scripts included); Redis us: server CPU per job"
+    )
+    if args.details:
+        _details(rows, results, args.jobs)
+
+
+def _details(
+    rows: list[tuple[Peer, str]], results: dict[tuple[str, str], list[Measurement]], jobs: int
+) -> None:
+    print(
+        "\nper library: Redis commands per job (median run), settle time after the last task body"
+    )
+    for peer, backend in rows:
+        ms = sorted(results[peer.name, backend], key=lambda m: m.rate)
+        if not ms:
+            continue
+        m = ms[len(ms) // 2]
+        top = ", ".join(
+            f"{name} {count / jobs:.2f}" for name, count in m.top_commands.most_common(12)
+        )
+        print(
+            f"  {peer.name} {backend}: settle {m.settle_ms:.0f} ms, worker CPU in the kernel"
+            f" {m.sys_share:.0%}; {top}"
+        )
+        for name, stats in m.extra.items():
+            flushes, calls = stats.get("flushes", 0), stats.get("calls", 0)
+            if flushes:
+                print(
+                    f"    {name}: {flushes / jobs:.3f} round trips/job, "
+                    f"{calls / flushes:.1f} calls per round trip"
+                )
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--libraries",
+        default=",".join(PEERS),
+        help=f"comma-separated, from: {', '.join(PEERS)} (default: all)",
+    )
+    parser.add_argument("--redis-server", default=shutil.which("redis-server"))
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="cProfile each worker's timed window into PREFIX-<library>-<backend>.prof "
+        "(the figures of a profiled run are not comparable)",
+    )
+    parser.add_argument(
+        "--details", action="store_true", help="also print commands per job by name"
+    )
+    # the parent's children
+    parser.add_argument("--child", choices=("enqueue", "work"), help=argparse.SUPPRESS)
+    parser.add_argument("--library", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return 0
+    names = [name.strip() for name in args.libraries.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        print(f"unknown libraries: {', '.join(unknown)} (known: {', '.join(PEERS)})")
+        return 2
+    if not args.redis_server:
+        print("redis-server not found (apt-get install redis-server): nothing measured")
+        return 1
+    rows: list[tuple[Peer, str]] = []
+    for name in names:
+        peer = PEERS[name]
+        missing = peer.missing()
+        if missing:
+            print(
+                f"note: skipping {name}: not installed ({', '.join(missing)}); "
+                "pip install 'tasqueue_anyio[bench]'"
+            )
+            continue
+        for backend in peer.backends:
+            if backend == "trio" and importlib.util.find_spec("trio") is None:
+                print(f"note: skipping {name} on trio: trio is not installed")
+                continue
+            rows.append((peer, backend))
+    if not rows:
+        print("nothing to measure")
+        return 1
+    results: dict[tuple[str, str], list[Measurement]] = {
+        (peer.name, backend): [] for peer, backend in rows
+    }
+    loads: list[float] = []  # the host's 1-minute load average after each measurement
+    server = start_redis_server(args.redis_server)
+    try:
+        r = server.client()
+        redis_version = r.info("server")["redis_version"]
+        for rep in range(args.repeat):
+            shift = rep % len(rows)  # alternate: no library always goes first
+            for peer, backend in rows[shift:] + rows[:shift]:
+                label = f"run {rep + 1}/{args.repeat} {peer.name} {backend}"
+                try:
+                    m = measure(peer, backend, server, r, args)
+                except RunError as exc:
+                    print(f"{label}: FAILED: {exc}", file=sys.stderr, flush=True)
+                    continue
+                results[peer.name, backend].append(m)
+                loads.append(os.getloadavg()[0])
+                print(
+                    f"{label}: enqueue {m.enqueue_rate:,.0f}/s, processing {m.rate:,.0f}/s"
+                    f" (worker CPU {m.cpu_ms:.3f} ms/job, {m.commands:.1f} cmds/job)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        r.call("FLUSHALL")
+        r.close()
+    finally:
+        server.stop()
+    report(rows, results, args, redis_version)
+    if loads:
+        print(
+            f"host load average (1 min) after each run: min {min(loads):.2f}, median "
+            f"{statistics.median(loads):.2f}, max {max(loads):.2f} on {os.cpu_count()} CPUs"
+            " (above ~1.5, something else was running: compare within this run only)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
