@@ -22,14 +22,14 @@ import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import AsyncExitStack
-from types import TracebackType
+from contextlib import AbstractContextManager, AsyncExitStack
 from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ._exceptions import BrokerError, InvalidInputError
+from ._lifetime import CountedLifetime
 from ._nats.client import Client, NoRespondersError, RequestTimeoutError
 from ._nats.jetstream import JetStream, JetStreamError, PubAck, StoredMsg, _api_reply
 from ._nats.protocol import Msg, NatsError
@@ -138,7 +138,7 @@ def _pub_ack(msg: Msg, subject: str) -> PubAck:
         raise JetStreamError(f"unreadable PubAck on {subject!r}: {reply!r}") from None
 
 
-class NatsBackend:
+class NatsBackend(CountedLifetime):
     """The lifetime shared by the NATS backends: a client (made from a URL, or the
     caller's), a task group for background tasks, counted entries.
 
@@ -175,9 +175,7 @@ class NatsBackend:
         self._given_client = client
         self._client: Client | None = client
         self._js: JetStream | None = None
-        self._entries = 0
-        self._stack: AsyncExitStack | None = None
-        self._tg: TaskGroup | None = None
+        self._init_lifetime()
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else repr(self._given_client)
@@ -185,54 +183,23 @@ class NatsBackend:
 
     # -- lifetime ----------------------------------------------------------------------------
 
-    async def __aenter__(self: _B) -> _B:
-        if self._entries:
-            self._entries += 1
-            return self
-        async with AsyncExitStack() as stack:
-            if self._given_client is None:
-                assert self.url is not None
-                client = Client(self.url, name=f"tasqueue {self._what}")
-                with translate_errors(f"connecting the {self._what}"):
-                    await stack.enter_async_context(client)
-                self._client = client
-            else:
-                client = self._given_client
-            self._js = JetStream(client, timeout=self.timeout)
-            with translate_errors(f"opening the {self._what}"):
-                await self._open()
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
-            await self._start(self._tg)
-            self._stack = stack.pop_all()
-        self._entries = 1
-        return self
+    def _opening_errors(self) -> AbstractContextManager[object]:
+        return translate_errors(f"opening the {self._what}")
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        if self._entries == 0:
-            return
-        self._entries -= 1
-        if self._entries:
-            return
-        stack, self._stack = self._stack, None
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-        self._closing()
-        if stack is not None:
-            await stack.__aexit__(exc_type, exc_val, exc_tb)
+    async def _connect(self, stack: AsyncExitStack) -> None:
+        if self._given_client is None:
+            assert self.url is not None
+            client = Client(self.url, name=f"tasqueue {self._what}")
+            await stack.enter_async_context(client)
+            self._client = client
+        else:
+            client = self._given_client
+        self._js = JetStream(client, timeout=self.timeout)
+
+    def _closed(self) -> None:
         if self._given_client is None:
             self._client = None
         self._js = None
-
-    @property
-    def is_open(self) -> bool:
-        """Whether the backend is entered."""
-        return self._entries > 0
 
     @property
     def client(self) -> Client:

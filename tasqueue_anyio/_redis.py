@@ -19,8 +19,7 @@ import re
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager
-from types import TracebackType
+from contextlib import AbstractContextManager, AsyncExitStack, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -32,6 +31,7 @@ from coredis.patterns.pipeline import Pipeline
 from coredis.response._callbacks import NoopCallback
 
 from ._exceptions import BrokerError, InvalidInputError
+from ._lifetime import CountedLifetime
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -349,7 +349,7 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
-class RedisBackend:
+class RedisBackend(CountedLifetime):
     """The lifetime shared by the Redis backends: a client (made from a URL, or the
     caller's), a task group for background tasks, counted entries.
 
@@ -382,57 +382,25 @@ class RedisBackend:
             self.client = client
             self._owns_client = False
         self._cmds = Commands(self.client, scripts)
-        self._entries = 0
-        self._stack: AsyncExitStack | None = None
-        self._tg: TaskGroup | None = None
+        self._init_lifetime()
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else repr(self.client)
         return f"<{type(self).__name__} {where} prefix={self.prefix!r}>"
 
     async def __aenter__(self: _B) -> _B:
-        if self._entries:
-            self._entries += 1
-            return self
         try:
-            async with AsyncExitStack() as stack:
-                if self._owns_client:
-                    with translate_errors(f"opening the {self._what}"):
-                        await stack.enter_async_context(self.client)
-                with translate_errors(f"opening the {self._what}"):
-                    await self._open()
-                self._tg = await stack.enter_async_context(anyio.create_task_group())
-                await self._start(self._tg)
-                self._stack = stack.pop_all()
+            return await super().__aenter__()
         except BaseExceptionGroup as group:
             # coredis's pool task group wraps a failure to open (say, a wrong password)
             raise _single(group) from None
-        self._entries = 1
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        if self._entries == 0:
-            return
-        self._entries -= 1
-        if self._entries:
-            return
-        stack, self._stack = self._stack, None
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-        self._closing()
-        if stack is not None:
-            await stack.__aexit__(exc_type, exc_val, exc_tb)
+    def _opening_errors(self) -> AbstractContextManager[object]:
+        return translate_errors(f"opening the {self._what}")
 
-    @property
-    def is_open(self) -> bool:
-        """Whether the backend is entered."""
-        return self._entries > 0
+    async def _connect(self, stack: AsyncExitStack) -> None:
+        if self._owns_client:
+            await stack.enter_async_context(self.client)
 
     def _require_open(self) -> TaskGroup:
         if self._tg is None:
