@@ -1,6 +1,7 @@
 """SAQ (on redis-py's asyncio client): no bulk enqueue API, so ``Queue.enqueue`` calls
-run concurrently (SAQ itself caps them at ``max_concurrent_ops``, 20 by default);
-``Worker.start`` at ``concurrency``. asyncio only."""
+run concurrently, SAQ itself capping them at ``max_concurrent_ops`` (raised from its
+default 20 to :data:`ENQUEUE_OPS`, which enqueued 10-40% faster here); ``Worker.start``
+at ``concurrency``. asyncio only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 from .common import Reporter, Resp
 
 QUEUE = "default"
+#: ``max_concurrent_ops`` of the enqueueing queue (20, 50, 100, 200 and 500 were tried)
+ENQUEUE_OPS = 100
 
 
 def enqueue(url: str, jobs: int, backend: str) -> float:
@@ -18,7 +21,7 @@ def enqueue(url: str, jobs: int, backend: str) -> float:
     from saq import Queue  # type: ignore[import-not-found, unused-ignore]
 
     async def main() -> float:
-        queue = Queue.from_url(url, name=QUEUE)
+        queue = Queue.from_url(url, name=QUEUE, max_concurrent_ops=ENQUEUE_OPS)
         await queue.connect()
         try:
             start = time.perf_counter()
