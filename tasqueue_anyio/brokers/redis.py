@@ -97,6 +97,16 @@ _NKEYS = len(_SUFFIXES)
 # k+9 dead.
 
 _LUA_COMMON = r"""
+-- End a delivery's hold if its token still matches; false when the lease was lost.
+local function release(id, token)
+  if redis.call('HGET', KEYS[6], id) ~= token then
+    return false
+  end
+  redis.call('HDEL', KEYS[6], id)
+  redis.call('ZREM', KEYS[5], id)
+  return true
+end
+
 local function clock()
   local t = redis.call('TIME')
   local sec, usec = tonumber(t[1]), tonumber(t[2])
@@ -235,11 +245,9 @@ return 1
 # ARGV: id, token, then quadruples to enqueue. Returns 1, or 0 when the lease was lost.
 _LUA_ACK = r"""
 local id = ARGV[1]
-if redis.call('HGET', KEYS[6], id) ~= ARGV[2] then
+if not release(id, ARGV[2]) then
   return 0
 end
-redis.call('HDEL', KEYS[6], id)
-redis.call('ZREM', KEYS[5], id)
 redis.call('HDEL', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)
 if #ARGV > 2 then
@@ -252,11 +260,9 @@ return 1
 # ARGV: id, token, delay seconds. Returns 1, or 0 when the lease was lost.
 _LUA_NACK = r"""
 local id = ARGV[1]
-if redis.call('HGET', KEYS[6], id) ~= ARGV[2] then
+if not release(id, ARGV[2]) then
   return 0
 end
-redis.call('HDEL', KEYS[6], id)
-redis.call('ZREM', KEYS[5], id)
 local delay = tonumber(ARGV[3])
 if delay > 0 then
   local now = clock()
@@ -272,11 +278,9 @@ return 1
 # ARGV: id, token, dead-letter entry. Returns 1, or 0 when the lease was lost.
 _LUA_DEAD = r"""
 local id = ARGV[1]
-if redis.call('HGET', KEYS[6], id) ~= ARGV[2] then
+if not release(id, ARGV[2]) then
   return 0
 end
-redis.call('HDEL', KEYS[6], id)
-redis.call('ZREM', KEYS[5], id)
 redis.call('HDEL', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)
 redis.call('RPUSH', KEYS[9], ARGV[3])
