@@ -32,14 +32,17 @@ concurrent calls share one round trip.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import coredis
 
 from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
 from .._redis import DEFAULT_PREFIX, RedisBackend, translate_errors
-from ..abc import JobRecord, ParentRecord, Results, ScheduleRecord
+from ..abc import Delivery, JobRecord, ParentRecord, Results, ScheduleRecord
+from ..brokers.redis import _LUA_ACK as _BROKER_ACK
+from ..brokers.redis import _LUA_COMMON as _BROKER_COMMON
+from ..brokers.redis import RedisDelivery
 
 __all__ = ["RedisResults"]
 
@@ -319,6 +322,39 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
+# The end of a run and the ack of its delivery in one script (a Redis broker on the same
+# server): the update script (KEYS: state, success, failed, seq) and the broker's ack
+# script (KEYS: the queue's nine) as functions of their own KEYS and ARGV.
+# ARGV: update count u, then u update arguments, announce count n, then n (channel,
+# message) pairs published if both happened, then the ack's arguments.
+# Returns 2 * written + acked.
+_LUA_FINISH = (
+    "local function update_part(KEYS, ARGV)\n"
+    + _LUA_COMMON
+    + _LUA_UPDATE
+    + "end\nlocal function ack_part(KEYS, ARGV)\n"
+    + _BROKER_COMMON
+    + _BROKER_ACK
+    + r"""end
+local nu = tonumber(ARGV[1])
+local na = tonumber(ARGV[2 + nu])
+local first_ack = 3 + nu + 2 * na
+local uk, ak, ua, aa = {}, {}, {}, {}
+for i = 1, 4 do uk[i] = KEYS[i] end
+for i = 5, #KEYS do ak[#ak + 1] = KEYS[i] end
+for i = 2, 1 + nu do ua[#ua + 1] = ARGV[i] end
+for i = first_ack, #ARGV do aa[#aa + 1] = ARGV[i] end
+local written = update_part(uk, ua)
+local acked = ack_part(ak, aa)
+if written == 1 and acked == 1 then
+  for i = 3 + nu, first_ack - 1, 2 do
+    redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+  end
+end
+return 2 * written + acked
+"""
+)
+
 _SCRIPTS = {
     name: _LUA_COMMON + source
     for name, source in {
@@ -340,6 +376,7 @@ _SCRIPTS = {
         "delete_schedule": _LUA_DELETE_SCHEDULE,
     }.items()
 }
+_SCRIPTS["finish"] = _LUA_FINISH
 
 
 _FIELDS = ("st", "d", "c", "r")
@@ -531,6 +568,49 @@ class RedisResults(RedisBackend, Results):
         ]
         with translate_errors("updating a job"):
             return bool(await self._cmds.script("update", keys, args))
+
+    async def end_job(
+        self,
+        job_id: str,
+        record: JobRecord,
+        *,
+        expect: Collection[str],
+        run: str | None,
+        delivery: Delivery,
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        """Record the end of a run and ack its delivery: with a :class:`RedisBroker`'s
+        delivery on the same server (the same client, or both made from the same URL;
+        not Redis Cluster), in one script, so the record, the ack and the announcements
+        happen together or not at all; otherwise :meth:`update_job` then the ack.
+
+        :return: whether ``record`` was written
+        :raises LeaseLostError: the delivery's lease was lost (the record may be written)
+        """
+        if not (
+            expect
+            and isinstance(delivery, RedisDelivery)
+            and delivery._fusable(self.client, self.url)
+        ):
+            return await super().end_job(
+                job_id, record, expect=expect, run=run, delivery=delivery, announce=announce
+            )
+        update = [
+            job_id,
+            record.status,
+            record.data,
+            self._job_ttl_arg,
+            "" if run is None else run,
+            record.run,
+            *expect,
+        ]
+        ack_keys, ack_args, pairs = delivery._fused_ack(announce)
+        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys, *ack_keys]
+        args = [len(update), *update, len(pairs) // 2, *pairs, *ack_args]
+        with translate_errors("ending a job"):
+            reply = int(await self._cmds.script("finish", keys, args))
+        delivery._fused_done(bool(reply & 1))
+        return bool(reply & 2)
 
     async def request_cancel(self, job_id: str) -> JobRecord:
         """Ask a job to stop (one script).
