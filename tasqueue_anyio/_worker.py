@@ -529,6 +529,25 @@ class Worker:
             description,
             extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
         )
+        if (
+            (task is None or task.on_failed is None)
+            and not msg.job.on_error
+            and meta.group_id is None
+            and meta.chain_id is None
+        ):
+            # nothing happens between the record and the ack: one step (see success)
+            if await self.results.end_job(
+                msg.id,
+                self._record(failed, run.token),
+                expect=_PROCESSING,
+                run=run.token,
+                delivery=delivery,
+                announce=_finished(msg.id, Status.FAILED),
+            ):
+                self.server.metrics.record("failed", msg.job.task, meta.queue, run.duration)
+            else:
+                self._ended_elsewhere(msg)
+            return
         if not await self.results.update_job(
             msg.id, self._record(failed, run.token), expect=_PROCESSING, run=run.token
         ):
