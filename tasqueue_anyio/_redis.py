@@ -42,6 +42,7 @@ __all__ = [
     "Commands",
     "RedisBackend",
     "client_kwargs",
+    "server_identity",
     "translate_errors",
     "validate_prefix",
 ]
@@ -128,12 +129,23 @@ def client_kwargs(url: str) -> dict[str, Any]:
         # create_default_context: CERT_REQUIRED and check_hostname, unlike coredis's own
         # rediss:// handling, which only asks for an optional certificate.
         context = ssl.create_default_context(cafile=ca_certs)
+        if keyfile and not certfile:
+            raise InvalidInputError(
+                f"invalid Redis URL {url!r}: ssl_keyfile needs ssl_certfile (the certificate)"
+            )
         if certfile:
             context.load_cert_chain(certfile, keyfile)
         kwargs["ssl_context"] = context
     elif ca_certs or certfile or keyfile:
         raise InvalidInputError(f"invalid Redis URL {url!r}: ssl_* options need rediss://")
     return kwargs
+
+
+def server_identity(url: str) -> tuple[Any, ...]:
+    """What names the server and database of a URL accepted by :func:`client_kwargs`:
+    two URLs with the same identity reach the same keys."""
+    kwargs = client_kwargs(url)
+    return (kwargs["host"].lower(), kwargs["port"], kwargs["db"], kwargs["username"])
 
 
 @contextmanager
@@ -375,12 +387,15 @@ class RedisBackend(CountedLifetime):
             self.url: str | None = url if url is not None else DEFAULT_URL
             self.client: coredis.Redis[bytes] = coredis.Redis(**client_kwargs(self.url))
             self._owns_client = True
+            #: the server and db the URL names (None for a caller's client)
+            self.server_id: tuple[Any, ...] | None = server_identity(self.url)
         else:
             if not isinstance(client, coredis.Redis):
                 raise InvalidInputError(f"expected a coredis.Redis client, got {client!r}")
             self.url = None
             self.client = client
             self._owns_client = False
+            self.server_id = None
         self._cmds = Commands(self.client, scripts)
         self._init_lifetime()
 

@@ -528,14 +528,17 @@ class RedisDelivery(Delivery):
         else:
             raise self._lost("ack")
 
-    def _fusable(self, client: object, url: str | None) -> bool:
+    def _fusable(self, client: object, server_id: tuple[Any, ...] | None) -> bool:
         """Whether the ack may run inside a script on another store's ``client``: it is
-        the broker's own client, or both were made from the same URL (same server and
-        db), on a single server (not Redis Cluster), and the message is still held."""
+        the broker's own client, or both were made from URLs naming the same server,
+        port, db and user, on a single server (not Redis Cluster), and the message is
+        still held."""
         broker = self._broker
         if self._state != _HELD or broker.split_slots:
             return False
-        return client is broker.client or (url is not None and url == broker.url)
+        return client is broker.client or (
+            server_id is not None and server_id == broker.server_id
+        )
 
     def _fused_ack(
         self, announce: Sequence[tuple[str, bytes]]
@@ -768,7 +771,8 @@ class RedisBroker(RedisBackend, Broker):
         """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
 
         Fetches up to ``min(batch_size, number of receivers)`` messages per round trip,
-        hands them over one at a time, and blocks in ``BLPOP`` while the queue is empty.
+        hands them over one at a time, and waits for the queue's pub/sub wake-up (no
+        polling) while the queue is empty.
         On cancellation (or when every receiver is gone) the messages fetched and not
         handed over go back to the front of the queue, their delivery not counted; the
         one whose hand-over was interrupted goes back too, so a receiver that did get it

@@ -6,7 +6,8 @@ Every key starts with the prefix ``P`` (default ``tasqueue``). The kind of a key
 *before* the id, and the id is the key's hash tag, so no id can reach a key of another
 kind, and the keys of one job (or one group or chain) share a Redis Cluster slot::
 
-    P:s:{ID}          hash    job state: st (status), d (message), c ("1": cancel requested)
+    P:s:{ID}          hash    job state: st (status), d (message), c ("1": cancel requested),
+                              r (the run token of the run that wrote it)
     P:r:{ID}          string  the job's saved result
     P:p:{ID}          hash    group or chain: k (kind), st (status), d (data), e (error)
     P:pm:{ID}         hash    its members: job id -> status
@@ -79,7 +80,7 @@ local function hset_pairs(key, items, first)
 end
 """
 
-# KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms.
+# KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms, run token.
 # Returns 0 when written, else the current {st, d, c}.
 _LUA_START = r"""
 local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
@@ -580,9 +581,12 @@ class RedisResults(RedisBackend, Results):
         announce: Sequence[tuple[str, bytes]] = (),
     ) -> bool:
         """Record the end of a run and ack its delivery: with a :class:`RedisBroker`'s
-        delivery on the same server (the same client, or both made from the same URL;
-        not Redis Cluster), in one script, so the record, the ack and the announcements
-        happen together or not at all; otherwise :meth:`update_job` then the ack.
+        delivery on the same server (the same client, or URLs naming the same server,
+        port, db and user; not Redis Cluster), in one script, so no crash can come
+        between the record and the ack; otherwise :meth:`update_job` then the ack. As
+        in the two-step form, each of the two is conditional on its own fencing (the
+        record on the run token, the ack on the lease) and the announcements are
+        published only when both happened.
 
         :return: whether ``record`` was written
         :raises LeaseLostError: the delivery's lease was lost (the record may be written)
@@ -590,7 +594,7 @@ class RedisResults(RedisBackend, Results):
         if not (
             expect
             and isinstance(delivery, RedisDelivery)
-            and delivery._fusable(self.client, self.url)
+            and delivery._fusable(self.client, self.server_id)
         ):
             return await super().end_job(
                 job_id, record, expect=expect, run=run, delivery=delivery, announce=announce
