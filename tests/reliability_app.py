@@ -1,6 +1,6 @@
 """The application ``tests/test_redis_reliability.py`` runs as worker processes (not a test
-module): ``python -m tasqueue_anyio.cli worker reliability_app:make_server``, or forked by
-:func:`fork_server`.
+module): ``python -m tasqueue_anyio.cli worker reliability_app:make_server``, or the same
+entry point forked by the fork server of ``tests/worker_fleet.py``.
 
 Configured by the environment, so that each process gets a short lease:
 
@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import traceback
 
 import anyio
 
@@ -40,7 +38,7 @@ from tasqueue_anyio import JobContext, LeaseLostError, Server
 from tasqueue_anyio.brokers.redis import RedisBroker
 from tasqueue_anyio.results.redis import RedisResults
 
-__all__ = ["QUEUE", "Keys", "fork_server", "make_server"]
+__all__ = ["QUEUE", "Keys", "make_server"]
 
 #: The queue of every task of this app.
 QUEUE = "rel"
@@ -117,59 +115,3 @@ def make_server(
     server.register_task("effect", effect, queue=QUEUE)
     server.register_task("nap", nap, queue=QUEUE)
     return server
-
-
-def fork_server() -> None:
-    """Fork worker processes on request, from an interpreter that imported the library once.
-
-    A cold ``python -m tasqueue_anyio.cli worker ...`` spends about a second of CPU on its
-    imports (several seconds of wall time on a busy two-core machine), more than the two
-    seconds between kills of the kill storm. This server imports everything first, then
-    reads commands on stdin, one a line, answering each on stdout:
-
-    - ``fork BACKEND LOG``: fork a child that runs the worker command's own entry point,
-      ``tasqueue_anyio.cli.main(["worker", "reliability_app:make_server", "--backend",
-      BACKEND])``, its stdout and stderr appended to the file ``LOG``; answers its pid.
-    - ``reap PID``: wait for that child to end (it stays a zombie until then, so its pid
-      cannot be reused by another process before the test has killed it); answers ``ok``.
-
-    It ends at the end of its input. Run it with the worker environment (see above) and
-    ``python -c "import reliability_app; reliability_app.fork_server()"``.
-    """
-    # everything a worker imports, once (Trio is a test dependency)
-    import anyio._backends._asyncio
-    import anyio._backends._trio  # noqa: F401
-    import coredis  # noqa: F401
-
-    import tasqueue_anyio.cli as cli
-
-    for line in sys.stdin:
-        command, *args = line.rstrip("\n").split(" ", 2)
-        if command == "fork":
-            backend, log = args
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # the worker
-                code = 1
-                try:
-                    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                    os.dup2(fd, 1)
-                    os.dup2(fd, 2)
-                    os.close(fd)
-                    null = os.open(os.devnull, os.O_RDONLY)
-                    os.dup2(null, 0)
-                    os.close(null)
-                    code = cli.main(["worker", "reliability_app:make_server", "--backend", backend])
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            print(pid, flush=True)
-        elif command == "reap":
-            os.waitpid(int(args[0]), 0)
-            print("ok", flush=True)
-        else:
-            print(f"unknown command {command!r}", flush=True)

@@ -10,8 +10,8 @@ by its own pid when the test ends.
   it ends on the other worker, attempt 2;
 - a zombie: the owner of a job ``SIGSTOP``-ped past the ack wait, another worker ends the
   job, the owner resumes: its late result, state write and ack are refused;
-- a kill storm: 3 workers (forked by the app's fork server: a cold interpreter start costs
-  about the 2 s between kills on a busy machine), 2,000 jobs, a worker ``SIGKILL``-ed and
+- a kill storm: 3 workers (forked by the fork server of ``tests/worker_fleet.py``: a cold
+  interpreter start costs about the 2 s between kills on a busy machine), 2,000 jobs, a worker ``SIGKILL``-ed and
   restarted every 2 s: every job ends successful, its idempotent effect recorded once,
   nothing left in the stream or held by the consumer;
 - nats-server ``SIGKILL``-ed mid-load and restarted on the same port and file store (a
@@ -26,10 +26,10 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from uuid import uuid4
 
@@ -37,19 +37,25 @@ import anyio
 import nats_reliability_app
 import pytest
 from nats_server import NatsServer, start_nats_server
+from worker_fleet import (
+    WorkerFleet,
+    get_jobs,
+    ran_since,
+    spawn_worker,
+    unwrapped_groups,
+    wait_until,
+    worker_env,
+)
 
-from tasqueue_anyio import BrokerError, Job, JobMessage, Server, Status
+from tasqueue_anyio import BrokerError, Job, Server, Status
 from tasqueue_anyio._nats.jetstream import ConsumerNotFoundError, StreamConfig
 from tasqueue_anyio._nats.protocol import NatsError
 from tasqueue_anyio.brokers.nats import NatsBroker
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
-
 pytestmark = pytest.mark.anyio
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+#: The app the worker processes run.
+APP = "nats_reliability_app"
 QUEUE = nats_reliability_app.QUEUE
 #: The ack wait of every worker (seconds).
 ACK_WAIT = 1.5
@@ -66,31 +72,14 @@ def anyio_backend() -> str:
 @contextmanager
 def worker(url: str, name: str, backend: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A worker process, killed (by its pid) and reaped when the block ends."""
-    path = os.pathsep.join(filter(None, [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {
-        **os.environ,
-        "PYTHONPATH": path,
-        "NATS_RELIABILITY_URL": url,
-        "NATS_RELIABILITY_NAME": name,
-        "NATS_RELIABILITY_ACK_WAIT": repr(ACK_WAIT),
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tasqueue_anyio.cli",
-                "worker",
-                "nats_reliability_app:make_server",
-                "--backend",
-                backend,
-            ],
-            cwd=TESTS,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    env = worker_env(
+        {
+            "NATS_RELIABILITY_URL": url,
+            "NATS_RELIABILITY_NAME": name,
+            "NATS_RELIABILITY_ACK_WAIT": repr(ACK_WAIT),
+        }
+    )
+    process = spawn_worker(APP, backend, env, log_path)
     try:
         yield process
     finally:
@@ -183,175 +172,28 @@ async def test_zombie_owner_resumed_after_its_ack_wait_cannot_write(
 
 #: The bound of one whole fleet test (seconds); each aims at well under 30.
 TEST_TIMEOUT = 80.0
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class WorkerProcess:
-    """A worker process: a child of this process, or of the fleet's fork server. Its stdout
-    and stderr go to a log file. Until :meth:`kill` reaps it, it stays at least a zombie,
-    so its pid names no other process."""
+class Fleet(WorkerFleet):
+    """One test's stream, bucket and effects stream (a name of its own) and its workers of
+    ``nats_reliability_app`` (see :class:`WorkerFleet`), each with an ack wait of
+    :data:`ACK_WAIT` seconds."""
 
-    def __init__(self, pid: int, log_path: Path, backend: str, reap: Callable[[], object]) -> None:
-        self.pid = pid
-        self.log_path = log_path
-        self.backend = backend
-        self._reap = reap
-        self.reaped = False
-
-    def __repr__(self) -> str:
-        return f"<worker pid={self.pid} {self.backend}>"
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def _stat(self) -> list[str] | None:
-        if self.reaped:
-            return None
-        try:
-            text = Path(f"/proc/{self.pid}/stat").read_text()
-        except FileNotFoundError:
-            return None
-        return text[text.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
-
-    @property
-    def alive(self) -> bool:
-        fields = self._stat()
-        return fields is not None and fields[0] not in ("Z", "X")
-
-    def cpu_seconds(self) -> float:
-        """User and system CPU time this process has used so far, every thread included."""
-        fields = self._stat()
-        assert fields is not None, f"{self!r} is gone"
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
-
-    def kill(self) -> None:
-        """``SIGKILL`` it by its pid, and reap it."""
-        if self.reaped:
-            return
-        if self.alive:
-            os.kill(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while self.alive and time.monotonic() < deadline:
-            time.sleep(0.005)
-        self._reap()
-        self.reaped = True
-
-
-class ForkServer:
-    """``nats_reliability_app.fork_server()`` in a child process: forks workers that skip
-    the cold start of an interpreter (see its docstring)."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "import nats_reliability_app; nats_reliability_app.fork_server()",
-                ],
-                cwd=TESTS,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-
-    def ask(self, command: str) -> str:
-        """Send one command; its answer (blocks until the server has imported everything)."""
-        stdin, stdout = self.process.stdin, self.process.stdout
-        assert stdin is not None
-        assert stdout is not None
-        stdin.write(command + "\n")
-        stdin.flush()
-        answer = stdout.readline()
-        if not answer:
-            log = self.log_path.read_text(errors="replace")
-            raise RuntimeError(f"the fork server ended: {log[-3000:]}")
-        return answer.strip()
-
-    def close(self) -> None:
-        """End it (at the end of its input; killed by its pid after 5 s)."""
-        process = self.process
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
-class Fleet:
-    """One test's stream, bucket and effects stream (a name of its own) and its workers:
-    ``python -m tasqueue_anyio.cli worker nats_reliability_app:make_server`` processes, or,
-    with ``forked``, children of a :class:`ForkServer` running the same entry point
-    (``tasqueue_anyio.cli.main``) without the cold start."""
-
-    def __init__(self, url: str, directory: Path, concurrency: int, forked: bool) -> None:
+    def __init__(
+        self, url: str, directory: Path, *, concurrency: int = 4, forked: bool = False
+    ) -> None:
         self.url = url
         self.name = f"rel{uuid4().hex[:10]}"
-        self.directory = directory
         self.effects = nats_reliability_app.Effects(self.name)
-        path = os.pathsep.join(filter(None, [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH")]))
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": path,
-            "NATS_RELIABILITY_URL": url,
-            "NATS_RELIABILITY_NAME": self.name,
-            "NATS_RELIABILITY_ACK_WAIT": repr(ACK_WAIT),
-            "NATS_RELIABILITY_CONCURRENCY": str(concurrency),
-        }
-        self.workers: list[WorkerProcess] = []
-        self.fork_server = ForkServer(self.env, directory / "fork-server.log") if forked else None
-
-    async def start(self, backend: str) -> WorkerProcess:
-        """Start a worker process on ``backend``."""
-        log = self.directory / f"worker{len(self.workers) + 1}-{backend}.log"
-        fork_server = self.fork_server
-        if fork_server is not None:
-            pid = int(await anyio.to_thread.run_sync(fork_server.ask, f"fork {backend} {log}"))
-            worker = WorkerProcess(pid, log, backend, lambda: fork_server.ask(f"reap {pid}"))
-        else:
-            worker = self._spawn(backend, log)
-        self.workers.append(worker)
-        return worker
-
-    def _spawn(self, backend: str, log: Path) -> WorkerProcess:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tasqueue_anyio.cli",
-                    "worker",
-                    "nats_reliability_app:make_server",
-                    "--backend",
-                    backend,
-                ],
-                cwd=TESTS,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        return WorkerProcess(process.pid, log, backend, lambda: process.wait(5))
-
-    def close(self) -> None:
-        """Kill every worker this fleet started, each by its pid; end the fork server.
-        Idempotent."""
-        for worker in self.workers:
-            with contextlib.suppress(Exception):  # keep killing the others
-                worker.kill()
-        if self.fork_server is not None:
-            self.fork_server.close()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {w!r}\n{w.log[-3000:]}" for w in self.workers)
+        env = worker_env(
+            {
+                "NATS_RELIABILITY_URL": url,
+                "NATS_RELIABILITY_NAME": self.name,
+                "NATS_RELIABILITY_ACK_WAIT": repr(ACK_WAIT),
+                "NATS_RELIABILITY_CONCURRENCY": str(concurrency),
+            }
+        )
+        super().__init__(APP, directory, env, forked=forked, step=STEP)
 
     async def wait_consuming(self, server: Server, count: int) -> None:
         """Wait until ``count`` workers consume the queue: each keeps a pull request
@@ -396,25 +238,13 @@ def nats_broker(server: Server) -> NatsBroker:
     return broker
 
 
-@contextmanager
-def fleet(
-    url: str, directory: Path, *, concurrency: int = 4, forked: bool = False
-) -> Iterator[Fleet]:
-    """A :class:`Fleet`; every worker it started is killed (by its pid) on exit."""
-    f = Fleet(url, directory, concurrency, forked)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
 @asynccontextmanager
 async def opened(f: Fleet) -> AsyncIterator[Server]:
     """The test side's server on the fleet's stream and bucket, with the effects stream
     created; on exit the fleet's workers are killed (so none creates the stream again),
     then all three are deleted."""
     server = nats_reliability_app.make_server(f.url, f.name, ACK_WAIT)
-    try:
+    with unwrapped_groups():
         async with server:
             broker = nats_broker(server)
             await broker.js.ensure_stream(
@@ -430,45 +260,6 @@ async def opened(f: Fleet) -> AsyncIterator[Server]:
                             await broker.js.delete_stream(stream)
                     with contextlib.suppress(NatsError, BrokerError):
                         await server.results.drop()  # type: ignore[attr-defined]
-    except BaseExceptionGroup as group:
-        # the backends' task groups wrap what the block raised: show it as it was
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
-        if leaf is group:
-            raise
-        raise leaf from None
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]],
-    what: str,
-    f: Fleet | None = None,
-    *,
-    timeout: float = STEP,
-    interval: float = 0.05,
-) -> None:
-    """Poll ``predicate`` until it is true; fail (with the workers' logs) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() >= deadline:
-            logs = f.logs() if f is not None else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{logs}")
-        await anyio.sleep(interval)
-
-
-async def get_jobs(server: Server, ids: Sequence[str]) -> dict[str, JobMessage]:
-    """Every job's stored state (concurrent reads)."""
-    out: dict[str, JobMessage] = {}
-
-    async def read(chunk: Sequence[str]) -> None:
-        for job_id in chunk:
-            out[job_id] = await server.get_job(job_id)
-
-    async with anyio.create_task_group() as tg:
-        for start in range(0, len(ids), 100):
-            tg.start_soon(read, ids[start : start + 100])
-    return out
 
 
 async def traces(server: Server, subjects: str, f: Fleet) -> dict[str, int]:
@@ -491,7 +282,7 @@ async def test_kill_storm_every_job_completes_with_its_effect_once(
     backends = ["asyncio", "trio", "asyncio"]
     with (
         anyio.fail_after(TEST_TIMEOUT),
-        fleet(nats_server.url, tmp_path, concurrency=STORM_CONCURRENCY, forked=True) as f,
+        Fleet(nats_server.url, tmp_path, concurrency=STORM_CONCURRENCY, forked=True) as f,
     ):
         workers = [await f.start(backend) for backend in backends]
         async with opened(f) as server:
@@ -510,8 +301,7 @@ async def test_kill_storm_every_job_completes_with_its_effect_once(
                     next_count = time.monotonic() + 0.25
                 if now >= next_kill:
                     slot = kills % len(workers)
-                    workers[slot].kill()
-                    workers[slot] = await f.start(backends[slot])
+                    workers[slot] = await f.restart(workers[slot])
                     kills += 1
                     next_kill += STORM_KILL_EVERY
                 if now - began > TEST_TIMEOUT - 15:
@@ -577,7 +367,7 @@ async def test_nats_server_killed_and_restarted_mid_load_loses_no_acknowledged_j
 ) -> None:
     nats = start_nats_server(directory=tmp_path / "nats")
     try:
-        with anyio.fail_after(TEST_TIMEOUT), fleet(nats.url, tmp_path) as f:
+        with anyio.fail_after(TEST_TIMEOUT), Fleet(nats.url, tmp_path) as f:
             workers = [await f.start("asyncio"), await f.start("trio")]
             async with opened(f) as server:
                 broker = nats_broker(server)
@@ -694,14 +484,8 @@ async def test_nats_server_killed_and_restarted_mid_load_loses_no_acknowledged_j
                 await server.cancel(held)
                 assert (await server.wait(held, timeout=STEP)).status is Status.CANCELLED
 
-                # the schedule fires again after the restart (run ids: "<id>@<fire ms>")
-                async def cron_ran_again() -> bool:
-                    return any(
-                        job_id.startswith(f"{CRON}@")
-                        and int(job_id[len(CRON) + 1 :]) > up_wall * 1000
-                        for job_id in await server.get_success()
-                    )
-
+                # the schedule fires again after the restart
+                cron_ran_again = partial(ran_since, server, CRON, up_wall)
                 await wait_until(cron_ran_again, "a cron run after the restart", f)
                 assert await server.remove_schedule(CRON)
                 await f.wait_drained(server)
