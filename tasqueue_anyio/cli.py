@@ -5,6 +5,7 @@
     tasqueue worker myapp.tasks:server [--backend trio] [-c emails=20] [--burst] [--grace 30]
     tasqueue job JOB_ID --app myapp.tasks:server [--json]
     tasqueue pending QUEUE --broker redis://localhost/0 [--results URL] [--prefix PREFIX]
+    tasqueue job JOB_ID --broker nats://localhost:4222 --prefix PREFIX
 
 Built on the standard library's :mod:`argparse`: the command is small, and a CLI
 framework would be one more dependency for every user of the library.
@@ -96,13 +97,14 @@ def _scheme(url: str) -> str:
 
 
 def _check_prefix(scheme: str, prefix: str | None) -> None:
-    if prefix is not None and scheme not in ("redis", "rediss", "unix"):
-        raise CLIError(f"--prefix is for Redis URLs, not {scheme}://", 2)
+    if prefix is not None and scheme == "memory":
+        raise CLIError("--prefix is for Redis and NATS URLs, not memory://", 2)
 
 
 def broker_from_url(url: str, prefix: str | None = None) -> Broker:
     """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
-    ``rediss://`` (keys under ``prefix``), ``nats://`` / ``tls://``."""
+    ``rediss://`` (keys under ``prefix``), ``nats://`` / ``tls://`` (``prefix``: the
+    stream and the first subject token, ``NatsBroker(url, prefix=prefix)``)."""
     scheme = _scheme(url)
     _check_prefix(scheme, prefix)
     try:
@@ -113,7 +115,9 @@ def broker_from_url(url: str, prefix: str | None = None) -> Broker:
         if scheme in ("nats", "tls"):
             from .brokers import nats  # type: ignore[attr-defined,unused-ignore]
 
-            return nats.NatsBroker(url)  # type: ignore[no-any-return,unused-ignore]
+            if prefix is None:
+                return nats.NatsBroker(url)  # type: ignore[no-any-return,unused-ignore]
+            return nats.NatsBroker(url, prefix=prefix)  # type: ignore[no-any-return,unused-ignore]
         from .brokers.redis import RedisBroker
 
         return RedisBroker(url) if prefix is None else RedisBroker(url, prefix=prefix)
@@ -122,7 +126,8 @@ def broker_from_url(url: str, prefix: str | None = None) -> Broker:
 
 
 def results_from_url(url: str, prefix: str | None = None) -> Results:
-    """A results store for ``url`` (the schemes of :func:`broker_from_url`)."""
+    """A results store for ``url`` (the schemes of :func:`broker_from_url`; on NATS
+    ``prefix`` names the KV bucket, ``NatsResults(url, bucket=prefix)``)."""
     scheme = _scheme(url)
     _check_prefix(scheme, prefix)
     try:
@@ -133,7 +138,9 @@ def results_from_url(url: str, prefix: str | None = None) -> Results:
         if scheme in ("nats", "tls"):
             from .results import nats  # type: ignore[attr-defined,unused-ignore]
 
-            return nats.NatsResults(url)  # type: ignore[no-any-return,unused-ignore]
+            if prefix is None:
+                return nats.NatsResults(url)  # type: ignore[no-any-return,unused-ignore]
+            return nats.NatsResults(url, bucket=prefix)  # type: ignore[no-any-return,unused-ignore]
         from .results.redis import RedisResults
 
         return RedisResults(url) if prefix is None else RedisResults(url, prefix=prefix)
@@ -380,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--broker", metavar="URL", help="broker URL (instead of --app)")
         sub.add_argument("--results", metavar="URL", help="results URL (default: the broker URL)")
         sub.add_argument(
-            "--prefix", metavar="PREFIX", help="Redis key prefix of --broker/--results URLs"
+            "--prefix",
+            metavar="PREFIX",
+            help="of --broker/--results URLs: the Redis key prefix; on NATS the broker's "
+            "prefix (stream and subjects) and the results bucket (default: tasqueue)",
         )
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")

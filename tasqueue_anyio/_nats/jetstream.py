@@ -881,13 +881,18 @@ class JetStream:
                 wait = deadline - anyio.current_time()
                 if idle_heartbeat is not None:
                     wait = min(wait, idle_heartbeat * 2)
-                with anyio.move_on_after(max(wait, 0)):
-                    msg = await inbox.receive()
-                    if msg.status is None:
-                        messages.append(JsMsg(client, msg))
-                        continue
-                    if self._fetch_status(msg, consumer, messages):
-                        return messages
+                # one timeout for the whole batch (a cancel scope per message costs more
+                # than the message), re-armed after anything heard when heartbeats are on
+                with anyio.move_on_after(max(wait, 0)) as scope:
+                    while len(messages) < batch:
+                        msg = await inbox.receive()
+                        if msg.status is None:
+                            messages.append(JsMsg(client, msg))
+                        elif self._fetch_status(msg, consumer, messages):
+                            return messages
+                        if idle_heartbeat is not None:
+                            break
+                if not scope.cancelled_caught:
                     continue
                 # nothing arrived in time
                 if anyio.current_time() >= deadline:

@@ -59,8 +59,8 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -210,26 +210,60 @@ def _decode_schedule(schedule_id: str, data: bytes) -> ScheduleRecord:
 
 
 class _KeyLocks:
-    """One lock per key while anyone holds or waits for it (so concurrent transitions of
-    one key in one process do not race each other into conflicts)."""
+    """One FIFO lock per key while anyone holds or waits for it (so concurrent transitions
+    of one key in one process do not race each other into conflicts).
+
+    Taking a key nobody holds costs no checkpoint and no cancel scope (every holder goes
+    on to a round trip of its own); only contended keys park their takers on an event."""
+
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[anyio.Lock, list[int]]] = {}
+        #: key -> the takers waiting for it, in order; a key is held while it is here
+        self._waiters: dict[str, deque[anyio.Event]] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = (anyio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
+    def hold(self, key: str) -> _KeyHold:
+        """``async with locks.hold(key):`` holds ``key`` for the block."""
+        return _KeyHold(self, key)
+
+    async def _acquire(self, key: str) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            self._waiters[key] = deque()
+            return
+        event = anyio.Event()
+        waiters.append(event)
         try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0] and self._locks.get(key) is entry:
-                del self._locks[key]
+            await event.wait()
+        except BaseException:
+            if event.is_set():  # handed over as we were cancelled: hand it on
+                self._release(key)
+            else:
+                waiters.remove(event)
+            raise
+
+    def _release(self, key: str) -> None:
+        waiters = self._waiters[key]
+        if waiters:
+            waiters.popleft().set()  # the next taker holds it now
+        else:
+            del self._waiters[key]
+
+
+class _KeyHold:
+    """The async context manager of :meth:`_KeyLocks.hold`."""
+
+    __slots__ = ("_key", "_locks")
+
+    def __init__(self, locks: _KeyLocks, key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        await self._locks._acquire(self._key)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._locks._release(self._key)
 
 
 class NatsResults(NatsBackend, Results):
