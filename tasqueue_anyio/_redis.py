@@ -9,6 +9,15 @@ every call made here is built by this library.
 Lua scripts run with ``EVALSHA``: each backend loads its scripts once when it opens, and
 a script the server forgot (a restart, ``SCRIPT FLUSH``) is loaded again and the call
 repeated.
+
+Redis Cluster: a ``redis+cluster://`` (or ``rediss+cluster://``) URL, or a caller's
+:class:`coredis.RedisCluster`, makes the backend a cluster client (``cluster`` is
+``True``). coredis routes each command, ``EVALSHA`` included, to the master of its keys'
+slot (a script whose keys span slots is refused with ``ClusterCrossSlotError``: every
+script here is called with keys of one slot), splits a pipeline into one batch per node
+(sent one node after the other), and sends ``SCRIPT LOAD`` to every node. Pub/sub stays
+classic ``PUBLISH``/``SUBSCRIBE``: the cluster broadcasts every message to every node,
+so the one subscriber connection (to any node) hears every channel.
 """
 
 from __future__ import annotations
@@ -39,9 +48,13 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_URL",
+    "Client",
     "Commands",
     "RedisBackend",
     "client_kwargs",
+    "cluster_kwargs",
+    "is_cluster_url",
+    "renew_error_stream",
     "translate_errors",
     "validate_prefix",
 ]
@@ -60,6 +73,12 @@ DEFAULT_URL = "redis://localhost:6379/0"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 _B = TypeVar("_B", bound="RedisBackend")
+
+#: A client the backends run on: one server, or a Redis Cluster.
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+
+#: URL schemes of a Redis Cluster (clear text, TLS).
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
 def validate_prefix(prefix: object) -> str:
@@ -94,7 +113,8 @@ def client_kwargs(url: str) -> dict[str, Any]:
         raise InvalidInputError(f"invalid Redis URL {url!r}: {exc}") from None
     if parts.scheme not in ("redis", "rediss"):
         raise InvalidInputError(
-            f"invalid Redis URL {url!r}: the scheme must be redis:// or rediss:// (TLS)"
+            f"invalid Redis URL {url!r}: the scheme must be redis:// or rediss:// (TLS), "
+            f"or redis+cluster:// or rediss+cluster:// for a Redis Cluster"
         )
     if not parts.hostname:
         raise InvalidInputError(f"invalid Redis URL {url!r}: no host")
@@ -116,6 +136,73 @@ def client_kwargs(url: str) -> dict[str, Any]:
         "password": unquote(parts.password) if parts.password is not None else None,
         "decode_responses": False,
     }
+    _tls_kwargs(url, parts.scheme == "rediss", query, kwargs)
+    return kwargs
+
+
+def is_cluster_url(url: object) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return isinstance(url, str) and url.partition("://")[0].lower() in _CLUSTER_SCHEMES
+
+
+def cluster_kwargs(url: str) -> dict[str, Any]:
+    """Arguments of :class:`coredis.RedisCluster` for a ``redis+cluster://`` URL.
+
+    ``redis+cluster://[[username]:password@]host[:port][,host[:port]...]`` names one or
+    more nodes of the cluster (the client discovers the others from them; the port
+    defaults to 6379); ``rediss+cluster://`` connects to every node with TLS, checked as
+    for ``rediss://`` (and with the same ``ssl_*`` query arguments). A cluster has only
+    database 0, so a path other than ``/`` or ``/0`` is refused.
+
+    :param url: the URL
+    :return: keyword arguments for :class:`coredis.RedisCluster`
+    :raises InvalidInputError: the URL is not a Redis Cluster URL this library understands
+    """
+    if not is_cluster_url(url):
+        raise InvalidInputError(
+            f"invalid Redis Cluster URL {url!r}: the scheme must be redis+cluster:// or "
+            f"rediss+cluster:// (TLS)"
+        )
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    path, _, query_text = tail.partition("?")
+    if "?" in netloc:
+        netloc, _, query_text = netloc.partition("?")
+    auth, _, hosts = netloc.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        try:
+            # urlsplit parses host, port and IPv6 brackets as for any other URL
+            node = urlsplit(f"//{host}")
+            port = node.port or 6379
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid Redis Cluster URL {url!r}: {exc}") from None
+        if not node.hostname or node.username is not None:
+            raise InvalidInputError(f"invalid Redis Cluster URL {url!r}: bad node {host!r}")
+        nodes.append({"host": node.hostname, "port": port})
+    if path.strip("/") not in ("", "0"):
+        raise InvalidInputError(
+            f"invalid Redis Cluster URL {url!r}: a cluster has only database 0"
+        )
+    query = {name: values[-1] for name, values in parse_qs(query_text).items()}
+    if query.pop("db", "0") != "0":
+        raise InvalidInputError(
+            f"invalid Redis Cluster URL {url!r}: a cluster has only database 0"
+        )
+    username, has_password, password = auth.partition(":")
+    kwargs: dict[str, Any] = {
+        "startup_nodes": nodes,
+        "username": unquote(username) if username else None,
+        "password": unquote(password) if has_password else None,
+        "decode_responses": False,
+    }
+    _tls_kwargs(url, scheme.lower() == "rediss+cluster", query, kwargs)
+    return kwargs
+
+
+def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, Any]) -> None:
+    """Add the TLS context of a ``rediss`` URL's query (``ssl_*``) to ``kwargs``; refuse
+    any other option."""
     ca_certs = query.pop("ssl_ca_certs", None)
     certfile = query.pop("ssl_certfile", None)
     keyfile = query.pop("ssl_keyfile", None)
@@ -124,7 +211,7 @@ def client_kwargs(url: str) -> dict[str, Any]:
             f"invalid Redis URL {url!r}: unknown option(s) {', '.join(sorted(query))} "
             f"(known: db, ssl_ca_certs, ssl_certfile, ssl_keyfile)"
         )
-    if parts.scheme == "rediss":
+    if tls:
         # create_default_context: CERT_REQUIRED and check_hostname, unlike coredis's own
         # rediss:// handling, which only asks for an optional certificate.
         context = ssl.create_default_context(cafile=ca_certs)
@@ -133,7 +220,6 @@ def client_kwargs(url: str) -> dict[str, Any]:
         kwargs["ssl_context"] = context
     elif ca_certs or certfile or keyfile:
         raise InvalidInputError(f"invalid Redis URL {url!r}: ssl_* options need rediss://")
-    return kwargs
 
 
 @contextmanager
@@ -187,7 +273,7 @@ class Commands:
     its call repeated.
     """
 
-    def __init__(self, client: coredis.Redis[bytes], sources: dict[str, str]) -> None:
+    def __init__(self, client: Client, sources: dict[str, str]) -> None:
         self._client = client
         self._sources = sources
         self.shas: dict[str, bytes] = {
@@ -202,7 +288,13 @@ class Commands:
         self.calls = 0
 
     async def load(self) -> None:
-        """Load every script into the server's script cache (one round trip)."""
+        """Load every script into the server's script cache (one round trip; on a
+        cluster, one ``SCRIPT LOAD`` per script, which coredis sends to every node)."""
+        if isinstance(self._client, coredis.RedisCluster):
+            # a cluster pipeline cannot route a command without keys
+            for source in self._sources.values():
+                await self._client.script_load(source)
+            return
         async with self._client.pipeline(transaction=False) as pipe:
             for source in self._sources.values():
                 pipe.script_load(source)
@@ -341,6 +433,32 @@ class Commands:
             await self._flush(unknown)
 
 
+def renew_error_stream(client: coredis.RedisCluster[Any]) -> Callable[[], None]:
+    """Give a cluster client's layout a fresh error stream; return what closes it.
+
+    A workaround for coredis 6.9, which never closes the memory stream its cluster layout
+    reports node errors on: garbage collection then warns (``ResourceWarning``) about
+    every cluster client. Call this before each opening of the client, and the returned
+    function after it closed. Does nothing on a coredis without that stream.
+    """
+    layout = getattr(client.connection_pool, "cluster_layout", None)
+    old = getattr(layout, "_error_stream", None)
+    if not (isinstance(old, tuple) and len(old) == 2):
+        return lambda: None
+    send, receive = old
+    size = send.statistics().max_buffer_size
+    send.close()
+    receive.close()
+    new = anyio.create_memory_object_stream[Any](size)
+    layout._error_stream = new  # type: ignore[union-attr]
+
+    def close() -> None:
+        for stream in new:
+            stream.close()
+
+    return close
+
+
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception inside nested single-member groups, or the group itself."""
     exc: BaseException = group
@@ -356,7 +474,9 @@ class RedisBackend(CountedLifetime):
     A client given by the caller is used as it is: the caller opens it (``async with
     client:``) before opening the backend and closes it afterwards; the backend never
     enters or closes it. A client made from a URL is owned: opened on the first entry,
-    closed when the last entry exits.
+    closed when the last entry exits. Either may be a :class:`coredis.RedisCluster`
+    (a ``redis+cluster://`` URL makes one); ``cluster`` tells. A client must not decode
+    responses (``decode_responses=False``, coredis's default): the backends read bytes.
     """
 
     _what = "Redis backend"
@@ -364,7 +484,7 @@ class RedisBackend(CountedLifetime):
     def __init__(
         self,
         url: str | None,
-        client: coredis.Redis[bytes] | None,
+        client: Client | None,
         prefix: str,
         scripts: dict[str, str],
     ) -> None:
@@ -373,14 +493,28 @@ class RedisBackend(CountedLifetime):
         self.prefix = validate_prefix(prefix)
         if client is None:
             self.url: str | None = url if url is not None else DEFAULT_URL
-            self.client: coredis.Redis[bytes] = coredis.Redis(**client_kwargs(self.url))
+            self.client: Client
+            if is_cluster_url(self.url):
+                self.client = coredis.RedisCluster(**cluster_kwargs(self.url))
+                renew_error_stream(self.client)()  # each opening gets one of its own
+            else:
+                self.client = coredis.Redis(**client_kwargs(self.url))
             self._owns_client = True
         else:
-            if not isinstance(client, coredis.Redis):
-                raise InvalidInputError(f"expected a coredis.Redis client, got {client!r}")
+            if not isinstance(client, (coredis.Redis, coredis.RedisCluster)):
+                raise InvalidInputError(
+                    f"expected a coredis.Redis or coredis.RedisCluster client, got {client!r}"
+                )
+            if client.decode_responses:
+                raise InvalidInputError(
+                    f"the client {client!r} decodes responses: make it with "
+                    f"decode_responses=False (the backends read bytes)"
+                )
             self.url = None
             self.client = client
             self._owns_client = False
+        #: whether the client is a Redis Cluster client
+        self.cluster = isinstance(self.client, coredis.RedisCluster)
         self._cmds = Commands(self.client, scripts)
         self._init_lifetime()
 
@@ -400,6 +534,8 @@ class RedisBackend(CountedLifetime):
 
     async def _connect(self, stack: AsyncExitStack) -> None:
         if self._owns_client:
+            if isinstance(self.client, coredis.RedisCluster):
+                stack.callback(renew_error_stream(self.client))
             await stack.enter_async_context(self.client)
 
     def _require_open(self) -> TaskGroup:

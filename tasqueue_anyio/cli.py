@@ -88,21 +88,29 @@ def load_server(spec: str) -> Server:
     return value
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
 def _scheme(url: str) -> str:
     scheme = url.partition("://")[0].lower()
-    if scheme not in ("memory", "redis", "rediss", "unix", "nats", "tls"):
-        raise CLIError(f"unknown URL scheme in {url!r} (memory, redis, rediss, nats)", 2)
+    if scheme not in ("memory", *_REDIS_SCHEMES, "nats", "tls"):
+        raise CLIError(
+            f"unknown URL scheme in {url!r} "
+            f"(memory, redis, rediss, redis+cluster, rediss+cluster, nats)",
+            2,
+        )
     return scheme
 
 
 def _check_prefix(scheme: str, prefix: str | None) -> None:
-    if prefix is not None and scheme not in ("redis", "rediss", "unix"):
+    if prefix is not None and scheme not in _REDIS_SCHEMES:
         raise CLIError(f"--prefix is for Redis URLs, not {scheme}://", 2)
 
 
 def broker_from_url(url: str, prefix: str | None = None) -> Broker:
     """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
-    ``rediss://`` (keys under ``prefix``), ``nats://`` / ``tls://``."""
+    ``rediss://`` or ``redis+cluster://`` / ``rediss+cluster://`` (keys under
+    ``prefix``), ``nats://`` / ``tls://``."""
     scheme = _scheme(url)
     _check_prefix(scheme, prefix)
     try:
