@@ -22,6 +22,19 @@ Queue names are validated (letters, digits, ``_``, ``-``) before they become key
 ids are hash fields and set members, never part of a key. Pub/sub channels are
 ``P:ch:NAME``.
 
+Redis Cluster
+-------------
+Every script touches the keys of one queue only, so of one slot, and different queues
+spread over the masters. Two calls span queues: ``enqueue_many`` and an ``ack`` that
+enqueues follow-ups. With ``split_slots`` (the default for a cluster client) they become
+one script per queue, pipelined: each queue's messages are stored all or none, and an
+``ack`` enqueues the other queues' messages first, so a crash in between repeats them
+(deduplicated by message id) rather than losing them. Notifications and channels use
+classic ``PUBLISH``, which the cluster broadcasts to every node; the broker's subscriber
+connection may be on any node. The cluster keeps the order of the messages published
+through one node only, so :meth:`RedisBroker.publish` sends every message of a channel
+through the node of the channel name's slot (a script given the name as its key).
+
 Delivery
 --------
 One Lua script (``fetch``) returns messages whose lease expired to the front of the
@@ -66,15 +79,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import coredis
 import msgpack
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
-from coredis.patterns.pubsub import PubSub
+from coredis.patterns.pubsub import BasePubSub
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import validate_queue
-from .._redis import DEFAULT_PREFIX, RedisBackend, evalsha, translate_errors
+from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
 __all__ = ["RedisBroker", "RedisDelivery"]
@@ -349,7 +361,15 @@ end
 return out
 """
 
+# Redis Cluster only: PUBLISH routed by the channel name given as a key, so that every
+# message of a channel goes through one node (the cluster keeps each node's order, not
+# an order across nodes). ARGV: message.
+_LUA_PUBLISH = r"""
+return redis.call('PUBLISH', KEYS[1], ARGV[1])
+"""
+
 _SCRIPTS = {
+    "publish": _LUA_PUBLISH,
     "fetch": _LUA_COMMON + _LUA_FETCH,
     "enqueue": _LUA_COMMON + _LUA_ENQUEUE,
     "ack": _LUA_COMMON + _LUA_ACK,
@@ -568,9 +588,12 @@ class RedisBroker(RedisBackend, Broker):
     first.
 
     :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
-        certificate and host name checked); default ``redis://localhost:6379/0``
-    :param client: a coredis client to use instead of a URL; the caller opens and
-        closes it (``async with client:`` around the broker's use)
+        certificate and host name checked); default ``redis://localhost:6379/0``. A
+        Redis Cluster: ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``
+        (any of its nodes) or ``rediss+cluster://...`` (TLS)
+    :param client: a coredis client (:class:`coredis.Redis` or
+        :class:`coredis.RedisCluster`, not decoding responses) to use instead of a URL;
+        the caller opens and closes it (``async with client:`` around the broker's use)
     :param prefix: the start of every key and channel name
     :param lease: seconds a fetched message stays held without renewal; a live broker
         renews every ``lease / 3`` seconds, so a message comes back about ``lease``
@@ -587,7 +610,7 @@ class RedisBroker(RedisBackend, Broker):
         self,
         url: str | None = None,
         *,
-        client: coredis.Redis[bytes] | None = None,
+        client: Client | None = None,
         prefix: str = DEFAULT_PREFIX,
         lease: float = DEFAULT_LEASE,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -606,12 +629,12 @@ class RedisBroker(RedisBackend, Broker):
             )
         self.lease = float(lease)
         self.batch_size = batch_size
-        self.split_slots = bool(split_slots)
+        self.split_slots = self.cluster if split_slots is None else bool(split_slots)
         self._lease_ms = str(max(1, round(self.lease * 1000))).encode()
         self._queues: dict[str, _Queue] = {}
         self._abandoned: deque[tuple[_Queue, bytes, bytes]] = deque()
         # pub/sub
-        self._pubsub: PubSub[bytes] | None = None
+        self._pubsub: BasePubSub[bytes, Any] | None = None
         self._pubsub_lock: anyio.Lock | None = None
         self._callbacks: dict[bytes, list[Callable[[bytes], None]]] = {}
         self._subscribed: set[bytes] = set()
@@ -931,7 +954,11 @@ class RedisBroker(RedisBackend, Broker):
         """
         key = self._channel(channel)
         with translate_errors("publishing"):
-            await self._cmds.submit(lambda client: client.publish(key, data))
+            if self.cluster:
+                # coredis sends a PUBLISH to a random node; a script, to the channel's slot
+                await self._cmds.script("publish", (key,), (data,))
+            else:
+                await self._cmds.submit(lambda client: client.publish(key, data))
 
     @asynccontextmanager
     async def subscribe(
