@@ -316,6 +316,11 @@ def with_status(msg: JobMessage, status: Status) -> JobMessage:
 
 #: Event kinds on the broadcast channel: a job ended, a job should stop, a group or
 #: chain ended, the schedules changed.
+#: The broadcast channel for job ends (one event per job): a server listens to it only
+#: once something waited for a job (:meth:`Server.wait`), so a worker that only runs
+#: jobs does not read an event for every job any worker ends.
+FINISHED_CHANNEL = "finished"
+
 EVENT_FINISHED = "finished"
 EVENT_CANCEL = "cancel"
 EVENT_PARENT = "parent"

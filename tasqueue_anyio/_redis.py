@@ -55,6 +55,7 @@ __all__ = [
     "cluster_kwargs",
     "is_cluster_url",
     "renew_error_stream",
+    "server_identity",
     "translate_errors",
     "validate_prefix",
 ]
@@ -215,11 +216,22 @@ def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, An
         # create_default_context: CERT_REQUIRED and check_hostname, unlike coredis's own
         # rediss:// handling, which only asks for an optional certificate.
         context = ssl.create_default_context(cafile=ca_certs)
+        if keyfile and not certfile:
+            raise InvalidInputError(
+                f"invalid Redis URL {url!r}: ssl_keyfile needs ssl_certfile (the certificate)"
+            )
         if certfile:
             context.load_cert_chain(certfile, keyfile)
         kwargs["ssl_context"] = context
     elif ca_certs or certfile or keyfile:
         raise InvalidInputError(f"invalid Redis URL {url!r}: ssl_* options need rediss://")
+
+
+def server_identity(url: str) -> tuple[Any, ...]:
+    """What names the server and database of a URL accepted by :func:`client_kwargs`:
+    two URLs with the same identity reach the same keys."""
+    kwargs = client_kwargs(url)
+    return (kwargs["host"].lower(), kwargs["port"], kwargs["db"], kwargs["username"])
 
 
 @contextmanager
@@ -494,11 +506,14 @@ class RedisBackend(CountedLifetime):
         if client is None:
             self.url: str | None = url if url is not None else DEFAULT_URL
             self.client: Client
+            #: the server and db the URL names (None for a caller's client or a cluster)
+            self.server_id: tuple[Any, ...] | None = None
             if is_cluster_url(self.url):
                 self.client = coredis.RedisCluster(**cluster_kwargs(self.url))
                 renew_error_stream(self.client)()  # each opening gets one of its own
             else:
                 self.client = coredis.Redis(**client_kwargs(self.url))
+                self.server_id = server_identity(self.url)
             self._owns_client = True
         else:
             if not isinstance(client, (coredis.Redis, coredis.RedisCluster)):
@@ -513,6 +528,7 @@ class RedisBackend(CountedLifetime):
             self.url = None
             self.client = client
             self._owns_client = False
+            self.server_id = None
         #: whether the client is a Redis Cluster client
         self.cluster = isinstance(self.client, coredis.RedisCluster)
         self._cmds = Commands(self.client, scripts)

@@ -22,6 +22,7 @@ from ._codec import (
     EVENT_FINISHED,
     EVENT_PARENT,
     EVENT_SCHEDULE,
+    FINISHED_CHANNEL,
     decode_event,
     decode_message,
     encode_event,
@@ -75,9 +76,10 @@ from .abc import (
     ScheduleRecord,
 )
 
-__all__ = ["EVENTS_CHANNEL", "Server", "Task"]
+__all__ = ["EVENTS_CHANNEL", "FINISHED_CHANNEL", "Server", "Task"]
 
-#: The broadcast channel for job events and cancel requests.
+#: The broadcast channel for cancel requests, group/chain ends and schedule changes:
+#: every open server listens to it.
 EVENTS_CHANNEL = "events"
 
 Handler = Callable[[bytes, JobContext], Awaitable[None] | None]
@@ -178,6 +180,9 @@ class Server:
         self.active: dict[str, list[ActiveJob]] = {}
         self._exit_stack: AsyncExitStack | None = None
         self._worker: Worker | None = None
+        #: set once this open server listens to FINISHED_CHANNEL
+        self._finished_listening = False
+        self._finished_lock: anyio.Lock | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -188,8 +193,25 @@ class Server:
             await stack.enter_async_context(self.broker)
             await stack.enter_async_context(self.results)
             await stack.enter_async_context(self.broker.subscribe(EVENTS_CHANNEL, self._on_event))
+            self._finished_listening = False
+            self._finished_lock = anyio.Lock()
             self._exit_stack = stack.pop_all()
         return self
+
+    async def _listen_finished(self) -> None:
+        """Listen to the job-end channel from now until the server closes (the first
+        :meth:`wait` subscribes; entering returns once the broker has the subscription)."""
+        if self._finished_listening:
+            return
+        stack, lock = self._exit_stack, self._finished_lock
+        if stack is None or lock is None:
+            raise RuntimeError("this Server is not open: use `async with server:`")
+        async with lock:
+            if not self._finished_listening:
+                await stack.enter_async_context(
+                    self.broker.subscribe(FINISHED_CHANNEL, self._on_event)
+                )
+                self._finished_listening = True
 
     async def __aexit__(
         self,
@@ -883,9 +905,7 @@ class Server:
 
     async def _cancelled(self, job_id: str, record: JobRecord) -> None:
         if record.status == Status.CANCELLED.value:
-            await self.broker.publish(
-                EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, Status.CANCELLED.value)
-            )
+            await self.publish_finished(job_id, Status.CANCELLED)
             try:
                 msg = self.decode_record(record)
             except DecodeError:
@@ -919,6 +939,7 @@ class Server:
         if self._exit_stack is None:
             raise RuntimeError("Server.wait() needs an open server: use `async with server:`")
         validate_id(job_id)
+        await self._listen_finished()  # before reading the state: no end goes unseen
         event = anyio.Event()
         waiters = self._waiters.setdefault(job_id, set())
         waiters.add(event)
@@ -953,8 +974,9 @@ class Server:
             )
 
     async def publish_finished(self, job_id: str, status: Status) -> None:
+        """Announce that a job ended (wakes :meth:`wait` callers, on any server)."""
         await self.broker.publish(
-            EVENTS_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value)
+            FINISHED_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value)
         )
 
     # -- running ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import attrs
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._codec import decode_message
+from ._codec import EVENT_FINISHED, FINISHED_CHANNEL, decode_message, encode_event
 from ._exceptions import (
     DecodeError,
     JobCancelledError,
@@ -434,11 +434,31 @@ class Worker:
     ) -> None:
         # The stored status is authoritative over the one inside ``data``, so the
         # processing message's bytes serve the final record as they are.
+        record = JobRecord(status="successful", data=data, run=run.token)
+        meta = msg.meta
+        finished = _finished(msg.id, Status.SUCCESSFUL)
+        if (
+            (task is None or task.on_success is None)
+            and not msg.job.on_success
+            and meta.group_id is None
+            and meta.chain_id is None
+        ):
+            # Nothing happens between the record and the ack: one step where the
+            # results store and the broker can make it one.
+            if await self.results.end_job(
+                msg.id,
+                record,
+                expect=_PROCESSING,
+                run=run.token,
+                delivery=delivery,
+                announce=finished,
+            ):
+                self.server.metrics.record("successful", msg.job.task, meta.queue, run.duration)
+            else:
+                self._ended_elsewhere(msg)
+            return
         if not await self.results.update_job(
-            msg.id,
-            JobRecord(status="successful", data=data, run=run.token),
-            expect=_PROCESSING,
-            run=run.token,
+            msg.id, record, expect=_PROCESSING, run=run.token
         ):
             self._ended_elsewhere(msg)
             await delivery.ack()
@@ -452,7 +472,7 @@ class Worker:
         for parent_id, status in ended:  # once the follow-ups exist
             await self.server.publish_parent(parent_id, status)
         await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
-        self.server.metrics.record("successful", msg.job.task, msg.meta.queue, run.duration)
+        self.server.metrics.record("successful", msg.job.task, meta.queue, run.duration)
 
     async def _finish_error(
         self,
@@ -509,6 +529,25 @@ class Worker:
             description,
             extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
         )
+        if (
+            (task is None or task.on_failed is None)
+            and not msg.job.on_error
+            and meta.group_id is None
+            and meta.chain_id is None
+        ):
+            # nothing happens between the record and the ack: one step (see success)
+            if await self.results.end_job(
+                msg.id,
+                self._record(failed, run.token),
+                expect=_PROCESSING,
+                run=run.token,
+                delivery=delivery,
+                announce=_finished(msg.id, Status.FAILED),
+            ):
+                self.server.metrics.record("failed", msg.job.task, meta.queue, run.duration)
+            else:
+                self._ended_elsewhere(msg)
+            return
         if not await self.results.update_job(
             msg.id, self._record(failed, run.token), expect=_PROCESSING, run=run.token
         ):
@@ -599,6 +638,11 @@ class Worker:
                 job_id,
                 extra={"job_id": job_id},
             )
+
+
+def _finished(job_id: str, status: Status) -> list[tuple[str, bytes]]:
+    """The announcement of a job's end (what :meth:`Server.publish_finished` sends)."""
+    return [(FINISHED_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value))]
 
 
 def _envelope(msg: JobMessage, data: bytes) -> Envelope:

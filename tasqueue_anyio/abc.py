@@ -146,11 +146,20 @@ class Delivery(metaclass=ABCMeta):
         """How many times this message has been delivered, this time included (1 first)."""
 
     @abstractmethod
-    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+    async def ack(
+        self,
+        *,
+        enqueue: Sequence[Envelope] = (),
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
         """Remove the message for good and, in the same step, enqueue ``enqueue``.
 
         Brokers that can make the two one atomic write (or one round trip) do so; the
         others enqueue first, then remove, so a crash in between repeats, never loses.
+
+        ``announce`` is ``(channel, message)`` pairs to publish (as
+        :meth:`Broker.publish` would, best effort) once the message is removed, in the
+        same step where the broker can; nothing is published when the lease was lost.
 
         :raises LeaseLostError: the lease was lost to another delivery of the message,
             whose run now owns the job (nothing was changed)
@@ -314,6 +323,31 @@ class Results(metaclass=ABCMeta):
 
         :return: whether ``record`` was written
         """
+
+    async def end_job(
+        self,
+        job_id: str,
+        record: JobRecord,
+        *,
+        expect: Collection[str],
+        run: str | None,
+        delivery: Delivery,
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        """Record the end of a run and settle its delivery: :meth:`update_job`, then
+        ``delivery.ack()`` whether or not the record was written (a run whose job ended
+        elsewhere has nothing left to do either), publishing ``announce`` only if it was.
+
+        A store that shares a server with the broker may do both in one atomic step (the
+        Redis store does, for a Redis broker on the same server); this default makes
+        two calls, the record first, so a crash in between only repeats the delivery.
+
+        :return: whether ``record`` was written
+        :raises LeaseLostError: the ack found the lease lost (the record may be written)
+        """
+        written = await self.update_job(job_id, record, expect=expect, run=run)
+        await delivery.ack(announce=announce if written else ())
+        return written
 
     @abstractmethod
     async def request_cancel(self, job_id: str) -> JobRecord:

@@ -1,45 +1,86 @@
 """The application ``tests/test_nats_reliability.py`` runs as worker processes (not a test
-module): ``python -m tasqueue_anyio.cli worker nats_reliability_app:make_server``.
+module): ``python -m tasqueue_anyio.cli worker nats_reliability_app:make_server``, or forked
+by :func:`fork_server`.
 
 Configured by the environment:
 
 - ``NATS_RELIABILITY_URL``: the NATS server (default ``nats://127.0.0.1:4222``)
 - ``NATS_RELIABILITY_NAME``: the broker prefix and results bucket, one per test
 - ``NATS_RELIABILITY_ACK_WAIT``: the broker's ack wait in seconds (default 1.5)
+- ``NATS_RELIABILITY_CONCURRENCY``: processors of :data:`QUEUE` (default 2)
 
-The one task, ``hold`` (payload: comma-separated seconds, one per attempt, the last one
-repeating), sleeps for its attempt's duration, then saves ``"<pid>:<attempt>"`` as the
-job's result. A save refused because the run lost the job is logged (with the pid) and
-raised.
+The tasks:
+
+- ``hold`` (payload: comma-separated seconds, one per attempt, the last one repeating)
+  sleeps for its attempt's duration, then saves ``"<pid>:<attempt>"`` as the job's result.
+  A save refused because the run lost the job is logged (with the pid) and raised.
+- ``effect`` (payload: seconds to sleep, default none) sleeps, then leaves its traces in
+  the stream :attr:`Effects.stream` (``<NAME>_fx``, which the test creates), in one
+  pipelined round trip: it counts an execution (a message on ``<NAME>_fx.x.<job id>``,
+  every time) and performs the idempotent effect, a message on ``<NAME>_fx.e.<job id>``
+  published with ``Nats-Expected-Last-Subject-Sequence: 0``, which the stream stores
+  only while that subject is empty (a later run's copy is refused, and ignored).
+- ``nap`` (payload: seconds to sleep) only sleeps: it never touches NATS itself, so a
+  server outage reaches nothing but the library.
+
+Importing this module has no side effects: the worker command names the factory
+(``nats_reliability_app:make_server``), which reads the environment when the worker starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 
 import anyio
 
 from tasqueue_anyio import JobContext, LeaseLostError, Server
+from tasqueue_anyio._nats.jetstream import WrongLastSequenceError
+from tasqueue_anyio._nats.protocol import NatsError
+from tasqueue_anyio._nats_backend import decode_token, encode_token
 from tasqueue_anyio.brokers.nats import NatsBroker
 from tasqueue_anyio.results.nats import NatsResults
 
-__all__ = ["QUEUE", "make_server"]
+__all__ = ["QUEUE", "Effects", "fork_server", "make_server"]
 
-#: The queue of the task.
+#: The queue of every task of this app.
 QUEUE = "rel"
 
 log = logging.getLogger("nats_reliability_app")
 
 
+class Effects:
+    """The stream and subjects of the ``effect`` task's traces under one name."""
+
+    def __init__(self, name: str) -> None:
+        self.stream = f"{name}_fx"
+        self.executions = f"{self.stream}.x.*"
+        self.effects = f"{self.stream}.e.*"
+
+    def executed(self, job_id: str) -> str:
+        return f"{self.stream}.x.{encode_token(job_id)}"
+
+    def effect(self, job_id: str) -> str:
+        return f"{self.stream}.e.{encode_token(job_id)}"
+
+    def job_id(self, subject: str) -> str:
+        """The job id of a trace's subject (the reverse of :meth:`executed`, :meth:`effect`)."""
+        return decode_token(subject.rsplit(".", 1)[1])
+
+
 def make_server(
     url: str | None = None, name: str | None = None, ack_wait: float | None = None
 ) -> Server:
-    """A server with this app's task, on the NATS server the environment names."""
+    """A server with this app's tasks, on the NATS server the environment names."""
     url = url or os.environ.get("NATS_RELIABILITY_URL", "nats://127.0.0.1:4222")
     name = name or os.environ.get("NATS_RELIABILITY_NAME", "tasqueue-reliability")
     if ack_wait is None:
         ack_wait = float(os.environ.get("NATS_RELIABILITY_ACK_WAIT", "1.5"))
+    concurrency = int(os.environ.get("NATS_RELIABILITY_CONCURRENCY", "2"))
+    broker = NatsBroker(url, prefix=name, ack_wait=ack_wait)
+    effects = Effects(name)
     pid = os.getpid()
 
     async def hold(payload: bytes, ctx: JobContext) -> None:
@@ -54,9 +95,85 @@ def make_server(
             )
             raise
 
-    server = Server(
-        broker=NatsBroker(url, prefix=name, ack_wait=ack_wait),
-        results=NatsResults(url, bucket=name),
-    )
-    server.register_task("hold", hold, queue=QUEUE, concurrency=2)
+    async def effect(payload: bytes, ctx: JobContext) -> None:
+        job_id = ctx.job_id
+        await anyio.sleep(float(payload or b"0"))
+        trace = f"{pid}:{ctx.meta.attempt}".encode()
+        executed, performed = await broker.publish_many(
+            [
+                (effects.executed(job_id), trace, ()),
+                (effects.effect(job_id), trace, [("Nats-Expected-Last-Subject-Sequence", "0")]),
+            ]
+        )
+        if isinstance(executed, NatsError):
+            raise executed
+        # refused as a second copy: an earlier run of the job performed it, done
+        if isinstance(performed, NatsError) and not isinstance(performed, WrongLastSequenceError):
+            raise performed
+
+    async def nap(payload: bytes, ctx: JobContext) -> None:
+        await anyio.sleep(float(payload or b"0"))
+
+    server = Server(broker=broker, results=NatsResults(url, bucket=name))
+    server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency)
+    server.register_task("effect", effect, queue=QUEUE)
+    server.register_task("nap", nap, queue=QUEUE)
     return server
+
+
+def fork_server() -> None:
+    """Fork worker processes on request, from an interpreter that imported the library once.
+
+    A cold ``python -m tasqueue_anyio.cli worker ...`` spends about half a second of CPU on
+    its imports (seconds of wall time on a busy two-core machine), about the two seconds
+    between kills of the kill storm. This server imports everything first, then reads
+    commands on stdin, one a line, answering each on stdout:
+
+    - ``fork BACKEND LOG``: fork a child that runs the worker command's own entry point,
+      ``tasqueue_anyio.cli.main(["worker", "nats_reliability_app:make_server",
+      "--backend", BACKEND])``, its stdout and stderr appended to the file ``LOG``;
+      answers its pid.
+    - ``reap PID``: wait for that child to end (it stays a zombie until then, so its pid
+      cannot be reused by another process before the test has killed it); answers ``ok``.
+
+    It ends at the end of its input. Run it with the worker environment (see above) and
+    ``python -c "import nats_reliability_app; nats_reliability_app.fork_server()"``.
+    """
+    # everything a worker imports, once (Trio is a test dependency)
+    import anyio._backends._asyncio
+    import anyio._backends._trio  # noqa: F401
+
+    import tasqueue_anyio.cli as cli
+
+    for line in sys.stdin:
+        command, *args = line.rstrip("\n").split(" ", 2)
+        if command == "fork":
+            backend, log_path = args
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+                    os.close(fd)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.close(null)
+                    code = cli.main(
+                        ["worker", "nats_reliability_app:make_server", "--backend", backend]
+                    )
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            print(pid, flush=True)
+        elif command == "reap":
+            os.waitpid(int(args[0]), 0)
+            print("ok", flush=True)
+        else:
+            print(f"unknown command {command!r}", flush=True)

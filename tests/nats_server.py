@@ -7,8 +7,9 @@ directory of the environment). :func:`find_binary` looks there first, then on ``
 :func:`start_nats_server` runs one on a free loopback port (127.0.0.1 only) with JetStream
 and a temporary store directory, optionally with a configuration file, and returns once it
 answers a client handshake (``INFO``, then ``PONG`` to ``CONNECT``+``PING``).
-:meth:`NatsServer.stop` terminates it by its own pid; :meth:`NatsServer.restart` starts it
-again on the same port and store. :func:`shared_nats_server` is the one plain server of the
+:meth:`NatsServer.stop` terminates it by its own pid (:meth:`NatsServer.kill`: ``SIGKILL``);
+:meth:`NatsServer.start` and :meth:`NatsServer.restart` start it again on the same port
+and store. :func:`shared_nats_server` is the one plain server of the
 session, started on first use and stopped by ``conftest.py`` at the end. Without the binary
 the tests that need it are skipped.
 """
@@ -141,6 +142,14 @@ class NatsServer:
                 process.kill()
                 process.wait(5)
 
+    def kill(self) -> None:
+        """``SIGKILL`` the process by its pid (no shutdown, nothing flushed) and reap it;
+        :meth:`start` brings it back on the same port with the same store."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(5)
+
     def restart(self) -> None:
         """Stop, then start again on the same port with the same store."""
         self.stop()
@@ -152,22 +161,27 @@ class NatsServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_nats_server(config: str | None = None) -> NatsServer:
+def start_nats_server(config: str | None = None, directory: Path | None = None) -> NatsServer:
     """Start a ``nats-server -js`` on a free loopback port; skip the test without a binary.
 
     :param config: text of a configuration file (authorization, TLS...); the port, address,
         JetStream and store directory are given on the command line
+    :param directory: where the server keeps its JetStream store (``store``), log and
+        configuration (created if missing; default a new temporary directory, which
+        :meth:`NatsServer.close` removes, as it removes this one)
     """
     binary = require_binary()
     last: Exception | None = None
     for _ in range(3):  # a free port can be taken between the probe and the bind
-        server = NatsServer(
-            binary, _free_port(), Path(tempfile.mkdtemp(prefix="tasqueue-nats-")), config
-        )
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        where = directory or Path(tempfile.mkdtemp(prefix="tasqueue-nats-"))
+        server = NatsServer(binary, _free_port(), where, config)
         try:
             server.start()
         except RuntimeError as exc:
-            server.close()
+            if directory is None:
+                server.close()
             last = exc
             if "address already in use" not in str(exc).lower():
                 raise

@@ -9,17 +9,26 @@ by its own pid when the test ends.
 - a worker ``SIGKILL``-ed mid-job: JetStream delivers the job again after the ack wait and
   it ends on the other worker, attempt 2;
 - a zombie: the owner of a job ``SIGSTOP``-ped past the ack wait, another worker ends the
-  job, the owner resumes: its late result, state write and ack are refused.
+  job, the owner resumes: its late result, state write and ack are refused;
+- a kill storm: 3 workers (forked by the app's fork server: a cold interpreter start costs
+  about the 2 s between kills on a busy machine), 2,000 jobs, a worker ``SIGKILL``-ed and
+  restarted every 2 s: every job ends successful, its idempotent effect recorded once,
+  nothing left in the stream or held by the consumer;
+- nats-server ``SIGKILL``-ed mid-load and restarted on the same port and file store (a
+  server of the test's own): every acknowledged enqueue completes, the workers reconnect
+  within the client's bounded backoff and do not spin while the server is away, and the
+  event subscriptions (waits, cancel requests) and the cron scheduler work again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from uuid import uuid4
@@ -27,9 +36,15 @@ from uuid import uuid4
 import anyio
 import nats_reliability_app
 import pytest
-from nats_server import NatsServer
+from nats_server import NatsServer, start_nats_server
 
-from tasqueue_anyio import Job, Server, Status
+from tasqueue_anyio import BrokerError, Job, JobMessage, Server, Status
+from tasqueue_anyio._nats.jetstream import ConsumerNotFoundError, StreamConfig
+from tasqueue_anyio._nats.protocol import NatsError
+from tasqueue_anyio.brokers.nats import NatsBroker
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -162,3 +177,547 @@ async def test_zombie_owner_resumed_after_its_ack_wait_cannot_write(
         assert await server.get_result(job_id) == f"{os.getpid()}:2".encode()
         info = await server.broker.js.stream_info(server.broker.stream)  # type: ignore[attr-defined]
         assert info.messages == 0
+
+
+# -- fleets of worker processes (the kill storm, the server restart) ---------------------------
+
+#: The bound of one whole fleet test (seconds); each aims at well under 30.
+TEST_TIMEOUT = 80.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class WorkerProcess:
+    """A worker process: a child of this process, or of the fleet's fork server. Its stdout
+    and stderr go to a log file. Until :meth:`kill` reaps it, it stays at least a zombie,
+    so its pid names no other process."""
+
+    def __init__(self, pid: int, log_path: Path, backend: str, reap: Callable[[], object]) -> None:
+        self.pid = pid
+        self.log_path = log_path
+        self.backend = backend
+        self._reap = reap
+        self.reaped = False
+
+    def __repr__(self) -> str:
+        return f"<worker pid={self.pid} {self.backend}>"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _stat(self) -> list[str] | None:
+        if self.reaped:
+            return None
+        try:
+            text = Path(f"/proc/{self.pid}/stat").read_text()
+        except FileNotFoundError:
+            return None
+        return text[text.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
+
+    @property
+    def alive(self) -> bool:
+        fields = self._stat()
+        return fields is not None and fields[0] not in ("Z", "X")
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time this process has used so far, every thread included."""
+        fields = self._stat()
+        assert fields is not None, f"{self!r} is gone"
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+
+    def kill(self) -> None:
+        """``SIGKILL`` it by its pid, and reap it."""
+        if self.reaped:
+            return
+        if self.alive:
+            os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.alive and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._reap()
+        self.reaped = True
+
+
+class ForkServer:
+    """``nats_reliability_app.fork_server()`` in a child process: forks workers that skip
+    the cold start of an interpreter (see its docstring)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import nats_reliability_app; nats_reliability_app.fork_server()",
+                ],
+                cwd=TESTS,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+
+    def ask(self, command: str) -> str:
+        """Send one command; its answer (blocks until the server has imported everything)."""
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(command + "\n")
+        stdin.flush()
+        answer = stdout.readline()
+        if not answer:
+            log = self.log_path.read_text(errors="replace")
+            raise RuntimeError(f"the fork server ended: {log[-3000:]}")
+        return answer.strip()
+
+    def close(self) -> None:
+        """End it (at the end of its input; killed by its pid after 5 s)."""
+        process = self.process
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+class Fleet:
+    """One test's stream, bucket and effects stream (a name of its own) and its workers:
+    ``python -m tasqueue_anyio.cli worker nats_reliability_app:make_server`` processes, or,
+    with ``forked``, children of a :class:`ForkServer` running the same entry point
+    (``tasqueue_anyio.cli.main``) without the cold start."""
+
+    def __init__(self, url: str, directory: Path, concurrency: int, forked: bool) -> None:
+        self.url = url
+        self.name = f"rel{uuid4().hex[:10]}"
+        self.directory = directory
+        self.effects = nats_reliability_app.Effects(self.name)
+        path = os.pathsep.join(filter(None, [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH")]))
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": path,
+            "NATS_RELIABILITY_URL": url,
+            "NATS_RELIABILITY_NAME": self.name,
+            "NATS_RELIABILITY_ACK_WAIT": repr(ACK_WAIT),
+            "NATS_RELIABILITY_CONCURRENCY": str(concurrency),
+        }
+        self.workers: list[WorkerProcess] = []
+        self.fork_server = ForkServer(self.env, directory / "fork-server.log") if forked else None
+
+    async def start(self, backend: str) -> WorkerProcess:
+        """Start a worker process on ``backend``."""
+        log = self.directory / f"worker{len(self.workers) + 1}-{backend}.log"
+        fork_server = self.fork_server
+        if fork_server is not None:
+            pid = int(await anyio.to_thread.run_sync(fork_server.ask, f"fork {backend} {log}"))
+            worker = WorkerProcess(pid, log, backend, lambda: fork_server.ask(f"reap {pid}"))
+        else:
+            worker = self._spawn(backend, log)
+        self.workers.append(worker)
+        return worker
+
+    def _spawn(self, backend: str, log: Path) -> WorkerProcess:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tasqueue_anyio.cli",
+                    "worker",
+                    "nats_reliability_app:make_server",
+                    "--backend",
+                    backend,
+                ],
+                cwd=TESTS,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        return WorkerProcess(process.pid, log, backend, lambda: process.wait(5))
+
+    def close(self) -> None:
+        """Kill every worker this fleet started, each by its pid; end the fork server.
+        Idempotent."""
+        for worker in self.workers:
+            with contextlib.suppress(Exception):  # keep killing the others
+                worker.kill()
+        if self.fork_server is not None:
+            self.fork_server.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w!r}\n{w.log[-3000:]}" for w in self.workers)
+
+    async def wait_consuming(self, server: Server, count: int) -> None:
+        """Wait until ``count`` workers consume the queue: each keeps a pull request
+        waiting on the queue's consumer while the queue is empty."""
+        broker = nats_broker(server)
+
+        async def consuming() -> bool:
+            try:
+                info = await broker.js.consumer_info(broker.stream, QUEUE)
+            except ConsumerNotFoundError:
+                return False
+            return info.num_waiting >= count
+
+        await wait_until(consuming, f"{count} workers consuming", self)
+
+    async def queue_state(self, server: Server) -> dict[str, int]:
+        """Messages in the broker's stream; messages of the queue's consumer not yet
+        delivered, and delivered but not acknowledged."""
+        broker = nats_broker(server)
+        stream = await broker.js.stream_info(broker.stream)
+        consumer = await broker.js.consumer_info(broker.stream, QUEUE)
+        return {
+            "messages": stream.messages,
+            "num_pending": consumer.num_pending,
+            "num_ack_pending": consumer.num_ack_pending,
+        }
+
+    async def wait_drained(self, server: Server) -> None:
+        """Wait until every message of the stream was acknowledged: none left in the
+        stream, none pending or held on the consumer (a crashed worker's come back after
+        the ack wait and are acked by the next delivery)."""
+
+        async def drained() -> bool:
+            return not any((await self.queue_state(server)).values())
+
+        await wait_until(drained, "the queue to drain", self, timeout=ACK_WAIT * 4 + 10)
+
+
+def nats_broker(server: Server) -> NatsBroker:
+    broker = server.broker
+    assert isinstance(broker, NatsBroker)
+    return broker
+
+
+@contextmanager
+def fleet(
+    url: str, directory: Path, *, concurrency: int = 4, forked: bool = False
+) -> Iterator[Fleet]:
+    """A :class:`Fleet`; every worker it started is killed (by its pid) on exit."""
+    f = Fleet(url, directory, concurrency, forked)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@asynccontextmanager
+async def opened(f: Fleet) -> AsyncIterator[Server]:
+    """The test side's server on the fleet's stream and bucket, with the effects stream
+    created; on exit the fleet's workers are killed (so none creates the stream again),
+    then all three are deleted."""
+    server = nats_reliability_app.make_server(f.url, f.name, ACK_WAIT)
+    try:
+        async with server:
+            broker = nats_broker(server)
+            await broker.js.ensure_stream(
+                StreamConfig(name=f.effects.stream, subjects=[f"{f.effects.stream}.>"])
+            )
+            try:
+                yield server
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(20):
+                    await anyio.to_thread.run_sync(f.close)
+                    for stream in (broker.stream, f.effects.stream):
+                        with contextlib.suppress(NatsError):
+                            await broker.js.delete_stream(stream)
+                    with contextlib.suppress(NatsError, BrokerError):
+                        await server.results.drop()  # type: ignore[attr-defined]
+    except BaseExceptionGroup as group:
+        # the backends' task groups wrap what the block raised: show it as it was
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if leaf is group:
+            raise
+        raise leaf from None
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]],
+    what: str,
+    f: Fleet | None = None,
+    *,
+    timeout: float = STEP,
+    interval: float = 0.05,
+) -> None:
+    """Poll ``predicate`` until it is true; fail (with the workers' logs) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() >= deadline:
+            logs = f.logs() if f is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{logs}")
+        await anyio.sleep(interval)
+
+
+async def get_jobs(server: Server, ids: Sequence[str]) -> dict[str, JobMessage]:
+    """Every job's stored state (concurrent reads)."""
+    out: dict[str, JobMessage] = {}
+
+    async def read(chunk: Sequence[str]) -> None:
+        for job_id in chunk:
+            out[job_id] = await server.get_job(job_id)
+
+    async with anyio.create_task_group() as tg:
+        for start in range(0, len(ids), 100):
+            tg.start_soon(read, ids[start : start + 100])
+    return out
+
+
+async def traces(server: Server, subjects: str, f: Fleet) -> dict[str, int]:
+    """How many messages the effects stream holds per job id, on ``subjects``."""
+    broker = nats_broker(server)
+    info = await broker.js.stream_info(f.effects.stream, subjects_filter=subjects)
+    return {f.effects.job_id(subject): count for subject, count in info.subjects.items()}
+
+
+#: The kill storm: jobs, the seconds each sleeps, processors per worker, seconds between kills.
+STORM_JOBS = 2000
+STORM_JOB_SECONDS = b"0.05"
+STORM_CONCURRENCY = 8
+STORM_KILL_EVERY = 2.0
+
+
+async def test_kill_storm_every_job_completes_with_its_effect_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    backends = ["asyncio", "trio", "asyncio"]
+    with (
+        anyio.fail_after(TEST_TIMEOUT),
+        fleet(nats_server.url, tmp_path, concurrency=STORM_CONCURRENCY, forked=True) as f,
+    ):
+        workers = [await f.start(backend) for backend in backends]
+        async with opened(f) as server:
+            await f.wait_consuming(server, len(workers))
+            jobs = [Job("effect", STORM_JOB_SECONDS, queue=QUEUE) for _ in range(STORM_JOBS)]
+            began = time.monotonic()
+            ids = await server.enqueue_many(jobs)
+            kills = 0
+            next_kill = began + STORM_KILL_EVERY
+            next_count = began
+            while True:
+                now = time.monotonic()
+                if now >= next_count:
+                    if len(await server.get_success()) >= STORM_JOBS:
+                        break
+                    next_count = time.monotonic() + 0.25
+                if now >= next_kill:
+                    slot = kills % len(workers)
+                    workers[slot].kill()
+                    workers[slot] = await f.start(backends[slot])
+                    kills += 1
+                    next_kill += STORM_KILL_EVERY
+                if now - began > TEST_TIMEOUT - 15:
+                    pytest.fail(
+                        f"{len(await server.get_success())} of {STORM_JOBS} jobs ended "
+                        f"after {kills} kills\n{f.logs()}"
+                    )
+                await anyio.sleep(0.05)
+            all_done = time.monotonic() - began
+            await f.wait_drained(server)
+            drained = time.monotonic() - began
+
+            # every job in a final state: successful
+            assert sorted(await server.get_success()) == sorted(ids)
+            assert await server.get_failed() == []
+            states = await get_jobs(server, ids)
+            assert {msg.status for msg in states.values()} == {Status.SUCCESSFUL}
+            redelivered = sum(1 for msg in states.values() if msg.meta.attempt > 1)
+            redeliveries = sum(msg.meta.attempt - 1 for msg in states.values())
+            # each effect once per job id, however many times the job ran
+            effects = await traces(server, f.effects.effects, f)
+            assert set(effects) == set(ids)
+            assert set(effects.values()) == {1}
+            executions = await traces(server, f.effects.executions, f)
+            assert set(executions) == set(ids)
+            executed = sum(executions.values())
+            assert executed >= STORM_JOBS
+            # nothing left in the stream, pending or held on the consumer
+            assert await f.queue_state(server) == {
+                "messages": 0,
+                "num_pending": 0,
+                "num_ack_pending": 0,
+            }
+            assert await server.get_pending(QUEUE) == []
+            # the storm did rage, and the workers not killed last are still up
+            assert kills >= 2, f"only {kills} kills: the jobs ended too soon"
+            assert all(w.alive for w in workers), f.logs()
+            print(
+                f"\nNATS kill storm: {STORM_JOBS} jobs of {STORM_JOB_SECONDS.decode()}s on "
+                f"{len(workers)} workers x {STORM_CONCURRENCY}, {kills} SIGKILLs (every "
+                f"{STORM_KILL_EVERY:g}s): {executed} executions reached the effect, "
+                f"{len(effects)} effects recorded ({executed - STORM_JOBS} duplicate "
+                f"executions by redelivery), {redeliveries} redeliveries of {redelivered} "
+                f"jobs; all successful after {all_done:.1f}s, stream drained after "
+                f"{drained:.1f}s"
+            )
+
+
+#: The server restart: jobs enqueued at first, the seconds each sleeps, the outage.
+RESTART_JOBS = 200
+RESTART_JOB_SECONDS = b"0.05"
+OUTAGE = 3.0
+#: Concurrent producers enqueueing through the outage.
+PRODUCERS = 3
+#: The client's longest backoff between reconnect attempts (``Client.reconnect_max_wait``).
+RECONNECT_MAX_WAIT = 4.0
+#: The id of the restart test's cron schedule.
+CRON = "every-second"
+
+
+async def test_nats_server_killed_and_restarted_mid_load_loses_no_acknowledged_job(
+    tmp_path: Path,
+) -> None:
+    nats = start_nats_server(directory=tmp_path / "nats")
+    try:
+        with anyio.fail_after(TEST_TIMEOUT), fleet(nats.url, tmp_path) as f:
+            workers = [await f.start("asyncio"), await f.start("trio")]
+            async with opened(f) as server:
+                broker = nats_broker(server)
+                # the queue's stream and the results bucket are on disk
+                for stream in (broker.stream, f"KV_{f.name}"):
+                    info = await broker.js.stream_info(stream)
+                    assert info.config["storage"] == "file", stream
+                await f.wait_consuming(server, len(workers))
+                # a cron schedule firing every second: the workers' schedulers make
+                # passes while the server is away too
+                await server.enqueue(Job("nap", b"0", queue=QUEUE, schedule="* * * * * *", id=CRON))
+
+                acknowledged = await server.enqueue_many(
+                    [Job("nap", RESTART_JOB_SECONDS, queue=QUEUE) for _ in range(RESTART_JOBS)]
+                )
+                refused = 0
+                tried_while_down = 0
+                producing = True
+                down = False
+
+                async def produce() -> None:
+                    """One enqueue every 50 ms, through the outage: the ones that
+                    returned are acknowledged. (The client queues what is published
+                    while the server is away and sends it once reconnected: an enqueue
+                    begun in the outage is acknowledged if the reply comes within the
+                    backend's timeout, refused otherwise.)"""
+                    nonlocal refused, tried_while_down
+                    while producing:
+                        job = Job("nap", RESTART_JOB_SECONDS, queue=QUEUE)
+                        if down:
+                            tried_while_down += 1
+                        try:
+                            await server.enqueue(job)
+                        except BrokerError:
+                            refused += 1
+                        else:
+                            acknowledged.append(job.id)
+                        await anyio.sleep(0.05)
+
+                async def succeeded() -> int:
+                    try:
+                        return len(await server.get_success())
+                    except BrokerError:  # the test's own client reconnects
+                        return 0
+
+                async def some_done() -> bool:
+                    return await succeeded() >= 20
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(PRODUCERS):
+                        tg.start_soon(produce)
+                    await wait_until(some_done, "the first jobs to end", f)
+                    done_before = await succeeded()
+                    cpu_before = [w.cpu_seconds() for w in workers]
+                    log_before = [len(w.log) for w in workers]
+                    down_at = time.monotonic()
+                    nats.kill()
+                    down = True
+                    await anyio.sleep(OUTAGE)
+                    outage = time.monotonic() - down_at
+                    cpu = [
+                        w.cpu_seconds() - before
+                        for w, before in zip(workers, cpu_before, strict=True)
+                    ]
+                    await anyio.to_thread.run_sync(nats.start)
+                    down = False
+                    up_at = time.monotonic()
+                    up_wall = time.time()
+
+                    async def progressing() -> bool:
+                        return await succeeded() > done_before
+
+                    await wait_until(progressing, "the workers to reconnect", f, interval=0.02)
+                    reconnected_after = time.monotonic() - up_at
+                    await anyio.sleep(0.5)
+                    producing = False
+
+                assert done_before < len(acknowledged)  # killed mid-processing
+                assert tried_while_down > 0  # enqueues were begun while the server was down
+
+                acked = set(acknowledged)
+
+                async def all_acknowledged_done() -> bool:
+                    return acked <= set(await server.get_success())
+
+                await wait_until(all_acknowledged_done, "every acknowledged job", f, timeout=30)
+                states = await get_jobs(server, acknowledged)
+                assert {msg.status for msg in states.values()} == {Status.SUCCESSFUL}
+
+                # both clients of each worker (broker, results) lost the server and
+                # reconnected, once (the client logs both; one worker may end every job
+                # while a client of the other still waits out its backoff)
+                def counts(line: str) -> list[int]:
+                    return [
+                        w.log[start:].count(line)
+                        for w, start in zip(workers, log_before, strict=True)
+                    ]
+
+                async def all_reconnected() -> bool:
+                    return min(counts("NATS reconnected")) >= 2
+
+                await wait_until(all_reconnected, "every worker's clients to reconnect", f)
+                assert counts("NATS connection lost") == [2] * len(workers), f.logs()
+                assert counts("NATS reconnected") == [2] * len(workers), f.logs()
+
+                # the event subscriptions came back: this process's (a wait is woken by
+                # the job's end event only) and the workers' (a cancel request)
+                assert broker.client.is_connected
+                await broker.client.flush()
+                job_id = await server.enqueue(Job("nap", b"0", queue=QUEUE))
+                assert (await server.wait(job_id, timeout=STEP)).status is Status.SUCCESSFUL
+                held = await server.enqueue(Job("hold", b"60", queue=QUEUE))
+                await wait_status(server, held, Status.PROCESSING)
+                await server.cancel(held)
+                assert (await server.wait(held, timeout=STEP)).status is Status.CANCELLED
+
+                # the schedule fires again after the restart (run ids: "<id>@<fire ms>")
+                async def cron_ran_again() -> bool:
+                    return any(
+                        job_id.startswith(f"{CRON}@")
+                        and int(job_id[len(CRON) + 1 :]) > up_wall * 1000
+                        for job_id in await server.get_success()
+                    )
+
+                await wait_until(cron_ran_again, "a cron run after the restart", f)
+                assert await server.remove_schedule(CRON)
+                await f.wait_drained(server)
+
+                # the workers survived the outage, reconnected within the client's
+                # bounded backoff, and idled (no busy loop) while the server was away
+                assert all(w.alive for w in workers), f.logs()
+                assert reconnected_after <= RECONNECT_MAX_WAIT + ACK_WAIT + 3, f.logs()
+                for worker, used in zip(workers, cpu, strict=True):
+                    assert used < 0.5 * outage, f"{worker!r} used {used:.2f}s CPU in {outage:.1f}s"
+                print(
+                    f"\nnats-server restart: {len(acknowledged)} acknowledged enqueues all "
+                    f"successful ({tried_while_down} begun while the server was down, "
+                    f"{refused} refused); outage {outage:.1f}s, "
+                    f"worker CPU during it {', '.join(f'{c:.2f}s' for c in cpu)}; jobs ending "
+                    f"again {reconnected_after:.1f}s after the restart"
+                )
+    finally:
+        nats.stop()  # its store and log stay in tmp_path

@@ -259,6 +259,105 @@ async def test_lost_lease_refuses_ack_with_enqueue(
             assert await owner.get_pending(queue) == [b"follow-up"]
 
 
+async def evalsha_calls(client: coredis.Redis[bytes]) -> int:
+    entry = (await client.info("commandstats")).get("cmdstat_evalsha")
+    return int(entry["calls"]) if isinstance(entry, dict) else 0
+
+
+async def test_end_job_on_one_server_is_one_script(redis_server: RedisServer) -> None:
+    """The record, the ack and the announcement of a run's end: one script call."""
+    name, queue = prefix(), "fused"
+    heard: list[bytes] = []
+    client = coredis.Redis(host="127.0.0.1", port=redis_server.port)
+    async with (
+        client,
+        RedisBroker(client=client, prefix=name, lease=30) as broker,
+        RedisResults(client=client, prefix=name) as results,
+    ):
+        await broker.enqueue(envelope(queue, b"job"))
+        async with consuming(broker, queue) as stream:
+            delivery = await receive(stream)
+        assert (
+            await results.start_job("j", JobRecord(status="processing", data=b"m", run="0.1"))
+            is None
+        )
+        async with broker.subscribe("ends", heard.append):
+            before = await evalsha_calls(client)
+            assert await results.end_job(
+                "j",
+                JobRecord(status="successful", data=b"m", run="0.1"),
+                expect=("processing",),
+                run="0.1",
+                delivery=delivery,
+                announce=[("ends", b"j ended")],
+            )
+            assert await evalsha_calls(client) == before + 1
+            with anyio.fail_after(TIMEOUT):
+                while not heard:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        assert heard == [b"j ended"]
+        assert (await results.get_job("j")).status == "successful"
+        assert await results.get_success() == ["j"]
+        await delivery.nack()  # settled: does nothing
+        assert await broker.get_pending(queue) == []
+
+
+async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
+    redis_server: RedisServer,
+) -> None:
+    name, queue = prefix(), "fused-fence"
+    heard: list[bytes] = []
+    client = coredis.Redis(host="127.0.0.1", port=redis_server.port)
+    async with client, RedisResults(client=client, prefix=name) as results:
+        zombie = RedisBroker(client=client, prefix=name, lease=0.2)
+        async with zombie:
+            await zombie.enqueue(envelope(queue, b"job"))
+            async with consuming(zombie, queue) as stream:
+                first = await receive(stream)
+        assert (
+            await results.start_job("j", JobRecord(status="processing", data=b"m", run="0.1"))
+            is None
+        )
+        async with RedisBroker(client=client, prefix=name, lease=5) as owner:
+            async with consuming(owner, queue) as stream:
+                second = await receive(stream)
+                assert second.attempt == 2
+                assert (
+                    await results.start_job(
+                        "j", JobRecord(status="processing", data=b"m", run="0.2")
+                    )
+                    is None
+                )
+                async with owner.subscribe("ends", heard.append):
+                    with pytest.raises(BrokerError, match="lease lost"):
+                        await results.end_job(
+                            "j",
+                            JobRecord(status="successful", data=b"m", run="0.1"),
+                            expect=("processing",),
+                            run="0.1",
+                            delivery=first,
+                            announce=[("ends", b"zombie")],
+                        )
+                    record = await results.get_job("j")
+                    assert (record.status, record.run) == ("processing", "0.2")
+                    assert await results.get_success() == []
+                    # the owner's end goes through; only its announcement is heard
+                    assert await results.end_job(
+                        "j",
+                        JobRecord(status="successful", data=b"m", run="0.2"),
+                        expect=("processing",),
+                        run="0.2",
+                        delivery=second,
+                        announce=[("ends", b"owner")],
+                    )
+                    with anyio.fail_after(TIMEOUT):
+                        while not heard:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                assert heard == [b"owner"]
+            assert await owner.get_pending(queue) == []
+        assert (await results.get_job("j")).status == "successful"
+
+
 async def test_renewal_keeps_a_long_job(redis_server: RedisServer) -> None:
     name, queue = prefix(), "long"
     async with (

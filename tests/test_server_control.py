@@ -430,3 +430,40 @@ async def test_undecodable_message_dead_lettered_and_queue_keeps_going(
     assert dead[0].reason
     assert reason_word in dead[0].reason
     assert pending == []
+
+
+# -- job-end events --------------------------------------------------------------------------
+
+
+async def test_job_end_events_reach_only_servers_that_wait(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    """A worker that never waits does not read the end event of every job; the first
+    ``wait()`` subscribes it, and ends reach it from then on."""
+    from tasqueue_anyio._codec import EVENT_FINISHED, decode_event
+
+    seen: list[tuple[str, str]] = []
+    fourth_seen = anyio.Event()
+    async with Server(broker=broker, results=results) as producer:
+        worker = Server(broker=broker, results=results)
+        forward = worker._on_event
+
+        def record(data: bytes) -> None:
+            kind, job_id, _ = decode_event(data)
+            seen.append((kind, job_id))
+            if (kind, job_id) == (EVENT_FINISHED, "fourth"):
+                fourth_seen.set()
+            forward(data)
+
+        worker._on_event = record  # type: ignore[method-assign]
+        worker.register_task("noop", noop, queue=queue_name, concurrency=1)
+        async with worker, running(worker):
+            ids = [await producer.enqueue(Job("noop", queue=queue_name)) for _ in range(3)]
+            for job_id in ids:
+                assert (await producer.wait(job_id, timeout=TIMEOUT)).status is Status.SUCCESSFUL
+            assert [e for e in seen if e[0] == EVENT_FINISHED] == []
+            # the worker's own first wait subscribes it
+            assert (await worker.wait(ids[-1], timeout=TIMEOUT)).status is Status.SUCCESSFUL
+            await producer.enqueue(Job("noop", queue=queue_name, id="fourth"))
+            await wait_event(fourth_seen)
+            assert (await worker.wait("fourth", timeout=TIMEOUT)).status is Status.SUCCESSFUL

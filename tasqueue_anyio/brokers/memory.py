@@ -157,15 +157,24 @@ class MemoryDelivery(Delivery):
         self._q.ready.appendleft(self._message)
         self._broker._wake(self._q)
 
-    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+    async def ack(
+        self,
+        *,
+        enqueue: Sequence[Envelope] = (),
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
         """Remove the message for good and, in the same step, enqueue ``enqueue``.
 
         :param enqueue: messages to enqueue atomically with the removal
+        :param announce: ``(channel, message)`` pairs published once it is removed
         :raises BrokerError: the message was given back by the consumer (its hand-over
             was cancelled) and has been delivered again
         """
-        if self._release() and enqueue:
-            self._broker._put_many(enqueue)
+        if self._release():
+            if enqueue:
+                self._broker._put_many(enqueue)
+            for channel, message in announce:
+                await self._broker.publish(channel, message)
 
     async def nack(self, *, delay: float = 0) -> None:
         """Give the message back to its queue.

@@ -345,15 +345,22 @@ class NatsDelivery(Delivery):
         else:
             self._state = _HELD
 
-    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
+    async def ack(
+        self,
+        *,
+        enqueue: Sequence[Envelope] = (),
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
         """Remove the message for good, after enqueueing ``enqueue``.
 
         The messages to enqueue are stored first (one round trip), then the ack is sent
         and confirmed by the server (one round trip): a crash in between enqueues them
         again on the redelivery (deduplicated by message id within the stream's
-        duplicate window), never loses them.
+        duplicate window), never loses them. ``announce`` is published after the ack
+        (core NATS publishes: no round trip of their own).
 
         :param enqueue: messages to enqueue before the removal
+        :param announce: ``(channel, message)`` pairs published once it is removed
         :raises LeaseLostError: the lease was lost; nothing was enqueued or removed
         :raises BrokerError: the server failed (the message comes back after its lease)
         """
@@ -367,6 +374,8 @@ class NatsDelivery(Delivery):
             done = True
         finally:
             self._end(done)
+        for channel, message in announce:
+            await self._broker.publish(channel, message)
 
     async def nack(self, *, delay: float = 0) -> None:
         """Give the message back: a copy to the back of its queue, or scheduled after

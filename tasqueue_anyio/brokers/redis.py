@@ -254,7 +254,8 @@ enqueue(0, now)
 return 1
 """
 
-# ARGV: id, token, then quadruples to enqueue. Returns 1, or 0 when the lease was lost.
+# ARGV: id, token, n, then n (channel, message) pairs to publish, then quadruples to
+# enqueue. Returns 1, or 0 when the lease was lost.
 _LUA_ACK = r"""
 local id = ARGV[1]
 if not release(id, ARGV[2]) then
@@ -262,9 +263,13 @@ if not release(id, ARGV[2]) then
 end
 redis.call('HDEL', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)
-if #ARGV > 2 then
+local first = 4 + 2 * tonumber(ARGV[3])
+if #ARGV >= first then
   local now = clock()
-  enqueue(2, now)
+  enqueue(first - 1, now)
+end
+for i = 4, first - 1, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
 end
 return 1
 """
@@ -515,8 +520,14 @@ class RedisDelivery(Delivery):
             f"consumer gave it back, and another delivery of it owns it now"
         )
 
-    async def ack(self, *, enqueue: Sequence[Envelope] = ()) -> None:
-        """Remove the message for good and, in the same script, enqueue ``enqueue``.
+    async def ack(
+        self,
+        *,
+        enqueue: Sequence[Envelope] = (),
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Remove the message for good and, in the same script, enqueue ``enqueue`` and
+        publish ``announce``.
 
         Messages for other queues go into the same script on a single Redis server
         (atomic). With ``split_slots`` (Redis Cluster, where they may live on other
@@ -524,6 +535,7 @@ class RedisDelivery(Delivery):
         enqueue (deduplicated by message id while the first copy exists), never loses it.
 
         :param enqueue: messages to enqueue with the removal
+        :param announce: ``(channel, message)`` pairs published by the same script
         :raises BrokerError: the lease was lost; nothing was removed or enqueued
         """
         if self._state != _HELD:
@@ -531,10 +543,40 @@ class RedisDelivery(Delivery):
                 raise self._lost("ack")
             return
         self._stop_renewing()
-        if await self._broker._ack(self._q, self._id, self._token, enqueue):
+        if await self._broker._ack(self._q, self._id, self._token, enqueue, announce):
             self._state = _SETTLED
         else:
             raise self._lost("ack")
+
+    def _fusable(self, client: object, server_id: tuple[Any, ...] | None) -> bool:
+        """Whether the ack may run inside a script on another store's ``client``: it is
+        the broker's own client, or both were made from URLs naming the same server,
+        port, db and user, on a single server (not Redis Cluster), and the message is
+        still held."""
+        broker = self._broker
+        if self._state != _HELD or broker.split_slots or broker.cluster:
+            return False
+        return client is broker.client or (
+            server_id is not None and server_id == broker.server_id
+        )
+
+    def _fused_ack(
+        self, announce: Sequence[tuple[str, bytes]]
+    ) -> tuple[list[bytes], list[Any], list[Any]]:
+        """Stop renewing and return the ack's keys, its ARGV (announcing nothing) and the
+        announcement ARGV (channel key, message pairs) for a fused script."""
+        self._stop_renewing()
+        broker = self._broker
+        pairs: list[Any] = []
+        for channel, message in announce:
+            pairs += (broker._channel(channel), message)
+        return self._q.keys, [self._id, self._token, 0], pairs
+
+    def _fused_done(self, acked: bool) -> None:
+        """The fused script ran: settled, or the lease was lost."""
+        if not acked:
+            raise self._lost("ack")
+        self._state = _SETTLED
 
     async def nack(self, *, delay: float = 0) -> None:
         """Give the message back: to the front of its queue, or after ``delay`` seconds.
@@ -723,18 +765,26 @@ class RedisBroker(RedisBackend, Broker):
             await self._cmds.script("enqueue", keys, args)
 
     async def _ack(
-        self, q: _Queue, message_id: bytes, token: bytes, enqueue: Sequence[Envelope]
+        self,
+        q: _Queue,
+        message_id: bytes,
+        token: bytes,
+        enqueue: Sequence[Envelope],
+        announce: Sequence[tuple[str, bytes]] = (),
     ) -> bool:
         if enqueue and self.split_slots:
             others = [env for env in enqueue if env.queue != q.name]
             if others:
                 await self.enqueue_many(others)
                 enqueue = [env for env in enqueue if env.queue == q.name]
+        head: list[Any] = [message_id, token, len(announce)]
+        for channel, message in announce:
+            head += (self._channel(channel), message)
         if enqueue:
             keys, args = self._enqueue_call(enqueue, first=q)
-            args[:0] = (message_id, token)
+            args[:0] = head
         else:
-            keys, args = q.keys, [message_id, token]
+            keys, args = q.keys, head
         with translate_errors("acking a message"):
             return bool(await self._cmds.script("ack", keys, args))
 
@@ -744,7 +794,8 @@ class RedisBroker(RedisBackend, Broker):
         """Feed ``queue``'s due messages into ``send_stream`` until cancelled.
 
         Fetches up to ``min(batch_size, number of receivers)`` messages per round trip,
-        hands them over one at a time, and blocks in ``BLPOP`` while the queue is empty.
+        hands them over one at a time, and waits for the queue's pub/sub wake-up (no
+        polling) while the queue is empty.
         On cancellation (or when every receiver is gone) the messages fetched and not
         handed over go back to the front of the queue, their delivery not counted; the
         one whose hand-over was interrupted goes back too, so a receiver that did get it

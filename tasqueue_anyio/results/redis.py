@@ -6,7 +6,8 @@ Every key starts with the prefix ``P`` (default ``tasqueue``). The kind of a key
 *before* the id, and the id is the key's hash tag, so no id can reach a key of another
 kind, and the keys of one job (or one group or chain) share a Redis Cluster slot::
 
-    P:s:{ID}          hash    job state: st (status), d (message), c ("1": cancel requested)
+    P:s:{ID}          hash    job state: st (status), d (message), c ("1": cancel requested),
+                              r (the run token of the run that wrote it)
     P:r:{ID}          string  the job's saved result
     P:p:{ID}          hash    group or chain: k (kind), st (status), d (data), e (error)
     P:pm:{ID}         hash    its members: job id -> status
@@ -54,14 +55,17 @@ pipelined: each job is written (or created) atomically, not the batch as a whole
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from coredis.typing import Key
 
 from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
-from ..abc import JobRecord, ParentRecord, Results, ScheduleRecord
+from ..abc import Delivery, JobRecord, ParentRecord, Results, ScheduleRecord
+from ..brokers.redis import _LUA_ACK as _BROKER_ACK
+from ..brokers.redis import _LUA_COMMON as _BROKER_COMMON
+from ..brokers.redis import RedisDelivery
 
 __all__ = ["RedisResults"]
 
@@ -103,7 +107,7 @@ local function hset_pairs(key, items, first)
 end
 """
 
-# KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms.
+# KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms, run token.
 # Returns 0 when written, else the current {st, d, c}.
 _LUA_START = r"""
 local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
@@ -368,6 +372,39 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
+# The end of a run and the ack of its delivery in one script (a Redis broker on the same
+# server): the update script (KEYS: state, success, failed, seq) and the broker's ack
+# script (KEYS: the queue's nine) as functions of their own KEYS and ARGV.
+# ARGV: update count u, then u update arguments, announce count n, then n (channel,
+# message) pairs published if both happened, then the ack's arguments.
+# Returns 2 * written + acked.
+_LUA_FINISH = (
+    "local function update_part(KEYS, ARGV)\n"
+    + _LUA_COMMON
+    + _LUA_UPDATE
+    + "end\nlocal function ack_part(KEYS, ARGV)\n"
+    + _BROKER_COMMON
+    + _BROKER_ACK
+    + r"""end
+local nu = tonumber(ARGV[1])
+local na = tonumber(ARGV[2 + nu])
+local first_ack = 3 + nu + 2 * na
+local uk, ak, ua, aa = {}, {}, {}, {}
+for i = 1, 4 do uk[i] = KEYS[i] end
+for i = 5, #KEYS do ak[#ak + 1] = KEYS[i] end
+for i = 2, 1 + nu do ua[#ua + 1] = ARGV[i] end
+for i = first_ack, #ARGV do aa[#aa + 1] = ARGV[i] end
+local written = update_part(uk, ua)
+local acked = ack_part(ak, aa)
+if written == 1 and acked == 1 then
+  for i = 3 + nu, first_ack - 1, 2 do
+    redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+  end
+end
+return 2 * written + acked
+"""
+)
+
 _SCRIPTS = {
     name: _LUA_COMMON + source
     for name, source in {
@@ -391,6 +428,7 @@ _SCRIPTS = {
         "delete_schedule": _LUA_DELETE_SCHEDULE,
     }.items()
 }
+_SCRIPTS["finish"] = _LUA_FINISH
 
 
 _FIELDS = ("st", "d", "c", "r")
@@ -643,6 +681,52 @@ class RedisResults(RedisBackend, Results):
         """Redis Cluster: the second step of a write of ``status``: list the job."""
         if status in ("successful", "failed"):
             await self._cmds.script("list", self._listing_keys, (job_id, status))
+
+    async def end_job(
+        self,
+        job_id: str,
+        record: JobRecord,
+        *,
+        expect: Collection[str],
+        run: str | None,
+        delivery: Delivery,
+        announce: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        """Record the end of a run and ack its delivery: with a :class:`RedisBroker`'s
+        delivery on the same server (the same client, or URLs naming the same server,
+        port, db and user; not Redis Cluster), in one script, so no crash can come
+        between the record and the ack; otherwise :meth:`update_job` then the ack. As
+        in the two-step form, each of the two is conditional on its own fencing (the
+        record on the run token, the ack on the lease) and the announcements are
+        published only when both happened.
+
+        :return: whether ``record`` was written
+        :raises LeaseLostError: the delivery's lease was lost (the record may be written)
+        """
+        if not (
+            expect
+            and isinstance(delivery, RedisDelivery)
+            and delivery._fusable(self.client, self.server_id)
+        ):
+            return await super().end_job(
+                job_id, record, expect=expect, run=run, delivery=delivery, announce=announce
+            )
+        update = [
+            job_id,
+            record.status,
+            record.data,
+            self._job_ttl_arg,
+            "" if run is None else run,
+            record.run,
+            *expect,
+        ]
+        ack_keys, ack_args, pairs = delivery._fused_ack(announce)
+        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys, *ack_keys]
+        args = [len(update), *update, len(pairs) // 2, *pairs, *ack_args]
+        with translate_errors("ending a job"):
+            reply = int(await self._cmds.script("finish", keys, args))
+        delivery._fused_done(bool(reply & 1))
+        return bool(reply & 2)
 
     async def request_cancel(self, job_id: str) -> JobRecord:
         """Ask a job to stop (one script).
