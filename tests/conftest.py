@@ -103,7 +103,7 @@ RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]]
 #: ``broker`` and ``results`` fixtures, skip them to keep the run short):
 #: ``tests/test_redis_cluster.py`` runs a server on the cluster
 CONTRACT_ONLY = {"redis-cluster"}
-_CONTRACT_MODULES = {"test_contract_broker", "test_contract_results"}
+_CONTRACT_MODULES = {"test_contract_broker", "test_contract_end_job", "test_contract_results"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
