@@ -257,16 +257,33 @@ def evalsha(client: Any, sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -
     return client.evalsha(sha, keys, args)
 
 
-class _Call:
-    """One command waiting for the next flush of a :class:`Commands` combiner."""
+_UNSET: Any = object()
 
-    __slots__ = ("done", "error", "make", "reply", "taken")
+
+class _Call:
+    """One command waiting in a :class:`_Batch` of a :class:`Commands` combiner."""
+
+    __slots__ = ("error", "make", "reply")
 
     def __init__(self, make: Callable[[Any], Any]) -> None:
         self.make = make
-        self.done = anyio.Event()
-        self.reply: Any = None
+        self.reply: Any = _UNSET
         self.error: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class _Batch:
+    """The calls that go out in one flush: one event wakes all their callers."""
+
+    __slots__ = ("calls", "done", "taken")
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.done = anyio.Event()
         self.taken = False
 
 
@@ -292,7 +309,8 @@ class Commands:
             name: hashlib.sha1(source.encode()).hexdigest().encode()
             for name, source in sources.items()
         }
-        self._pending: list[_Call] = []
+        #: the calls of the next flush
+        self._open: _Batch | None = None
         self._wakeup: anyio.Event | None = None
         self._running = False
         #: how many round trips the flusher made, and how many calls they carried
@@ -322,24 +340,20 @@ class Commands:
         if not self._running:
             return await self._direct(make)
         call = _Call(make)
-        self._pending.append(call)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set()
+        batch = self._enter([call])
         try:
-            await call.done.wait()
+            await batch.done.wait()
         except BaseException:
-            if not call.taken:
-                self._pending.remove(call)
+            if not batch.taken:
+                batch.calls.remove(call)
             raise
-        if call.error is not None:
-            raise call.error
-        return call.reply
+        return call.result()
 
     async def gather(self, makes: Sequence[Callable[[Any], Any]]) -> list[Any]:
         """Run several commands in one flush; return each reply, or the exception it
         raised, in order."""
+        if not makes:
+            return []
         if not self._running:
             out: list[Any] = []
             for make in makes:
@@ -349,20 +363,27 @@ class Commands:
                     out.append(exc)
             return out
         calls = [_Call(make) for make in makes]
-        self._pending.extend(calls)
+        batch = self._enter(calls)
+        try:
+            await batch.done.wait()
+        except BaseException:
+            if not batch.taken:
+                for call in calls:
+                    batch.calls.remove(call)
+            raise
+        return [call.reply if call.error is None else call.error for call in calls]
+
+    def _enter(self, calls: list[_Call]) -> _Batch:
+        """Add ``calls`` to the batch of the next flush (and wake the flusher)."""
+        batch = self._open
+        if batch is None:
+            batch = self._open = _Batch()
+        batch.calls += calls
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             wakeup.set()
-        try:
-            for call in calls:
-                await call.done.wait()
-        except BaseException:
-            for call in calls:
-                if not call.taken and call in self._pending:
-                    self._pending.remove(call)
-            raise
-        return [call.reply if call.error is None else call.error for call in calls]
+        return batch
 
     async def _direct(self, make: Callable[[Any], Any]) -> Any:
         try:
@@ -374,73 +395,72 @@ class Commands:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The flusher: send queued calls, one pipeline at a time, until cancelled."""
         self._running = True
-        batch: list[_Call] = []
+        batch: _Batch | None = None
         try:
             task_status.started()
             while True:
-                if not self._pending:
+                batch = self._open
+                if batch is None or not batch.calls:
+                    batch = None
                     wakeup = self._wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
-                batch, self._pending = self._pending, []
-                for call in batch:
-                    call.taken = True
-                await self._flush(batch)
-                batch = []
+                self._open = None
+                batch.taken = True
+                await self._flush(batch.calls)
+                batch.done.set()
+                batch = None
         finally:
             self._running = False
             closed = BrokerError("the Redis backend closed before the call was sent")
-            for call in (*batch, *self._pending):
-                if not call.done.is_set():
-                    call.error = closed
-                    call.done.set()
-            self._pending = []
+            for left in (batch, self._open):
+                if left is not None:
+                    for call in left.calls:
+                        if call.reply is _UNSET and call.error is None:
+                            call.error = closed
+                    left.done.set()
+            self._open = None
 
-    async def _flush(self, batch: list[_Call]) -> None:
-        """Send ``batch``; answer each call (its reply or its error) and wake its caller.
+    async def _flush(self, calls: list[_Call]) -> None:
+        """Send ``calls``; give each its reply or its error (the caller wakes them).
 
         If the flusher is cancelled meanwhile (the backend closes), the calls not
         answered yet are left to :meth:`run`, which fails them.
         """
         self.flushes += 1
-        self.calls += len(batch)
-        if len(batch) == 1:
-            call = batch[0]
+        self.calls += len(calls)
+        if len(calls) == 1:
+            call = calls[0]
             try:
                 call.reply = await self._direct(call.make)
             except Exception as exc:
                 call.error = exc
-            call.done.set()
             return
         try:
             async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for call in batch:
+                for call in calls:
                     call.make(pipe)
             results = list(pipe.results or ())
-            if len(results) != len(batch):
-                raise BrokerError(f"a pipeline of {len(batch)} got {len(results)} replies")
+            if len(results) != len(calls):
+                raise BrokerError(f"a pipeline of {len(calls)} got {len(results)} replies")
         except Exception as exc:
-            for call in batch:
+            for call in calls:
                 call.error = exc
-                call.done.set()
             return
         unknown = []
-        for call, reply in zip(batch, results, strict=True):
+        for call, reply in zip(calls, results, strict=True):
             if isinstance(reply, NoScriptError):
                 unknown.append(call)
-                continue
-            if isinstance(reply, BaseException):
+            elif isinstance(reply, BaseException):
                 call.error = reply
             else:
                 call.reply = reply
-            call.done.set()
         if unknown:
             try:
                 await self.load()
             except Exception as exc:
                 for call in unknown:
                     call.error = exc
-                    call.done.set()
                 return
             await self._flush(unknown)
 

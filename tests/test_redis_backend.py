@@ -588,3 +588,41 @@ async def test_concurrent_calls_share_round_trips(redis_server: RedisServer) -> 
                 tg.start_soon(read, job_id)
         assert got == {i: i.encode() for i in ids}
         assert results._cmds.flushes - flushes < 10  # 50 calls, a few round trips
+
+
+async def test_combiner_empty_gather_and_cancelled_calls(redis_server: RedisServer) -> None:
+    """An empty gather returns at once; a call cancelled while it waits for the next
+    flush is not sent, and the calls sharing its batch still get their replies."""
+    name = prefix()
+    async with RedisResults(redis_server.url, prefix=name) as results:
+        cmds = results._cmds
+        with anyio.fail_after(TIMEOUT):
+            assert await cmds.gather([]) == []
+        key, empty = f"{name}:probe".encode(), f"{name}:empty".encode()
+        replies: list[object] = []
+        doomed = anyio.CancelScope()
+
+        async def incr(scope: anyio.CancelScope | None = None) -> None:
+            with scope or anyio.CancelScope():
+                replies.append(await cmds.submit(lambda client: client.incr(key)))
+
+        def waiting() -> int:
+            return len(cmds._open.calls) if cmds._open is not None else 0
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                # keep the flusher busy: the next calls wait together for the next flush
+                tg.start_soon(cmds.submit, lambda client: client.blpop([empty], timeout=1))
+                while cmds._open is not None or cmds.calls == 0:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+                tg.start_soon(incr)
+                tg.start_soon(incr, doomed)
+                tg.start_soon(incr)
+                while waiting() < 3:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+                doomed.cancel()
+                while waiting() > 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+            assert sorted(replies) == [1, 2]  # type: ignore[type-var]
+            # the cancelled caller's INCR was never sent
+            assert await cmds.submit(lambda client: client.get(key)) == b"2"
