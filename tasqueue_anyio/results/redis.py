@@ -662,7 +662,18 @@ class RedisResults(RedisBackend, Results):
         if not expect:
             return False
         keys = [self._state(_check_id(job_id, "job id")), *self._listings]
-        args = [
+        args = self._update_args(job_id, record, expect, run)
+        with translate_errors("updating a job"):
+            written = bool(await self._cmds.script("update", keys, args))
+            if written and self.cluster:
+                await self._list(job_id, record.status)
+        return written
+
+    def _update_args(
+        self, job_id: str, record: JobRecord, expect: Collection[str], run: str | None
+    ) -> list[Any]:
+        """ARGV of the update script (see ``_LUA_UPDATE``)."""
+        return [
             job_id,
             record.status,
             record.data,
@@ -671,11 +682,6 @@ class RedisResults(RedisBackend, Results):
             record.run,
             *expect,
         ]
-        with translate_errors("updating a job"):
-            written = bool(await self._cmds.script("update", keys, args))
-            if written and self.cluster:
-                await self._list(job_id, record.status)
-        return written
 
     async def _list(self, job_id: str, status: str) -> None:
         """Redis Cluster: the second step of a write of ``status``: list the job."""
@@ -711,15 +717,7 @@ class RedisResults(RedisBackend, Results):
             return await super().end_job(
                 job_id, record, expect=expect, run=run, delivery=delivery, announce=announce
             )
-        update = [
-            job_id,
-            record.status,
-            record.data,
-            self._job_ttl_arg,
-            "" if run is None else run,
-            record.run,
-            *expect,
-        ]
+        update = self._update_args(job_id, record, expect, run)
         ack_keys, ack_args, pairs = delivery._fused_ack(announce)
         keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys, *ack_keys]
         args = [len(update), *update, len(pairs) // 2, *pairs, *ack_args]
