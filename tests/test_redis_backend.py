@@ -329,7 +329,7 @@ async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
                     is None
                 )
                 async with owner.subscribe("ends", heard.append):
-                    with pytest.raises(BrokerError, match="lease lost"):
+                    with pytest.raises(BrokerError, match="end was not recorded either"):
                         await results.end_job(
                             "j",
                             JobRecord(status="successful", data=b"m", run="0.1"),
@@ -356,6 +356,37 @@ async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
                 assert heard == [b"owner"]
             assert await owner.get_pending(queue) == []
         assert (await results.get_job("j")).status == "successful"
+
+
+async def test_end_job_written_but_lease_lost_raises(redis_server: RedisServer) -> None:
+    """The new delivery has not started its run yet: the old run's end is recorded (its
+    run token still matches), but its ack is refused, and that is an error."""
+    name, queue = prefix(), "fused-late"
+    client = coredis.Redis(host="127.0.0.1", port=redis_server.port)
+    async with client, RedisResults(client=client, prefix=name) as results:
+        zombie = RedisBroker(client=client, prefix=name, lease=0.2)
+        async with zombie:
+            await zombie.enqueue(envelope(queue, b"job"))
+            async with consuming(zombie, queue) as stream:
+                first = await receive(stream)
+        assert (
+            await results.start_job("j", JobRecord(status="processing", data=b"m", run="0.1"))
+            is None
+        )
+        async with RedisBroker(client=client, prefix=name, lease=5) as owner:
+            async with consuming(owner, queue) as stream:
+                second = await receive(stream)
+                with pytest.raises(BrokerError, match="end was recorded"):
+                    await results.end_job(
+                        "j",
+                        JobRecord(status="failed", data=b"m", run="0.1"),
+                        expect=("processing",),
+                        run="0.1",
+                        delivery=first,
+                    )
+                assert (await results.get_job("j")).status == "failed"
+                await second.ack()
+            assert await owner.get_pending(queue) == []
 
 
 async def test_renewal_keeps_a_long_job(redis_server: RedisServer) -> None:

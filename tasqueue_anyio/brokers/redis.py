@@ -512,12 +512,12 @@ class RedisDelivery(Delivery):
         if held.get(self._id) == self._token:
             del held[self._id]
 
-    def _lost(self, action: str) -> LeaseLostError:
+    def _lost(self, action: str, more: str = "") -> LeaseLostError:
         self._state = _SETTLED
         return LeaseLostError(
             f"lease lost: cannot {action} message {self.message_id!r} of queue "
             f"{self._q.name!r} (attempt {self._attempt}); its lease expired or its "
-            f"consumer gave it back, and another delivery of it owns it now"
+            f"consumer gave it back, and another delivery of it owns it now{more}"
         )
 
     async def ack(
@@ -572,10 +572,11 @@ class RedisDelivery(Delivery):
             pairs += (broker._channel(channel), message)
         return self._q.keys, [self._id, self._token, 0], pairs
 
-    def _fused_done(self, acked: bool) -> None:
+    def _fused_done(self, acked: bool, written: bool) -> None:
         """The fused script ran: settled, or the lease was lost."""
         if not acked:
-            raise self._lost("ack")
+            outcome = "was recorded" if written else "was not recorded either"
+            raise self._lost("ack", f"; this run's end {outcome}")
         self._state = _SETTLED
 
     async def nack(self, *, delay: float = 0) -> None:

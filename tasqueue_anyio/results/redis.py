@@ -707,7 +707,8 @@ class RedisResults(RedisBackend, Results):
         published only when both happened.
 
         :return: whether ``record`` was written
-        :raises LeaseLostError: the delivery's lease was lost (the record may be written)
+        :raises LeaseLostError: the delivery's lease was lost (its message says whether
+            the record was written)
         """
         if not (
             expect
@@ -723,7 +724,7 @@ class RedisResults(RedisBackend, Results):
         args = [len(update), *update, len(pairs) // 2, *pairs, *ack_args]
         with translate_errors("ending a job"):
             reply = int(await self._cmds.script("finish", keys, args))
-        delivery._fused_done(bool(reply & 1))
+        delivery._fused_done(bool(reply & 1), bool(reply & 2))
         return bool(reply & 2)
 
     async def request_cancel(self, job_id: str) -> JobRecord:
