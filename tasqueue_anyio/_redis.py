@@ -9,6 +9,15 @@ every call made here is built by this library.
 Lua scripts run with ``EVALSHA``: each backend loads its scripts once when it opens, and
 a script the server forgot (a restart, ``SCRIPT FLUSH``) is loaded again and the call
 repeated.
+
+Redis Cluster: a ``redis+cluster://`` (or ``rediss+cluster://``) URL, or a caller's
+:class:`coredis.RedisCluster`, makes the backend a cluster client (``cluster`` is
+``True``). coredis routes each command, ``EVALSHA`` included, to the master of its keys'
+slot (a script whose keys span slots is refused with ``ClusterCrossSlotError``: every
+script here is called with keys of one slot), splits a pipeline into one batch per node
+(sent one node after the other), and sends ``SCRIPT LOAD`` to every node. Pub/sub stays
+classic ``PUBLISH``/``SUBSCRIBE``: the cluster broadcasts every message to every node,
+so the one subscriber connection (to any node) hears every channel.
 """
 
 from __future__ import annotations
@@ -39,9 +48,13 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_URL",
+    "Client",
     "Commands",
     "RedisBackend",
     "client_kwargs",
+    "cluster_kwargs",
+    "is_cluster_url",
+    "renew_error_stream",
     "server_identity",
     "translate_errors",
     "validate_prefix",
@@ -61,6 +74,12 @@ DEFAULT_URL = "redis://localhost:6379/0"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 _B = TypeVar("_B", bound="RedisBackend")
+
+#: A client the backends run on: one server, or a Redis Cluster.
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+
+#: URL schemes of a Redis Cluster (clear text, TLS).
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
 def validate_prefix(prefix: object) -> str:
@@ -95,7 +114,8 @@ def client_kwargs(url: str) -> dict[str, Any]:
         raise InvalidInputError(f"invalid Redis URL {url!r}: {exc}") from None
     if parts.scheme not in ("redis", "rediss"):
         raise InvalidInputError(
-            f"invalid Redis URL {url!r}: the scheme must be redis:// or rediss:// (TLS)"
+            f"invalid Redis URL {url!r}: the scheme must be redis:// or rediss:// (TLS), "
+            f"or redis+cluster:// or rediss+cluster:// for a Redis Cluster"
         )
     if not parts.hostname:
         raise InvalidInputError(f"invalid Redis URL {url!r}: no host")
@@ -117,6 +137,73 @@ def client_kwargs(url: str) -> dict[str, Any]:
         "password": unquote(parts.password) if parts.password is not None else None,
         "decode_responses": False,
     }
+    _tls_kwargs(url, parts.scheme == "rediss", query, kwargs)
+    return kwargs
+
+
+def is_cluster_url(url: object) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return isinstance(url, str) and url.partition("://")[0].lower() in _CLUSTER_SCHEMES
+
+
+def cluster_kwargs(url: str) -> dict[str, Any]:
+    """Arguments of :class:`coredis.RedisCluster` for a ``redis+cluster://`` URL.
+
+    ``redis+cluster://[[username]:password@]host[:port][,host[:port]...]`` names one or
+    more nodes of the cluster (the client discovers the others from them; the port
+    defaults to 6379); ``rediss+cluster://`` connects to every node with TLS, checked as
+    for ``rediss://`` (and with the same ``ssl_*`` query arguments). A cluster has only
+    database 0, so a path other than ``/`` or ``/0`` is refused.
+
+    :param url: the URL
+    :return: keyword arguments for :class:`coredis.RedisCluster`
+    :raises InvalidInputError: the URL is not a Redis Cluster URL this library understands
+    """
+    if not is_cluster_url(url):
+        raise InvalidInputError(
+            f"invalid Redis Cluster URL {url!r}: the scheme must be redis+cluster:// or "
+            f"rediss+cluster:// (TLS)"
+        )
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    path, _, query_text = tail.partition("?")
+    if "?" in netloc:
+        netloc, _, query_text = netloc.partition("?")
+    auth, _, hosts = netloc.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        try:
+            # urlsplit parses host, port and IPv6 brackets as for any other URL
+            node = urlsplit(f"//{host}")
+            port = node.port or 6379
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid Redis Cluster URL {url!r}: {exc}") from None
+        if not node.hostname or node.username is not None:
+            raise InvalidInputError(f"invalid Redis Cluster URL {url!r}: bad node {host!r}")
+        nodes.append({"host": node.hostname, "port": port})
+    if path.strip("/") not in ("", "0"):
+        raise InvalidInputError(
+            f"invalid Redis Cluster URL {url!r}: a cluster has only database 0"
+        )
+    query = {name: values[-1] for name, values in parse_qs(query_text).items()}
+    if query.pop("db", "0") != "0":
+        raise InvalidInputError(
+            f"invalid Redis Cluster URL {url!r}: a cluster has only database 0"
+        )
+    username, has_password, password = auth.partition(":")
+    kwargs: dict[str, Any] = {
+        "startup_nodes": nodes,
+        "username": unquote(username) if username else None,
+        "password": unquote(password) if has_password else None,
+        "decode_responses": False,
+    }
+    _tls_kwargs(url, scheme.lower() == "rediss+cluster", query, kwargs)
+    return kwargs
+
+
+def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, Any]) -> None:
+    """Add the TLS context of a ``rediss`` URL's query (``ssl_*``) to ``kwargs``; refuse
+    any other option."""
     ca_certs = query.pop("ssl_ca_certs", None)
     certfile = query.pop("ssl_certfile", None)
     keyfile = query.pop("ssl_keyfile", None)
@@ -125,7 +212,7 @@ def client_kwargs(url: str) -> dict[str, Any]:
             f"invalid Redis URL {url!r}: unknown option(s) {', '.join(sorted(query))} "
             f"(known: db, ssl_ca_certs, ssl_certfile, ssl_keyfile)"
         )
-    if parts.scheme == "rediss":
+    if tls:
         # create_default_context: CERT_REQUIRED and check_hostname, unlike coredis's own
         # rediss:// handling, which only asks for an optional certificate.
         context = ssl.create_default_context(cafile=ca_certs)
@@ -138,7 +225,6 @@ def client_kwargs(url: str) -> dict[str, Any]:
         kwargs["ssl_context"] = context
     elif ca_certs or certfile or keyfile:
         raise InvalidInputError(f"invalid Redis URL {url!r}: ssl_* options need rediss://")
-    return kwargs
 
 
 def server_identity(url: str) -> tuple[Any, ...]:
@@ -171,16 +257,33 @@ def evalsha(client: Any, sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -
     return client.evalsha(sha, keys, args)
 
 
-class _Call:
-    """One command waiting for the next flush of a :class:`Commands` combiner."""
+_UNSET: Any = object()
 
-    __slots__ = ("done", "error", "make", "reply", "taken")
+
+class _Call:
+    """One command waiting in a :class:`_Batch` of a :class:`Commands` combiner."""
+
+    __slots__ = ("error", "make", "reply")
 
     def __init__(self, make: Callable[[Any], Any]) -> None:
         self.make = make
-        self.done = anyio.Event()
-        self.reply: Any = None
+        self.reply: Any = _UNSET
         self.error: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class _Batch:
+    """The calls that go out in one flush: one event wakes all their callers."""
+
+    __slots__ = ("calls", "done", "taken")
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.done = anyio.Event()
         self.taken = False
 
 
@@ -199,14 +302,15 @@ class Commands:
     its call repeated.
     """
 
-    def __init__(self, client: coredis.Redis[bytes], sources: dict[str, str]) -> None:
+    def __init__(self, client: Client, sources: dict[str, str]) -> None:
         self._client = client
         self._sources = sources
         self.shas: dict[str, bytes] = {
             name: hashlib.sha1(source.encode()).hexdigest().encode()
             for name, source in sources.items()
         }
-        self._pending: list[_Call] = []
+        #: the calls of the next flush
+        self._open: _Batch | None = None
         self._wakeup: anyio.Event | None = None
         self._running = False
         #: how many round trips the flusher made, and how many calls they carried
@@ -214,7 +318,13 @@ class Commands:
         self.calls = 0
 
     async def load(self) -> None:
-        """Load every script into the server's script cache (one round trip)."""
+        """Load every script into the server's script cache (one round trip; on a
+        cluster, one ``SCRIPT LOAD`` per script, which coredis sends to every node)."""
+        if isinstance(self._client, coredis.RedisCluster):
+            # a cluster pipeline cannot route a command without keys
+            for source in self._sources.values():
+                await self._client.script_load(source)
+            return
         async with self._client.pipeline(transaction=False) as pipe:
             for source in self._sources.values():
                 pipe.script_load(source)
@@ -230,24 +340,20 @@ class Commands:
         if not self._running:
             return await self._direct(make)
         call = _Call(make)
-        self._pending.append(call)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set()
+        batch = self._enter([call])
         try:
-            await call.done.wait()
+            await batch.done.wait()
         except BaseException:
-            if not call.taken:
-                self._pending.remove(call)
+            if not batch.taken:
+                batch.calls.remove(call)
             raise
-        if call.error is not None:
-            raise call.error
-        return call.reply
+        return call.result()
 
     async def gather(self, makes: Sequence[Callable[[Any], Any]]) -> list[Any]:
         """Run several commands in one flush; return each reply, or the exception it
         raised, in order."""
+        if not makes:
+            return []
         if not self._running:
             out: list[Any] = []
             for make in makes:
@@ -257,20 +363,27 @@ class Commands:
                     out.append(exc)
             return out
         calls = [_Call(make) for make in makes]
-        self._pending.extend(calls)
+        batch = self._enter(calls)
+        try:
+            await batch.done.wait()
+        except BaseException:
+            if not batch.taken:
+                for call in calls:
+                    batch.calls.remove(call)
+            raise
+        return [call.reply if call.error is None else call.error for call in calls]
+
+    def _enter(self, calls: list[_Call]) -> _Batch:
+        """Add ``calls`` to the batch of the next flush (and wake the flusher)."""
+        batch = self._open
+        if batch is None:
+            batch = self._open = _Batch()
+        batch.calls += calls
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             wakeup.set()
-        try:
-            for call in calls:
-                await call.done.wait()
-        except BaseException:
-            for call in calls:
-                if not call.taken and call in self._pending:
-                    self._pending.remove(call)
-            raise
-        return [call.reply if call.error is None else call.error for call in calls]
+        return batch
 
     async def _direct(self, make: Callable[[Any], Any]) -> Any:
         try:
@@ -282,75 +395,100 @@ class Commands:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The flusher: send queued calls, one pipeline at a time, until cancelled."""
         self._running = True
-        batch: list[_Call] = []
+        batch: _Batch | None = None
         try:
             task_status.started()
             while True:
-                if not self._pending:
+                batch = self._open
+                if batch is None or not batch.calls:
+                    batch = None
                     wakeup = self._wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
-                batch, self._pending = self._pending, []
-                for call in batch:
-                    call.taken = True
-                await self._flush(batch)
-                batch = []
+                self._open = None
+                batch.taken = True
+                await self._flush(batch.calls)
+                batch.done.set()
+                batch = None
         finally:
             self._running = False
             closed = BrokerError("the Redis backend closed before the call was sent")
-            for call in (*batch, *self._pending):
-                if not call.done.is_set():
-                    call.error = closed
-                    call.done.set()
-            self._pending = []
+            for left in (batch, self._open):
+                if left is not None:
+                    for call in left.calls:
+                        if call.reply is _UNSET and call.error is None:
+                            call.error = closed
+                    left.done.set()
+            self._open = None
 
-    async def _flush(self, batch: list[_Call]) -> None:
-        """Send ``batch``; answer each call (its reply or its error) and wake its caller.
+    async def _flush(self, calls: list[_Call]) -> None:
+        """Send ``calls``; give each its reply or its error (the caller wakes them).
 
         If the flusher is cancelled meanwhile (the backend closes), the calls not
         answered yet are left to :meth:`run`, which fails them.
         """
         self.flushes += 1
-        self.calls += len(batch)
-        if len(batch) == 1:
-            call = batch[0]
+        self.calls += len(calls)
+        if len(calls) == 1:
+            call = calls[0]
             try:
                 call.reply = await self._direct(call.make)
             except Exception as exc:
                 call.error = exc
-            call.done.set()
             return
         try:
             async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for call in batch:
+                for call in calls:
                     call.make(pipe)
             results = list(pipe.results or ())
-            if len(results) != len(batch):
-                raise BrokerError(f"a pipeline of {len(batch)} got {len(results)} replies")
+            if len(results) != len(calls):
+                raise BrokerError(f"a pipeline of {len(calls)} got {len(results)} replies")
         except Exception as exc:
-            for call in batch:
+            for call in calls:
                 call.error = exc
-                call.done.set()
             return
         unknown = []
-        for call, reply in zip(batch, results, strict=True):
+        for call, reply in zip(calls, results, strict=True):
             if isinstance(reply, NoScriptError):
                 unknown.append(call)
-                continue
-            if isinstance(reply, BaseException):
+            elif isinstance(reply, BaseException):
                 call.error = reply
             else:
                 call.reply = reply
-            call.done.set()
         if unknown:
             try:
                 await self.load()
             except Exception as exc:
                 for call in unknown:
                     call.error = exc
-                    call.done.set()
                 return
             await self._flush(unknown)
+
+
+def renew_error_stream(client: coredis.RedisCluster[Any]) -> Callable[[], None]:
+    """Give a cluster client's layout a fresh error stream; return what closes it.
+
+    A workaround for coredis 6.9, which never closes the memory stream its cluster layout
+    reports node errors on: garbage collection then warns (``ResourceWarning``) about
+    every cluster client. Call this before each opening of the client, and the returned
+    function after it closed. Does nothing on a coredis without that stream.
+    """
+    layout = getattr(client.connection_pool, "cluster_layout", None)
+    old = getattr(layout, "_error_stream", None)
+    if not (isinstance(old, tuple) and len(old) == 2):
+        return lambda: None
+    send, receive = old
+    size = send.statistics().max_buffer_size
+    send.close()
+    receive.close()
+    new = anyio.create_memory_object_stream[Any](size)
+    layout._error_stream = new  # type: ignore[union-attr]
+
+    def close() -> None:
+        for stream in new:
+            stream.close()
+
+    return close
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -368,7 +506,9 @@ class RedisBackend(CountedLifetime):
     A client given by the caller is used as it is: the caller opens it (``async with
     client:``) before opening the backend and closes it afterwards; the backend never
     enters or closes it. A client made from a URL is owned: opened on the first entry,
-    closed when the last entry exits.
+    closed when the last entry exits. Either may be a :class:`coredis.RedisCluster`
+    (a ``redis+cluster://`` URL makes one); ``cluster`` tells. A client must not decode
+    responses (``decode_responses=False``, coredis's default): the backends read bytes.
     """
 
     _what = "Redis backend"
@@ -376,7 +516,7 @@ class RedisBackend(CountedLifetime):
     def __init__(
         self,
         url: str | None,
-        client: coredis.Redis[bytes] | None,
+        client: Client | None,
         prefix: str,
         scripts: dict[str, str],
     ) -> None:
@@ -385,17 +525,32 @@ class RedisBackend(CountedLifetime):
         self.prefix = validate_prefix(prefix)
         if client is None:
             self.url: str | None = url if url is not None else DEFAULT_URL
-            self.client: coredis.Redis[bytes] = coredis.Redis(**client_kwargs(self.url))
+            self.client: Client
+            #: the server and db the URL names (None for a caller's client or a cluster)
+            self.server_id: tuple[Any, ...] | None = None
+            if is_cluster_url(self.url):
+                self.client = coredis.RedisCluster(**cluster_kwargs(self.url))
+                renew_error_stream(self.client)()  # each opening gets one of its own
+            else:
+                self.client = coredis.Redis(**client_kwargs(self.url))
+                self.server_id = server_identity(self.url)
             self._owns_client = True
-            #: the server and db the URL names (None for a caller's client)
-            self.server_id: tuple[Any, ...] | None = server_identity(self.url)
         else:
-            if not isinstance(client, coredis.Redis):
-                raise InvalidInputError(f"expected a coredis.Redis client, got {client!r}")
+            if not isinstance(client, (coredis.Redis, coredis.RedisCluster)):
+                raise InvalidInputError(
+                    f"expected a coredis.Redis or coredis.RedisCluster client, got {client!r}"
+                )
+            if client.decode_responses:
+                raise InvalidInputError(
+                    f"the client {client!r} decodes responses: make it with "
+                    f"decode_responses=False (the backends read bytes)"
+                )
             self.url = None
             self.client = client
             self._owns_client = False
             self.server_id = None
+        #: whether the client is a Redis Cluster client
+        self.cluster = isinstance(self.client, coredis.RedisCluster)
         self._cmds = Commands(self.client, scripts)
         self._init_lifetime()
 
@@ -415,6 +570,8 @@ class RedisBackend(CountedLifetime):
 
     async def _connect(self, stack: AsyncExitStack) -> None:
         if self._owns_client:
+            if isinstance(self.client, coredis.RedisCluster):
+                stack.callback(renew_error_stream(self.client))
             await stack.enter_async_context(self.client)
 
     def _require_open(self) -> TaskGroup:

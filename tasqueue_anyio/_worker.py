@@ -436,30 +436,10 @@ class Worker:
         # processing message's bytes serve the final record as they are.
         record = JobRecord(status="successful", data=data, run=run.token)
         meta = msg.meta
-        finished = _finished(msg.id, Status.SUCCESSFUL)
-        if (
-            (task is None or task.on_success is None)
-            and not msg.job.on_success
-            and meta.group_id is None
-            and meta.chain_id is None
-        ):
-            # Nothing happens between the record and the ack: one step where the
-            # results store and the broker can make it one.
-            if await self.results.end_job(
-                msg.id,
-                record,
-                expect=_PROCESSING,
-                run=run.token,
-                delivery=delivery,
-                announce=finished,
-            ):
-                self.server.metrics.record("successful", msg.job.task, meta.queue, run.duration)
-            else:
-                self._ended_elsewhere(msg)
+        if _alone(msg, task.on_success if task else None, msg.job.on_success):
+            await self._end_alone(delivery, msg, record, Status.SUCCESSFUL, run)
             return
-        if not await self.results.update_job(
-            msg.id, record, expect=_PROCESSING, run=run.token
-        ):
+        if not await self.results.update_job(msg.id, record, expect=_PROCESSING, run=run.token):
             self._ended_elsewhere(msg)
             await delivery.ack()
             return
@@ -529,28 +509,11 @@ class Worker:
             description,
             extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
         )
-        if (
-            (task is None or task.on_failed is None)
-            and not msg.job.on_error
-            and meta.group_id is None
-            and meta.chain_id is None
-        ):
-            # nothing happens between the record and the ack: one step (see success)
-            if await self.results.end_job(
-                msg.id,
-                self._record(failed, run.token),
-                expect=_PROCESSING,
-                run=run.token,
-                delivery=delivery,
-                announce=_finished(msg.id, Status.FAILED),
-            ):
-                self.server.metrics.record("failed", msg.job.task, meta.queue, run.duration)
-            else:
-                self._ended_elsewhere(msg)
+        record = self._record(failed, run.token)
+        if _alone(msg, task.on_failed if task else None, msg.job.on_error):
+            await self._end_alone(delivery, msg, record, Status.FAILED, run)
             return
-        if not await self.results.update_job(
-            msg.id, self._record(failed, run.token), expect=_PROCESSING, run=run.token
-        ):
+        if not await self.results.update_job(msg.id, record, expect=_PROCESSING, run=run.token):
             self._ended_elsewhere(msg)
             await delivery.ack()
             return
@@ -573,6 +536,24 @@ class Worker:
         await delivery.ack()
         await self.server.publish_finished(msg.id, Status.CANCELLED)
         self.server.metrics.record("cancelled", msg.job.task, msg.meta.queue, run.duration)
+
+    async def _end_alone(
+        self, delivery: Delivery, msg: JobMessage, record: JobRecord, status: Status, run: _RunInfo
+    ) -> None:
+        """End a run with nothing to do between its record and its ack (see
+        :func:`_alone`): one :meth:`Results.end_job` step, which the results store and the
+        broker may make one write."""
+        if await self.results.end_job(
+            msg.id,
+            record,
+            expect=_PROCESSING,
+            run=run.token,
+            delivery=delivery,
+            announce=_finished(msg.id, status),
+        ):
+            self.server.metrics.record(status.value, msg.job.task, msg.meta.queue, run.duration)
+        else:
+            self._ended_elsewhere(msg)
 
     def _ended_elsewhere(self, msg: JobMessage) -> None:
         self.log.warning(
@@ -638,6 +619,13 @@ class Worker:
                 job_id,
                 extra={"job_id": job_id},
             )
+
+
+def _alone(msg: JobMessage, callback: object, follow_ups: Sequence[Job]) -> bool:
+    """Whether nothing happens between a run's end record and its ack: no callback, no
+    follow-ups, not in a group or chain."""
+    meta = msg.meta
+    return callback is None and not follow_ups and meta.group_id is None and meta.chain_id is None
 
 
 def _finished(job_id: str, status: Status) -> list[tuple[str, bytes]]:

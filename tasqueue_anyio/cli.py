@@ -89,10 +89,17 @@ def load_server(spec: str) -> Server:
     return value
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
 def _scheme(url: str) -> str:
     scheme = url.partition("://")[0].lower()
-    if scheme not in ("memory", "redis", "rediss", "unix", "nats", "tls"):
-        raise CLIError(f"unknown URL scheme in {url!r} (memory, redis, rediss, nats)", 2)
+    if scheme not in ("memory", *_REDIS_SCHEMES, "nats", "tls"):
+        raise CLIError(
+            f"unknown URL scheme in {url!r} "
+            f"(memory, redis, rediss, redis+cluster, rediss+cluster, nats, tls)",
+            2,
+        )
     return scheme
 
 
@@ -103,8 +110,9 @@ def _check_prefix(scheme: str, prefix: str | None) -> None:
 
 def broker_from_url(url: str, prefix: str | None = None) -> Broker:
     """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
-    ``rediss://`` (keys under ``prefix``), ``nats://`` / ``tls://`` (``prefix``: the
-    stream and the first subject token, ``NatsBroker(url, prefix=prefix)``)."""
+    ``rediss://`` or ``redis+cluster://`` / ``rediss+cluster://`` (keys under
+    ``prefix``), ``nats://`` / ``tls://`` (``prefix``: the stream and the first subject
+    token, ``NatsBroker(url, prefix=prefix)``)."""
     scheme = _scheme(url)
     _check_prefix(scheme, prefix)
     try:

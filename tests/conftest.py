@@ -1,7 +1,8 @@
 """Shared fixtures: the AnyIO backends and the broker and results backends under test.
 
 Every async test runs on asyncio and on Trio. The contract suites run against every
-backend listed in :data:`BROKER_FACTORIES` and :data:`RESULTS_FACTORIES`: a new backend
+backend listed in :data:`BROKER_FACTORIES` and :data:`RESULTS_FACTORIES` (the server
+suites too, except the :data:`CONTRACT_ONLY` ones): a new backend
 only adds an entry (a callable returning an async context manager that yields a ready
 backend, and cleans up on exit).
 """
@@ -14,6 +15,7 @@ from uuid import uuid4
 
 import anyio
 import pytest
+from redis_cluster import RedisCluster, shared_cluster, stop_shared_cluster
 from redis_server import RedisServer, shared_server, stop_shared_server
 
 from tasqueue_anyio.abc import Broker, Results
@@ -33,6 +35,20 @@ def redis_results() -> AbstractAsyncContextManager[Results]:
     from tasqueue_anyio.results.redis import RedisResults
 
     return RedisResults(shared_server().url, prefix=f"t{uuid4().hex[:12]}")
+
+
+def redis_cluster_broker() -> AbstractAsyncContextManager[Broker]:
+    """A broker on the session's Redis Cluster, under a prefix of its own."""
+    from tasqueue_anyio.brokers.redis import RedisBroker
+
+    return RedisBroker(shared_cluster().url, prefix=f"t{uuid4().hex[:12]}")
+
+
+def redis_cluster_results() -> AbstractAsyncContextManager[Results]:
+    """A results store on the session's Redis Cluster, under a prefix of its own."""
+    from tasqueue_anyio.results.redis import RedisResults
+
+    return RedisResults(shared_cluster().url, prefix=f"t{uuid4().hex[:12]}")
 
 
 @asynccontextmanager
@@ -70,6 +86,7 @@ async def nats_results() -> AsyncIterator[Results]:
 BROKER_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Broker]]] = {
     "memory": MemoryBroker,
     "redis": redis_broker,
+    "redis-cluster": redis_cluster_broker,
     "nats": nats_broker,
 }
 
@@ -77,8 +94,32 @@ BROKER_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Broker]]] =
 RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]] = {
     "memory": MemoryResults,
     "redis": redis_results,
+    "redis-cluster": redis_cluster_results,
     "nats": nats_results,
 }
+
+
+#: backends only the contract suites run (the server suites, which use the same
+#: ``broker`` and ``results`` fixtures, skip them to keep the run short):
+#: ``tests/test_redis_cluster.py`` runs a server on the cluster
+CONTRACT_ONLY = {"redis-cluster"}
+_CONTRACT_MODULES = {"test_contract_broker", "test_contract_end_job", "test_contract_results"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the :data:`CONTRACT_ONLY` backends outside the contract suites."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("backend_name") if callspec is not None else None
+        module = item.module.__name__ if isinstance(item, pytest.Function) else ""
+        if name in CONTRACT_ONLY and module not in _CONTRACT_MODULES:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,6 +133,20 @@ def _redis_server_lifetime() -> Iterator[None]:
 def redis_server() -> RedisServer:
     """The session's Redis server (started now if not yet); skips without redis-server."""
     return shared_server()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_cluster_lifetime() -> Iterator[None]:
+    """Stop the session's Redis Cluster (started on first use, if any) at the end."""
+    yield
+    stop_shared_cluster()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> RedisCluster:
+    """The session's three-master Redis Cluster (started now if not yet); skips without
+    redis-server and redis-cli."""
+    return shared_cluster()
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -101,19 +101,23 @@ class RedisServer:
 
 
 def start_redis_server(
-    *, password: str | None = None, extra_args: Sequence[str] = ()
+    *,
+    password: str | None = None,
+    extra_args: Sequence[str] = (),
+    pick_port: Callable[[], int] = _free_port,
 ) -> RedisServer:
     """Start a ``redis-server`` on a free loopback port and wait until it answers.
 
     :param password: ``requirepass`` for the default user, if any
     :param extra_args: more ``redis-server`` options (``--name value`` pairs)
+    :param pick_port: returns a free port to try (called again if it was taken)
     :raises RuntimeError: it did not answer within :data:`START_TIMEOUT`
     """
     binary = shutil.which("redis-server")
     if binary is None:
         raise FileNotFoundError("redis-server")
     for _ in range(3):  # a free port can be taken between the probe and the bind
-        port = _free_port()
+        port = pick_port()
         directory = Path(tempfile.mkdtemp(prefix="tasqueue-redis-"))
         args = [
             binary,

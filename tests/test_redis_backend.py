@@ -260,8 +260,8 @@ async def test_lost_lease_refuses_ack_with_enqueue(
 
 
 async def evalsha_calls(client: coredis.Redis[bytes]) -> int:
-    stats = await client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    entry = (await client.info("commandstats")).get("cmdstat_evalsha")
+    return int(entry["calls"]) if isinstance(entry, dict) else 0
 
 
 async def test_end_job_on_one_server_is_one_script(redis_server: RedisServer) -> None:
@@ -329,7 +329,7 @@ async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
                     is None
                 )
                 async with owner.subscribe("ends", heard.append):
-                    with pytest.raises(BrokerError, match="lease lost"):
+                    with pytest.raises(BrokerError, match="end was not recorded either"):
                         await results.end_job(
                             "j",
                             JobRecord(status="successful", data=b"m", run="0.1"),
@@ -356,6 +356,37 @@ async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
                 assert heard == [b"owner"]
             assert await owner.get_pending(queue) == []
         assert (await results.get_job("j")).status == "successful"
+
+
+async def test_end_job_written_but_lease_lost_raises(redis_server: RedisServer) -> None:
+    """The new delivery has not started its run yet: the old run's end is recorded (its
+    run token still matches), but its ack is refused, and that is an error."""
+    name, queue = prefix(), "fused-late"
+    client = coredis.Redis(host="127.0.0.1", port=redis_server.port)
+    async with client, RedisResults(client=client, prefix=name) as results:
+        zombie = RedisBroker(client=client, prefix=name, lease=0.2)
+        async with zombie:
+            await zombie.enqueue(envelope(queue, b"job"))
+            async with consuming(zombie, queue) as stream:
+                first = await receive(stream)
+        assert (
+            await results.start_job("j", JobRecord(status="processing", data=b"m", run="0.1"))
+            is None
+        )
+        async with RedisBroker(client=client, prefix=name, lease=5) as owner:
+            async with consuming(owner, queue) as stream:
+                second = await receive(stream)
+                with pytest.raises(BrokerError, match="end was recorded"):
+                    await results.end_job(
+                        "j",
+                        JobRecord(status="failed", data=b"m", run="0.1"),
+                        expect=("processing",),
+                        run="0.1",
+                        delivery=first,
+                    )
+                assert (await results.get_job("j")).status == "failed"
+                await second.ack()
+            assert await owner.get_pending(queue) == []
 
 
 async def test_renewal_keeps_a_long_job(redis_server: RedisServer) -> None:
@@ -588,3 +619,41 @@ async def test_concurrent_calls_share_round_trips(redis_server: RedisServer) -> 
                 tg.start_soon(read, job_id)
         assert got == {i: i.encode() for i in ids}
         assert results._cmds.flushes - flushes < 10  # 50 calls, a few round trips
+
+
+async def test_combiner_empty_gather_and_cancelled_calls(redis_server: RedisServer) -> None:
+    """An empty gather returns at once; a call cancelled while it waits for the next
+    flush is not sent, and the calls sharing its batch still get their replies."""
+    name = prefix()
+    async with RedisResults(redis_server.url, prefix=name) as results:
+        cmds = results._cmds
+        with anyio.fail_after(TIMEOUT):
+            assert await cmds.gather([]) == []
+        key, empty = f"{name}:probe".encode(), f"{name}:empty".encode()
+        replies: list[object] = []
+        doomed = anyio.CancelScope()
+
+        async def incr(scope: anyio.CancelScope | None = None) -> None:
+            with scope or anyio.CancelScope():
+                replies.append(await cmds.submit(lambda client: client.incr(key)))
+
+        def waiting() -> int:
+            return len(cmds._open.calls) if cmds._open is not None else 0
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                # keep the flusher busy: the next calls wait together for the next flush
+                tg.start_soon(cmds.submit, lambda client: client.blpop([empty], timeout=1))
+                while cmds._open is not None or cmds.calls == 0:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+                tg.start_soon(incr)
+                tg.start_soon(incr, doomed)
+                tg.start_soon(incr)
+                while waiting() < 3:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+                doomed.cancel()
+                while waiting() > 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+            assert sorted(replies) == [1, 2]  # type: ignore[type-var]
+            # the cancelled caller's INCR was never sent
+            assert await cmds.submit(lambda client: client.get(key)) == b"2"

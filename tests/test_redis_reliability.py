@@ -146,6 +146,7 @@ async def opened(f: Fleet) -> AsyncIterator[tuple[Server, coredis.Redis[bytes]]]
         async with f.server() as server:
             broker = server.broker
             assert isinstance(broker, RedisBroker)
+            assert isinstance(broker.client, coredis.Redis)
             yield server, broker.client
 
 

@@ -22,6 +22,19 @@ Queue names are validated (letters, digits, ``_``, ``-``) before they become key
 ids are hash fields and set members, never part of a key. Pub/sub channels are
 ``P:ch:NAME``.
 
+Redis Cluster
+-------------
+Every script touches the keys of one queue only, so of one slot, and different queues
+spread over the masters. Two calls span queues: ``enqueue_many`` and an ``ack`` that
+enqueues follow-ups. With ``split_slots`` (the default for a cluster client) they become
+one script per queue, pipelined: each queue's messages are stored all or none, and an
+``ack`` enqueues the other queues' messages first, so a crash in between repeats them
+(deduplicated by message id) rather than losing them. Notifications and channels use
+classic ``PUBLISH``, which the cluster broadcasts to every node; the broker's subscriber
+connection may be on any node. The cluster keeps the order of the messages published
+through one node only, so :meth:`RedisBroker.publish` sends every message of a channel
+through the node of the channel name's slot (a script given the name as its key).
+
 Delivery
 --------
 One Lua script (``fetch``) returns messages whose lease expired to the front of the
@@ -66,15 +79,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import coredis
 import msgpack
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
-from coredis.patterns.pubsub import PubSub
+from coredis.patterns.pubsub import BasePubSub
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import validate_queue
-from .._redis import DEFAULT_PREFIX, RedisBackend, evalsha, translate_errors
+from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
 __all__ = ["RedisBroker", "RedisDelivery"]
@@ -354,7 +366,15 @@ end
 return out
 """
 
+# Redis Cluster only: PUBLISH routed by the channel name given as a key, so that every
+# message of a channel goes through one node (the cluster keeps each node's order, not
+# an order across nodes). ARGV: message.
+_LUA_PUBLISH = r"""
+return redis.call('PUBLISH', KEYS[1], ARGV[1])
+"""
+
 _SCRIPTS = {
+    "publish": _LUA_PUBLISH,
     "fetch": _LUA_COMMON + _LUA_FETCH,
     "enqueue": _LUA_COMMON + _LUA_ENQUEUE,
     "ack": _LUA_COMMON + _LUA_ACK,
@@ -492,12 +512,12 @@ class RedisDelivery(Delivery):
         if held.get(self._id) == self._token:
             del held[self._id]
 
-    def _lost(self, action: str) -> LeaseLostError:
+    def _lost(self, action: str, more: str = "") -> LeaseLostError:
         self._state = _SETTLED
         return LeaseLostError(
             f"lease lost: cannot {action} message {self.message_id!r} of queue "
             f"{self._q.name!r} (attempt {self._attempt}); its lease expired or its "
-            f"consumer gave it back, and another delivery of it owns it now"
+            f"consumer gave it back, and another delivery of it owns it now{more}"
         )
 
     async def ack(
@@ -534,7 +554,7 @@ class RedisDelivery(Delivery):
         port, db and user, on a single server (not Redis Cluster), and the message is
         still held."""
         broker = self._broker
-        if self._state != _HELD or broker.split_slots:
+        if self._state != _HELD or broker.split_slots or broker.cluster:
             return False
         return client is broker.client or (
             server_id is not None and server_id == broker.server_id
@@ -552,10 +572,11 @@ class RedisDelivery(Delivery):
             pairs += (broker._channel(channel), message)
         return self._q.keys, [self._id, self._token, 0], pairs
 
-    def _fused_done(self, acked: bool) -> None:
+    def _fused_done(self, acked: bool, written: bool) -> None:
         """The fused script ran: settled, or the lease was lost."""
         if not acked:
-            raise self._lost("ack")
+            outcome = "was recorded" if written else "was not recorded either"
+            raise self._lost("ack", f"; this run's end {outcome}")
         self._state = _SETTLED
 
     async def nack(self, *, delay: float = 0) -> None:
@@ -610,9 +631,12 @@ class RedisBroker(RedisBackend, Broker):
     first.
 
     :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
-        certificate and host name checked); default ``redis://localhost:6379/0``
-    :param client: a coredis client to use instead of a URL; the caller opens and
-        closes it (``async with client:`` around the broker's use)
+        certificate and host name checked); default ``redis://localhost:6379/0``. A
+        Redis Cluster: ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``
+        (any of its nodes) or ``rediss+cluster://...`` (TLS)
+    :param client: a coredis client (:class:`coredis.Redis` or
+        :class:`coredis.RedisCluster`, not decoding responses) to use instead of a URL;
+        the caller opens and closes it (``async with client:`` around the broker's use)
     :param prefix: the start of every key and channel name
     :param lease: seconds a fetched message stays held without renewal; a live broker
         renews every ``lease / 3`` seconds, so a message comes back about ``lease``
@@ -629,7 +653,7 @@ class RedisBroker(RedisBackend, Broker):
         self,
         url: str | None = None,
         *,
-        client: coredis.Redis[bytes] | None = None,
+        client: Client | None = None,
         prefix: str = DEFAULT_PREFIX,
         lease: float = DEFAULT_LEASE,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -648,12 +672,12 @@ class RedisBroker(RedisBackend, Broker):
             )
         self.lease = float(lease)
         self.batch_size = batch_size
-        self.split_slots = bool(split_slots)
+        self.split_slots = self.cluster if split_slots is None else bool(split_slots)
         self._lease_ms = str(max(1, round(self.lease * 1000))).encode()
         self._queues: dict[str, _Queue] = {}
         self._abandoned: deque[tuple[_Queue, bytes, bytes]] = deque()
         # pub/sub
-        self._pubsub: PubSub[bytes] | None = None
+        self._pubsub: BasePubSub[bytes, Any] | None = None
         self._pubsub_lock: anyio.Lock | None = None
         self._callbacks: dict[bytes, list[Callable[[bytes], None]]] = {}
         self._subscribed: set[bytes] = set()
@@ -982,7 +1006,11 @@ class RedisBroker(RedisBackend, Broker):
         """
         key = self._channel(channel)
         with translate_errors("publishing"):
-            await self._cmds.submit(lambda client: client.publish(key, data))
+            if self.cluster:
+                # coredis sends a PUBLISH to a random node; a script, to the channel's slot
+                await self._cmds.script("publish", (key,), (data,))
+            else:
+                await self._cmds.submit(lambda client: client.publish(key, data))
 
     @asynccontextmanager
     async def subscribe(

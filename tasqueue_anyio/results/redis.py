@@ -25,21 +25,43 @@ it is atomic, and sets the key's expiry in the same script. Fire times are store
 exactly.
 
 On a single Redis server the listing update of ``update_job`` happens in the job's
-script, and a listing read drops the ids whose state expired in one script. (On Redis
-Cluster the listings live on another slot than the job: both would become a second
-step, which this module does not do yet.) Every call goes through a write-combiner:
-concurrent calls share one round trip.
+script, and a listing read drops the ids whose state expired in one script. Every call
+goes through a write-combiner: concurrent calls share one round trip.
+
+Redis Cluster
+-------------
+The layout is the same on a cluster (the same keys, so a store can move between a
+single server and a cluster with its data). Each job's keys, each group's or chain's and
+the schedules have a hash tag of their own, so every script on them stays on one slot,
+and jobs spread over the masters by id. Keeping them atomic together with the listings
+would take one hash tag for every key of the prefix, that is the whole store on one
+master (its memory, its CPU) and no spreading at all; this module takes the other side
+of the trade, and on a cluster (``cluster``) three calls become two steps:
+
+- ``start_job`` and ``update_job`` write the job's state (one script, as before), then,
+  if they wrote ``successful`` or ``failed``, move the id into its listing (a second
+  script, on the listings' slot): one more round trip for a job that ends. A client
+  that dies between the two leaves the job out of the listing; its state is right.
+- ``delete_job`` deletes the state and result (one script) and removes the id from the
+  listings (``ZREM``), pipelined together.
+- A listing read checks, with one ``EXISTS`` per id (pipelined), which listed jobs still
+  have a state, and drops the others from the listing (a script that removes an id only
+  while it has the score it was read with, so a job listed again meanwhile stays). It
+  does this with or without ``job_ttl``, so a delete cut in half is never shown.
+
+``set_jobs`` and ``create_jobs`` run one script per slot among the jobs they write,
+pipelined: each job is written (or created) atomically, not the batch as a whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-import coredis
+from coredis.typing import Key
 
 from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
-from .._redis import DEFAULT_PREFIX, RedisBackend, translate_errors
+from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from ..abc import Delivery, JobRecord, ParentRecord, Results, ScheduleRecord
 from ..brokers.redis import _LUA_ACK as _BROKER_ACK
 from ..brokers.redis import _LUA_COMMON as _BROKER_COMMON
@@ -58,14 +80,19 @@ local function expire(ttl, ...)
   end
 end
 
--- the listings: KEYS[2] success, KEYS[3] failed, KEYS[4] end-order counter
-local function list_end(status, id)
+-- the listings: KEYS[k] success, KEYS[k+1] failed, KEYS[k+2] end-order counter (k is
+-- 2 unless given); without them (Redis Cluster) the caller lists the job separately
+local function list_end(status, id, k)
+  k = k or 2
+  if #KEYS < k + 2 then
+    return
+  end
   if status == 'successful' then
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), id)
+    redis.call('ZREM', KEYS[k + 1], id)
+    redis.call('ZADD', KEYS[k], redis.call('INCR', KEYS[k + 2]), id)
   elseif status == 'failed' then
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), id)
+    redis.call('ZREM', KEYS[k], id)
+    redis.call('ZADD', KEYS[k + 1], redis.call('INCR', KEYS[k + 2]), id)
   end
 end
 
@@ -190,12 +217,34 @@ end
 return created
 """
 
-# KEYS: state, result, success, failed. ARGV: id.
+# KEYS: state, result, success, failed (no listings on Redis Cluster). ARGV: id.
 _LUA_DELETE = r"""
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
+if #KEYS > 2 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
 return 1
+"""
+
+# Redis Cluster only. KEYS: success, failed, seq. ARGV: id, status. The second step of a
+# start_job or update_job that wrote a final status.
+_LUA_LIST = r"""
+list_end(ARGV[2], ARGV[1], 1)
+return 1
+"""
+
+# Redis Cluster only. KEYS: listing. ARGV: id, score pairs. Drops each id whose score is
+# still the one given (its job's state was found gone).
+_LUA_UNLIST_GONE = r"""
+local n = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
 """
 
 # KEYS: listing. ARGV: state key prefix, suffix. Listed ids whose state is gone
@@ -366,6 +415,8 @@ _SCRIPTS = {
         "set_jobs": _LUA_SET_JOBS,
         "create_jobs": _LUA_CREATE_JOBS,
         "delete": _LUA_DELETE,
+        "list": _LUA_LIST,
+        "unlist_gone": _LUA_UNLIST_GONE,
         "listing": _LUA_LISTING,
         "set_parent": _LUA_SET_PARENT,
         "get_parent": _LUA_GET_PARENT,
@@ -381,6 +432,25 @@ _SCRIPTS["finish"] = _LUA_FINISH
 
 
 _FIELDS = ("st", "d", "c", "r")
+
+
+def _evalsha(sha: bytes, keys: Any, args: Any) -> Callable[[Any], Any]:
+    return lambda client: evalsha(client, sha, keys, args)
+
+
+def _zrem(key: bytes, member: str) -> Callable[[Any], Any]:
+    return lambda client: client.zrem(key, [member])
+
+
+def _exists(key: str) -> Callable[[Any], Any]:
+    return lambda client: client.exists([key])
+
+
+def _raise_first(replies: list[Any]) -> None:
+    """Raise the first exception among the replies of :meth:`Commands.gather`."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _ttl_ms(ttl: float | None, what: str) -> int:
@@ -422,9 +492,12 @@ class RedisResults(RedisBackend, Results):
     listing only shows jobs whose state is still stored.
 
     :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
-        certificate and host name checked); default ``redis://localhost:6379/0``
-    :param client: a coredis client to use instead of a URL; the caller opens and
-        closes it
+        certificate and host name checked); default ``redis://localhost:6379/0``. A
+        Redis Cluster: ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``
+        (any of its nodes) or ``rediss+cluster://...`` (TLS)
+    :param client: a coredis client (:class:`coredis.Redis` or
+        :class:`coredis.RedisCluster`, not decoding responses) to use instead of a URL;
+        the caller opens and closes it
     :param prefix: the start of every key
     :param job_ttl: seconds job state, and group and chain state, is kept after its last
         write (``None``: forever), as a Redis expiry set by the writing script
@@ -438,7 +511,7 @@ class RedisResults(RedisBackend, Results):
         self,
         url: str | None = None,
         *,
-        client: coredis.Redis[bytes] | None = None,
+        client: Client | None = None,
         prefix: str = DEFAULT_PREFIX,
         job_ttl: float | None = None,
         result_ttl: float | None = None,
@@ -457,6 +530,8 @@ class RedisResults(RedisBackend, Results):
             f"{p}:{{l}}:failed".encode(),
             f"{p}:{{l}}:seq".encode(),
         ]
+        # the listings passed to the job scripts: none on a cluster (another slot)
+        self._listings = [] if self.cluster else self._listing_keys
         self._schedule_keys = [f"{p}:{{sched}}:data".encode(), f"{p}:{{sched}}:fire".encode()]
 
     # -- keys -------------------------------------------------------------------------------
@@ -496,6 +571,9 @@ class RedisResults(RedisBackend, Results):
         """
         if not records:
             return
+        if self.cluster:
+            await self._per_slot("set_jobs", records, "storing job state")
+            return
         with translate_errors("storing job state"):
             await self._cmds.script("set_jobs", *self._jobs_call(records))
 
@@ -516,10 +594,34 @@ class RedisResults(RedisBackend, Results):
         """
         if not records:
             return set()
+        if self.cluster:
+            groups, replies = await self._per_slot("create_jobs", records, "creating job state")
+            return {
+                list(group)[index - 1]
+                for group, created in zip(groups, replies, strict=True)
+                for index in created
+            }
         ids = list(records)
         with translate_errors("creating job state"):
             created = await self._cmds.script("create_jobs", *self._jobs_call(records))
         return {ids[index - 1] for index in created}
+
+    async def _per_slot(
+        self, script: str, records: Mapping[str, JobRecord], what: str
+    ) -> tuple[list[dict[str, JobRecord]], list[Any]]:
+        """Redis Cluster: run ``script`` (``set_jobs`` or ``create_jobs``) once per slot
+        among the jobs' state keys, pipelined; return the groups and their replies."""
+        by_slot: dict[int, dict[str, JobRecord]] = {}
+        for job_id, record in records.items():
+            slot = Key(self._state(_check_id(job_id, "job id"))).slot
+            by_slot.setdefault(slot, {})[job_id] = record
+        groups = list(by_slot.values())
+        sha = self._cmds.shas[script]
+        calls = [self._jobs_call(group) for group in groups]
+        with translate_errors(what):
+            replies = await self._cmds.gather([_evalsha(sha, *call) for call in calls])
+            _raise_first(replies)
+        return groups, replies
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
         """Move a job to ``record`` if it has no state, or is not final and not cancelled
@@ -529,7 +631,7 @@ class RedisResults(RedisBackend, Results):
         :param record: the new state
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """
-        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys]
+        keys = [self._state(_check_id(job_id, "job id")), *self._listings]
         args = (
             job_id,
             record.status,
@@ -540,6 +642,8 @@ class RedisResults(RedisBackend, Results):
         )
         with translate_errors("starting a job"):
             reply = await self._cmds.script("start", keys, args)
+            if reply == 0 and self.cluster:
+                await self._list(job_id, record.status)
         return None if reply == 0 else _record(reply)
 
     async def update_job(
@@ -557,8 +661,19 @@ class RedisResults(RedisBackend, Results):
         """
         if not expect:
             return False
-        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys]
-        args = [
+        keys = [self._state(_check_id(job_id, "job id")), *self._listings]
+        args = self._update_args(job_id, record, expect, run)
+        with translate_errors("updating a job"):
+            written = bool(await self._cmds.script("update", keys, args))
+            if written and self.cluster:
+                await self._list(job_id, record.status)
+        return written
+
+    def _update_args(
+        self, job_id: str, record: JobRecord, expect: Collection[str], run: str | None
+    ) -> list[Any]:
+        """ARGV of the update script (see ``_LUA_UPDATE``)."""
+        return [
             job_id,
             record.status,
             record.data,
@@ -567,8 +682,11 @@ class RedisResults(RedisBackend, Results):
             record.run,
             *expect,
         ]
-        with translate_errors("updating a job"):
-            return bool(await self._cmds.script("update", keys, args))
+
+    async def _list(self, job_id: str, status: str) -> None:
+        """Redis Cluster: the second step of a write of ``status``: list the job."""
+        if status in ("successful", "failed"):
+            await self._cmds.script("list", self._listing_keys, (job_id, status))
 
     async def end_job(
         self,
@@ -589,7 +707,8 @@ class RedisResults(RedisBackend, Results):
         published only when both happened.
 
         :return: whether ``record`` was written
-        :raises LeaseLostError: the delivery's lease was lost (the record may be written)
+        :raises LeaseLostError: the delivery's lease was lost (its message says whether
+            the record was written)
         """
         if not (
             expect
@@ -599,21 +718,13 @@ class RedisResults(RedisBackend, Results):
             return await super().end_job(
                 job_id, record, expect=expect, run=run, delivery=delivery, announce=announce
             )
-        update = [
-            job_id,
-            record.status,
-            record.data,
-            self._job_ttl_arg,
-            "" if run is None else run,
-            record.run,
-            *expect,
-        ]
+        update = self._update_args(job_id, record, expect, run)
         ack_keys, ack_args, pairs = delivery._fused_ack(announce)
         keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys, *ack_keys]
         args = [len(update), *update, len(pairs) // 2, *pairs, *ack_args]
         with translate_errors("ending a job"):
             reply = int(await self._cmds.script("finish", keys, args))
-        delivery._fused_done(bool(reply & 1))
+        delivery._fused_done(bool(reply & 1), bool(reply & 2))
         return bool(reply & 2)
 
     async def request_cancel(self, job_id: str) -> JobRecord:
@@ -674,16 +785,46 @@ class RedisResults(RedisBackend, Results):
         """
         _check_id(job_id, "job id")
         keys = [self._state(job_id), self._result(job_id), *self._listing_keys[:2]]
+        if self.cluster:
+            calls: list[Callable[[Any], Any]] = [
+                _evalsha(self._cmds.shas["delete"], keys[:2], (job_id,)),
+                *(_zrem(key, job_id) for key in self._listing_keys[:2]),
+            ]
+            with translate_errors("deleting a job"):
+                _raise_first(await self._cmds.gather(calls))
+            return
         with translate_errors("deleting a job"):
             await self._cmds.script("delete", keys, (job_id,))
 
     async def _listing(self, key: bytes) -> list[str]:
+        if self.cluster:
+            return await self._cluster_listing(key)
         with translate_errors("reading a listing"):
             if self._job_ttl:
                 ids = await self._cmds.script("listing", [key], (self._state_prefix, "}"))
             else:
                 ids = await self._cmds.submit(lambda client: client.zrange(key, 0, -1))
         return [job_id.decode() for job_id in ids]
+
+    async def _cluster_listing(self, key: bytes) -> list[str]:
+        """Redis Cluster: the listed ids whose state exists; the others are dropped."""
+        with translate_errors("reading a listing"):
+            scored = await self._cmds.submit(
+                lambda client: client.zrange(key, 0, -1, withscores=True)
+            )
+            ids = [member.decode() for member, _ in scored]
+            found = await self._cmds.gather([_exists(self._state(job_id)) for job_id in ids])
+            _raise_first(found)
+            gone: list[Any] = []
+            out = []
+            for job_id, (_, score), exists in zip(ids, scored, found, strict=True):
+                if exists:
+                    out.append(job_id)
+                else:
+                    gone += (job_id, repr(float(score)))
+            if gone:
+                await self._cmds.script("unlist_gone", [key], gone)
+        return out
 
     async def get_success(self) -> list[str]:
         """Ids of jobs that ended ``successful``, in the order they ended.
