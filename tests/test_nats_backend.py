@@ -213,13 +213,27 @@ async def test_one_durable_consumer_per_queue_shared(nats_server: NatsServer) ->
     ):
         await one.enqueue_many([envelope(queue, f"m{i}".encode()) for i in range(20)])
         got: list[bytes] = []
-        async with consuming(one, queue) as s1, consuming(two, queue) as s2:
-            for _ in range(10):
-                for stream in (s1, s2):
-                    delivery = await receive(stream)
-                    got.append(delivery.data)
-                    await delivery.ack()
-        assert sorted(got) == sorted(f"m{i}".encode() for i in range(20))
+        all_in = anyio.Event()
+
+        async def take(stream: MemoryObjectReceiveStream[Delivery]) -> None:
+            async for delivery in stream:
+                got.append(delivery.data)
+                await delivery.ack()
+                if len(got) == 20:
+                    all_in.set()
+
+        async with (
+            consuming(one, queue) as s1,
+            consuming(two, queue) as s2,
+            anyio.create_task_group() as tg,
+        ):
+            # whichever broker's fetch the consumer serves takes the next message
+            tg.start_soon(take, s1)
+            tg.start_soon(take, s2)
+            with anyio.fail_after(TIMEOUT):
+                await all_in.wait()
+            tg.cancel_scope.cancel()
+        assert sorted(got) == sorted(f"m{i}".encode() for i in range(20))  # each once
         names = await one.js.api(f"CONSUMER.NAMES.{one.stream}")
         assert names["consumers"] == [queue]
 
