@@ -7,15 +7,14 @@ use short real delays and assert lower bounds only.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from uuid import uuid4
+from collections.abc import Callable
 
 import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
+from broker_support import consuming, envelope, receive
 
-from tasqueue_anyio.abc import Broker, Delivery, Envelope
+from tasqueue_anyio.abc import Broker, Delivery
 
 pytestmark = pytest.mark.anyio
 
@@ -23,30 +22,6 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 5.0
 #: slack for clock granularity when checking that a delay was respected
 EPSILON = 0.01
-
-
-def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
-    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
-
-
-@asynccontextmanager
-async def consuming(
-    broker: Broker, queue: str, *, buffer: int = 0
-) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
-    """Run ``broker.consume(queue, ...)`` for the duration of the block."""
-    send_stream, receive_stream = anyio.create_memory_object_stream[Delivery](buffer)
-    with receive_stream:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(broker.consume, queue, send_stream)
-            try:
-                yield receive_stream
-            finally:
-                tg.cancel_scope.cancel()
-
-
-async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
-    with anyio.fail_after(TIMEOUT):
-        return await stream.receive()
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:

@@ -9,7 +9,8 @@ from uuid import uuid4
 
 import anyio
 import pytest
-from test_contract_broker import TIMEOUT, consuming, envelope, receive
+from broker_support import consuming, envelope, receive
+from server_support import TIMEOUT
 
 from tasqueue_anyio.abc import Broker, JobRecord, Results
 

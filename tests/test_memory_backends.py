@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from uuid import uuid4
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
+from broker_support import consuming, envelope, receive
 
 from tasqueue_anyio._exceptions import BrokerError, JobNotFoundError, ResultNotFoundError
-from tasqueue_anyio.abc import Delivery, Envelope, JobRecord
+from tasqueue_anyio.abc import Delivery, JobRecord
 from tasqueue_anyio.brokers.memory import MemoryBroker, MemoryDelivery
 from tasqueue_anyio.results.memory import MemoryResults
 
@@ -30,29 +27,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
-    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
-
-
-@asynccontextmanager
-async def consuming(
-    broker: MemoryBroker, queue: str
-) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
-    send_stream, receive_stream = anyio.create_memory_object_stream[Delivery](0)
-    with receive_stream:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(broker.consume, queue, send_stream)
-            try:
-                yield receive_stream
-            finally:
-                tg.cancel_scope.cancel()
-
-
-async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
-    with anyio.fail_after(TIMEOUT):
-        return await stream.receive()
 
 
 # -- broker ---------------------------------------------------------------------------

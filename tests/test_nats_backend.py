@@ -20,6 +20,7 @@ import anyio
 import msgpack
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
+from broker_support import consuming, envelope, receive
 from nats_server import NatsServer
 from server_support import TIMEOUT, Counter, running
 
@@ -44,10 +45,6 @@ from tasqueue_anyio.results.nats import NatsResults
 pytestmark = pytest.mark.anyio
 
 _KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
-
-
-def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
-    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
 
 
 def name() -> str:
@@ -82,31 +79,6 @@ async def results_on(
             if not keep:
                 with anyio.CancelScope(shield=True):
                     await results.drop()
-
-
-@asynccontextmanager
-async def consuming(
-    broker: NatsBroker, queue: str, *, receivers: int = 1
-) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
-    """Run ``broker.consume(queue, ...)`` with ``receivers`` open receiving ends."""
-    send, receive_stream = anyio.create_memory_object_stream[Delivery](0)
-    clones = [receive_stream.clone() for _ in range(receivers - 1)]
-    try:
-        with receive_stream:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(broker.consume, queue, send)
-                try:
-                    yield receive_stream
-                finally:
-                    tg.cancel_scope.cancel()
-    finally:
-        for clone in clones:
-            clone.close()
-
-
-async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
-    with anyio.fail_after(TIMEOUT):
-        return await stream.receive()
 
 
 # -- names and encodings -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from uuid import uuid4
 import anyio
 import coredis
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
+from broker_support import consuming, envelope, receive
 from redis_server import RedisServer
 from server_support import TIMEOUT, Counter, running
 
@@ -37,37 +37,8 @@ from tasqueue_anyio.results.redis import RedisResults
 pytestmark = pytest.mark.anyio
 
 
-def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
-    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
-
-
 def prefix() -> str:
     return f"t{uuid4().hex[:12]}"
-
-
-@asynccontextmanager
-async def consuming(
-    broker: RedisBroker, queue: str, *, receivers: int = 1
-) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
-    """Run ``broker.consume(queue, ...)`` with ``receivers`` open receiving ends."""
-    send, receive = anyio.create_memory_object_stream[Delivery](0)
-    clones = [receive.clone() for _ in range(receivers - 1)]
-    try:
-        with receive:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(broker.consume, queue, send)
-                try:
-                    yield receive
-                finally:
-                    tg.cancel_scope.cancel()
-    finally:
-        for clone in clones:
-            clone.close()
-
-
-async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
-    with anyio.fail_after(TIMEOUT):
-        return await stream.receive()
 
 
 # -- URLs and clients -------------------------------------------------------------------------
@@ -302,11 +273,13 @@ async def test_end_job_on_one_server_is_one_script(redis_server: RedisServer) ->
         assert await broker.get_pending(queue) == []
 
 
-async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
-    redis_server: RedisServer,
-) -> None:
-    name, queue = prefix(), "fused-fence"
-    heard: list[bytes] = []
+@asynccontextmanager
+async def taken_over(
+    redis_server: RedisServer, queue: str
+) -> AsyncIterator[tuple[RedisResults, RedisBroker, Delivery, Delivery]]:
+    """A job whose first delivery (its run ``0.1`` started) lost its lease: the results
+    store, the new owner's broker, the first delivery and the owner's (attempt 2)."""
+    name = prefix()
     client = coredis.Redis(host="127.0.0.1", port=redis_server.port)
     async with client, RedisResults(client=client, prefix=name) as results:
         zombie = RedisBroker(client=client, prefix=name, lease=0.2)
@@ -314,79 +287,69 @@ async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
             await zombie.enqueue(envelope(queue, b"job"))
             async with consuming(zombie, queue) as stream:
                 first = await receive(stream)
-        assert (
-            await results.start_job("j", JobRecord(status="processing", data=b"m", run="0.1"))
-            is None
-        )
-        async with RedisBroker(client=client, prefix=name, lease=5) as owner:
-            async with consuming(owner, queue) as stream:
-                second = await receive(stream)
-                assert second.attempt == 2
-                assert (
-                    await results.start_job(
-                        "j", JobRecord(status="processing", data=b"m", run="0.2")
-                    )
-                    is None
+        record = JobRecord(status="processing", data=b"m", run="0.1")
+        assert await results.start_job("j", record) is None
+        async with (
+            RedisBroker(client=client, prefix=name, lease=5) as owner,
+            consuming(owner, queue) as stream,
+        ):
+            second = await receive(stream)
+            assert second.attempt == 2
+            yield results, owner, first, second
+
+
+def ending(status: str, run: str) -> JobRecord:
+    return JobRecord(status=status, data=b"m", run=run)
+
+
+async def test_end_job_of_a_run_that_lost_its_lease_changes_nothing(
+    redis_server: RedisServer,
+) -> None:
+    heard: list[bytes] = []
+    async with taken_over(redis_server, "fused-fence") as (results, owner, first, second):
+        new_run = JobRecord(status="processing", data=b"m", run="0.2")
+        assert await results.start_job("j", new_run) is None
+        async with owner.subscribe("ends", heard.append):
+            with pytest.raises(BrokerError, match="end was not recorded either"):
+                await results.end_job(
+                    "j",
+                    ending("successful", "0.1"),
+                    expect=("processing",),
+                    run="0.1",
+                    delivery=first,
+                    announce=[("ends", b"zombie")],
                 )
-                async with owner.subscribe("ends", heard.append):
-                    with pytest.raises(BrokerError, match="end was not recorded either"):
-                        await results.end_job(
-                            "j",
-                            JobRecord(status="successful", data=b"m", run="0.1"),
-                            expect=("processing",),
-                            run="0.1",
-                            delivery=first,
-                            announce=[("ends", b"zombie")],
-                        )
-                    record = await results.get_job("j")
-                    assert (record.status, record.run) == ("processing", "0.2")
-                    assert await results.get_success() == []
-                    # the owner's end goes through; only its announcement is heard
-                    assert await results.end_job(
-                        "j",
-                        JobRecord(status="successful", data=b"m", run="0.2"),
-                        expect=("processing",),
-                        run="0.2",
-                        delivery=second,
-                        announce=[("ends", b"owner")],
-                    )
-                    with anyio.fail_after(TIMEOUT):
-                        while not heard:  # noqa: ASYNC110
-                            await anyio.sleep(0.01)
-                assert heard == [b"owner"]
-            assert await owner.get_pending(queue) == []
+            record = await results.get_job("j")
+            assert (record.status, record.run) == ("processing", "0.2")
+            assert await results.get_success() == []
+            # the owner's end goes through; only its announcement is heard
+            assert await results.end_job(
+                "j",
+                ending("successful", "0.2"),
+                expect=("processing",),
+                run="0.2",
+                delivery=second,
+                announce=[("ends", b"owner")],
+            )
+            with anyio.fail_after(TIMEOUT):
+                while not heard:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        assert heard == [b"owner"]
+        assert await owner.get_pending("fused-fence") == []
         assert (await results.get_job("j")).status == "successful"
 
 
 async def test_end_job_written_but_lease_lost_raises(redis_server: RedisServer) -> None:
     """The new delivery has not started its run yet: the old run's end is recorded (its
     run token still matches), but its ack is refused, and that is an error."""
-    name, queue = prefix(), "fused-late"
-    client = coredis.Redis(host="127.0.0.1", port=redis_server.port)
-    async with client, RedisResults(client=client, prefix=name) as results:
-        zombie = RedisBroker(client=client, prefix=name, lease=0.2)
-        async with zombie:
-            await zombie.enqueue(envelope(queue, b"job"))
-            async with consuming(zombie, queue) as stream:
-                first = await receive(stream)
-        assert (
-            await results.start_job("j", JobRecord(status="processing", data=b"m", run="0.1"))
-            is None
-        )
-        async with RedisBroker(client=client, prefix=name, lease=5) as owner:
-            async with consuming(owner, queue) as stream:
-                second = await receive(stream)
-                with pytest.raises(BrokerError, match="end was recorded"):
-                    await results.end_job(
-                        "j",
-                        JobRecord(status="failed", data=b"m", run="0.1"),
-                        expect=("processing",),
-                        run="0.1",
-                        delivery=first,
-                    )
-                assert (await results.get_job("j")).status == "failed"
-                await second.ack()
-            assert await owner.get_pending(queue) == []
+    async with taken_over(redis_server, "fused-late") as (results, owner, first, second):
+        with pytest.raises(BrokerError, match="end was recorded"):
+            await results.end_job(
+                "j", ending("failed", "0.1"), expect=("processing",), run="0.1", delivery=first
+            )
+        assert (await results.get_job("j")).status == "failed"
+        await second.ack()
+        assert await owner.get_pending("fused-late") == []
 
 
 async def test_renewal_keeps_a_long_job(redis_server: RedisServer) -> None:

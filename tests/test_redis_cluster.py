@@ -19,7 +19,7 @@ from uuid import uuid4
 import anyio
 import coredis
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
+from broker_support import consuming, envelope, receive
 from coredis.typing import Key
 from redis_cluster import RedisCluster
 from server_support import TIMEOUT, running, wait_event
@@ -36,7 +36,7 @@ from tasqueue_anyio import (
     Status,
 )
 from tasqueue_anyio._redis import cluster_kwargs, is_cluster_url, renew_error_stream
-from tasqueue_anyio.abc import Delivery, Envelope, JobRecord
+from tasqueue_anyio.abc import JobRecord
 from tasqueue_anyio.brokers.redis import RedisBroker
 from tasqueue_anyio.cli import broker_from_url, results_from_url
 from tasqueue_anyio.results.redis import RedisResults
@@ -44,31 +44,8 @@ from tasqueue_anyio.results.redis import RedisResults
 pytestmark = pytest.mark.anyio
 
 
-def envelope(queue: str, data: bytes, *, eta: float | None = None) -> Envelope:
-    return Envelope(queue=queue, data=data, id=uuid4().hex, eta=eta)
-
-
 def prefix() -> str:
     return f"c{uuid4().hex[:12]}"
-
-
-@asynccontextmanager
-async def consuming(
-    broker: RedisBroker, queue: str
-) -> AsyncIterator[MemoryObjectReceiveStream[Delivery]]:
-    send, receive_stream = anyio.create_memory_object_stream[Delivery](0)
-    with receive_stream:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(broker.consume, queue, send)
-            try:
-                yield receive_stream
-            finally:
-                tg.cancel_scope.cancel()
-
-
-async def receive(stream: MemoryObjectReceiveStream[Delivery]) -> Delivery:
-    with anyio.fail_after(TIMEOUT):
-        return await stream.receive()
 
 
 @asynccontextmanager
