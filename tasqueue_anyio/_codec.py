@@ -335,6 +335,11 @@ def encode_event(kind: str, job_id: str, status: str = "") -> bytes:
     return f"{SCHEMA_VERSION}\0{kind}\0{job_id}\0{status}".encode()
 
 
+def finished_event(job_id: str, status: str) -> tuple[str, bytes]:
+    """The announcement that a job ended: its channel and its event."""
+    return FINISHED_CHANNEL, encode_event(EVENT_FINISHED, job_id, status)
+
+
 _EVENT_KINDS = frozenset({EVENT_FINISHED, EVENT_CANCEL, EVENT_PARENT, EVENT_SCHEDULE})
 
 

@@ -35,6 +35,14 @@ _QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@+=/-]{1,255}")
 
 
+def validate_channel(channel: object) -> str:
+    """Return ``channel`` if it may name a broadcast channel (a non-empty str), else raise
+    :class:`InvalidInputError`; each broker encodes it into its own names."""
+    if not isinstance(channel, str) or not channel:
+        raise InvalidInputError(f"a channel name must be a non-empty str, got {channel!r}")
+    return channel
+
+
 def validate_queue(name: object) -> str:
     """Return ``name`` if it is a valid queue name, else raise :class:`InvalidInputError`.
 

@@ -27,6 +27,7 @@ from ._codec import (
     decode_message,
     encode_event,
     encode_message,
+    finished_event,
     job_from_wire,
     job_to_wire,
     with_status,
@@ -975,9 +976,7 @@ class Server:
 
     async def publish_finished(self, job_id: str, status: Status) -> None:
         """Announce that a job ended (wakes :meth:`wait` callers, on any server)."""
-        await self.broker.publish(
-            FINISHED_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value)
-        )
+        await self.broker.publish(*finished_event(job_id, status.value))
 
     # -- running ----------------------------------------------------------------------------
 

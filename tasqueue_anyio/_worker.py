@@ -30,7 +30,7 @@ import attrs
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._codec import EVENT_FINISHED, FINISHED_CHANNEL, decode_message, encode_event
+from ._codec import decode_message, finished_event
 from ._exceptions import (
     DecodeError,
     JobCancelledError,
@@ -549,7 +549,7 @@ class Worker:
             expect=_PROCESSING,
             run=run.token,
             delivery=delivery,
-            announce=_finished(msg.id, status),
+            announce=[finished_event(msg.id, status.value)],
         ):
             self.server.metrics.record(status.value, msg.job.task, msg.meta.queue, run.duration)
         else:
@@ -626,11 +626,6 @@ def _alone(msg: JobMessage, callback: object, follow_ups: Sequence[Job]) -> bool
     follow-ups, not in a group or chain."""
     meta = msg.meta
     return callback is None and not follow_ups and meta.group_id is None and meta.chain_id is None
-
-
-def _finished(job_id: str, status: Status) -> list[tuple[str, bytes]]:
-    """The announcement of a job's end (what :meth:`Server.publish_finished` sends)."""
-    return [(FINISHED_CHANNEL, encode_event(EVENT_FINISHED, job_id, status.value))]
 
 
 def _envelope(msg: JobMessage, data: bytes) -> Envelope:

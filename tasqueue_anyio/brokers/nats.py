@@ -115,7 +115,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
-from .._jobs import validate_queue
+from .._jobs import validate_channel, validate_queue
 from .._nats.client import Client, ConnectionClosedError, SlowConsumerError, Subscription
 from .._nats.jetstream import (
     ERR_NO_MESSAGE_FOUND,
@@ -554,9 +554,7 @@ class NatsBroker(NatsBackend, Broker):
         return q
 
     def _event_subject(self, channel: str) -> str:
-        if not isinstance(channel, str) or not channel:
-            raise InvalidInputError(f"a channel name must be a non-empty str, got {channel!r}")
-        return f"{self.prefix}.e.{encode_token(channel)}"
+        return f"{self.prefix}.e.{encode_token(validate_channel(channel))}"
 
     async def _ensure_consumer(self, q: _Queue) -> None:
         if q.ready:

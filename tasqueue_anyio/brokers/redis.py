@@ -85,7 +85,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from coredis.patterns.pubsub import BasePubSub
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
-from .._jobs import validate_queue
+from .._jobs import validate_channel, validate_queue
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
@@ -706,9 +706,7 @@ class RedisBroker(RedisBackend, Broker):
         return q
 
     def _channel(self, channel: str) -> bytes:
-        if not isinstance(channel, str) or not channel:
-            raise InvalidInputError(f"a channel name must be a non-empty str, got {channel!r}")
-        return f"{self.prefix}:ch:{channel}".encode()
+        return f"{self.prefix}:ch:{validate_channel(channel)}".encode()
 
     # -- enqueue ----------------------------------------------------------------------------
 
