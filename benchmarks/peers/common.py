@@ -144,15 +144,19 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server by its pid (terminate, then kill after 5 s); remove its dir."""
-        process = self.process
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _stop(self.process, self.directory)
+
+
+def _stop(process: subprocess.Popen[bytes], directory: Path) -> None:
+    """Stop a server process by its pid (terminate, then kill after 5 s); remove ``directory``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -305,15 +309,7 @@ class NatsServer:
 
     def stop(self) -> None:
         """Stop the server by its pid (terminate, then kill after 5 s); remove its dir."""
-        process = self.process
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _stop(self.process, self.directory)
 
 
 def start_nats_server(binary: str) -> NatsServer:
