@@ -240,15 +240,14 @@ class NatsBackend(CountedLifetime):
     # -- pipelining ----------------------------------------------------------------------------
 
     async def request_many(self, requests: Sequence[Request]) -> list[Msg | NatsError]:
-        """Send ``requests`` back to back and wait for all their replies (one round trip).
+        """Send ``requests`` back to back and wait for all their replies (one round trip,
+        on the client's muxed inbox).
 
         :return: per request, in order, its reply or the error that stands for it
             (:class:`NoRespondersError` for a ``503``, :class:`RequestTimeoutError` when
             no reply came within the backend's timeout)
         """
         client = self.client
-        if not requests:
-            return []
         if len(requests) == 1:
             subject, payload, headers = requests[0]
             try:
@@ -259,37 +258,16 @@ class NatsBackend(CountedLifetime):
                 ]
             except (NoRespondersError, RequestTimeoutError) as exc:
                 return [exc]
-        inbox = client.new_inbox()
-        replies: list[Msg | NatsError | None] = [None] * len(requests)
-        missing = len(requests)
-        sub = await client.subscribe(f"{inbox}.*", max_pending=len(requests) + 16)
-        try:
-            for index, (subject, payload, headers) in enumerate(requests):
-                await client.publish(
-                    subject, payload, reply=f"{inbox}.{index}", headers=list(headers) or None
-                )
-            with anyio.move_on_after(self.timeout):
-                while missing:
-                    msg = await sub.next_msg()
-                    try:
-                        index = int(msg.subject[len(inbox) + 1 :])
-                    except ValueError:
-                        continue
-                    if 0 <= index < len(replies) and replies[index] is None:
-                        if msg.status == 503:
-                            replies[index] = NoRespondersError(requests[index][0])
-                        else:
-                            replies[index] = msg
-                        missing -= 1
-        finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(NatsError):
-                await sub.unsubscribe()
-        return [
-            reply
-            if reply is not None
-            else RequestTimeoutError(f"no reply on {requests[index][0]!r} within {self.timeout} s")
-            for index, reply in enumerate(replies)
-        ]
+        replies = await client.request_batch(
+            [(subject, payload, list(headers) or None) for subject, payload, headers in requests],
+            timeout=self.timeout,
+        )
+        for reply in replies:
+            if isinstance(reply, NatsError) and not isinstance(
+                reply, (NoRespondersError, RequestTimeoutError)
+            ):
+                raise reply
+        return replies
 
     async def publish_many(self, requests: Sequence[Request]) -> list[PubAck | NatsError]:
         """JetStream-publish many messages in one round trip, stored in the given order.

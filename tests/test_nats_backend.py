@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import uuid4
@@ -64,6 +64,14 @@ async def broker_on(
             if not keep:
                 with anyio.CancelScope(shield=True):
                     await broker.js.delete_stream(broker.stream)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll ``check`` until it is true, failing after ``timeout`` seconds (for server-side
+    effects that nothing announces, such as an unconfirmed ack being applied)."""
+    with anyio.fail_after(timeout):
+        while not await check():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
 
 
 @asynccontextmanager
@@ -605,6 +613,79 @@ async def test_transition_after_a_local_write_is_one_round_trip(nats_server: Nat
         assert reads == 1
 
 
+def count_reads(results: NatsResults) -> list[int]:
+    """Count ``results``' state reads (a one-element list, updated in place)."""
+    reads = [0]
+    read = results._read
+
+    async def counting_read(*args: Any, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return await read(*args, **kwargs)
+
+    results._read = counting_read  # type: ignore[method-assign]
+    return reads
+
+
+def processing(run: str) -> JobRecord:
+    return JobRecord(status="processing", data=b"p", run=run)
+
+
+async def test_start_without_a_read_unless_the_job_is_closed(nats_server: NatsServer) -> None:
+    """A store that has not seen a job starts it with one gated write, no read; another
+    store (another process) that ended, cancelled or closed the job by ``set_jobs`` left
+    the job's gate, so the start is refused there and confirmed on a read."""
+    bucket = name()
+    async with (
+        results_on(nats_server, bucket) as one,
+        results_on(nats_server, bucket, keep=True) as two,
+    ):
+        reads = count_reads(two)
+        ended, cancelled, closed, plain = (uuid4().hex for _ in range(4))
+        queued = JobRecord(status="queued", data=b"q")
+        await one.set_jobs({ended: queued, cancelled: queued, plain: queued})
+        await one.set_jobs({closed: JobRecord(status="failed", data=b"f")})
+        # ended here: started and finished by `one`
+        assert await one.start_job(ended, processing("0.1")) is None
+        done = JobRecord(status="successful", data=b"s", run="0.1")
+        assert await one.update_job(ended, done, expect=["processing"], run="0.1")
+        # cancel requested while it ran
+        assert await one.start_job(cancelled, processing("0.1")) is None
+        assert (await one.request_cancel(cancelled)).cancel_requested
+
+        assert await two.start_job(plain, processing("0.2")) is None
+        assert reads[0] == 0  # one write, no read
+        assert (await one.get_job(plain)).run == "0.2"
+
+        assert await two.start_job(ended, processing("0.2")) == done
+        assert (await two.start_job(cancelled, processing("0.2"))).cancel_requested
+        assert (await two.start_job(closed, processing("0.2"))).status == "failed"
+        assert reads[0] == 3  # each refusal confirmed on a read
+        for job_id, status in ((ended, "successful"), (cancelled, "processing")):
+            assert (await one.get_job(job_id)).status == status  # nothing overwritten
+
+        # a deleted job has no gate any more: it may start again, without a read
+        await one.delete_job(ended)
+        async with results_on(nats_server, bucket, keep=True) as three:
+            fresh_reads = count_reads(three)
+            assert await three.start_job(ended, processing("0.3")) is None
+            assert fresh_reads[0] == 0
+
+
+async def test_a_queued_job_cancelled_elsewhere_is_not_started(nats_server: NatsServer) -> None:
+    """Cancelling a queued job (``cancelled`` at once) closes its gate: a store that has
+    not seen the job refuses to start it."""
+    bucket, job_id = name(), uuid4().hex
+    async with (
+        results_on(nats_server, bucket) as one,
+        results_on(nats_server, bucket, keep=True) as two,
+    ):
+        await one.set_jobs({job_id: JobRecord(status="queued", data=b"q")})
+        assert (await one.request_cancel(job_id)).status == "cancelled"
+        current = await two.start_job(job_id, processing("0.1"))
+        assert current is not None and current.status == "cancelled"
+        assert (await one.get_job(job_id)).status == "cancelled"
+
+
 async def test_conflicting_writers_in_two_processes(nats_server: NatsServer) -> None:
     """Two stores (two connections, as two processes would have) racing on one parent:
     every update lands once, through revision conflicts and retries."""
@@ -768,9 +849,12 @@ async def test_interop_nats_py_consumes_our_job_message(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_interop_we_consume_a_nats_py_message(nats_server: NatsServer, nats_py: Any) -> None:
+@pytest.mark.parametrize("confirm_acks", [False, True])
+async def test_interop_we_consume_a_nats_py_message(
+    nats_server: NatsServer, nats_py: Any, confirm_acks: bool
+) -> None:
     queue = "interop-in"
-    async with broker_on(nats_server) as broker:
+    async with broker_on(nats_server, confirm_acks=confirm_acks) as broker:
         js = nats_py.jetstream()
         await js.publish(f"{broker.prefix}.q.{queue}", b"from nats-py", headers={"X-Trace": "t1"})
         assert await broker.get_pending(queue) == [b"from nats-py"]
@@ -778,8 +862,14 @@ async def test_interop_we_consume_a_nats_py_message(nats_server: NatsServer, nat
             delivery = await receive(stream)
             assert (delivery.data, delivery.attempt) == (b"from nats-py", 1)
             await delivery.ack()
-        info = await js.stream_info(broker.stream)
-        assert info.state.messages == 0  # our ack removed it, as nats-py sees it
+
+        async def removed() -> bool:
+            return bool((await js.stream_info(broker.stream)).state.messages == 0)
+
+        if confirm_acks:
+            assert await removed()  # our confirmed ack removed it, as nats-py sees it
+        else:
+            await eventually(removed)  # the server removes it when it reads the ack
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import anyio
@@ -54,7 +55,7 @@ from tasqueue_anyio._nats.jetstream import (
     StreamNotFoundError,
     WrongRevisionError,
 )
-from tasqueue_anyio._nats.protocol import Info, NatsError, ProtocolError
+from tasqueue_anyio._nats.protocol import Info, Msg, NatsError, ProtocolError
 
 pytestmark = pytest.mark.anyio
 
@@ -190,6 +191,72 @@ async def test_longer_request_timeouts_are_kept_by_the_expiry_task(nc: Client) -
         assert timeout <= elapsed < timeout + 1.0, (name, elapsed)
     assert nc._timed == 0
     assert not nc._replies
+
+
+@pytest.mark.parametrize("timeout", [0.3, 1.0])  # a cancel scope; the expiry task
+async def test_request_batch_replies_in_order_with_errors_in_place(
+    nc: Client, timeout: float
+) -> None:
+    """One batch: every reply lands in its request's place; a request nobody serves is a
+    NoRespondersError there and an unanswered one a RequestTimeoutError, without holding
+    up the others' replies or leaving anything in the reply table."""
+    echo, silent, nobody = unique("echo."), unique("silent."), unique("nobody.")
+
+    async def respond(ready: anyio.Event) -> None:
+        async with await nc.subscribe(echo) as sub:
+            ready.set()
+            async for msg in sub:
+                assert msg.reply is not None
+                await nc.publish(msg.reply, b"re:" + msg.payload)
+
+    await nc.subscribe(silent)
+    async with anyio.create_task_group() as tg:
+        ready = anyio.Event()
+        tg.start_soon(respond, ready)
+        await ready.wait()
+        await nc.flush()
+        requests: list[tuple[str, bytes, Any]] = [(echo, str(n).encode(), None) for n in range(50)]
+        requests[7] = (nobody, b"x", None)
+        requests[30] = (silent, b"x", {"X-Why": "no answer"})
+        start = anyio.current_time()
+        with anyio.fail_after(TIMEOUT):
+            replies = await nc.request_batch(requests, timeout=timeout)
+        assert timeout <= anyio.current_time() - start < timeout + 1.0
+        tg.cancel_scope.cancel()
+    assert isinstance(replies[7], NoRespondersError)
+    assert isinstance(replies[30], RequestTimeoutError)
+    for n, reply in enumerate(replies):
+        if n not in (7, 30):
+            assert isinstance(reply, Msg)
+            assert reply.payload == f"re:{n}".encode()
+    assert not nc._replies
+    assert nc._timed == 0
+    assert await nc.request_batch([]) == []
+
+
+async def test_request_batch_fails_in_place_when_the_connection_drops() -> None:
+    server = await anyio.to_thread.run_sync(start_nats_server)
+    try:
+        async with Client(server.url, reconnect_wait=0.02, max_reconnect_attempts=200) as client:
+            silent = unique("silent.")
+            await client.subscribe(silent)
+            await client.flush()
+            outcome: list[list[Msg | NatsError]] = []
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    outcome.append(await client.request_batch([(silent, b"a", None)] * 3))
+
+                tg.start_soon(ask)
+                with anyio.fail_after(TIMEOUT):
+                    while len(client._replies) < 3:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                server.kill()
+            (replies,) = outcome
+            assert [type(reply) for reply in replies] == [ConnectionLostError] * 3
+            assert not client._replies
+    finally:
+        server.close()
 
 
 async def test_max_payload_refused_before_sending(nc: Client) -> None:

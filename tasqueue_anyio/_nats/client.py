@@ -267,6 +267,46 @@ class _ReplyWaiter:
             self.event.set()
 
 
+class _Batch:
+    """Requests of one :meth:`Client.request_batch` call, woken together by one event."""
+
+    __slots__ = ("event", "missing", "replies")
+
+    def __init__(self, size: int) -> None:
+        self.event = anyio.Event()
+        self.replies: list[Msg | NatsError | None] = [None] * size
+        self.missing = size
+
+
+class _BatchSlot:
+    """One request of a :class:`_Batch` (in the client's reply table, like a
+    :class:`_ReplyWaiter`)."""
+
+    __slots__ = ("batch", "deadline", "index")
+
+    def __init__(self, batch: _Batch, index: int, deadline: float) -> None:
+        self.batch = batch
+        self.index = index
+        self.deadline = deadline
+
+    def _settle(self, reply: Msg | NatsError) -> None:
+        batch = self.batch
+        if batch.replies[self.index] is None:
+            batch.replies[self.index] = reply
+            batch.missing -= 1
+            if not batch.missing:
+                batch.event.set()
+
+    def expire(self) -> None:
+        self._settle(RequestTimeoutError("no reply to a request of a batch in time"))
+
+    def deliver(self, msg: Msg) -> None:
+        self._settle(msg)
+
+    def fail(self, error: NatsError) -> None:
+        self._settle(error)
+
+
 class _MsgQueue:
     """A bounded FIFO of messages between the reader and one subscriber.
 
@@ -527,7 +567,7 @@ class Client:
         ](write_queue_size)
         self._subs: dict[int, Subscription] = {}
         self._sids = itertools.count(1)
-        self._replies: dict[str, _ReplyWaiter] = {}
+        self._replies: dict[str, _ReplyWaiter | _BatchSlot] = {}
         self._inboxes: set[ReplyInbox] = set()
         self._tokens = itertools.count(1)
         self._inbox_prefix = f"_INBOX.{secrets.token_hex(11)}"
@@ -1091,6 +1131,9 @@ class Client:
 
         Core NATS is at-most-once: a message queued when the connection drops may be lost.
         Call :meth:`flush` to know the server has received what was published so far.
+        Returns at once, without a checkpoint, while the writer's queue has room (a
+        publish per job should not cost a trip through the event loop); waits for room
+        otherwise.
 
         :param subject: a subject without wildcards
         :param payload: the message body
@@ -1101,7 +1144,14 @@ class Client:
         :raises ConnectionClosedError: the client is closed
         """
         self._check_open()
-        await self._send(self._encode_pub(subject, bytes(payload), reply, headers))
+        data = self._encode_pub(subject, bytes(payload), reply, headers)
+        try:
+            self._write_send.send_nowait((data, None))
+        except anyio.WouldBlock:
+            await self._send(data)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._check_open()
+            raise ConnectionClosedError("the NATS client is closed") from None
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until the server has processed everything published before this call.
@@ -1244,6 +1294,69 @@ class Client:
         if msg.status == 503:
             raise NoRespondersError(subject)
         return msg
+
+    async def request_batch(
+        self, requests: Sequence[tuple[str, bytes, HeadersInput]], *, timeout: float = 5.0
+    ) -> list[Msg | NatsError]:
+        """Publish many requests back to back on the one muxed inbox and wait for every
+        reply (one round trip, one wake-up).
+
+        :return: per request, in order, its first reply, or the error that stands for it:
+            :class:`NoRespondersError` (``503``), :class:`RequestTimeoutError` (no reply
+            within ``timeout`` seconds), :class:`ConnectionLostError`
+        """
+        self._check_open()
+        if not requests:
+            return []
+        await self._ensure_inbox()
+        batch = _Batch(len(requests))
+        timed = timeout >= _EXPIRY_MIN_TIMEOUT and self._tg is not None
+        deadline = anyio.current_time() + timeout if timed else float("inf")
+        tokens: list[str] = []
+        try:
+            with anyio.move_on_after(float("inf") if timed else timeout):
+                for index, (subject, payload, headers) in enumerate(requests):
+                    token = self._new_token()
+                    data = self._encode_pub(
+                        subject, bytes(payload), f"{self._inbox_prefix}.{token}", headers
+                    )
+                    self._replies[token] = _BatchSlot(batch, index, deadline)
+                    tokens.append(token)
+                    try:
+                        self._write_send.send_nowait((data, None))
+                    except anyio.WouldBlock:
+                        await self._send(data)
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        self._check_open()
+                        raise ConnectionClosedError("the NATS client is closed") from None
+                if timed:
+                    self._timed += 1
+                    if self._timed == 1 and self._expiry_wake is not None:
+                        self._expiry_wake.set()
+                    try:
+                        await batch.event.wait()
+                    finally:
+                        self._timed -= 1
+                else:
+                    await batch.event.wait()
+        finally:
+            replies = self._replies
+            for token in tokens:
+                replies.pop(token, None)
+        out: list[Msg | NatsError] = []
+        for index, reply in enumerate(batch.replies):
+            if reply is None:
+                reply = RequestTimeoutError(
+                    f"no reply to the request on {requests[index][0]!r} within {timeout} s"
+                )
+            elif isinstance(reply, Msg) and reply.status == 503:
+                reply = NoRespondersError(requests[index][0])
+            elif isinstance(reply, RequestTimeoutError):
+                reply = RequestTimeoutError(
+                    f"no reply to the request on {requests[index][0]!r} within {timeout} s"
+                )
+            out.append(reply)
+        return out
 
     async def _expire_requests(self) -> None:
         """Wake the requests whose timeout has passed (see :data:`_EXPIRY_MIN_TIMEOUT`);

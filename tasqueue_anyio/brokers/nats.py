@@ -21,8 +21,8 @@ subject token (:func:`~tasqueue_anyio._nats_backend.encode_token`).
 
 Each queue has ONE durable pull consumer, named after the queue and filtered on
 ``P.q.Q``, shared by every worker of every process: JetStream hands each message to one
-of them at a time. Delivery is at least once: a worker acknowledges (``+ACK``, waiting
-for the server's confirmation) only after it recorded the job's state.
+of them at a time. Delivery is at least once: a worker acknowledges (``+ACK``) only after
+it recorded the job's state.
 
 Leases
 ------
@@ -85,7 +85,8 @@ again.
 Round trips
 -----------
 Per job: its share of a fetch (one no-wait pull request per batch of up to
-``batch_size`` messages, no more than the consumer's receivers), and one confirmed ack.
+``batch_size`` messages, no more than the consumer's receivers), and an ack (not
+confirmed unless ``confirm_acks``: no round trip).
 An ack that enqueues (follow-ups, retries) adds one pipelined publish round trip for all
 its messages; :meth:`~NatsBroker.enqueue_many` is one round trip for any number of
 messages. Renewals cost one flush per ``ack_wait / 3`` for every held message together.
@@ -353,10 +354,15 @@ class NatsDelivery(Delivery):
     ) -> None:
         """Remove the message for good, after enqueueing ``enqueue``.
 
-        The messages to enqueue are stored first (one round trip), then the ack is sent
-        and confirmed by the server (one round trip): a crash in between enqueues them
-        again on the redelivery (deduplicated by message id within the stream's
-        duplicate window), never loses them. ``announce`` is published after the ack
+        The messages to enqueue are stored first (one round trip), then ``+ACK`` is sent:
+        a crash in between enqueues them again on the redelivery (deduplicated by message
+        id within the stream's duplicate window), never loses them. By default the ack
+        is not confirmed (no round trip): it is written to the connection and the server
+        removes the message when it reads it. An ack lost with its connection leaves the
+        message to be delivered again after ``ack_wait``, as a crash would (a confirmed
+        ack lost that way would only raise); a worker does not run a redelivered job
+        again whose recorded state is final. With ``confirm_acks=True`` the broker waits for the server's confirmation
+        (one round trip) and reports a failure. ``announce`` is published after the ack
         (core NATS publishes: no round trip of their own).
 
         :param enqueue: messages to enqueue before the removal
@@ -368,9 +374,14 @@ class NatsDelivery(Delivery):
             return
         done = False
         try:
+            broker = self._broker
             if enqueue:
-                await self._broker.enqueue_many(enqueue)
-            await self._broker._settle([self._msg.reply], b"+ACK", "acking a message")
+                await broker.enqueue_many(enqueue)
+            if broker.confirm_acks:
+                await broker._settle([self._msg.reply], b"+ACK", "acking a message")
+            else:
+                with translate_errors("acking a message"):
+                    await broker.client.publish(self._msg.reply, b"+ACK")
             done = True
         finally:
             self._end(done)
@@ -447,6 +458,8 @@ class NatsBroker(NatsBackend, Broker):
     :param storage: ``"file"`` (survives a server restart) or ``"memory"``
     :param replicas: stream replicas (on a cluster)
     :param timeout: seconds to wait for any one reply from the server
+    :param confirm_acks: wait for the server to confirm each :meth:`NatsDelivery.ack`
+        (one round trip each) instead of sending it and going on (see there)
     """
 
     _what = "NATS broker"
@@ -464,9 +477,12 @@ class NatsBroker(NatsBackend, Broker):
         storage: Literal["file", "memory"] = "file",
         replicas: int = 1,
         timeout: float = 5.0,
+        confirm_acks: bool = False,
     ) -> None:
         super().__init__(url, client, timeout=timeout)
         self.prefix = validate_name(prefix, "prefix")
+        #: whether :meth:`NatsDelivery.ack` waits for the server's confirmation
+        self.confirm_acks = bool(confirm_acks)
         if (
             not isinstance(ack_wait, (int, float))
             or isinstance(ack_wait, bool)

@@ -11,6 +11,8 @@ character set by :func:`~tasqueue_anyio._nats_backend.encode_token` (letters, di
     j.<id>    job state: msgpack {s: status, d: message, c: cancel requested, r: run};
               header ``Tasqueue-Status`` (the status again, for the listings)
     r.<id>    the job's saved result (the bytes as they are)
+    g.<id>    the job's gate: empty, written before its state first becomes final or
+              cancel-requested (see "Starting without a read")
     p.<id>    group or chain: msgpack {k, s, d, e, m: members, n: member counts}
     c.<id>    cron schedule: msgpack {d: data, f: next fire time (float64, exact)}
 
@@ -27,6 +29,20 @@ then :class:`~tasqueue_anyio.BrokerError`). ``set_result(run=...)`` publishes th
 with ``Nats-Expected-Last-Subject-Sequence-Subject`` pointing at the job's *state* key, so
 the result is stored only while the state is still the ``processing`` record of that run:
 one atomic write across two keys (nats-server 2.11+; older servers check, then write).
+
+Starting without a read
+-----------------------
+A job may start while it is not final and no cancel was requested, and the worker's store
+has usually not seen the job it starts. On nats-server 2.11+ :meth:`NatsResults.start_job`
+then publishes the ``processing`` record at once, with
+``Nats-Expected-Last-Subject-Sequence: 0`` checked on the job's gate key (one round trip,
+no read): it is stored only while the gate does not exist. Every write that makes a job
+final or cancel-requested publishes the gate first, on the same connection (the server
+stores one connection's publishes to a stream in order), unconfirmed for the single-key
+transitions, confirmed in the pipelined batches. A gate that exists sends the start to
+the read-and-decide path. A gate is not removed when a job is set back to ``queued``
+(those starts just read first), only by ``delete_job`` or expiry (its TTL is one second
+longer than the state's).
 
 Round trips: the store remembers the last revision and value it wrote or read of each
 key (a bounded cache), and writes within one process are serialised per key, so a
@@ -336,6 +352,7 @@ class NatsResults(NatsBackend, Results):
         self._cron: KeyValue | None = None
         self._ttls = False  # per-message TTLs in use
         self._fenced_results = False  # Nats-Expected-Last-Subject-Sequence-Subject works
+        self._gated_starts = False  # start_job may write without reading (job gates)
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -355,6 +372,7 @@ class NatsResults(NatsBackend, Results):
             )
         self._ttls = has_ttls if self.per_key_ttl is None else self.per_key_ttl
         self._fenced_results = has_ttls
+        self._gated_starts = has_ttls
         ttls = [t for t in (self.job_ttl, self.result_ttl) if t is not None]
         max_age = max(ttls) if ttls and not self._ttls else None
         self._kv = await js.create_key_value(
@@ -455,6 +473,33 @@ class NatsResults(NatsBackend, Results):
         ack = await self.js.publish(self._subject(key, kv), payload, headers=headers)
         return ack.seq
 
+    def _gate_request(self, key: str) -> Request:
+        """The write of the gate of job state key ``key`` (``j.<id>`` -> ``g.<id>``).
+
+        A job's gate is written (empty) before its state first becomes final or
+        cancel-requested, and stays until the job is deleted or expires (its TTL is one
+        second longer than the state's). So "no gate" means the job may start, and
+        :meth:`start_job` can write its ``processing`` record without reading the state
+        first: one publish that the server stores only while the gate does not exist.
+        """
+        ttl = None if self.job_ttl is None else self.job_ttl + 1
+        return (self._subject("g" + key[1:]), b"", self._headers(ttl))
+
+    async def _write_gated(
+        self, key: str, payload: bytes, headers: list[tuple[str, str]], expect: int
+    ) -> int:
+        """:meth:`_write` of job state ``key`` at revision ``expect``, its gate published
+        just before on the same connection, unconfirmed (no round trip of its own).
+
+        The server reads and stores a connection's publishes to one stream in order, so
+        a stored state had its gate stored first (only a store error between two
+        consecutive writes could tell them apart, and then a redelivered message of the
+        job may run it again, as at-least-once delivery allows).
+        """
+        subject, gate, gate_headers = self._gate_request(key)
+        await self.client.publish(subject, gate, headers=gate_headers or None)
+        return await self._write(key, payload, headers, expect=expect)
+
     async def _cas(
         self,
         key: str,
@@ -463,12 +508,15 @@ class NatsResults(NatsBackend, Results):
         encode: Callable[[Any], tuple[bytes, list[tuple[str, str]]]],
         what: str,
         kv: KeyValue | None = None,
+        gate: Callable[[Any], bool] | None = None,
     ) -> _T:
         """Run ``step`` on the key's current value and write what it returns, atomically.
 
         ``step(value or None)`` returns ``(new value, result)``, or ``(_NO_WRITE, result)``
         to write nothing. A remembered value is used first; a step that writes nothing on
         a remembered value runs again on a fresh read (a refusal is always confirmed).
+        When ``gate(new value)`` is true the key's gate (see :meth:`_gate_request`) is
+        written just before the value, in the same round trip.
         """
         async with self._locks.hold(key):
             cached = self._cache_get(key)
@@ -488,7 +536,12 @@ class NatsResults(NatsBackend, Results):
                 else:
                     payload, headers = encode(new)
                     try:
-                        written = await self._write(key, payload, headers, expect=revision, kv=kv)
+                        if gate is not None and gate(new):
+                            written = await self._write_gated(key, payload, headers, revision)
+                        else:
+                            written = await self._write(
+                                key, payload, headers, expect=revision, kv=kv
+                            )
                     except WrongLastSequenceError:
                         self._cache.pop(key, None)
                         if attempt:
@@ -525,6 +578,11 @@ class NatsResults(NatsBackend, Results):
     def _job_value(self, record: JobRecord) -> tuple[bytes, list[tuple[str, str]]]:
         return _encode_job(record), self._headers(self.job_ttl, [(H_STATUS, record.status)])
 
+    @staticmethod
+    def _closes(record: JobRecord) -> bool:
+        """Whether ``record`` keeps the job from starting (so needs its gate)."""
+        return record.status in FINAL_STATUSES or record.cancel_requested
+
     # -- jobs -------------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> JobRecord:
@@ -554,13 +612,17 @@ class NatsResults(NatsBackend, Results):
             return
         keys = [self._job_key(job_id) for job_id in records]
         requests: list[Request] = []
+        states: list[tuple[int, str, JobRecord]] = []  # (index in requests, key, record)
         for key, record in zip(keys, records.values(), strict=True):
+            if self._closes(record):
+                requests.append(self._gate_request(key))
             payload, headers = self._job_value(record)
+            states.append((len(requests), key, record))
             requests.append((self._subject(key), payload, headers))
         with translate_errors("storing job state"):
             acks = await self.publish_all(requests, "storing job state")
-        for key, record, ack in zip(keys, records.values(), acks, strict=True):
-            self._cache_put(key, ack.seq, record)
+        for index, key, record in states:
+            self._cache_put(key, acks[index].seq, record)
 
     async def create_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
         """Store the state of the jobs that have none yet (each a create-if-absent
@@ -576,13 +638,21 @@ class NatsResults(NatsBackend, Results):
         ids = list(records)
         keys = [self._job_key(job_id) for job_id in ids]
         requests: list[Request] = []
+        slots: list[int] = []  # each state's index in requests
         for key, record in zip(keys, records.values(), strict=True):
+            if self._closes(record):
+                requests.append(self._gate_request(key))
             payload, headers = self._job_value(record)
             headers.append(("Nats-Expected-Last-Subject-Sequence", "0"))
+            slots.append(len(requests))
             requests.append((self._subject(key), payload, headers))
         created: set[str] = set()
         with translate_errors("creating job state"):
-            acks = await self.publish_many(requests)
+            replies = await self.publish_many(requests)
+            for reply in replies:
+                if isinstance(reply, NatsError) and not isinstance(reply, WrongLastSequenceError):
+                    raise reply
+            acks = [replies[index] for index in slots]
             for job_id, key, ack in zip(ids, keys, acks, strict=True):
                 record = records[job_id]
                 if isinstance(ack, WrongLastSequenceError):
@@ -592,7 +662,10 @@ class NatsResults(NatsBackend, Results):
                         continue
                     payload, headers = self._job_value(record)
                     try:
-                        written = await self._write(key, payload, headers, expect=revision)
+                        if self._closes(record):
+                            written = await self._write_gated(key, payload, headers, revision)
+                        else:
+                            written = await self._write(key, payload, headers, expect=revision)
                     except WrongLastSequenceError:
                         continue
                     self._cache_put(key, written, record)
@@ -620,9 +693,25 @@ class NatsResults(NatsBackend, Results):
                 return _NO_WRITE, current
             return record, None
 
+        key = self._job_key(job_id)
         with translate_errors("starting a job"):
+            if self._gated_starts and key not in self._cache and not self._closes(record):
+                # The state is not at hand: write it unless the job's gate exists (no read).
+                async with self._locks.hold(key):
+                    payload, headers = self._job_value(record)
+                    headers += [
+                        ("Nats-Expected-Last-Subject-Sequence", "0"),
+                        ("Nats-Expected-Last-Subject-Sequence-Subject", self._gate_request(key)[0]),
+                    ]
+                    try:
+                        written = await self._write(key, payload, headers, expect=None)
+                    except WrongLastSequenceError:
+                        pass  # the gate exists: decide on the stored state
+                    else:
+                        self._cache_put(key, written, record)
+                        return None
             return await self._cas(
-                self._job_key(job_id), _decode_job, step, self._job_value, "starting a job"
+                key, _decode_job, step, self._job_value, "starting a job", gate=self._closes
             )
 
     async def update_job(
@@ -653,7 +742,12 @@ class NatsResults(NatsBackend, Results):
 
         with translate_errors("updating a job"):
             return await self._cas(
-                self._job_key(job_id), _decode_job, step, self._job_value, "updating a job"
+                self._job_key(job_id),
+                _decode_job,
+                step,
+                self._job_value,
+                "updating a job",
+                gate=self._closes,
             )
 
     async def request_cancel(self, job_id: str) -> JobRecord:
@@ -682,7 +776,12 @@ class NatsResults(NatsBackend, Results):
 
         with translate_errors("cancelling a job"):
             result = await self._cas(
-                self._job_key(job_id), _decode_job, step, self._job_value, "cancelling a job"
+                self._job_key(job_id),
+                _decode_job,
+                step,
+                self._job_value,
+                "cancelling a job",
+                gate=self._closes,
             )
         if result is None:
             raise JobNotFoundError(f"no job state is stored under id {job_id!r}")
@@ -761,13 +860,14 @@ class NatsResults(NatsBackend, Results):
         )
 
     async def delete_job(self, job_id: str) -> None:
-        """Forget a job: its state (and so its place in the listings) and its result,
-        purged from the bucket's stream (two purge requests, pipelined: one round trip;
-        no delete marker is left).
+        """Forget a job: its state (and so its place in the listings), its result and its
+        gate, purged from the bucket's stream (three purge requests, pipelined: one round
+        trip; no delete marker is left).
 
         :param job_id: the job id; an unknown one is ignored
         """
-        keys = [self._job_key(job_id), self._result_key(job_id)]
+        state = self._job_key(job_id)
+        keys = [state, self._result_key(job_id), "g" + state[1:]]
         with translate_errors("deleting a job"):
             await self._purge(keys)
         for key in keys:
