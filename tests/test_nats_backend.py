@@ -25,7 +25,6 @@ from nats_server import NatsServer
 from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import (
-    BrokerError,
     InvalidInputError,
     Job,
     JobContext,
@@ -429,13 +428,25 @@ async def test_idle_consumer_gets_a_scheduled_message_promptly(nats_server: Nats
             await delivery.ack()
 
 
-async def test_eta_needs_message_schedules(nats_server: NatsServer) -> None:
+async def test_eta_without_message_schedules_goes_through_the_relay(
+    nats_server: NatsServer,
+) -> None:
+    """As on a server older than 2.12 (``tests/test_nats_old_server.py`` runs one): the
+    message waits without a schedule, and the consumer's relay moves it at its ETA."""
+    queue = "old"
     async with broker_on(nats_server) as broker:
-        broker._schedules = False  # as on a server older than 2.12
-        with pytest.raises(BrokerError, match=r"2\.12"):
-            await broker.enqueue(envelope("old", b"x", eta=time.time() + 10))
-        await broker.enqueue(envelope("old", b"due", eta=time.time() - 1))  # due: fine
-        assert await broker.get_pending("old") == [b"due"]
+        broker._schedules = False
+        eta = time.time() + 0.2
+        await broker.enqueue(envelope(queue, b"later", eta=eta))
+        [stored] = await broker.read_range(broker.stream, f"{broker.prefix}.s.{queue}.*")
+        assert stored.headers is not None
+        assert "Nats-Schedule" not in stored.headers
+        assert await broker.get_scheduled(queue) == [(eta, b"later")]
+        async with consuming(broker, queue) as stream:
+            delivery = await receive(stream)
+            assert time.time() >= eta - 0.002
+            assert (delivery.data, delivery.attempt) == (b"later", 1)
+            await delivery.ack()
 
 
 async def test_repeated_message_id_is_stored_once(nats_server: NatsServer) -> None:

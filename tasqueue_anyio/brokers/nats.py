@@ -1,8 +1,8 @@
 """The NATS JetStream broker: at-least-once delivery on a work-queue stream.
 
 Runs on Trio and asyncio, on the project's own AnyIO NATS client. Needs a nats-server
-with JetStream; 2.11 or later for batched inspection, 2.12 or later for ETAs (native
-message schedules).
+with JetStream (tested on 2.10 and later); 2.11 or later for batched inspection, 2.12 or
+later for native message schedules (older servers get ETAs from a schedule relay).
 
 Layout
 ------
@@ -11,7 +11,7 @@ retention (a message leaves the stream when it is acknowledged), direct gets all
 on nats-server 2.12+, message schedules allowed::
 
     P.q.Q            due messages of queue Q, oldest first
-    P.s.Q.<token>    a message of queue Q waiting for its ETA (a schedule: see below)
+    P.s.Q.<token>    a message of queue Q waiting for its ETA (see ETA below)
     P.d.Q            dead letters of queue Q, msgpack ``[data, reason, at]``
     P.e.<channel>    events (core NATS, not stored: the stream does not bind it)
 
@@ -22,7 +22,8 @@ subject token (:func:`~tasqueue_anyio._nats_backend.encode_token`).
 Each queue has ONE durable pull consumer, named after the queue and filtered on
 ``P.q.Q``, shared by every worker of every process: JetStream hands each message to one
 of them at a time. Delivery is at least once: a worker acknowledges (``+ACK``) only after
-it recorded the job's state.
+it recorded the job's state. (On a server without message schedules each queue has a
+second consumer, ``Q~eta``, the schedule relay's: see ETA.)
 
 Leases
 ------
@@ -49,25 +50,60 @@ delivered range, where no API can list it, so :meth:`NatsBroker.get_pending` cou
 show it. It publishes a copy (to the *back* of the queue, or as a schedule after
 ``delay``) and then acknowledges the original: two round trips, and a crash in between
 leaves both, which at-least-once allows. Fetched messages not handed over when
-:meth:`~NatsBroker.consume` is cancelled go back the same way. (On a server without
-message schedules, ``nack(delay > 0)`` falls back to ``-NAK`` with a delay.)
+:meth:`~NatsBroker.consume` is cancelled go back the same way.
 
 ETA
 ---
-A message with a future ETA is published as a native message schedule (nats-server
-2.12+, ``Nats-Schedule: @at <time>``) on ``P.s.Q.<token>`` with ``P.q.Q`` as its target:
-at the ETA the server stores it on the queue, where the consumer delivers it like any
-other message, and removes the schedule. The ETA also travels in a ``Tasqueue-Eta``
-header so :meth:`~NatsBroker.get_scheduled` can list the exact value. An older server
-refuses with :class:`~tasqueue_anyio.BrokerError` (message schedules need nats-server
-2.12).
+A message with a future ETA (an enqueued one, or a copy put back with a delay) waits on
+``P.s.Q.<token>`` with its ETA in a ``Tasqueue-Eta`` header (``repr`` of POSIX seconds),
+which :meth:`~NatsBroker.get_scheduled` lists exactly.
 
-The server's scheduler fires at or after the ETA, never before, but runs at most every
-250 ms, and stores the schedules that came due in one run in *publishing* order, not ETA
-order (measured: up to about 0.25 s late). So a consumer that fetches a message fired by
-the scheduler (it has a ``Nats-Scheduler`` header) waits 25 ms for the rest of the run to
+On nats-server 2.12+ it is a native message schedule (``Nats-Schedule: @at <time>``,
+``Nats-Schedule-Target: P.q.Q``): at the ETA the server stores it on the queue, where the
+consumer delivers it like any other message, and removes the schedule. The server's
+scheduler fires at or after the ETA, never before, but runs at most every 250 ms, and
+stores the schedules that came due in one run in *publishing* order, not ETA order
+(measured: up to about 0.25 s late). So a consumer that fetches a message fired by the
+scheduler (it has a ``Nats-Scheduler`` header) waits 25 ms for the rest of the run to
 land, fetches it too, and hands the run's messages out in ETA order. Across consumers
 (processes) each run is ordered per consumer only, as any concurrent processing is.
+
+The schedule relay (servers before 2.12)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Without message schedules the waiting message is stored without the ``Nats-Schedule``
+headers, and each :meth:`~NatsBroker.consume` of the queue also runs a *relay*, a task of
+a task group inside the call (it lives exactly as long as the call). The relays of a
+queue share a second durable pull consumer, ``Q~eta``, filtered on ``P.s.Q.*`` (a
+work-queue stream needs consumer filters that do not overlap, and ``P.q.Q`` and
+``P.s.Q.*`` do not); ``~`` is outside the queue-name alphabet, so it is never a queue's
+consumer. JetStream hands each waiting message to one relay at a time: no leader is
+needed. A relay waits in a pull request (``poll_interval``) and, for the messages it gets:
+
+* not due yet: ``-NAK`` with the time left as its delay (at most an hour, then it looks
+  again). The server hands the message out again at its ETA, to whichever relay waits;
+  the consumer has no limit on such messages (``max_ack_pending`` -1).
+* due (its ETA within 1 ms): a copy on ``P.q.Q`` (its headers but the server's
+  ``Nats-*``, with ``Nats-Msg-Id: relay:<stream sequence>``), then a confirmed ``+ACK``
+  of the waiting message. The messages due in one fetch are copied in ETA order, in one
+  pipelined publish. A relay that dies between the copy and the ack is followed by one
+  whose copy is a duplicate: the relay consumer's ack wait is ``min(ack_wait,
+  duplicate_window / 2)``, so the copy's id is still remembered.
+
+The copy is a new message of the queue: its first delivery is attempt 1, or the next
+attempt of a message put back with a delay (its ``Tasqueue-Delivered`` header is copied);
+the relay consumer's delivered count plays no part. The server's redelivery timer is
+precise to a millisecond or two, so a message comes due that late at most. Server errors
+are logged and retried with a bounded backoff, and a relay consumer deleted under a relay
+is made again. As with due messages, nothing moves while no process consumes the queue.
+
+Upgrading to 2.12 with messages waiting: the relays stop (a broker on 2.12+ runs none).
+Instead, the first :meth:`~NatsBroker.consume` of a queue by a broker on 2.12+ looks for
+the relay consumer ``Q~eta`` (one round trip). If it exists, the messages on ``P.s.Q.*``
+without a ``Nats-Schedule`` header are republished, due ones on ``P.q.Q`` and the others
+as message schedules on ``P.s.Q.r<sequence>``, each with the ``Nats-Msg-Id`` a relay
+would give its copy; then they are deleted, and then the relay consumer. Interrupted, it
+is done again by the next such call (the republished ones are duplicates within the
+duplicate window).
 
 Inspection costs
 ----------------
@@ -80,7 +116,8 @@ the stream (the server finds the matching messages; nothing is consumed).
 
 A pull request cancelled at the moment the server delivers a message to it (a consumer
 stopped) strands that message until its ``ack_wait`` runs out; then it is delivered
-again.
+again. (A relay's pull request strands a waiting message the same way, for the relay
+consumer's ack wait.)
 
 Round trips
 -----------
@@ -92,6 +129,11 @@ its messages; :meth:`~NatsBroker.enqueue_many` is one round trip for any number 
 messages. Renewals cost one flush per ``ack_wait / 3`` for every held message together.
 Concurrent calls share socket writes (the client coalesces them).
 
+Through the schedule relay, a waiting message costs its share of the relay's fetches and
+of a confirmed ``-NAK`` when it arrives (and every hour it waits), then of one pipelined
+publish and one confirmed ack when it comes due; an idle relay holds one pull request,
+renewed every ``poll_interval``.
+
 Events
 ------
 :meth:`~NatsBroker.publish` is a core NATS publish on ``P.e.<channel>`` (best effort).
@@ -101,6 +143,8 @@ read by one task in the broker's task group, which calls them in publishing orde
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 import weakref
@@ -128,10 +172,11 @@ from .._nats.jetstream import (
     JsMsg,
     StoredMsg,
     StreamConfig,
+    StreamNotFoundError,
     format_timestamp,
     parse_timestamp,
 )
-from .._nats.protocol import NatsError
+from .._nats.protocol import Headers, NatsError
 from .._nats_backend import (
     DEFAULT_PREFIX,
     NatsBackend,
@@ -158,8 +203,17 @@ H_DELIVERED = "Tasqueue-Delivered"
 #: The ETA of a scheduled message, ``repr(float)`` of POSIX seconds.
 H_ETA = "Tasqueue-Eta"
 
-# Within this many seconds before an ETA a message is published as due, not scheduled.
+# Within this many seconds before an ETA a message is published as due, not scheduled
+# (and the schedule relay takes a message as due).
 _ETA_SLACK = 0.001
+# The schedule relay (servers without message schedules): the most messages one fetch of
+# the relay consumer takes, and the longest it puts a waiting message aside (``-NAK``
+# with a delay) before it looks at it again.
+_RELAY_BATCH = 256
+_RELAY_MAX_DELAY = 3600.0
+# The character that makes a relay consumer's name (``<queue>~eta``) one no queue can
+# have: queue names are ``[A-Za-z0-9_-]``, and NATS allows ``~`` in consumer names.
+_RELAY_MARK = "~"
 # Seconds a consumer that fetched a message fired by the scheduler waits for the rest of
 # the scheduler's run to be stored before it takes it (see _fetch).
 _RUN_SETTLE = 0.025
@@ -186,17 +240,31 @@ class _Lease:
 
 
 class _Queue:
-    """The subjects and consumer of one queue."""
+    """The subjects and consumers of one queue."""
 
-    __slots__ = ("consumer", "dead", "name", "ready", "scheduled", "subject")
+    __slots__ = (
+        "adopted",
+        "consumer",
+        "dead",
+        "name",
+        "ready",
+        "relay",
+        "relay_ready",
+        "scheduled",
+        "subject",
+    )
 
     def __init__(self, prefix: str, name: str) -> None:
         self.name = name
         self.consumer = name
+        #: the schedule relay's consumer (servers without message schedules)
+        self.relay = f"{name}{_RELAY_MARK}eta"
         self.subject = f"{prefix}.q.{name}"
         self.scheduled = f"{prefix}.s.{name}"
         self.dead = f"{prefix}.d.{name}"
         self.ready = False  # the consumer was ensured since the broker opened
+        self.relay_ready = False  # the relay consumer was ensured since the broker opened
+        self.adopted = False  # relay-style schedules were adopted since the broker opened
 
 
 class _Channel:
@@ -216,15 +284,34 @@ def _abandon(abandoned: deque[_Lease], lease: _Lease) -> None:
 
 def _copy_headers(msg: JsMsg) -> list[tuple[str, str]]:
     """The headers of ``msg`` a copy keeps: none of the server's (``Nats-*``), nor ours
-    that the copy sets again."""
+    that the copy sets again (its deliveries, and its ETA when it has one: a message that
+    was scheduled before must not keep its old one)."""
     headers = msg.headers
     if headers is None:
         return []
     return [
         (name, value)
         for name, value in headers.items_
-        if not name.lower().startswith("nats-") and name.lower() not in ("tasqueue-delivered",)
+        if not name.lower().startswith("nats-")
+        and name.lower() not in ("tasqueue-delivered", "tasqueue-eta")
     ]
+
+
+def _relayed_headers(headers: Headers | None) -> list[tuple[str, str]]:
+    """The headers a relayed copy of a waiting message keeps: all but the server's
+    (``Nats-*``), so its ``Tasqueue-Delivered`` carries on."""
+    if headers is None:
+        return []
+    return [(name, value) for name, value in headers.items_ if not name.lower().startswith("nats-")]
+
+
+def _relayed_copy(q: _Queue, msg: JsMsg) -> Request:
+    """What the schedule relay publishes for a waiting message that came due: its data and
+    headers on the queue, with an id made of its stream sequence, so that a relay that
+    died between this publish and its ack is followed by one whose copy is a duplicate
+    (within the stream's duplicate window)."""
+    headers = [*_relayed_headers(msg.headers), ("Nats-Msg-Id", f"relay:{msg.metadata.stream_seq}")]
+    return (q.subject, msg.payload, headers)
 
 
 def _fired(msg: JsMsg) -> bool:
@@ -533,7 +620,7 @@ class NatsBroker(NatsBackend, Broker):
     async def _open(self) -> None:
         self._channel_lock = anyio.Lock()
         for q in self._queues.values():
-            q.ready = False
+            q.ready = q.relay_ready = q.adopted = False
         self._schedules = self.server_at_least((2, 12, 0))
         await self._ensure_stream()
 
@@ -575,15 +662,40 @@ class NatsBroker(NatsBackend, Broker):
     async def _ensure_consumer(self, q: _Queue) -> None:
         if q.ready:
             return
-        config = ConsumerConfig(
-            durable_name=q.consumer,
-            ack_policy="explicit",
-            ack_wait=self.ack_wait,
-            max_deliver=-1,
-            filter_subject=q.subject,
-            deliver_policy="all",
-            description=f"tasqueue queue {q.name}",
+        await self._create_consumer(
+            ConsumerConfig(
+                durable_name=q.consumer,
+                ack_policy="explicit",
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                filter_subject=q.subject,
+                deliver_policy="all",
+                description=f"tasqueue queue {q.name}",
+            )
         )
+        q.ready = True
+
+    async def _ensure_relay(self, q: _Queue) -> None:
+        if q.relay_ready:
+            return
+        await self._create_consumer(
+            ConsumerConfig(
+                durable_name=q.relay,
+                ack_policy="explicit",
+                # a relay holds a message for a moment; one that died holding it must be
+                # replaced within the duplicate window (its copy's id is remembered there)
+                ack_wait=max(0.3, min(self.ack_wait, self.duplicate_window / 2)),
+                max_deliver=-1,
+                filter_subject=f"{q.scheduled}.*",
+                deliver_policy="all",
+                # every waiting message is put aside (-NAK with a delay) at once
+                max_ack_pending=-1,
+                description=f"tasqueue ETA relay of queue {q.name}",
+            )
+        )
+        q.relay_ready = True
+
+    async def _create_consumer(self, config: ConsumerConfig) -> None:
         try:
             await self.js.ensure_consumer(self.stream, config)
         except JetStreamAPIError as exc:
@@ -591,7 +703,6 @@ class NatsBroker(NatsBackend, Broker):
                 raise
             await self._ensure_stream()
             await self.js.ensure_consumer(self.stream, config)
-        q.ready = True
 
     # -- enqueue ----------------------------------------------------------------------------
 
@@ -608,18 +719,16 @@ class NatsBroker(NatsBackend, Broker):
     def _schedule(
         self, q: _Queue, token: str, data: bytes, eta: float, headers: list[tuple[str, str]]
     ) -> Request:
-        if not self._schedules:
-            raise BrokerError(
-                f"an ETA needs message schedules, which need nats-server 2.12 or newer; "
-                f"the server is {'.'.join(map(str, self.client.server_version))}"
-            )
-        at = datetime.fromtimestamp(eta, tz=timezone.utc)
-        headers = [
-            *headers,
-            (H_ETA, repr(eta)),
-            ("Nats-Schedule", f"@at {format_timestamp(at)}"),
-            ("Nats-Schedule-Target", q.subject),
-        ]
+        """The publication of a message waiting for ``eta`` on ``P.s.Q.<token>``: a native
+        message schedule, or (server without message schedules) a message the schedule
+        relay moves to the queue at its ETA."""
+        headers = [*headers, (H_ETA, repr(eta))]
+        if self._schedules:
+            at = datetime.fromtimestamp(eta, tz=timezone.utc)
+            headers += [
+                ("Nats-Schedule", f"@at {format_timestamp(at)}"),
+                ("Nats-Schedule-Target", q.subject),
+            ]
         return (f"{q.scheduled}.{token}", data, headers)
 
     async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
@@ -627,7 +736,9 @@ class NatsBroker(NatsBackend, Broker):
         confirmed), stored in the given order.
 
         A message due now goes to its queue's subject; one with a later ETA becomes a
-        message schedule. Each carries its id as ``Nats-Msg-Id``, so the same message
+        message schedule (on a server without them, a message the schedule relay of a
+        consumer of its queue moves there at its ETA: see the module's documentation).
+        Each carries its id as ``Nats-Msg-Id``, so the same message
         enqueued again while its first copy is still in the stream is not stored twice.
         (JetStream remembers ids for the stream's duplicate window, also after the first
         copy was acknowledged: a message the server reports as a duplicate of one that is
@@ -636,8 +747,7 @@ class NatsBroker(NatsBackend, Broker):
 
         :param messages: the messages
         :raises InvalidInputError: a queue name or message id is invalid (nothing sent)
-        :raises BrokerError: a message was refused (the others may be stored) or an ETA
-            needs a newer server
+        :raises BrokerError: a message was refused (the others may be stored)
         """
         if not messages:
             return
@@ -677,6 +787,10 @@ class NatsBroker(NatsBackend, Broker):
         counted, and a receiver that did get it finds its lease lost when it settles.
         Server errors are logged and retried with a bounded backoff.
 
+        On a server without message schedules it also runs the queue's schedule relay
+        (see the module's documentation) for as long as it runs; on a server with them it
+        first adopts the messages such a relay left waiting (a server upgraded under them).
+
         :param queue: the queue
         :param send_stream: where to hand the deliveries; closed on return
         """
@@ -685,7 +799,13 @@ class NatsBroker(NatsBackend, Broker):
         local: deque[NatsDelivery] = deque()
         with send_stream:
             try:
-                await self._feed(q, send_stream, local)
+                async with anyio.create_task_group() as tg:
+                    if not self._schedules:
+                        tg.start_soon(self._relay, q, name=f"{self!r} ETA relay of {q.name!r}")
+                    elif not q.adopted:
+                        tg.start_soon(self._adopt, q, name=f"{self!r} ETA adoption {q.name!r}")
+                    await self._feed(q, send_stream, local)
+                    tg.cancel_scope.cancel()
             finally:
                 if local:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
@@ -789,11 +909,6 @@ class NatsBroker(NatsBackend, Broker):
         """Copy the deliveries, in order, to the back of their queue (or as schedules
         after ``delay``), then acknowledge the originals. With each delivery comes
         whether its delivery counts (the copy's next ``attempt`` follows it)."""
-        if delay > 0 and not self._schedules:
-            # no message schedules: the server's own delayed redelivery
-            body = b"-NAK " + f'{{"delay":{round(delay * 1e9)}}}'.encode()
-            await self._settle([d._msg.reply for d, _ in deliveries], body, "giving a message back")
-            return
         eta = time.time() + delay
         requests: list[Request] = []
         for delivery, counted in deliveries:
@@ -814,11 +929,148 @@ class NatsBroker(NatsBackend, Broker):
     async def _settle(self, replies: Sequence[str], body: bytes, what: str) -> None:
         """Send ``body`` (``+ACK``, ``+TERM``...) to each ack subject and wait for the
         server to confirm them (one round trip)."""
+        await self._settle_each([(reply, body) for reply in replies], what)
+
+    async def _settle_each(self, settles: Sequence[tuple[str, bytes]], what: str) -> None:
+        """Send each ``(ack subject, body)`` and wait for the server to confirm them all
+        (one round trip)."""
         with translate_errors(what):
-            answers = await self.request_many([(reply, body, ()) for reply in replies])
+            answers = await self.request_many([(reply, body, ()) for reply, body in settles])
         for answer in answers:
             if isinstance(answer, NatsError):
                 raise BrokerError(f"NATS failed while {what}: {answer}") from answer
+
+    # -- the schedule relay (servers without message schedules) -----------------------------
+
+    async def _relay(self, q: _Queue) -> None:
+        """Move ``q``'s waiting messages to the queue at their ETAs, until cancelled.
+
+        Server errors are logged and retried with a bounded backoff; a relay consumer
+        deleted under it is created again.
+        """
+        backoff = 0.0
+        while True:
+            try:
+                with translate_errors(f"relaying the ETAs of queue {q.name!r}"):
+                    await self._ensure_relay(q)
+                    msgs = await self._fetch_waiting(q)
+                    if msgs:
+                        # settle what was fetched even if consume() is being cancelled:
+                        # a message left held comes back only after the ack wait
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
+                            await self._relay_batch(q, msgs)
+            except BrokerError as exc:
+                if isinstance(exc.__cause__, (ConsumerNotFoundError, FetchError)):
+                    q.relay_ready = False  # deleted under us: create it again
+                backoff = min(5.0, backoff * 2 or 0.05)
+                logger.warning(
+                    "relaying the ETAs of queue %r failed (%s); retrying in %.2fs",
+                    q.name,
+                    exc,
+                    backoff,
+                    extra={"queue": q.name},
+                )
+                await anyio.sleep(backoff)
+                continue
+            backoff = 0.0
+
+    async def _fetch_waiting(self, q: _Queue) -> list[JsMsg]:
+        """Messages of ``q`` waiting for an ETA that the relay consumer has now: new ones,
+        and ones put aside whose delay ran out. Waits up to ``poll_interval`` for one."""
+        js = self.js
+        msgs = await js.fetch(self.stream, q.relay, _RELAY_BATCH, no_wait=True)
+        if not msgs:
+            msgs = await js.fetch(self.stream, q.relay, 1, expires=self.poll_interval)
+            if msgs:  # and whatever came due with it
+                msgs += await js.fetch(self.stream, q.relay, _RELAY_BATCH - 1, no_wait=True)
+        return msgs
+
+    async def _relay_batch(self, q: _Queue, msgs: Sequence[JsMsg]) -> None:
+        """Copy the due messages to the queue in ETA order and acknowledge them; put the
+        others aside until their ETA (at most :data:`_RELAY_MAX_DELAY`)."""
+        now = time.time()
+        due: list[tuple[float, int, JsMsg]] = []
+        later: list[tuple[str, bytes]] = []
+        for msg in msgs:
+            eta = _msg_eta(msg)
+            if eta <= now + _ETA_SLACK:
+                due.append((eta, msg.metadata.stream_seq, msg))
+            else:
+                delay = round(min(eta - now, _RELAY_MAX_DELAY) * 1e9)
+                later.append((msg.reply, b"-NAK " + json.dumps({"delay": delay}).encode()))
+        if due:
+            due.sort(key=lambda entry: (entry[0], entry[1]))
+            copies = [_relayed_copy(q, msg) for *_, msg in due]
+            await self.publish_all(copies, f"relaying due messages to queue {q.name!r}")
+            await self._settle([msg.reply for *_, msg in due], b"+ACK", "acking relayed messages")
+        if later:
+            await self._settle_each(later, "putting waiting messages aside")
+
+    async def _adopt(self, q: _Queue) -> None:
+        """On a server with message schedules: once per broker lifetime, turn the messages
+        a schedule relay left waiting on ``q`` (the server was upgraded under them) into
+        message schedules (or due messages), then delete the relay's consumer. Retried
+        with a bounded backoff until done."""
+        backoff = 0.0
+        while True:
+            try:
+                with translate_errors(f"adopting the relayed ETAs of queue {q.name!r}"):
+                    await self._adopt_once(q)
+            except BrokerError as exc:
+                backoff = min(5.0, backoff * 2 or 0.05)
+                logger.warning(
+                    "adopting the relayed ETAs of queue %r failed (%s); retrying in %.2fs",
+                    q.name,
+                    exc,
+                    backoff,
+                    extra={"queue": q.name},
+                )
+                await anyio.sleep(backoff)
+                continue
+            q.adopted = True
+            return
+
+    async def _adopt_once(self, q: _Queue) -> None:
+        js = self.js
+        try:
+            await js.consumer_info(self.stream, q.relay)
+        except (ConsumerNotFoundError, StreamNotFoundError):
+            return  # no relay ever ran on this queue: nothing to adopt
+        stored = await self.read_range(self.stream, f"{q.scheduled}.*")
+        waiting = sorted(
+            (
+                (_eta(message), message.seq, message)
+                for message in stored
+                if not header_value(message.headers, "Nats-Schedule")
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+        )
+        now = time.time()
+        requests: list[Request] = []
+        for eta, seq, message in waiting:
+            # the id a relay gives its copy: one relayed before the upgrade is a duplicate
+            headers = [
+                *(h for h in _relayed_headers(message.headers) if h[0].lower() != "tasqueue-eta"),
+                ("Nats-Msg-Id", f"relay:{seq}"),
+            ]
+            if eta <= now + _ETA_SLACK:
+                requests.append((q.subject, message.payload, [*headers, (H_ETA, repr(eta))]))
+            else:
+                requests.append(self._schedule(q, f"r{seq}", message.payload, eta, headers))
+        if requests:
+            await self.publish_all(requests, f"adopting the relayed ETAs of queue {q.name!r}")
+        for _, seq, _ in waiting:
+            await js.delete_msg(self.stream, seq)
+        with contextlib.suppress(ConsumerNotFoundError):
+            await js.delete_consumer(self.stream, q.relay)
+        if waiting:
+            logger.info(
+                "queue %r: %d messages waiting for their ETA from before the server had "
+                "message schedules are message schedules now",
+                q.name,
+                len(waiting),
+                extra={"queue": q.name},
+            )
 
     # -- leases -----------------------------------------------------------------------------
 
