@@ -18,6 +18,7 @@ from croniter import croniter
 
 from ._exceptions import BrokerError, DecodeError
 from ._jobs import Job
+from ._retry import RetryBackoff
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -26,9 +27,6 @@ __all__ = ["Schedule", "next_fire"]
 
 #: How often a scheduler re-reads the schedules even when nothing woke it (seconds).
 RESCAN_INTERVAL = 60.0
-#: The longest wait between attempts while the backends fail (seconds).
-MAX_RETRY_DELAY = 5.0
-
 
 def next_fire(expression: str, after: float) -> float:
     """The first fire time of ``expression`` strictly after POSIX time ``after`` (UTC)."""
@@ -91,7 +89,7 @@ class Scheduler:
 
     async def run(self) -> None:
         server = self.server
-        backoff = 0.0
+        retry = RetryBackoff(server.log, "the cron scheduler")
         while True:
             self._wakeup = anyio.Event()
             try:
@@ -100,13 +98,9 @@ class Scheduler:
                 # The backends are away (a restart, a partition): a pass that failed
                 # half-way is safe to repeat (each fire time's run is created once), and
                 # the worker must outlive the outage rather than end with this error.
-                backoff = min(MAX_RETRY_DELAY, backoff * 2 or 0.05)
-                server.log.warning(
-                    "the cron scheduler failed (%s); retrying in %.2fs", exc, backoff
-                )
-                await anyio.sleep(backoff)
+                await retry.failed(exc)
                 continue
-            backoff = 0.0
+            retry.succeeded()
             with anyio.move_on_after(max(0.0, soonest - server.clock())):
                 await self._wakeup.wait()
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import gc
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import uuid4
 
@@ -22,6 +21,7 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 from broker_support import consuming, envelope, receive
 from nats_server import NatsServer
+from nats_support import broker_on, eventually, name, results_on
 from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import (
@@ -44,48 +44,6 @@ from tasqueue_anyio.results.nats import NatsResults
 pytestmark = pytest.mark.anyio
 
 _KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
-
-
-def name() -> str:
-    return f"t{uuid4().hex[:12]}"
-
-
-@asynccontextmanager
-async def broker_on(
-    server: NatsServer, prefix: str | None = None, **kwargs: Any
-) -> AsyncIterator[NatsBroker]:
-    """An open broker; its stream is deleted afterwards (unless ``keep``)."""
-    keep = kwargs.pop("keep", False)
-    async with NatsBroker(server.url, prefix=prefix or name(), **kwargs) as broker:
-        try:
-            yield broker
-        finally:
-            if not keep:
-                with anyio.CancelScope(shield=True):
-                    await broker.js.delete_stream(broker.stream)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Poll ``check`` until it is true, failing after ``timeout`` seconds (for server-side
-    effects that nothing announces, such as an unconfirmed ack being applied)."""
-    with anyio.fail_after(timeout):
-        while not await check():  # noqa: ASYNC110
-            await anyio.sleep(0.005)
-
-
-@asynccontextmanager
-async def results_on(
-    server: NatsServer, bucket: str | None = None, **kwargs: Any
-) -> AsyncIterator[NatsResults]:
-    """An open results store; its bucket is deleted afterwards (unless ``keep``)."""
-    keep = kwargs.pop("keep", False)
-    async with NatsResults(server.url, bucket=bucket or name(), **kwargs) as results:
-        try:
-            yield results
-        finally:
-            if not keep:
-                with anyio.CancelScope(shield=True):
-                    await results.drop()
 
 
 # -- names and encodings -------------------------------------------------------------------------

@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
-from uuid import uuid4
 
 import anyio
 import pytest
@@ -27,6 +25,7 @@ from nats_server import (
     shared_old_nats_server,
     start_nats_server,
 )
+from nats_support import broker_on, drained, eventually, name
 from server_support import TIMEOUT, running
 
 from tasqueue_anyio import Backoff, InvalidInputError, Job, JobContext, Server, Status
@@ -50,25 +49,6 @@ def old_nats_server() -> NatsServer:
     return shared_old_nats_server()
 
 
-def name() -> str:
-    return f"t{uuid4().hex[:12]}"
-
-
-@asynccontextmanager
-async def broker_on(
-    server: NatsServer, prefix: str | None = None, **kwargs: Any
-) -> AsyncIterator[NatsBroker]:
-    """An open broker; its stream is deleted afterwards (unless ``keep``)."""
-    keep = kwargs.pop("keep", False)
-    async with NatsBroker(server.url, prefix=prefix or name(), **kwargs) as broker:
-        try:
-            yield broker
-        finally:
-            if not keep:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await broker.js.delete_stream(broker.stream)
-
-
 @asynccontextmanager
 async def server_on(nats: NatsServer) -> AsyncIterator[Server]:
     """An open :class:`Server` with a broker and a results store on ``nats``."""
@@ -86,21 +66,11 @@ async def server_on(nats: NatsServer) -> AsyncIterator[Server]:
 
 async def wait_until_scheduled_empty(broker: NatsBroker, queue: str) -> None:
     """Wait until ``queue`` lists no waiting message (the relay acknowledged them all)."""
-    with anyio.fail_after(TIMEOUT):
-        while await broker.get_scheduled(queue):  # noqa: ASYNC110
-            await anyio.sleep(0.01)
 
+    async def empty() -> bool:
+        return not await broker.get_scheduled(queue)
 
-async def stream_messages(broker: NatsBroker) -> int:
-    return (await broker.js.stream_info(broker.stream)).messages
-
-
-async def drained(broker: NatsBroker) -> None:
-    """Wait until the broker's stream holds no message (acks are not confirmed by
-    default: the server removes an acked message when it reads the ack)."""
-    with anyio.fail_after(TIMEOUT):
-        while await stream_messages(broker):  # noqa: ASYNC110
-            await anyio.sleep(0.005)
+    await eventually(empty, TIMEOUT)
 
 
 def test_relay_consumer_name_is_no_queue_name() -> None:

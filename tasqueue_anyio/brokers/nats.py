@@ -186,6 +186,7 @@ from .._nats_backend import (
     translate_errors,
     validate_name,
 )
+from .._retry import RetryBackoff
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
 __all__ = ["NatsBroker", "NatsDelivery"]
@@ -817,7 +818,7 @@ class NatsBroker(NatsBackend, Broker):
         send_stream: MemoryObjectSendStream[Delivery],
         local: deque[NatsDelivery],
     ) -> None:
-        backoff = 0.0
+        retry = RetryBackoff(logger, f"consuming queue {q.name!r}", {"queue": q.name})
         while True:
             if not local:
                 receivers = send_stream.statistics().open_receive_streams
@@ -829,17 +830,9 @@ class NatsBroker(NatsBackend, Broker):
                 except BrokerError as exc:
                     if isinstance(exc.__cause__, (ConsumerNotFoundError, FetchError)):
                         q.ready = False  # deleted under us: create it again
-                    backoff = min(5.0, backoff * 2 or 0.05)
-                    logger.warning(
-                        "consuming queue %r failed (%s); retrying in %.2fs",
-                        q.name,
-                        exc,
-                        backoff,
-                        extra={"queue": q.name},
-                    )
-                    await anyio.sleep(backoff)
+                    await retry.failed(exc)
                     continue
-                backoff = 0.0
+                retry.succeeded()
                 local.extend(batch)
                 del batch  # only `local` may hold them (see NatsDelivery: abandoned ones)
                 if not local:
@@ -948,7 +941,7 @@ class NatsBroker(NatsBackend, Broker):
         Server errors are logged and retried with a bounded backoff; a relay consumer
         deleted under it is created again.
         """
-        backoff = 0.0
+        retry = RetryBackoff(logger, f"relaying the ETAs of queue {q.name!r}", {"queue": q.name})
         while True:
             try:
                 with translate_errors(f"relaying the ETAs of queue {q.name!r}"):
@@ -962,17 +955,9 @@ class NatsBroker(NatsBackend, Broker):
             except BrokerError as exc:
                 if isinstance(exc.__cause__, (ConsumerNotFoundError, FetchError)):
                     q.relay_ready = False  # deleted under us: create it again
-                backoff = min(5.0, backoff * 2 or 0.05)
-                logger.warning(
-                    "relaying the ETAs of queue %r failed (%s); retrying in %.2fs",
-                    q.name,
-                    exc,
-                    backoff,
-                    extra={"queue": q.name},
-                )
-                await anyio.sleep(backoff)
+                await retry.failed(exc)
                 continue
-            backoff = 0.0
+            retry.succeeded()
 
     async def _fetch_waiting(self, q: _Queue) -> list[JsMsg]:
         """Messages of ``q`` waiting for an ETA that the relay consumer has now: new ones,
@@ -1011,21 +996,14 @@ class NatsBroker(NatsBackend, Broker):
         a schedule relay left waiting on ``q`` (the server was upgraded under them) into
         message schedules (or due messages), then delete the relay's consumer. Retried
         with a bounded backoff until done."""
-        backoff = 0.0
+        what = f"adopting the relayed ETAs of queue {q.name!r}"
+        retry = RetryBackoff(logger, what, {"queue": q.name})
         while True:
             try:
-                with translate_errors(f"adopting the relayed ETAs of queue {q.name!r}"):
+                with translate_errors(what):
                     await self._adopt_once(q)
             except BrokerError as exc:
-                backoff = min(5.0, backoff * 2 or 0.05)
-                logger.warning(
-                    "adopting the relayed ETAs of queue %r failed (%s); retrying in %.2fs",
-                    q.name,
-                    exc,
-                    backoff,
-                    extra={"queue": q.name},
-                )
-                await anyio.sleep(backoff)
+                await retry.failed(exc)
                 continue
             q.adopted = True
             return

@@ -87,6 +87,7 @@ from coredis.patterns.pubsub import BasePubSub
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import validate_channel, validate_queue
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
+from .._retry import RetryBackoff
 from ..abc import Broker, DeadLetter, Delivery, Envelope
 
 __all__ = ["RedisBroker", "RedisDelivery"]
@@ -824,7 +825,7 @@ class RedisBroker(RedisBackend, Broker):
         local: deque[RedisDelivery],
         waiter: _Waiter,
     ) -> None:
-        backoff = 0.0
+        retry = RetryBackoff(logger, f"consuming queue {q.name!r}", {"queue": q.name})
         while True:
             if not local:
                 receivers = send_stream.statistics().open_receive_streams
@@ -832,17 +833,9 @@ class RedisBroker(RedisBackend, Broker):
                 try:
                     wait_ms, batch = await self._fetch(q, min(self.batch_size, max(1, receivers)))
                 except BrokerError as exc:
-                    backoff = min(5.0, backoff * 2 or 0.05)
-                    logger.warning(
-                        "consuming queue %r failed (%s); retrying in %.2fs",
-                        q.name,
-                        exc,
-                        backoff,
-                        extra={"queue": q.name},
-                    )
-                    await anyio.sleep(backoff)
+                    await retry.failed(exc)
                     continue
-                backoff = 0.0
+                retry.succeeded()
                 if not batch:
                     # until an enqueue notifies, the next ETA, or the next sweep
                     timeout = self.lease / 3
