@@ -1103,6 +1103,28 @@ class Client:
             self._check_open()
             raise ConnectionClosedError("the NATS client is closed") from None
 
+    async def _queue(self, data: bytes) -> None:
+        """Queue ``data`` for the writer without a checkpoint while its queue has room;
+        wait for room otherwise."""
+        try:
+            self._write_send.send_nowait((data, None))
+        except anyio.WouldBlock:
+            await self._send(data)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._check_open()
+            raise ConnectionClosedError("the NATS client is closed") from None
+
+    async def _wait_timed(self, event: anyio.Event) -> None:
+        """Wait for ``event`` as a request the expiry task times (see
+        :data:`_EXPIRY_MIN_TIMEOUT`)."""
+        self._timed += 1
+        if self._timed == 1 and self._expiry_wake is not None:
+            self._expiry_wake.set()
+        try:
+            await event.wait()
+        finally:
+            self._timed -= 1
+
     def _encode_pub(
         self, subject: str, payload: bytes, reply: str | None, headers: HeadersInput
     ) -> bytes:
@@ -1144,14 +1166,7 @@ class Client:
         :raises ConnectionClosedError: the client is closed
         """
         self._check_open()
-        data = self._encode_pub(subject, bytes(payload), reply, headers)
-        try:
-            self._write_send.send_nowait((data, None))
-        except anyio.WouldBlock:
-            await self._send(data)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._check_open()
-            raise ConnectionClosedError("the NATS client is closed") from None
+        await self._queue(self._encode_pub(subject, bytes(payload), reply, headers))
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until the server has processed everything published before this call.
@@ -1273,13 +1288,7 @@ class Client:
         self._replies[token] = waiter
         try:
             if waiter.deadline != float("inf"):
-                self._timed += 1
-                if self._timed == 1 and self._expiry_wake is not None:
-                    self._expiry_wake.set()
-                try:
-                    await waiter.event.wait()
-                finally:
-                    self._timed -= 1
+                await self._wait_timed(waiter.event)
             else:
                 with anyio.move_on_after(timeout):
                     await self._send(data)
@@ -1322,21 +1331,9 @@ class Client:
                     )
                     self._replies[token] = _BatchSlot(batch, index, deadline)
                     tokens.append(token)
-                    try:
-                        self._write_send.send_nowait((data, None))
-                    except anyio.WouldBlock:
-                        await self._send(data)
-                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                        self._check_open()
-                        raise ConnectionClosedError("the NATS client is closed") from None
+                    await self._queue(data)
                 if timed:
-                    self._timed += 1
-                    if self._timed == 1 and self._expiry_wake is not None:
-                        self._expiry_wake.set()
-                    try:
-                        await batch.event.wait()
-                    finally:
-                        self._timed -= 1
+                    await self._wait_timed(batch.event)
                 else:
                     await batch.event.wait()
         finally:
