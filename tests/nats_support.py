@@ -3,18 +3,30 @@ brokers and results stores on a given server, and polling for server-side effect
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from uuid import uuid4
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+from broker_support import consuming
 from nats_server import NatsServer
+from server_support import TIMEOUT
 
+from tasqueue_anyio.abc import Delivery
 from tasqueue_anyio.brokers.nats import NatsBroker
 from tasqueue_anyio.results.nats import NatsResults
 
-__all__ = ["broker_on", "drained", "eventually", "name", "results_on", "stream_messages"]
+__all__ = [
+    "broker_on",
+    "drained",
+    "eventually",
+    "name",
+    "results_on",
+    "stream_messages",
+    "take_all",
+]
 
 
 def name() -> str:
@@ -73,3 +85,27 @@ async def drained(broker: NatsBroker) -> None:
         return not await stream_messages(broker)
 
     await eventually(empty)
+
+
+async def take_all(brokers: Sequence[NatsBroker], queue: str, count: int) -> list[bytes]:
+    """Consume ``queue`` with all of ``brokers`` at once, acking each delivery, until
+    ``count`` deliveries came (failing after ``TIMEOUT``); their data, in arrival order."""
+    got: list[bytes] = []
+    all_in = anyio.Event()
+
+    async def take(stream: MemoryObjectReceiveStream[Delivery]) -> None:
+        async for delivery in stream:
+            got.append(delivery.data)
+            await delivery.ack()
+            if len(got) == count:
+                all_in.set()
+
+    async with AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(consuming(b, queue)) for b in brokers]
+        async with anyio.create_task_group() as tg:
+            for stream in streams:  # whichever broker's fetch is served takes the next one
+                tg.start_soon(take, stream)
+            with anyio.fail_after(TIMEOUT):
+                await all_in.wait()
+            tg.cancel_scope.cancel()
+    return got

@@ -18,10 +18,9 @@ from uuid import uuid4
 import anyio
 import msgpack
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 from broker_support import consuming, envelope, receive
 from nats_server import NatsServer
-from nats_support import broker_on, eventually, name, results_on
+from nats_support import broker_on, eventually, name, results_on, take_all
 from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import (
@@ -149,27 +148,7 @@ async def test_one_durable_consumer_per_queue_shared(nats_server: NatsServer) ->
         broker_on(nats_server, prefix, keep=True) as two,
     ):
         await one.enqueue_many([envelope(queue, f"m{i}".encode()) for i in range(20)])
-        got: list[bytes] = []
-        all_in = anyio.Event()
-
-        async def take(stream: MemoryObjectReceiveStream[Delivery]) -> None:
-            async for delivery in stream:
-                got.append(delivery.data)
-                await delivery.ack()
-                if len(got) == 20:
-                    all_in.set()
-
-        async with (
-            consuming(one, queue) as s1,
-            consuming(two, queue) as s2,
-            anyio.create_task_group() as tg,
-        ):
-            # whichever broker's fetch the consumer serves takes the next message
-            tg.start_soon(take, s1)
-            tg.start_soon(take, s2)
-            with anyio.fail_after(TIMEOUT):
-                await all_in.wait()
-            tg.cancel_scope.cancel()
+        got = await take_all([one, two], queue, 20)
         assert sorted(got) == sorted(f"m{i}".encode() for i in range(20))  # each once
         names = await one.js.api(f"CONSUMER.NAMES.{one.stream}")
         assert names["consumers"] == [queue]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 from broker_support import consuming, envelope, receive
 from nats_server import (
     NatsServer,
@@ -25,13 +24,12 @@ from nats_server import (
     shared_old_nats_server,
     start_nats_server,
 )
-from nats_support import broker_on, drained, eventually, name
+from nats_support import broker_on, drained, eventually, name, take_all
 from server_support import TIMEOUT, running
 
 from tasqueue_anyio import Backoff, InvalidInputError, Job, JobContext, Server, Status
 from tasqueue_anyio._jobs import validate_queue
 from tasqueue_anyio._nats.jetstream import ConsumerNotFoundError
-from tasqueue_anyio.abc import Delivery
 from tasqueue_anyio.brokers.nats import NatsBroker, _Queue, _relayed_copy
 from tasqueue_anyio.results.nats import NatsResults
 
@@ -209,29 +207,10 @@ async def test_two_brokers_relay_each_message_once(old_nats_server: NatsServer) 
         await one.enqueue_many(
             [envelope(queue, b"%d" % i, eta=now + 0.1 + 0.01 * i) for i in range(count)]
         )
-        got: list[bytes] = []
-        all_in = anyio.Event()
-
-        async def take(stream: MemoryObjectReceiveStream[Delivery]) -> None:
-            async for delivery in stream:
-                got.append(delivery.data)
-                await delivery.ack()
-                if len(got) == count:
-                    all_in.set()
-
-        async with (
-            consuming(one, queue) as s1,
-            consuming(two, queue) as s2,
-            anyio.create_task_group() as tg,
-        ):
-            tg.start_soon(take, s1)
-            tg.start_soon(take, s2)
-            with anyio.fail_after(TIMEOUT):
-                await all_in.wait()
-            await wait_until_scheduled_empty(one, queue)
-            # every copy was acknowledged: a second copy of any would still be stored
-            await drained(one)
-            tg.cancel_scope.cancel()
+        got = await take_all([one, two], queue, count)
+        await wait_until_scheduled_empty(one, queue)
+        # every copy was acknowledged: a second copy of any would still be stored
+        await drained(one)
         assert sorted(got) == sorted(b"%d" % i for i in range(count))
         names = await one.js.api(f"CONSUMER.NAMES.{one.stream}")
         assert sorted(names["consumers"]) == [queue, f"{queue}~eta"]
