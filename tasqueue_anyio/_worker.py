@@ -307,8 +307,22 @@ class Worker:
             await delivery.ack()
 
     async def _not_started(self, delivery: Delivery, msg: JobMessage, current: JobRecord) -> None:
-        """The job may not start: cancelled, or ended before (a redelivery after a crash)."""
+        """The job may not start: cancelled, ended before (a redelivery after a crash), or
+        this message is of a try the job has moved past (see ``abc.may_start``)."""
         status = current.status
+        if status not in FINAL_STATUSES and not current.cancel_requested:
+            # The message of a failed try came back after its retry was enqueued (its
+            # broker enqueued the retry, then lost the ack): the retry runs, not this.
+            self.log.info(
+                "job %s: a message of try %d came back after the job moved on (its run "
+                "%s); dropped",
+                msg.id,
+                msg.meta.retried,
+                current.run or "-",
+                extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
+            )
+            await delivery.ack()
+            return
         if status not in FINAL_STATUSES:  # cancel requested while it was held
             reason = _describe(JobCancelledError(f"job {msg.id} was cancelled before it started"))
             cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)

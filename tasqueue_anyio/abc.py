@@ -31,6 +31,8 @@ __all__ = [
     "ParentRecord",
     "Results",
     "ScheduleRecord",
+    "may_start",
+    "run_retry",
 ]
 
 _B = TypeVar("_B", bound="Broker")
@@ -86,6 +88,36 @@ class JobRecord:
     data: bytes
     cancel_requested: bool = False
     run: str = ""
+
+
+def run_retry(run: str) -> int | None:
+    """The retry a run token belongs to: ``retried`` of a token ``"<retried>.<attempt>"``
+    (the tokens the worker writes); ``None`` for an empty or other token."""
+    if not run:
+        return None
+    head, dot, _ = run.partition(".")
+    return int(head) if dot and head.isdigit() else None
+
+
+def may_start(current: JobRecord | None, record: JobRecord) -> bool:
+    """Whether a job stored as ``current`` may start as ``record``: the rule of
+    :meth:`Results.start_job`.
+
+    It may when it has no state; never when it is final or a cancel was requested; and
+    not from a message of an earlier try than the stored run's (compared by
+    :func:`run_retry`): a ``retrying`` record written by try ``r`` lets only try ``r + 1``
+    or later start, any other by try ``r`` lets try ``r`` (a redelivery) or later start.
+    So the message of a failed run that comes back after its retry was enqueued (its
+    broker enqueued the retry, then lost the ack) does not run beside the retry.
+    """
+    if current is None:
+        return True
+    if current.status in FINAL_STATUSES or current.cancel_requested:
+        return False
+    new, stored = run_retry(record.run), run_retry(current.run)
+    if new is None or stored is None:
+        return True
+    return new > stored if current.status == "retrying" else new >= stored
 
 
 @attrs.frozen(kw_only=True)
@@ -305,8 +337,9 @@ class Results(metaclass=ABCMeta):
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
         """Atomically move a job to ``record`` if it may start.
 
-        A job may start when it has no state, or when its status is not final and no
-        cancel was requested for it.
+        A job may start when it has no state, or when its status is not final, no cancel
+        was requested for it, and ``record.run`` is not of an earlier try than the stored
+        run (:func:`may_start` is the rule).
 
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """

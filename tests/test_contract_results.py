@@ -14,7 +14,15 @@ import pytest
 from anyio.lowlevel import checkpoint
 
 from tasqueue_anyio._exceptions import JobNotFoundError, NotFoundError, ResultNotFoundError
-from tasqueue_anyio.abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord
+from tasqueue_anyio.abc import (
+    FINAL_STATUSES,
+    JobRecord,
+    ParentRecord,
+    Results,
+    ScheduleRecord,
+    may_start,
+    run_retry,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -106,6 +114,49 @@ async def test_start_job_refused_when_cancel_requested(results: Results, job_id:
     await results.set_jobs({job_id: current})
     assert await results.start_job(job_id, record("processing", b"again")) == current
     assert await results.get_job(job_id) == current
+
+
+@pytest.mark.parametrize(
+    ("stored", "starting", "starts"),
+    [
+        # a retry was recorded by try 0: only try 1 (the retry) or later may start
+        (("retrying", "0.1"), "0.2", False),  # the failed try's message came back
+        (("retrying", "0.1"), "1.1", True),  # the retry
+        # try 1 runs: its redelivery may start, a message of try 0 may not
+        (("processing", "1.1"), "0.3", False),
+        (("processing", "1.1"), "1.2", True),
+        (("processing", "1.1"), "2.1", True),
+        # no token on either side: no order to keep
+        (("queued", ""), "0.1", True),
+        (("retrying", "0.1"), "", True),
+    ],
+)
+async def test_start_job_refuses_a_message_of_an_earlier_try(
+    results: Results, job_id: str, stored: tuple[str, str], starting: str, starts: bool
+) -> None:
+    status, run = stored
+    current = JobRecord(status=status, data=b"stored", run=run)
+    await results.set_jobs({job_id: current})
+    attempt = JobRecord(status="processing", data=b"run", run=starting)
+    assert may_start(current, attempt) is starts
+    if starts:
+        assert await results.start_job(job_id, attempt) is None
+        assert await results.get_job(job_id) == attempt
+    else:
+        assert await results.start_job(job_id, attempt) == current
+        assert await results.get_job(job_id) == current
+
+
+def test_run_retry_reads_worker_tokens_only() -> None:
+    assert [run_retry(t) for t in ("0.1", "12.3", "", "x.1", "3", ".2", "-1.2")] == [
+        0,
+        12,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 async def test_update_job_respects_expect(results: Results, job_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -21,7 +22,7 @@ from tasqueue_anyio import (
     Server,
     Status,
 )
-from tasqueue_anyio.abc import Broker, Results
+from tasqueue_anyio.abc import Broker, Envelope, Results
 
 pytestmark = pytest.mark.anyio
 
@@ -181,6 +182,44 @@ async def test_backoff_delays_the_retry(broker: Broker, results: Results, queue_
     assert len(started_at) == 2
     # the lower bound only (1 ms allowed for wall clock vs. monotonic clock)
     assert started_at[1] - failed_at[0] >= 0.3 - 0.001
+
+
+async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
+    broker: Broker, results: Results, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that enqueued a retry and then lost the ack of the failed try's message
+    delivers that message again: it must not run beside the retry (the job runs once per
+    try), and it is acknowledged, not left to come back."""
+    caplog.set_level(logging.INFO, logger="tasqueue_anyio")
+    runs: list[int] = []
+    retrying_seen = anyio.Event()
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        if ctx.meta.retried == 0:
+            raise ValueError("try again later")
+
+    def on_retrying(ctx: JobContext, exc: BaseException) -> None:
+        retrying_seen.set()
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
+        job = Job(
+            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=1.0, jitter=False)
+        )
+        job_id = await server.enqueue(job)
+        first_try = (await results.get_job(job_id)).data  # the message as enqueued
+        async with running(server):
+            await wait_event(retrying_seen)
+            # the failed try's message again, while its retry waits for its backoff
+            await broker.enqueue_many([Envelope(queue=queue_name, data=first_try, id="again")])
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert await broker.get_pending(queue_name) == []
+
+    assert done.status is Status.SUCCESSFUL
+    assert runs == [0, 1]
+    dropped = [r for r in caplog.records if "came back after the job moved on" in r.getMessage()]
+    assert len(dropped) == 1
 
 
 # -- timeouts --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 import attrs
 
 from .._exceptions import JobNotFoundError, NotFoundError, ResultNotFoundError
-from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord
+from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord, may_start
 
 __all__ = ["MemoryResults"]
 
@@ -205,14 +205,14 @@ class MemoryResults(Results):
             jobs.set(job_id, record)
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
-        """Move a job to ``record`` if it has no state, or is not final and not cancelled.
+        """Move a job to ``record`` if it may start (:func:`~tasqueue_anyio.abc.may_start`).
 
         :param job_id: the job id
         :param record: the new state
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """
         current = self._jobs.get(job_id)
-        if current is not None and (current.status in FINAL_STATUSES or current.cancel_requested):
+        if not may_start(current, record):
             return current
         self._write(job_id, record)
         return None

@@ -11,8 +11,8 @@ character set by :func:`~tasqueue_anyio._nats_backend.encode_token` (letters, di
     j.<id>    job state: msgpack {s: status, d: message, c: cancel requested, r: run};
               header ``Tasqueue-Status`` (the status again, for the listings)
     r.<id>    the job's saved result (the bytes as they are)
-    g.<id>    the job's gate: empty, written before its state first becomes final or
-              cancel-requested (see "Starting without a read")
+    g.<id>    the job's gate: empty, written before its state first becomes final,
+              cancel-requested or retrying (see "Starting without a read")
     p.<id>    group or chain: msgpack {k, s, d, e, m: members, n: member counts}
     c.<id>    cron schedule: msgpack {d: data, f: next fire time (float64, exact)}
 
@@ -32,14 +32,15 @@ one atomic write across two keys (nats-server 2.11+; older servers check, then w
 
 Starting without a read
 -----------------------
-A job may start while it is not final and no cancel was requested, and the worker's store
+A job may start while it is not final, no cancel was requested and the message is not of
+a try the job moved past (:func:`~tasqueue_anyio.abc.may_start`), and the worker's store
 has usually not seen the job it starts. On nats-server 2.11+ :meth:`NatsResults.start_job`
 then publishes the ``processing`` record at once, with
 ``Nats-Expected-Last-Subject-Sequence: 0`` checked on the job's gate key (one round trip,
 no read): it is stored only while the gate does not exist. Every write that makes a job
-final or cancel-requested publishes the gate first, on the same connection (the server
-stores one connection's publishes to a stream in order), unconfirmed for the single-key
-transitions, confirmed in the pipelined batches. A gate that exists sends the start to
+final, cancel-requested or ``retrying`` publishes the gate first, on the same connection
+(the server stores one connection's publishes to a stream in order), unconfirmed for the
+single-key transitions, confirmed in the pipelined batches. A gate that exists sends the start to
 the read-and-decide path. A gate is not removed when a job is set back to ``queued``
 (those starts just read first), only by ``delete_job`` or expiry (its TTL is one second
 longer than the state's).
@@ -111,7 +112,7 @@ from .._nats_backend import (
     translate_errors,
     validate_name,
 )
-from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord
+from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord, may_start
 
 __all__ = ["NatsResults"]
 
@@ -476,9 +477,10 @@ class NatsResults(NatsBackend, Results):
     def _gate_request(self, key: str) -> Request:
         """The write of the gate of job state key ``key`` (``j.<id>`` -> ``g.<id>``).
 
-        A job's gate is written (empty) before its state first becomes final or
-        cancel-requested, and stays until the job is deleted or expires (its TTL is one
-        second longer than the state's). So "no gate" means the job may start, and
+        A job's gate is written (empty) before its state first becomes final,
+        cancel-requested or ``retrying``, and stays until the job is deleted or expires
+        (its TTL is one second longer than the state's). So "no gate" means the job may
+        start, and
         :meth:`start_job` can write its ``processing`` record without reading the state
         first: one publish that the server stores only while the gate does not exist.
         """
@@ -580,8 +582,14 @@ class NatsResults(NatsBackend, Results):
 
     @staticmethod
     def _closes(record: JobRecord) -> bool:
-        """Whether ``record`` keeps the job from starting (so needs its gate)."""
-        return record.status in FINAL_STATUSES or record.cancel_requested
+        """Whether ``record`` keeps some start of the job from happening (so needs its
+        gate): a final or cancel-requested one, or a ``retrying`` one, which refuses the
+        messages of the try that failed (see :func:`~tasqueue_anyio.abc.may_start`)."""
+        return (
+            record.status in FINAL_STATUSES
+            or record.cancel_requested
+            or record.status == "retrying"
+        )
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -687,9 +695,7 @@ class NatsResults(NatsBackend, Results):
         """
 
         def step(current: JobRecord | None) -> tuple[Any, JobRecord | None]:
-            if current is not None and (
-                current.status in FINAL_STATUSES or current.cancel_requested
-            ):
+            if not may_start(current, record):
                 return _NO_WRITE, current
             return record, None
 

@@ -96,6 +96,15 @@ local function list_end(status, id, k)
   end
 end
 
+-- the try of a run token '<retried>.<attempt>' (nil for none): see abc.may_start
+local function run_retry(run)
+  if not run then
+    return nil
+  end
+  local n = string.match(run, '^(%d+)%.')
+  return n and tonumber(n)
+end
+
 local function hset_pairs(key, items, first)
   local n = #items
   local i = first
@@ -111,8 +120,14 @@ end
 # Returns 0 when written, else the current {st, d, c}.
 _LUA_START = r"""
 local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
-if cur[1] and (FINAL[cur[1]] or cur[3] == '1') then
-  return cur
+if cur[1] then
+  if FINAL[cur[1]] or cur[3] == '1' then
+    return cur
+  end
+  local new, stored = run_retry(ARGV[6]), run_retry(cur[4])
+  if new and stored and (new < stored or (cur[1] == 'retrying' and new == stored)) then
+    return cur
+  end
 end
 redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'c', ARGV[4], 'r', ARGV[6])
 expire(tonumber(ARGV[5]), KEYS[1])
@@ -186,12 +201,12 @@ expire(tonumber(ARGV[1]), KEYS[1])
 return cur
 """
 
-# KEYS: state keys. ARGV: ttl ms, then status, data, cancel per key.
+# KEYS: state keys. ARGV: ttl ms, then status, data, cancel, run token per key.
 _LUA_SET_JOBS = r"""
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  local a = 2 + (i - 1) * 3
-  redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', '')
+  local a = 2 + (i - 1) * 4
+  redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', ARGV[a + 3])
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
@@ -199,15 +214,15 @@ end
 return 1
 """
 
-# KEYS: state keys. ARGV: ttl ms, then status, data, cancel per key. Writes only the
-# states that do not exist; returns the (1-based) indexes of those it wrote.
+# KEYS: state keys. ARGV: ttl ms, then status, data, cancel, run token per key. Writes
+# only the states that do not exist; returns the (1-based) indexes of those it wrote.
 _LUA_CREATE_JOBS = r"""
 local ttl = tonumber(ARGV[1])
 local created = {}
 for i = 1, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
-    local a = 2 + (i - 1) * 3
-    redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', '')
+    local a = 2 + (i - 1) * 4
+    redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', ARGV[a + 3])
     if ttl > 0 then
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
@@ -582,7 +597,12 @@ class RedisResults(RedisBackend, Results):
         args: list[Any] = [self._job_ttl_arg]
         for job_id, record in records.items():
             keys.append(self._state(_check_id(job_id, "job id")))
-            args += (record.status, record.data, b"1" if record.cancel_requested else b"0")
+            args += (
+                record.status,
+                record.data,
+                b"1" if record.cancel_requested else b"0",
+                record.run,
+            )
         return keys, args
 
     async def create_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
@@ -624,8 +644,8 @@ class RedisResults(RedisBackend, Results):
         return groups, replies
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
-        """Move a job to ``record`` if it has no state, or is not final and not cancelled
-        (one script).
+        """Move a job to ``record`` if it may start (one script; the rule is
+        :func:`~tasqueue_anyio.abc.may_start`).
 
         :param job_id: the job id
         :param record: the new state
