@@ -96,7 +96,7 @@ def run_retry(run: str) -> int | None:
     if not run:
         return None
     head, dot, _ = run.partition(".")
-    return int(head) if dot and head.isdigit() else None
+    return int(head) if dot and head.isascii() and head.isdigit() else None
 
 
 def may_start(current: JobRecord | None, record: JobRecord) -> bool:

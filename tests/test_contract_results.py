@@ -148,15 +148,8 @@ async def test_start_job_refuses_a_message_of_an_earlier_try(
 
 
 def test_run_retry_reads_worker_tokens_only() -> None:
-    assert [run_retry(t) for t in ("0.1", "12.3", "", "x.1", "3", ".2", "-1.2")] == [
-        0,
-        12,
-        None,
-        None,
-        None,
-        None,
-        None,
-    ]
+    tokens = ("0.1", "12.3", "", "x.1", "3", ".2", "-1.2", "\u00b2.1")
+    assert [run_retry(t) for t in tokens] == [0, 12, None, None, None, None, None, None]
 
 
 async def test_update_job_respects_expect(results: Results, job_id: str) -> None:
