@@ -247,18 +247,7 @@ class NatsBackend(CountedLifetime):
             (:class:`NoRespondersError` for a ``503``, :class:`RequestTimeoutError` when
             no reply came within the backend's timeout)
         """
-        client = self.client
-        if len(requests) == 1:
-            subject, payload, headers = requests[0]
-            try:
-                return [
-                    await client.request(
-                        subject, payload, headers=list(headers) or None, timeout=self.timeout
-                    )
-                ]
-            except (NoRespondersError, RequestTimeoutError) as exc:
-                return [exc]
-        replies = await client.request_batch(
+        replies = await self.client.request_batch(
             [(subject, payload, list(headers) or None) for subject, payload, headers in requests],
             timeout=self.timeout,
         )

@@ -42,6 +42,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from process_support import end_process
 
 __all__ = [
     "OLD_VERSION",
@@ -247,21 +248,15 @@ class NatsServer:
     def stop(self) -> None:
         """Terminate the process by its pid (kill it if it does not exit within 5 s)."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        if process is not None:
+            end_process(process)
 
     def kill(self) -> None:
         """``SIGKILL`` the process by its pid (no shutdown, nothing flushed) and reap it;
         :meth:`start` brings it back on the same port with the same store."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(5)
+        if process is not None:
+            end_process(process, "kill")
 
     def restart(self) -> None:
         """Stop, then start again on the same port with the same store."""

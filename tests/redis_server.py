@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from process_support import end_process
 
 __all__ = [
     "RedisServer",
@@ -81,23 +82,13 @@ class RedisServer:
 
     def stop(self) -> None:
         """Terminate the server (kill it if it does not exit within 5 s); remove its dir."""
-        process = self.process
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        end_process(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def kill(self) -> None:
         """Kill the server with ``SIGKILL`` (a crash: no shutdown, no last save); keep its
         directory for :func:`restart_redis_server`."""
-        process = self.process
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
+        end_process(self.process, "kill")
 
 
 def start_redis_server(

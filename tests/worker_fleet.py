@@ -34,6 +34,7 @@ from typing import TypeVar
 
 import anyio
 import pytest
+from process_support import end_process
 
 from tasqueue_anyio import JobMessage, Server
 
@@ -249,11 +250,7 @@ class ForkServer:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        end_process(process, "wait")
 
 
 # -- fleets ---------------------------------------------------------------------------------

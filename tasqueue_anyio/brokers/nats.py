@@ -283,27 +283,22 @@ def _abandon(abandoned: deque[_Lease], lease: _Lease) -> None:
     abandoned.append(lease)
 
 
-def _copy_headers(msg: JsMsg) -> list[tuple[str, str]]:
-    """The headers of ``msg`` a copy keeps: none of the server's (``Nats-*``), nor ours
-    that the copy sets again (its deliveries, and its ETA when it has one: a message that
-    was scheduled before must not keep its old one)."""
-    headers = msg.headers
+def _kept_headers(headers: Headers | None, drop: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """The headers a copy of a message keeps: none of the server's (``Nats-*``), nor those
+    named in ``drop`` (lower case: ours that the copy sets again)."""
     if headers is None:
         return []
     return [
         (name, value)
         for name, value in headers.items_
-        if not name.lower().startswith("nats-")
-        and name.lower() not in ("tasqueue-delivered", "tasqueue-eta")
+        if not name.lower().startswith("nats-") and name.lower() not in drop
     ]
 
 
-def _relayed_headers(headers: Headers | None) -> list[tuple[str, str]]:
-    """The headers a relayed copy of a waiting message keeps: all but the server's
-    (``Nats-*``), so its ``Tasqueue-Delivered`` carries on."""
-    if headers is None:
-        return []
-    return [(name, value) for name, value in headers.items_ if not name.lower().startswith("nats-")]
+def _copy_headers(msg: JsMsg) -> list[tuple[str, str]]:
+    """The headers a copy of ``msg`` put back keeps: not its deliveries nor its ETA (set
+    again: a message that was scheduled before must not keep its old one)."""
+    return _kept_headers(msg.headers, ("tasqueue-delivered", "tasqueue-eta"))
 
 
 def _relayed_copy(q: _Queue, msg: JsMsg) -> Request:
@@ -311,7 +306,8 @@ def _relayed_copy(q: _Queue, msg: JsMsg) -> Request:
     headers on the queue, with an id made of its stream sequence, so that a relay that
     died between this publish and its ack is followed by one whose copy is a duplicate
     (within the stream's duplicate window)."""
-    headers = [*_relayed_headers(msg.headers), ("Nats-Msg-Id", f"relay:{msg.metadata.stream_seq}")]
+    # all but the server's headers, so its Tasqueue-Delivered carries on
+    headers = [*_kept_headers(msg.headers), ("Nats-Msg-Id", f"relay:{msg.metadata.stream_seq}")]
     return (q.subject, msg.payload, headers)
 
 
@@ -1028,7 +1024,7 @@ class NatsBroker(NatsBackend, Broker):
         for eta, seq, message in waiting:
             # the id a relay gives its copy: one relayed before the upgrade is a duplicate
             headers = [
-                *(h for h in _relayed_headers(message.headers) if h[0].lower() != "tasqueue-eta"),
+                *_kept_headers(message.headers, ("tasqueue-eta",)),
                 ("Nats-Msg-Id", f"relay:{seq}"),
             ]
             if eta <= now + _ETA_SLACK:
