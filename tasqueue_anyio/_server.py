@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AsyncExitStack
@@ -82,6 +81,14 @@ __all__ = ["EVENTS_CHANNEL", "FINISHED_CHANNEL", "Server", "Task"]
 #: The broadcast channel for cancel requests, group/chain ends and schedule changes:
 #: every open server listens to it.
 EVENTS_CHANNEL = "events"
+
+#: Seconds a wait (:meth:`Server.wait`, ``wait_group``, ``wait_chain``) goes without an
+#: event before it re-reads the state itself: events are best effort (a broker may drop
+#: them; the NATS broker does on a slow consumer). Each re-read that finds nothing new
+#: doubles the pause, up to :data:`RECHECK_MAX`.
+RECHECK_FIRST = 2.0
+#: The longest pause between two re-reads of a wait (seconds).
+RECHECK_MAX = 30.0
 
 Handler = Callable[[bytes, JobContext], Awaitable[None] | None]
 Callback = Callable[[JobContext], Awaitable[None] | None]
@@ -627,31 +634,40 @@ class Server:
             parent_id, status.value, expect=_NOT_FINAL, error=error
         ):
             return False
-        record = await self.results.get_parent(parent_id)
-        for member_id, member_status in record.members.items():
-            if member_status in FINAL_STATUSES:
-                continue
-            if member_status in stop:
-                try:
-                    member = await self.results.request_cancel(member_id)
-                except JobNotFoundError:  # a chain link not reached
-                    await self.results.set_member_status(
-                        parent_id, member_id, Status.CANCELLED.value
-                    )
+        with self._finishing():  # it ended: stop its members and announce it, come what may
+            record = await self.results.get_parent(parent_id)
+            for member_id, member_status in record.members.items():
+                if member_status in FINAL_STATUSES:
                     continue
-                await self._cancelled(member_id, member)
-            elif record.kind == CHAIN and status is not Status.SUCCESSFUL:
-                try:
-                    await self.results.get_job(member_id)
-                except NotFoundError:  # a link never reached will not run
-                    await self.results.set_member_status(
-                        parent_id, member_id, Status.CANCELLED.value
-                    )
-        if ended is None:
-            await self.publish_parent(parent_id, status)
-        else:
-            ended.append((parent_id, status))
+                if member_status in stop:
+                    try:
+                        member = await self.results.request_cancel(member_id)
+                    except JobNotFoundError:  # a chain link not reached
+                        await self.results.set_member_status(
+                            parent_id, member_id, Status.CANCELLED.value
+                        )
+                        continue
+                    await self._cancelled(member_id, member)
+                elif record.kind == CHAIN and status is not Status.SUCCESSFUL:
+                    try:
+                        await self.results.get_job(member_id)
+                    except NotFoundError:  # a link never reached will not run
+                        await self.results.set_member_status(
+                            parent_id, member_id, Status.CANCELLED.value
+                        )
+            if ended is None:
+                await self.publish_parent(parent_id, status)
+            else:
+                ended.append((parent_id, status))
         return True
+
+    def _finishing(self) -> anyio.CancelScope:
+        """A shield for the steps that must follow a first write (a cancelled job's
+        parent told, a parent's members stopped, ends announced): a cancellation of the
+        caller waits for them, for at most ``finalize_timeout`` seconds (a backend that
+        hangs is not waited on for ever; ``wait_group``/``wait_chain`` then repair the
+        parent on their next re-read)."""
+        return anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.finalize_timeout)
 
     async def publish_parent(self, parent_id: str, status: Status) -> None:
         """Announce that a group or chain ended (wakes :meth:`wait_group`/:meth:`wait_chain`)."""
@@ -780,6 +796,11 @@ class Server:
     async def wait_group(self, group_id: str, *, timeout: float | None = None) -> GroupMessage:
         """Wait until the group is ``successful``, ``failed`` or ``cancelled``; return it.
 
+        Woken by the group's end event; without one it re-reads the group as
+        :meth:`wait` does, and then also passes on member ends the group missed (a
+        process stopped between recording a member's end and telling the group; see
+        :data:`RECHECK_FIRST`). :meth:`get_group` shows the group as stored.
+
         :raises TimeoutError: it did not end within ``timeout`` seconds
         :raises NotFoundError: no group is stored under ``group_id``
         """
@@ -787,6 +808,8 @@ class Server:
 
     async def wait_chain(self, chain_id: str, *, timeout: float | None = None) -> ChainMessage:
         """Wait until the chain is ``successful``, ``failed`` or ``cancelled``; return it.
+
+        Re-reads and repairs as :meth:`wait_group` does.
 
         :raises TimeoutError: it did not end within ``timeout`` seconds
         :raises NotFoundError: no chain is stored under ``chain_id``
@@ -806,22 +829,77 @@ class Server:
         waiters.add(event)
         try:
             with anyio.fail_after(timeout):
+                recheck = RECHECK_FIRST
                 while True:
                     state = await get(parent_id)
                     if state.status.is_final:
                         return state
-                    sleep = math.inf
+                    sleep = recheck
                     if state.deadline is not None:
-                        sleep = max(0.0, state.deadline - self.clock()) + 0.01
-                    with anyio.move_on_after(sleep):
+                        sleep = min(sleep, max(0.0, state.deadline - self.clock()) + 0.01)
+                    with anyio.move_on_after(sleep) as idle:
                         await event.wait()
                     waiters.discard(event)
                     event = anyio.Event()
                     waiters.add(event)
+                    if idle.cancelled_caught:  # no event: also pass on ends it missed
+                        recheck = min(RECHECK_MAX, recheck * 2)
+                        await self._repair_parent(parent_id)
         finally:
             waiters.discard(event)
             if not waiters:
                 self._parent_waiters.pop(parent_id, None)
+
+    async def _repair_parent(self, parent_id: str) -> None:
+        """Pass on to a group or chain that has not ended the member ends it missed: a
+        member whose own record is final while the parent still has it running or
+        queued (a process stopped between the two writes, and no redelivery of the
+        member's message will come, as after an interrupted :meth:`cancel`), and end it
+        if its members' statuses say it ended.
+
+        Cost: one read of the parent, one per member it has as not ended, and one more
+        of the parent when any was passed on. A chain's link that succeeded is left to
+        the redelivery of its message, which enqueues the next link too.
+        """
+        try:
+            record = await self.results.get_parent(parent_id)
+        except NotFoundError:
+            return
+        if record.status in FINAL_STATUSES:
+            return
+        repaired = False
+        for member_id, member_status in record.members.items():
+            if member_status in FINAL_STATUSES:
+                continue
+            try:
+                job = await self.results.get_job(member_id)
+                msg = self.decode_record(job)
+            except (NotFoundError, DecodeError):
+                continue
+            if job.status not in FINAL_STATUSES or (
+                record.kind == CHAIN and job.status == Status.SUCCESSFUL.value
+            ):
+                continue
+            if parent_id not in (msg.meta.group_id, msg.meta.chain_id):
+                continue
+            await self.member_changed(msg, msg.status, msg.meta.prev_error)
+            repaired = True
+        if repaired:
+            record = await self.results.get_parent(parent_id)
+        counts: dict[str, int] = {}
+        for member_status in record.members.values():
+            counts[member_status] = counts.get(member_status, 0) + 1
+        new = parent_status(record.kind, counts, len(record.members))
+        if record.status in FINAL_STATUSES or new is None or not new.is_final:
+            return
+        # every member end is recorded, yet the parent did not end: end it as the last
+        # member's end would have
+        member_id = next(m for m, st in record.members.items() if st == new.value)
+        try:
+            msg = self.decode_record(await self.results.get_job(member_id))
+        except (NotFoundError, DecodeError):
+            return
+        await self.member_changed(msg, new, msg.meta.prev_error)
 
     # -- cron schedules -----------------------------------------------------------------------
 
@@ -901,17 +979,22 @@ class Server:
             record = await self.results.request_cancel(validate_id(job_id))
         except JobNotFoundError:
             return await self._cancel_parent(job_id)
-        await self._cancelled(job_id, record)
+        with self._finishing():  # the cancel is written: its parent must hear of it
+            await self._cancelled(job_id, record)
         return Status(record.status)
 
     async def _cancelled(self, job_id: str, record: JobRecord) -> None:
+        """Pass on a cancel request written as ``record``: to the job's group or chain
+        (before its end is announced) if it ended ``cancelled``, else to its running
+        run."""
         if record.status == Status.CANCELLED.value:
-            await self.publish_finished(job_id, Status.CANCELLED)
             try:
                 msg = self.decode_record(record)
             except DecodeError:
-                return
-            await self.member_changed(msg, Status.CANCELLED, "cancelled")
+                msg = None
+            if msg is not None:
+                await self.member_changed(msg, Status.CANCELLED, "cancelled")
+            await self.publish_finished(job_id, Status.CANCELLED)
         elif record.status not in FINAL_STATUSES:
             for active in self.active.get(job_id, ()):
                 active.cancel()
@@ -931,8 +1014,9 @@ class Server:
     async def wait(self, job_id: str, *, timeout: float | None = None) -> JobMessage:
         """Wait until the job is ``successful``, ``failed`` or ``cancelled``; return it.
 
-        Woken by the job's end event, not by polling. Needs an open server
-        (``async with server:``).
+        Woken by the job's end event; events are best effort, so it also re-reads the
+        job after :data:`RECHECK_FIRST` seconds without one, then at doubling intervals up
+        to :data:`RECHECK_MAX`. Needs an open server (``async with server:``).
 
         :raises TimeoutError: the job did not end within ``timeout`` seconds
         :raises JobNotFoundError: no job is stored under ``job_id``
@@ -946,11 +1030,15 @@ class Server:
         waiters.add(event)
         try:
             with anyio.fail_after(timeout):
+                recheck = RECHECK_FIRST
                 while True:
                     msg = await self.get_job(job_id)
                     if msg.status.is_final:
                         return msg
-                    await event.wait()
+                    with anyio.move_on_after(recheck) as idle:
+                        await event.wait()
+                    if idle.cancelled_caught:
+                        recheck = min(RECHECK_MAX, recheck * 2)
                     waiters.discard(event)
                     event = anyio.Event()
                     waiters.add(event)

@@ -332,15 +332,27 @@ class Worker:
                 await self.server.publish_finished(msg.id, Status.CANCELLED)
                 return
             status = (await self.results.get_job(msg.id)).status
-        # A crash between recording the end and acking left the follow-ups unsent.
+        # A crash between recording the end and acking left the follow-ups unsent, and
+        # maybe the group or chain untold: pass the end on again, whatever it is (a
+        # member's status is set idempotently, and a parent ends once).
         follow_ups: Sequence[Job] = ()
         links: list[tuple[JobMessage, bytes]] = []
+        ended: list[tuple[str, Status]] = []
         if status == "successful":
             follow_ups = msg.job.on_success
-            links = await self.server.member_changed(msg, Status.SUCCESSFUL)
-        elif status == "failed":
-            follow_ups = msg.job.on_error
+            links = await self.server.member_changed(msg, Status.SUCCESSFUL, ended=ended)
+        else:
+            if status == "failed":
+                follow_ups = msg.job.on_error
+            if msg.meta.group_id is not None or msg.meta.chain_id is not None:
+                record = current if current.status == status else await self.results.get_job(msg.id)
+                error = None
+                with contextlib.suppress(DecodeError):
+                    error = self.server.decode_record(record).meta.prev_error
+                await self.server.member_changed(msg, Status(status), error, ended=ended)
         await self._ack(delivery, follow_ups, links, redelivered=True)
+        for parent_id, parent_status in ended:  # once the follow-ups exist
+            await self.server.publish_parent(parent_id, parent_status)
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo
