@@ -697,17 +697,36 @@ class Server:
         return await self.results.get_result(validate_id(job_id))
 
     async def get_pending(self, queue: str = DEFAULT_QUEUE) -> list[JobMessage]:
-        """Jobs waiting on ``queue`` (due, not taken by a worker), oldest first.
+        """Jobs whose messages wait on ``queue`` (due, not taken by a worker), oldest
+        first, each with its job's stored status: a job cancelled while queued is listed
+        ``cancelled`` until a worker takes its message and drops it.
 
-        Messages that do not decode are skipped here (a worker dead-letters them).
+        One results read per listed job. Messages that do not decode are skipped here (a
+        worker dead-letters them); a job whose state is gone keeps its message's status.
         """
-        return self._decode_many(await self.broker.get_pending(validate_queue(queue)))
+        return await self._with_stored_status(
+            self._decode_many(await self.broker.get_pending(validate_queue(queue)))
+        )
 
     async def get_scheduled(self, queue: str = DEFAULT_QUEUE) -> list[JobMessage]:
-        """Jobs on ``queue`` waiting for their ETA (retries with backoff included)."""
-        return self._decode_many(
-            [d for _, d in await self.broker.get_scheduled(validate_queue(queue))]
+        """Jobs on ``queue`` waiting for their ETA (retries with backoff included), with
+        their stored status as :meth:`get_pending` shows it."""
+        return await self._with_stored_status(
+            self._decode_many(
+                [d for _, d in await self.broker.get_scheduled(validate_queue(queue))]
+            )
         )
+
+    async def _with_stored_status(self, messages: list[JobMessage]) -> list[JobMessage]:
+        out = []
+        for msg in messages:
+            try:
+                record = await self.results.get_job(msg.id)
+            except NotFoundError:
+                out.append(msg)
+                continue
+            out.append(with_status(msg, Status(record.status)))
+        return out
 
     def _decode_many(self, items: Iterable[bytes]) -> list[JobMessage]:
         out = []

@@ -256,7 +256,12 @@ class Broker(metaclass=ABCMeta):
 
     @abstractmethod
     async def get_pending(self, queue: str) -> list[bytes]:
-        """Messages on ``queue`` that are due and not held by a worker, oldest first."""
+        """Messages on ``queue`` that are due and not held by a worker, oldest first.
+
+        A broker knows nothing of job state: the message of a job cancelled while queued
+        is listed until a worker drops it (:meth:`Server.get_pending` adds each job's
+        stored status).
+        """
 
     @abstractmethod
     async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
