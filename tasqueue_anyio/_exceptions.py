@@ -62,4 +62,5 @@ class JobTimeoutError(TasqueueError, TimeoutError):
 
 
 class JobCancelledError(TasqueueError):
-    """A job was cancelled by :meth:`Server.cancel`."""
+    """A job was cancelled by :meth:`Server.cancel`; also what
+    :meth:`JobContext.check_cancelled` raises in a run told to stop."""

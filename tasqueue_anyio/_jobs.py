@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import random
 import re
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 import attrs
 from croniter import croniter
 
-from ._exceptions import InvalidInputError
+from ._exceptions import InvalidInputError, JobCancelledError
 
 __all__ = [
     "DEFAULT_QUEUE",
@@ -301,10 +302,41 @@ class JobContext:
 
     meta: Meta
     _save: Callable[[str, bytes], Awaitable[None]] = attrs.field(alias="save_fn", repr=False)
+    _stop: threading.Event = attrs.field(factory=threading.Event, init=False, repr=False)
 
     @property
     def job_id(self) -> str:
         return self.meta.id
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether this run was told to stop: its timeout (or its group's or chain's
+        deadline) passed, a cancel was requested, or the worker is shutting down.
+
+        Set for a sync handler, whose thread Python cannot interrupt: the worker waits for
+        the thread to return before it records the run's end (and before a retry can
+        start), so a long-running sync handler should look at this now and then, from its
+        thread, and return or raise once it is set. An async handler is cancelled at its
+        next ``await`` instead.
+        """
+        return self._stop.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`JobCancelledError` if this run was told to stop (see
+        :attr:`cancelled`); callable from a sync handler's thread. The run's outcome is
+        the cause (``JobTimeoutError`` for a timeout), not this exception.
+
+        :raises JobCancelledError: the run was told to stop
+        """
+        if self._stop.is_set():
+            raise JobCancelledError(
+                f"job {self.meta.id} was told to stop (its timeout or deadline passed, "
+                f"it was cancelled, or the worker is shutting down)"
+            )
+
+    def stop(self) -> None:
+        """Tell the run to stop (sets :attr:`cancelled`; the worker calls it)."""
+        self._stop.set()
 
     async def save(self, result: bytes) -> None:
         """Store ``result`` as the job's result (:meth:`Server.get_result` reads it).

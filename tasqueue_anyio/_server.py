@@ -100,7 +100,11 @@ _log = logging.getLogger("tasqueue_anyio.server")
 
 @attrs.frozen(kw_only=True)
 class Task:
-    """A registered task: a handler, its queue and its lifecycle callbacks."""
+    """A registered task: a handler, its queue and its lifecycle callbacks.
+
+    :ivar abandon_on_cancel: a sync handler's thread is left to finish on its own when
+        its run is stopped, instead of being waited for (see :meth:`Server.register_task`)
+    """
 
     name: str
     handler: Handler
@@ -111,6 +115,7 @@ class Task:
     on_success: Callback | None = None
     on_retrying: ErrorCallback | None = None
     on_failed: ErrorCallback | None = None
+    abandon_on_cancel: bool = False
 
 
 class Server:
@@ -263,16 +268,27 @@ class Server:
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
         on_failed: ErrorCallback | None = None,
+        abandon_on_cancel: bool = False,
     ) -> None:
         """Register ``handler`` as the task ``name`` on ``queue``.
 
-        ``handler(payload, ctx)`` is an ``async def`` or a plain function (run in a worker
-        thread, which a timeout or cancel cannot interrupt mid-call); raising is failure.
+        ``handler(payload, ctx)`` is an ``async def`` or a plain function, run in a worker
+        thread; raising is failure. A thread cannot be interrupted: when its run is
+        stopped (timeout, cancel request, shutdown) the worker sets ``ctx.cancelled`` and
+        waits for the thread to return before it records the run's end, so a retry never
+        starts while it runs, and :meth:`run` returns once it has (at most
+        ``finalize_timeout`` after a shutdown began). A long sync handler should check
+        ``ctx.cancelled`` (or call ``ctx.check_cancelled()``) now and then.
         Callbacks may be sync (called inline, keep them quick) or async; one that raises
         is logged and changes nothing about the job.
 
         :param concurrency: processors for ``queue``; the first task registered on a
             queue fixes it (default: the server's ``default_concurrency``)
+        :param abandon_on_cancel: for a sync handler: stop waiting for its thread as soon
+            as its run is stopped, and record the run's end at once. The thread runs on
+            unseen (its ``ctx.save`` is refused with ``LeaseLostError`` once the end is
+            recorded), possibly while a retry or redelivery of the job runs, and possibly
+            after :meth:`run` returned
         :raises QueueConcurrencyError: ``queue`` already has another concurrency
         :raises InvalidInputError: bad name, queue or handler
         """
@@ -307,6 +323,7 @@ class Server:
             on_success=on_success,
             on_retrying=on_retrying,
             on_failed=on_failed,
+            abandon_on_cancel=abandon_on_cancel,
         )
 
     def task(
@@ -319,6 +336,7 @@ class Server:
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
         on_failed: ErrorCallback | None = None,
+        abandon_on_cancel: bool = False,
     ) -> Callable[[H], H]:
         """Decorator form of :meth:`register_task` (the name defaults to the function's)."""
 
@@ -332,6 +350,7 @@ class Server:
                 on_success=on_success,
                 on_retrying=on_retrying,
                 on_failed=on_failed,
+                abandon_on_cancel=abandon_on_cancel,
             )
             return handler
 

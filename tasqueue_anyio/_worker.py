@@ -127,6 +127,10 @@ class Worker:
         self._shield: anyio.CancelScope | None = None
         self._control: TaskGroup | None = None
         self._pending_stop: float | None = None
+        #: when waiting for sync handlers' threads ends (``finalize_timeout`` after a
+        #: shutdown began), and the scopes of those waits
+        self._hard_stop = math.inf
+        self._thread_waits: set[anyio.CancelScope] = set()
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as outer:
@@ -188,8 +192,11 @@ class Worker:
         for jobs in list(self.server.active.values()):
             for job in jobs:
                 job.cancel(_SHUTDOWN)
-        if self._shield is not None:  # bound the hand-back writes
-            self._shield.deadline = anyio.current_time() + self.server.finalize_timeout
+        if self._shield is not None:  # bound the hand-back writes, and the thread waits
+            self._hard_stop = anyio.current_time() + self.server.finalize_timeout
+            self._shield.deadline = self._hard_stop
+            for wait in self._thread_waits:
+                wait.deadline = self._hard_stop
 
     async def _processor(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
         with receive:
@@ -395,9 +402,7 @@ class Worker:
                         if task.is_async:
                             await task.handler(msg.job.payload, ctx)  # type: ignore[misc]
                         else:
-                            await anyio.to_thread.run_sync(
-                                task.handler, msg.job.payload, ctx, abandon_on_cancel=True
-                            )
+                            await self._in_thread(task, msg.job.payload, ctx)
                     except Exception as exc:
                         error = exc
                 active.scope = None
@@ -432,6 +437,61 @@ class Worker:
             await self._finish_cancelled(delivery, msg, run)
         else:
             await self._finish_error(delivery, msg, ctx, task, error, run)
+
+    async def _in_thread(self, task: Task, payload: bytes, ctx: JobContext) -> None:
+        """Run a sync handler in a worker thread, in the job's scope.
+
+        A thread cannot be interrupted: when the job's scope is cancelled (timeout,
+        cancel request, shutdown), ``ctx``'s cancel token is set and the thread is waited
+        for, shielded, before the cancellation goes on, so the run's end is recorded (and
+        a retry enqueued) only once the thread has returned. The wait ends anyway
+        ``finalize_timeout`` after a shutdown began (the thread is then abandoned); a
+        task registered with ``abandon_on_cancel`` stops waiting at once.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()  # stopped before it started
+        returned = False
+        error: Exception | None = None
+
+        async def watch() -> None:  # sets the token once the job's scope is cancelled
+            try:
+                await anyio.sleep_forever()
+            finally:
+                if not returned:
+                    ctx.stop()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, name=f"stop token of job {ctx.job_id}")
+            if task.abandon_on_cancel:
+                try:
+                    await anyio.to_thread.run_sync(
+                        task.handler, payload, ctx, abandon_on_cancel=True
+                    )
+                except Exception as exc:
+                    error = exc
+            else:
+                with anyio.CancelScope(shield=True, deadline=self._hard_stop) as wait:
+                    self._thread_waits.add(wait)
+                    try:
+                        await anyio.to_thread.run_sync(
+                            task.handler, payload, ctx, abandon_on_cancel=True
+                        )
+                    except Exception as exc:
+                        error = exc
+                    finally:
+                        self._thread_waits.discard(wait)
+                if wait.cancelled_caught:
+                    self.log.warning(
+                        "job %s: its sync handler's thread did not return within the "
+                        "shutdown's finalize_timeout; it is abandoned, running on",
+                        ctx.job_id,
+                        extra={"job_id": ctx.job_id, "task": task.name},
+                    )
+            returned = True
+            tg.cancel_scope.cancel()
+        # a run whose scope was cancelled ends by its cause, however the thread returned
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if error is not None:
+            raise error
 
     @staticmethod
     def _end_span(span: Any, error: BaseException | None) -> None:

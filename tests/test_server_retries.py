@@ -284,21 +284,24 @@ async def test_timeout_is_retried(broker: Broker, results: Results, queue_name: 
 async def test_timeout_of_a_sync_handler_fails_the_job(
     broker: Broker, results: Results, queue_name: str
 ) -> None:
-    """A thread cannot be interrupted: the job still ends at its timeout (the thread is
-    abandoned and finishes on its own)."""
+    """A thread cannot be interrupted: with ``abandon_on_cancel=True`` the job still ends
+    at its timeout (the thread is abandoned and finishes on its own, told to stop)."""
     release = threading.Event()
     started = anyio.Event()
+    told: list[bool] = []
 
     def handler(payload: bytes, ctx: JobContext) -> None:
         anyio.from_thread.run_sync(started.set)
         release.wait(TIMEOUT)
+        told.append(ctx.cancelled)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, abandon_on_cancel=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2))
         try:
             async with running(server):
                 done = await server.wait(job_id, timeout=TIMEOUT)
+                assert told == []  # the job ended while its thread still runs
         finally:
             release.set()
     assert started.is_set()
