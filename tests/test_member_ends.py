@@ -10,6 +10,8 @@ missed. Against every broker/results backend, on asyncio and Trio.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import anyio.lowlevel
 import attrs
@@ -18,7 +20,7 @@ from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import Chain, Group, Job, JobMessage, Server, Status
 from tasqueue_anyio import _server as server_module
-from tasqueue_anyio.abc import Broker, Results
+from tasqueue_anyio.abc import Broker, ParentRecord, Results
 
 pytestmark = pytest.mark.anyio
 
@@ -205,3 +207,39 @@ async def test_wait_chain_repairs_a_failed_link_its_chain_missed(
         jobs[1].id: Status.CANCELLED,
         jobs[2].id: Status.CANCELLED,
     }
+
+
+async def test_cancel_of_a_group_interrupted_after_its_write_still_stops_its_members(
+    broker: Broker, results: Results, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller of ``Server.cancel(group_id)`` times out right after the group was
+    recorded ``cancelled``: its members are still cancelled and its end announced."""
+    no_recheck(monkeypatch)
+    async with Server(broker=broker, results=results) as server:
+        jobs = [Job("t", queue=queue_name) for _ in range(2)]
+        group_id = await server.enqueue_group(Group(jobs))
+
+        set_parent_status = results.set_parent_status
+        get_parent = results.get_parent
+        with anyio.CancelScope() as caller:
+
+            async def set_then_time_out(*args: Any, **kwargs: Any) -> bool:
+                written = await set_parent_status(*args, **kwargs)
+                caller.cancel()  # the caller's timeout fires right after the write
+                return written
+
+            async def slow_get_parent(parent: str) -> ParentRecord:
+                await anyio.lowlevel.checkpoint()  # as any round trip would
+                return await get_parent(parent)
+
+            monkeypatch.setattr(results, "set_parent_status", set_then_time_out)
+            monkeypatch.setattr(results, "get_parent", slow_get_parent)
+            await server.cancel(group_id)
+        monkeypatch.undo()
+        no_recheck(monkeypatch)
+
+        state = await server.get_group(group_id)
+        assert state.status is Status.CANCELLED
+        assert state.jobs == {job.id: Status.CANCELLED for job in jobs}
+        for job in jobs:
+            assert (await server.get_job(job.id)).status is Status.CANCELLED
