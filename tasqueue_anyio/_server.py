@@ -685,8 +685,12 @@ class Server:
         parent told, a parent's members stopped, ends announced): a cancellation of the
         caller waits for them, for at most ``finalize_timeout`` seconds (a backend that
         hangs is not waited on for ever; ``wait_group``/``wait_chain`` then repair the
-        parent on their next re-read)."""
-        return anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.finalize_timeout)
+        parent on their next re-read), and never past the end of a shutdown of
+        :meth:`run` (which the shield would otherwise hold up)."""
+        deadline = anyio.current_time() + self.finalize_timeout
+        if self._worker is not None:
+            deadline = min(deadline, self._worker.hard_stop)
+        return anyio.CancelScope(shield=True, deadline=deadline)
 
     async def publish_parent(self, parent_id: str, status: Status) -> None:
         """Announce that a group or chain ended (wakes :meth:`wait_group`/:meth:`wait_chain`)."""

@@ -127,9 +127,9 @@ class Worker:
         self._shield: anyio.CancelScope | None = None
         self._control: TaskGroup | None = None
         self._pending_stop: float | None = None
-        #: when waiting for sync handlers' threads ends (``finalize_timeout`` after a
-        #: shutdown began), and the scopes of those waits
-        self._hard_stop = math.inf
+        #: when the shutdown's writes and waits for sync handlers' threads are cut short
+        #: (``finalize_timeout`` after it began; never before a shutdown)
+        self.hard_stop = math.inf
         self._thread_waits: set[anyio.CancelScope] = set()
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
@@ -193,10 +193,10 @@ class Worker:
             for job in jobs:
                 job.cancel(_SHUTDOWN)
         if self._shield is not None:  # bound the hand-back writes, and the thread waits
-            self._hard_stop = anyio.current_time() + self.server.finalize_timeout
-            self._shield.deadline = self._hard_stop
+            self.hard_stop = anyio.current_time() + self.server.finalize_timeout
+            self._shield.deadline = self.hard_stop
             for wait in self._thread_waits:
-                wait.deadline = self._hard_stop
+                wait.deadline = self.hard_stop
 
     async def _processor(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
         with receive:
@@ -469,7 +469,7 @@ class Worker:
                 except Exception as exc:
                     error = exc
             else:
-                with anyio.CancelScope(shield=True, deadline=self._hard_stop) as wait:
+                with anyio.CancelScope(shield=True, deadline=self.hard_stop) as wait:
                     self._thread_waits.add(wait)
                     try:
                         await anyio.to_thread.run_sync(
