@@ -298,6 +298,25 @@ async def test_slow_consumer_drops_newest_and_says_so(nc: Client) -> None:
     assert any(isinstance(error, SlowConsumerError) for error in errors)
 
 
+async def test_slow_consumer_by_bytes_drops_newest_and_says_so(nats_server: NatsServer) -> None:
+    subject = unique("slowbytes.")
+    async with Client(nats_server.url, max_pending_bytes=2500) as client:
+        sub = await client.subscribe(subject)  # the client's default bound
+        big = await client.subscribe(subject, max_pending_bytes=1 << 20)
+        for index in range(5):
+            await client.publish(subject, str(index).encode() * 1000)
+        await client.flush()
+        with pytest.raises(SlowConsumerError, match="3 message") as info:
+            await sub.next_msg(TIMEOUT)
+        assert info.value.dropped == 3
+        assert [(await sub.next_msg(TIMEOUT)).payload[:1] for _ in range(2)] == [b"0", b"1"]
+        # drained, the buffer takes messages again; one over the bound gets into an empty one
+        await client.publish(subject, b"x" * 4000)
+        assert len((await sub.next_msg(TIMEOUT)).payload) == 4000
+        assert big.dropped == 0
+        assert [len((await big.next_msg(TIMEOUT)).payload) for _ in range(6)] == [1000] * 5 + [4000]
+
+
 async def test_closed_client_raises(nats_server: NatsServer) -> None:
     async with Client(nats_server.url) as client:
         sub = await client.subscribe("closing")
@@ -778,6 +797,47 @@ async def test_fake_server_keepalive_answered_then_stale() -> None:
             await stale.wait()
         with anyio.fail_after(TIMEOUT), pytest.raises(ConnectionClosedError):
             await client.wait_connected()
+
+
+async def test_fake_server_announcing_a_huge_max_payload_is_refused() -> None:
+    def info(max_payload: int) -> bytes:
+        return (
+            b'INFO {"server_id":"FAKE","version":"2.12.0","headers":true,"max_payload":%d}\r\n'
+            % max_payload
+        )
+
+    async def huge(stream: anyio.abc.SocketStream) -> None:
+        buffer = bytearray()
+        await stream.send(info(1 << 40))
+        await read_until(stream, b"PING\r\n", buffer)
+        await stream.send(b"PONG\r\n")
+        await anyio.sleep_forever()
+
+    async with fake_server(huge) as url:
+        with anyio.fail_after(TIMEOUT), pytest.raises(ConnectError, match="max_payload") as exc:
+            async with Client(url, reconnect=False):
+                pass
+        assert str(1 << 40) in str(exc.value)
+        assert "max_payload_limit" in str(exc.value)
+
+    async def two_mib(stream: anyio.abc.SocketStream) -> None:
+        buffer = bytearray()
+        await stream.send(info(2 << 20))
+        await read_until(stream, b"PING\r\n", buffer)
+        await stream.send(b"PONG\r\n")
+        await read_until(stream, b"SUB ", buffer)
+        await stream.send(info(1 << 30))  # raised later: the connection is dropped
+        await anyio.sleep_forever()
+
+    async with fake_server(two_mib) as url:
+        with anyio.fail_after(TIMEOUT), pytest.raises(ConnectError, match="max_payload_limit"):
+            async with Client(url, reconnect=False, max_payload_limit=1 << 20):
+                pass
+        async with Client(url, reconnect=False, max_payload_limit=4 << 20) as client:
+            assert client.max_payload == 2 << 20
+            sub = await client.subscribe("x")
+            with anyio.fail_after(TIMEOUT), pytest.raises(ProtocolError, match="max_payload"):
+                await sub.next_msg()
 
 
 async def test_gives_up_reconnecting() -> None:
