@@ -14,11 +14,15 @@ class InvalidInputError(TasqueueError, ValueError):
 class PayloadTooLargeError(InvalidInputError):
     """A job payload or encoded message is over the configured size limit."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
+    def __init__(self, what: str, size: int, limit: int, *, cause: str | None = None) -> None:
         super().__init__(
             f"{what} is {size} bytes, over the limit of {limit} bytes; "
-            f"store large data elsewhere and pass a reference, or raise the limit "
-            f"(Server(max_payload_size=...))"
+            + (
+                cause
+                if cause is not None
+                else "store large data elsewhere and pass a reference, or raise the limit "
+                "(Server(max_payload_size=...))"
+            )
         )
         self.size = size
         self.limit = limit

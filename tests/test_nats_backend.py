@@ -30,6 +30,7 @@ from tasqueue_anyio import (
     JobNotFoundError,
     LeaseLostError,
     NotFoundError,
+    PayloadTooLargeError,
     Server,
     Status,
 )
@@ -414,6 +415,58 @@ async def test_finished_job_enqueued_again_with_its_id_runs_again(nats_server: N
                 done = await server.wait(job_id, timeout=TIMEOUT)
                 assert done.status is Status.SUCCESSFUL
     assert counter.payloads == [b"x", b"x"]
+
+
+async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refused(
+    nats_server: NatsServer,
+) -> None:
+    """The nats-server's max_payload (1 MiB) covers a whole message: a payload of the
+    documented max_payload_size (1 MiB) cannot fit. It is refused before any I/O, naming
+    the payload's size and the largest that fits; a payload of exactly that size runs, a
+    retry (its message carries a long error) included."""
+    queue, tries = "limit", []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        tries.append(len(payload))
+        if len(tries) == 1:
+            raise RuntimeError("é" * 10_000)
+
+    def job(size: int) -> Job:  # the same envelope for every size
+        return Job("big", b"x" * size, id="big-job", queue=queue, max_retries=1)
+
+    async with (
+        broker_on(nats_server) as broker,
+        results_on(nats_server) as results,
+        Server(broker=broker, results=results) as server,
+    ):
+        server.register_task("big", handler, queue=queue)
+        max_payload = broker.client.max_payload
+        with pytest.raises(PayloadTooLargeError, match="max_payload") as refused:
+            await server.enqueue(job(server.max_payload_size))
+        limit = refused.value.limit
+        assert refused.value.size == server.max_payload_size
+        assert max_payload - 8 * 1024 < limit < max_payload
+        for number in (server.max_payload_size, limit, max_payload):
+            assert f"{number} bytes" in str(refused.value)
+
+        # one byte over, beside a small job: nothing of the batch is stored
+        small = Job("big", b"s", queue=queue)
+        with pytest.raises(PayloadTooLargeError) as refused:
+            await server.enqueue_many([small, job(limit + 1)])
+        assert (refused.value.size, refused.value.limit) == (limit + 1, limit)
+        assert f"{limit + 1} bytes, over the limit of {limit} bytes" in str(refused.value)
+        for job_id in (small.id, "big-job"):
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(job_id)
+        assert await broker.get_pending(queue) == []
+
+        job_id = await server.enqueue(job(limit))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.SUCCESSFUL
+        assert tries == [limit, limit]
+        assert done.meta.prev_error is not None
+        assert done.meta.prev_error.startswith("RuntimeError: éé")
 
 
 async def test_events_on_odd_channel_names(nats_server: NatsServer) -> None:
