@@ -12,7 +12,9 @@ class InvalidInputError(TasqueueError, ValueError):
 
 
 class PayloadTooLargeError(InvalidInputError):
-    """A job payload or encoded message is over the configured size limit."""
+    """A job payload, result or encoded message is over a size limit: the server's
+    (``max_payload_size``, ``max_message_size``) or a backend's (NATS: the server's
+    ``max_payload``)."""
 
     def __init__(self, what: str, size: int, limit: int, *, cause: str | None = None) -> None:
         super().__init__(

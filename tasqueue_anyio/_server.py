@@ -575,9 +575,11 @@ class Server:
         with self.tracing.producer_span("tasqueue.enqueue_chain", {"tasqueue.chain.id": chain.id}):
             now = self.clock()
             deadline = None if chain.timeout is None else now + chain.timeout
-            for job in chain.jobs:  # refuse oversize links now, not when they are reached
-                self._check_payloads(job)
-            first = self.new_message(chain.jobs[0], now=now, chain_id=chain.id, deadline=deadline)
+            # every link is built (and refused if oversize) now, not when it is reached
+            first, *_ = [
+                self.new_message(job, now=now, chain_id=chain.id, deadline=deadline)
+                for job in chain.jobs
+            ]
             await self._create_parent(CHAIN, chain.id, chain.jobs, now, deadline, [first])
         return chain.id
 

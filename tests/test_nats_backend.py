@@ -24,6 +24,7 @@ from nats_support import broker_on, eventually, name, results_on, take_all
 from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import (
+    Chain,
     InvalidInputError,
     Job,
     JobContext,
@@ -459,6 +460,11 @@ async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refu
             with pytest.raises(JobNotFoundError):
                 await server.get_job(job_id)
         assert await broker.get_pending(queue) == []
+        chain = Chain([Job("big", b"s", queue=queue), job(limit + 1)])  # checked link by link
+        with pytest.raises(PayloadTooLargeError, match="max_payload"):
+            await server.enqueue_chain(chain)
+        with pytest.raises(NotFoundError):
+            await server.get_chain(chain.id)
 
         job_id = await server.enqueue(job(limit))
         async with running(server):
