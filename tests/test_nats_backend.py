@@ -475,6 +475,35 @@ async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refu
         assert done.meta.prev_error.startswith("RuntimeError: éé")
 
 
+async def test_a_result_over_what_the_store_holds_is_refused_clearly(
+    nats_server: NatsServer,
+) -> None:
+    queue = "bigresult"
+    async with (
+        broker_on(nats_server) as broker,
+        results_on(nats_server) as results,
+        Server(broker=broker, results=results) as server,
+    ):
+        limit = results.max_message_size
+        assert limit is not None
+        assert limit < server.max_payload_size  # within the documented limit, over the server's
+
+        async def handler(payload: bytes, ctx: JobContext) -> None:
+            await ctx.save(b"r" * server.max_payload_size)
+
+        server.register_task("save", handler, queue=queue)
+        job_id = await server.enqueue(Job("save", queue=queue))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.FAILED
+        assert done.meta.prev_error is not None
+        assert done.meta.prev_error.startswith("PayloadTooLargeError")
+        assert f"{server.max_payload_size} bytes, over the limit of {limit} bytes" in (
+            done.meta.prev_error
+        )
+        assert "max_payload" in done.meta.prev_error
+
+
 async def test_events_on_odd_channel_names(nats_server: NatsServer) -> None:
     async with broker_on(nats_server) as broker:
         got: list[bytes] = []
