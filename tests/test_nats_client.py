@@ -272,6 +272,19 @@ async def test_max_payload_refused_before_sending(nc: Client) -> None:
         assert len((await sub.next_msg(TIMEOUT)).payload) == limit
 
 
+async def test_request_batch_with_one_over_max_payload_sends_nothing(nc: Client) -> None:
+    subject = unique("batch.")
+    async with await nc.subscribe(subject) as sub:
+        with pytest.raises(MaxPayloadError):
+            await nc.request_batch(
+                [(subject, b"first", None), (subject, b"x" * (nc.max_payload + 1), None)]
+            )
+        await nc.publish(subject, b"marker")
+        await nc.flush()
+        assert (await sub.next_msg(TIMEOUT)).payload == b"marker"
+        assert not nc._replies
+
+
 async def test_invalid_subjects_refused(nc: Client) -> None:
     with pytest.raises(InvalidInputError):
         await nc.publish("a b", b"")

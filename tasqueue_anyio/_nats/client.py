@@ -1395,6 +1395,9 @@ class Client:
         :return: per request, in order, its first reply, or the error that stands for it:
             :class:`NoRespondersError` (``503``), :class:`RequestTimeoutError` (no reply
             within ``timeout`` seconds), :class:`ConnectionLostError`
+        :raises MaxPayloadError: a request is over the server's ``max_payload`` (nothing of
+            the batch was sent)
+        :raises InvalidSubjectError: a subject or header is invalid (nothing was sent)
         """
         self._check_open()
         if not requests:
@@ -1403,16 +1406,19 @@ class Client:
         batch = _Batch(len(requests))
         timed = timeout >= _EXPIRY_MIN_TIMEOUT and self._tg is not None
         deadline = anyio.current_time() + timeout if timed else float("inf")
-        tokens: list[str] = []
+        # every request is encoded (and refused: a bad subject, over max_payload) before
+        # any is queued, so a refused batch sends nothing
+        tokens = [self._new_token() for _ in requests]
+        encoded = [
+            self._encode_pub(subject, bytes(payload), f"{self._inbox_prefix}.{token}", headers)
+            for token, (subject, payload, headers) in zip(tokens, requests, strict=True)
+        ]
+        queued: list[str] = []
         try:
             with anyio.move_on_after(float("inf") if timed else timeout):
-                for index, (subject, payload, headers) in enumerate(requests):
-                    token = self._new_token()
-                    data = self._encode_pub(
-                        subject, bytes(payload), f"{self._inbox_prefix}.{token}", headers
-                    )
+                for index, (token, data) in enumerate(zip(tokens, encoded, strict=True)):
                     self._replies[token] = _BatchSlot(batch, index, deadline)
-                    tokens.append(token)
+                    queued.append(token)
                     await self._queue(data)
                 if timed:
                     await self._wait_timed(batch.event)
@@ -1420,7 +1426,7 @@ class Client:
                     await batch.event.wait()
         finally:
             replies = self._replies
-            for token in tokens:
+            for token in queued:
                 replies.pop(token, None)
         out: list[Msg | NatsError] = []
         for index, reply in enumerate(batch.replies):
