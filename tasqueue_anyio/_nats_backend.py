@@ -357,7 +357,12 @@ class NatsBackend(CountedLifetime):
         self, stream: str, subject: str, seq: int, batch: int
     ) -> tuple[list[StoredMsg], bool]:
         client = self.client
-        body = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
+        # bounded in bytes too: the server stops after max_bytes (the inbox holds that and
+        # the one message it may send past it), and the call goes on from there
+        budget = client.reply_budget()
+        body = json.dumps(
+            {"seq": seq, "next_by_subj": subject, "batch": batch, "max_bytes": budget}
+        ).encode()
         out: list[StoredMsg] = []
         pending = 0
         async with client.reply_inbox(batch + 8) as inbox:

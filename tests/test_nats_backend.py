@@ -475,6 +475,25 @@ async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refu
         assert done.meta.prev_error.startswith("RuntimeError: éé")
 
 
+async def test_inspection_of_large_messages_reads_in_byte_bounded_batches(
+    nats_server: NatsServer,
+) -> None:
+    queue, count, size = "large", 30, 100_000  # 3 MB: over one batch's byte budget
+    async with (
+        Client(nats_server.url, max_pending_bytes=100_000) as client,
+        NatsBroker(client=client, prefix=name()) as broker,
+    ):
+        try:
+            await broker.enqueue_many(
+                [envelope(queue, bytes([index]) * size) for index in range(count)]
+            )
+            pending = await broker.get_pending(queue)
+            assert [data[0] for data in pending] == list(range(count))
+            assert all(len(data) == size for data in pending)
+        finally:
+            await broker.js.delete_stream(broker.stream)
+
+
 async def test_a_result_over_what_the_store_holds_is_refused_clearly(
     nats_server: NatsServer,
 ) -> None:

@@ -963,6 +963,30 @@ async def test_fetch_batch_expires_and_no_messages(js: JetStream) -> None:
     assert anyio.current_time() - start < 1
 
 
+async def test_fetch_asks_for_no_more_bytes_than_its_buffer_holds(
+    nats_server: NatsServer,
+) -> None:
+    """A batch of large messages is cut by bytes on the server (``max_bytes``), not
+    dropped as a slow consumer by the client: the rest comes with the next fetch."""
+    async with Client(nats_server.url, max_pending_bytes=100_000) as client:
+        js = JetStream(client)
+        budget = client.reply_budget()
+        assert budget == 2 * client.max_payload  # at least one message always fits
+        stream, consumer = await work_queue(js)
+        try:
+            count, size = 30, 100_000  # 3 MB: over the budget
+            for index in range(count):
+                await js.publish(f"{stream}.q.{index}", bytes([index]) * size)
+            first = await js.fetch(stream, consumer, count, no_wait=True)
+            assert 0 < len(first) < count
+            assert (len(first) - 1) * size <= budget
+            rest = await js.fetch(stream, consumer, count, no_wait=True)
+            assert [msg.payload[0] for msg in first + rest] == list(range(count))
+            assert all(len(msg.payload) == size for msg in first + rest)
+        finally:
+            await js.delete_stream(stream)
+
+
 async def test_ack_removes_from_work_queue(js: JetStream) -> None:
     stream, consumer = await work_queue(js)
     await js.publish(f"{stream}.q.x", b"1")

@@ -1457,15 +1457,25 @@ class Client:
                     if waiter.deadline <= now:
                         waiter.expire()
 
-    def reply_inbox(self, max_buffer: int) -> ReplyInbox:
+    def reply_budget(self) -> int:
+        """The most bytes a request answered by many messages (a pull fetch, a batched
+        direct get) should ask the server for (its ``max_bytes``): ``max_pending_bytes``,
+        and at least twice the server's ``max_payload``, so that any one message fits."""
+        return max(self.max_pending_bytes, 2 * self.max_payload)
+
+    def reply_inbox(self, max_buffer: int, max_bytes: int | None = None) -> ReplyInbox:
         """A fresh inbox with its own subscription, for ``async with``.
 
-        :param max_buffer: messages buffered unread; more (or more than the client's
-            ``max_pending_bytes``) are dropped and counted (:attr:`Subscription.dropped`),
-            and the next receive raises :class:`SlowConsumerError`
+        :param max_buffer: messages buffered unread; more are dropped and counted
+            (:attr:`Subscription.dropped`), and the next receive raises
+            :class:`SlowConsumerError`
+        :param max_bytes: bytes buffered unread, the same way (default: :meth:`reply_budget`
+            and one message more, which a server may send past a request's ``max_bytes``)
         """
         self._check_open()
-        return ReplyInbox(self, next(self._sids), self.new_inbox(), None, max_buffer)
+        if max_bytes is None:
+            max_bytes = self.reply_budget() + 2 * self.max_payload
+        return ReplyInbox(self, next(self._sids), self.new_inbox(), None, max_buffer, max_bytes)
 
     async def _subscribe_inbox(self, inbox: ReplyInbox) -> None:
         self._check_open()
