@@ -31,9 +31,9 @@ client), :attr:`Subscription.dropped` counts it, and the subscriber's next recei
 :class:`SlowConsumerError` once, before it goes on with the buffered messages. Nothing is
 silently lost from the subscriber's point of view, and one slow subscriber never blocks the
 reader (which would stall every other subscription and the keepalive). JetStream pull fetches
-do not overflow by count (their buffer is sized to the batch they asked for); a batch of
-large messages over ``max_pending_bytes`` does, and its dropped messages come back after their
-ack wait.
+and batched direct gets never overflow: their buffer is sized to the batch they asked for, and
+they ask the server for at most :meth:`Client.reply_budget` bytes (``max_bytes``), which it
+holds.
 
 **Limits from the server.** The server's ``INFO`` announces its ``max_payload``, the largest
 message it accepts and so the largest it may deliver; the client's parser accepts messages of
