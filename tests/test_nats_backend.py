@@ -16,6 +16,7 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
+import attrs
 import msgpack
 import pytest
 from broker_support import consuming, envelope, receive
@@ -473,6 +474,46 @@ async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refu
         assert tries == [limit, limit]
         assert done.meta.prev_error is not None
         assert done.meta.prev_error.startswith("RuntimeError: éé")
+
+
+async def test_a_message_of_max_message_size_with_the_longest_names_is_stored(
+    nats_server: NatsServer,
+) -> None:
+    """MESSAGE_RESERVE covers the worst case: the longest prefix, bucket, queue name and
+    job id (every character escaped in KV subjects), ETA and schedule headers, a put-back
+    copy, a dead letter with a long reason, TTLs and the fencing headers of a result."""
+    queue, job_id = "q" * 128, "." * 255
+    async with (
+        broker_on(nats_server, prefix="p" * 56 + name()[:8]) as broker,
+        results_on(nats_server, "b" * 56 + name()[:8], job_ttl=3600, result_ttl=3600) as results,
+    ):
+        size = broker.max_message_size
+        assert size is not None
+        assert size == results.max_message_size
+        data = b"x" * size
+        await broker.enqueue(Envelope(queue=queue, data=data, id=f"{job_id}/0", eta=time.time()))
+        await broker.enqueue(
+            Envelope(queue=queue, data=data, id=f"{job_id}/1", eta=time.time() + 0.2)
+        )
+        async with consuming(broker, queue) as stream:
+            first = await receive(stream)
+            await first.nack(delay=0.1)  # a scheduled copy with its delivery count
+            later = [await receive(stream) for _ in range(2)]
+            assert [len(d.data) for d in later] == [size, size]
+            await later[0].dead_letter("é" * 5000)
+            await later[1].ack()
+        (dead,) = await broker.get_dead_letters(queue)
+        assert len(dead.data) == size
+
+        record = JobRecord(status="processing", data=data, run="999999.999999")
+        await results.set_jobs({job_id: JobRecord(status="queued", data=data)})
+        assert await results.start_job(job_id, record) is None
+        assert await results.set_result(job_id, data, run=record.run)
+        assert await results.update_job(
+            job_id, attrs.evolve(record, status="successful"), expect={"processing"}
+        )
+        assert (await results.get_job(job_id)).status == "successful"
+        assert await results.get_result(job_id) == data
 
 
 async def test_inspection_of_large_messages_reads_in_byte_bounded_batches(
