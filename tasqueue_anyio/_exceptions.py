@@ -12,13 +12,19 @@ class InvalidInputError(TasqueueError, ValueError):
 
 
 class PayloadTooLargeError(InvalidInputError):
-    """A job payload or encoded message is over the configured size limit."""
+    """A job payload, result or encoded message is over a size limit: the server's
+    (``max_payload_size``, ``max_message_size``) or a backend's (NATS: the server's
+    ``max_payload``)."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
+    def __init__(self, what: str, size: int, limit: int, *, cause: str | None = None) -> None:
         super().__init__(
             f"{what} is {size} bytes, over the limit of {limit} bytes; "
-            f"store large data elsewhere and pass a reference, or raise the limit "
-            f"(Server(max_payload_size=...))"
+            + (
+                cause
+                if cause is not None
+                else "store large data elsewhere and pass a reference, or raise the limit "
+                "(Server(max_payload_size=...))"
+            )
         )
         self.size = size
         self.limit = limit

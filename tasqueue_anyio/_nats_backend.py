@@ -37,6 +37,7 @@ from ._nats.protocol import Msg, NatsError
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_URL",
+    "MESSAGE_RESERVE",
     "NatsBackend",
     "decode_token",
     "encode_token",
@@ -50,6 +51,12 @@ logger = logging.getLogger("tasqueue_anyio.nats")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 #: The prefix of subjects (broker) and the bucket name (results) used when none is given.
 DEFAULT_PREFIX = "tasqueue"
+#: Bytes of a NATS message the backends keep for their own headers and wrapping: the
+#: server's ``max_payload`` covers a message's headers too, and the ids in them (a job id
+#: of up to 255 characters, escaped up to three times that in a KV subject), the ETA and
+#: schedule headers, the fields of a job's record and a dead letter's reason (cut to fit)
+#: take up to about 1 KiB. What is left is a backend's ``max_message_size``.
+MESSAGE_RESERVE = 2048
 
 # Letters, digits, ``_`` and ``-``: a valid subject token, stream name, consumer name and
 # KV bucket name alike (no ``.``, wildcard, space or path separator).
@@ -233,6 +240,28 @@ class NatsBackend(CountedLifetime):
     def _closing(self) -> None:
         """Subclass hook: the last exit, before the task group and client close."""
 
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest job message (or result) the backend stores: the connected server's
+        ``max_payload`` less :data:`MESSAGE_RESERVE` (``None`` before it first connects)."""
+        client = self._client
+        if client is None or client._info is None:
+            return None
+        return max(0, client.max_payload - MESSAGE_RESERVE)
+
+    @property
+    def message_limit_cause(self) -> str:
+        """The nats-server's ``max_payload`` and how to raise it."""
+        client = self._client
+        max_payload = client.max_payload if client is not None and client._info else "?"
+        return (
+            f"the nats-server's max_payload is {max_payload} bytes (a message's headers "
+            f"included), of which the {self._what} keeps {MESSAGE_RESERVE} for its headers; "
+            f"raise max_payload in the nats-server configuration (e.g. `max_payload: 8MB`; "
+            f"the server allows up to 64MB), or store large data elsewhere and pass a "
+            f"reference"
+        )
+
     def server_at_least(self, version: tuple[int, int, int]) -> bool:
         """Whether the connected server is ``version`` or newer."""
         return self.client.server_version >= version
@@ -328,7 +357,12 @@ class NatsBackend(CountedLifetime):
         self, stream: str, subject: str, seq: int, batch: int
     ) -> tuple[list[StoredMsg], bool]:
         client = self.client
-        body = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
+        # bounded in bytes too: the server stops after max_bytes (the inbox holds that and
+        # the one message it may send past it), and the call goes on from there
+        budget = client.reply_budget()
+        body = json.dumps(
+            {"seq": seq, "next_by_subj": subject, "batch": batch, "max_bytes": budget}
+        ).encode()
         out: list[StoredMsg] = []
         pending = 0
         async with client.reply_inbox(batch + 8) as inbox:

@@ -64,7 +64,7 @@ from ._jobs import (
 )
 from ._schedule import Schedule, Scheduler, decode_template, encode_template, next_fire, run_id
 from ._tracing import Metrics, Tracing
-from ._worker import ActiveJob, Worker
+from ._worker import MAX_ERROR_LENGTH, ActiveJob, Worker
 from .abc import (
     FINAL_STATUSES,
     Broker,
@@ -96,6 +96,13 @@ ErrorCallback = Callable[[JobContext, BaseException], Awaitable[None] | None]
 H = TypeVar("H", bound=Handler)
 
 _log = logging.getLogger("tasqueue_anyio.server")
+
+#: Bytes a job's encoded message may grow by over its runs (a retry's error text, at most
+#: MAX_ERROR_LENGTH bytes; its status, start time, attempt and retry counts, ETA): kept free
+#: when a message is checked against a backend's ``max_message_size`` at enqueue.
+RUN_ROOM = MAX_ERROR_LENGTH + 256
+#: Seconds a failed enqueue may take to delete the records it wrote.
+_FORGET_TIMEOUT = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -428,7 +435,9 @@ class Server:
             trace=self.tracing.carrier() if trace is None else trace,
         )
         msg = JobMessage(meta=meta, job=job)
-        return msg, self.encode(msg)
+        data = self.encode(msg)
+        self._check_fits(msg, data)
+        return msg, data
 
     def encode(self, msg: JobMessage) -> bytes:
         """Encode ``msg``, refusing it when over ``max_message_size``."""
@@ -438,6 +447,28 @@ class Server:
                 f"job {msg.id}'s encoded message", len(data), self.max_message_size
             )
         return data
+
+    def _check_fits(self, msg: JobMessage, data: bytes) -> None:
+        """Refuse a message that the broker or results store could not hold through the
+        job's runs (:attr:`~tasqueue_anyio.abc.Broker.max_message_size`, less
+        :data:`RUN_ROOM`), naming its payload's size and the largest that fits."""
+        for backend in (self.broker, self.results):
+            limit = backend.max_message_size
+            if limit is None or len(data) + RUN_ROOM <= limit:
+                continue
+            payload = len(msg.job.payload)
+            room = max(0, limit - RUN_ROOM - (len(data) - payload))
+            raise PayloadTooLargeError(
+                f"job {msg.id}'s payload",
+                payload,
+                room,
+                cause=(
+                    f"with its envelope the job's message is {len(data)} bytes, and "
+                    f"{backend!r} stores messages of at most {limit} bytes, of which "
+                    f"{RUN_ROOM} are kept for what the job's runs add: "
+                    f"{backend.message_limit_cause}"
+                ),
+            )
 
     def _check_payloads(self, job: Job) -> None:
         size = len(job.payload)
@@ -493,11 +524,54 @@ class Server:
         return ids
 
     async def put_messages(self, prepared: Sequence[tuple[JobMessage, bytes]]) -> None:
-        """Record the state of prepared messages, then put them on their queues."""
-        await self.results.set_jobs(
-            {msg.id: JobRecord(status=msg.meta.status.value, data=data) for msg, data in prepared}
-        )
-        await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
+        """Record the state of prepared messages, then put them on their queues.
+
+        The records come first, so a worker never finds a message whose job has no state
+        yet. When either step fails (or is cancelled), the batch's records are deleted
+        again (shielded, within :data:`_FORGET_TIMEOUT` seconds) before the error goes
+        on: no job is left ``queued`` with no message to run it. A message that did reach
+        its queue still runs (a job with no state may start).
+        """
+        records = {
+            msg.id: JobRecord(status=msg.meta.status.value, data=data) for msg, data in prepared
+        }
+        try:
+            await self.results.set_jobs(records)
+            await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
+        except BaseException:
+            await self._forget(records)
+            raise
+
+    async def _forget(self, job_ids: Collection[str]) -> None:
+        """Delete the state of jobs whose enqueue failed (shielded, bounded; a failure to
+        delete is logged)."""
+        limiter = anyio.CapacityLimiter(32)
+        left = set(job_ids)
+
+        async def forget(job_id: str) -> None:
+            async with limiter:
+                try:
+                    await self.results.delete_job(job_id)
+                except Exception as exc:
+                    self.log.warning(
+                        "could not delete job %s after a failed enqueue: %s",
+                        job_id,
+                        exc,
+                        extra={"job_id": job_id},
+                    )
+                    return
+                left.discard(job_id)
+
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FORGET_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for job_id in job_ids:
+                    tg.start_soon(forget, job_id)
+        if left:
+            self.log.warning(
+                "an enqueue failed and %d of its jobs may stay queued with no message: %s",
+                len(left),
+                ", ".join(sorted(left)[:20]),
+            )
 
     async def enqueue_group(self, group: Group) -> str:
         """Enqueue every job of ``group``: the group's record, then its jobs with one
@@ -527,9 +601,11 @@ class Server:
         with self.tracing.producer_span("tasqueue.enqueue_chain", {"tasqueue.chain.id": chain.id}):
             now = self.clock()
             deadline = None if chain.timeout is None else now + chain.timeout
-            for job in chain.jobs:  # refuse oversize links now, not when they are reached
-                self._check_payloads(job)
-            first = self.new_message(chain.jobs[0], now=now, chain_id=chain.id, deadline=deadline)
+            # every link is built (and refused if oversize) now, not when it is reached
+            first, *_ = [
+                self.new_message(job, now=now, chain_id=chain.id, deadline=deadline)
+                for job in chain.jobs
+            ]
             await self._create_parent(CHAIN, chain.id, chain.jobs, now, deadline, [first])
         return chain.id
 
@@ -1098,6 +1174,14 @@ class Server:
         """
         if len(result) > self.max_payload_size:
             raise PayloadTooLargeError(f"job {job_id}'s result", len(result), self.max_payload_size)
+        limit = self.results.max_message_size
+        if limit is not None and len(result) > limit:
+            raise PayloadTooLargeError(
+                f"job {job_id}'s result",
+                len(result),
+                limit,
+                cause=f"{self.results!r} stores at most that: {self.results.message_limit_cause}",
+            )
         if not await self.results.set_result(job_id, result, run=run):
             raise LeaseLostError(
                 f"job {job_id}: this run no longer owns the job (its lease was lost and "

@@ -61,15 +61,20 @@ _CANCEL = "cancel"
 _SHUTDOWN = "shutdown"
 
 
-#: Longest error description kept in a job's meta (a longer one is cut).
+#: Longest error description kept in a job's meta, in UTF-8 bytes (a longer one is cut).
 MAX_ERROR_LENGTH = 4096
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if len(described) > MAX_ERROR_LENGTH:
-        described = described[: MAX_ERROR_LENGTH - 15] + " ...[truncated]"
+    if (
+        len(described) > MAX_ERROR_LENGTH // 4
+        and len(encoded := described.encode(errors="replace")) > MAX_ERROR_LENGTH
+    ):
+        # bounded in bytes: a job's message keeps room for this much (see _server.RUN_ROOM)
+        cut = encoded[: MAX_ERROR_LENGTH - 15].decode(errors="ignore")
+        described = cut + " ...[truncated]"
     return described
 
 

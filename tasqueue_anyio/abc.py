@@ -230,6 +230,25 @@ class Broker(metaclass=ABCMeta):
     ) -> None:
         return None
 
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest encoded job message (:attr:`Envelope.data`, bytes) this broker can
+        store, when it has a limit of its own: a server's limit less the broker's own
+        headers and wrapping. Known once the broker is open; ``None`` (the default): no
+        limit of its own.
+
+        The :class:`~tasqueue_anyio.Server` refuses, before any I/O, a job whose message
+        would not fit (with room for what its runs add), with
+        :class:`~tasqueue_anyio.PayloadTooLargeError` saying :attr:`message_limit_cause`.
+        """
+        return None
+
+    @property
+    def message_limit_cause(self) -> str:
+        """Why :attr:`max_message_size` is what it is and how to raise it (for error
+        messages)."""
+        return f"{self!r} stores messages of at most {self.max_message_size} bytes"
+
     async def enqueue(self, message: Envelope) -> None:
         """Put one message on its queue (at ``message.eta`` if set)."""
         await self.enqueue_many([message])
@@ -307,6 +326,25 @@ class Results(metaclass=ABCMeta):
         exc_tb: TracebackType | None,
     ) -> None:
         return None
+
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest encoded job message (:attr:`JobRecord.data`) or saved result
+        (bytes) this store can keep, when it has a limit of its own: a server's limit less
+        the store's own headers and wrapping. Known once the store is open; ``None`` (the
+        default): no limit of its own.
+
+        The :class:`~tasqueue_anyio.Server` refuses, before any I/O, a job whose message
+        would not fit (with room for what its runs add), with
+        :class:`~tasqueue_anyio.PayloadTooLargeError` saying :attr:`message_limit_cause`.
+        """
+        return None
+
+    @property
+    def message_limit_cause(self) -> str:
+        """Why :attr:`max_message_size` is what it is and how to raise it (for error
+        messages)."""
+        return f"{self!r} stores messages of at most {self.max_message_size} bytes"
 
     @abstractmethod
     async def get_job(self, job_id: str) -> JobRecord:

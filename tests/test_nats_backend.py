@@ -16,6 +16,7 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
+import attrs
 import msgpack
 import pytest
 from broker_support import consuming, envelope, receive
@@ -24,12 +25,14 @@ from nats_support import broker_on, eventually, name, results_on, take_all
 from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import (
+    Chain,
     InvalidInputError,
     Job,
     JobContext,
     JobNotFoundError,
     LeaseLostError,
     NotFoundError,
+    PayloadTooLargeError,
     Server,
     Status,
 )
@@ -414,6 +417,151 @@ async def test_finished_job_enqueued_again_with_its_id_runs_again(nats_server: N
                 done = await server.wait(job_id, timeout=TIMEOUT)
                 assert done.status is Status.SUCCESSFUL
     assert counter.payloads == [b"x", b"x"]
+
+
+async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refused(
+    nats_server: NatsServer,
+) -> None:
+    """The nats-server's max_payload (1 MiB) covers a whole message: a payload of the
+    documented max_payload_size (1 MiB) cannot fit. It is refused before any I/O, naming
+    the payload's size and the largest that fits; a payload of exactly that size runs, a
+    retry (its message carries a long error) included."""
+    queue, tries = "limit", []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        tries.append(len(payload))
+        if len(tries) == 1:
+            raise RuntimeError("é" * 10_000)
+
+    def job(size: int) -> Job:  # the same envelope for every size
+        return Job("big", b"x" * size, id="big-job", queue=queue, max_retries=1)
+
+    async with (
+        broker_on(nats_server) as broker,
+        results_on(nats_server) as results,
+        Server(broker=broker, results=results) as server,
+    ):
+        server.register_task("big", handler, queue=queue)
+        max_payload = broker.client.max_payload
+        with pytest.raises(PayloadTooLargeError, match="max_payload") as refused:
+            await server.enqueue(job(server.max_payload_size))
+        limit = refused.value.limit
+        assert refused.value.size == server.max_payload_size
+        assert max_payload - 8 * 1024 < limit < max_payload
+        for number in (server.max_payload_size, limit, max_payload):
+            assert f"{number} bytes" in str(refused.value)
+
+        # one byte over, beside a small job: nothing of the batch is stored
+        small = Job("big", b"s", queue=queue)
+        with pytest.raises(PayloadTooLargeError) as refused:
+            await server.enqueue_many([small, job(limit + 1)])
+        assert (refused.value.size, refused.value.limit) == (limit + 1, limit)
+        assert f"{limit + 1} bytes, over the limit of {limit} bytes" in str(refused.value)
+        for job_id in (small.id, "big-job"):
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(job_id)
+        assert await broker.get_pending(queue) == []
+        chain = Chain([Job("big", b"s", queue=queue), job(limit + 1)])  # checked link by link
+        with pytest.raises(PayloadTooLargeError, match="max_payload"):
+            await server.enqueue_chain(chain)
+        with pytest.raises(NotFoundError):
+            await server.get_chain(chain.id)
+
+        job_id = await server.enqueue(job(limit))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.SUCCESSFUL
+        assert tries == [limit, limit]
+        assert done.meta.prev_error is not None
+        assert done.meta.prev_error.startswith("RuntimeError: éé")
+
+
+async def test_a_message_of_max_message_size_with_the_longest_names_is_stored(
+    nats_server: NatsServer,
+) -> None:
+    """MESSAGE_RESERVE covers the worst case: the longest prefix, bucket, queue name and
+    job id (every character escaped in KV subjects), ETA and schedule headers, a put-back
+    copy, a dead letter with a long reason, TTLs and the fencing headers of a result."""
+    queue, job_id = "q" * 128, "." * 255
+    async with (
+        broker_on(nats_server, prefix="p" * 56 + name()[:8]) as broker,
+        results_on(nats_server, "b" * 56 + name()[:8], job_ttl=3600, result_ttl=3600) as results,
+    ):
+        size = broker.max_message_size
+        assert size is not None
+        assert size == results.max_message_size
+        data = b"x" * size
+        await broker.enqueue(Envelope(queue=queue, data=data, id=f"{job_id}/0", eta=time.time()))
+        await broker.enqueue(
+            Envelope(queue=queue, data=data, id=f"{job_id}/1", eta=time.time() + 0.2)
+        )
+        async with consuming(broker, queue) as stream:
+            first = await receive(stream)
+            await first.nack(delay=0.1)  # a scheduled copy with its delivery count
+            later = [await receive(stream) for _ in range(2)]
+            assert [len(d.data) for d in later] == [size, size]
+            await later[0].dead_letter("é" * 5000)
+            await later[1].ack()
+        (dead,) = await broker.get_dead_letters(queue)
+        assert len(dead.data) == size
+
+        record = JobRecord(status="processing", data=data, run="999999.999999")
+        await results.set_jobs({job_id: JobRecord(status="queued", data=data)})
+        assert await results.start_job(job_id, record) is None
+        assert await results.set_result(job_id, data, run=record.run)
+        assert await results.update_job(
+            job_id, attrs.evolve(record, status="successful"), expect={"processing"}
+        )
+        assert (await results.get_job(job_id)).status == "successful"
+        assert await results.get_result(job_id) == data
+
+
+async def test_inspection_of_large_messages_reads_in_byte_bounded_batches(
+    nats_server: NatsServer,
+) -> None:
+    queue, count, size = "large", 30, 100_000  # 3 MB: over one batch's byte budget
+    async with (
+        Client(nats_server.url, max_pending_bytes=100_000) as client,
+        NatsBroker(client=client, prefix=name()) as broker,
+    ):
+        try:
+            await broker.enqueue_many(
+                [envelope(queue, bytes([index]) * size) for index in range(count)]
+            )
+            pending = await broker.get_pending(queue)
+            assert [data[0] for data in pending] == list(range(count))
+            assert all(len(data) == size for data in pending)
+        finally:
+            await broker.js.delete_stream(broker.stream)
+
+
+async def test_a_result_over_what_the_store_holds_is_refused_clearly(
+    nats_server: NatsServer,
+) -> None:
+    queue = "bigresult"
+    async with (
+        broker_on(nats_server) as broker,
+        results_on(nats_server) as results,
+        Server(broker=broker, results=results) as server,
+    ):
+        limit = results.max_message_size
+        assert limit is not None
+        assert limit < server.max_payload_size  # within the documented limit, over the server's
+
+        async def handler(payload: bytes, ctx: JobContext) -> None:
+            await ctx.save(b"r" * server.max_payload_size)
+
+        server.register_task("save", handler, queue=queue)
+        job_id = await server.enqueue(Job("save", queue=queue))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.FAILED
+        assert done.meta.prev_error is not None
+        assert done.meta.prev_error.startswith("PayloadTooLargeError")
+        assert f"{server.max_payload_size} bytes, over the limit of {limit} bytes" in (
+            done.meta.prev_error
+        )
+        assert "max_payload" in done.meta.prev_error
 
 
 async def test_events_on_odd_channel_names(nats_server: NatsServer) -> None:

@@ -272,6 +272,19 @@ async def test_max_payload_refused_before_sending(nc: Client) -> None:
         assert len((await sub.next_msg(TIMEOUT)).payload) == limit
 
 
+async def test_request_batch_with_one_over_max_payload_sends_nothing(nc: Client) -> None:
+    subject = unique("batch.")
+    async with await nc.subscribe(subject) as sub:
+        with pytest.raises(MaxPayloadError):
+            await nc.request_batch(
+                [(subject, b"first", None), (subject, b"x" * (nc.max_payload + 1), None)]
+            )
+        await nc.publish(subject, b"marker")
+        await nc.flush()
+        assert (await sub.next_msg(TIMEOUT)).payload == b"marker"
+        assert not nc._replies
+
+
 async def test_invalid_subjects_refused(nc: Client) -> None:
     with pytest.raises(InvalidInputError):
         await nc.publish("a b", b"")
@@ -296,6 +309,25 @@ async def test_slow_consumer_drops_newest_and_says_so(nc: Client) -> None:
     assert info.value.dropped == 3
     assert [(await sub.next_msg(TIMEOUT)).payload for _ in range(2)] == [b"0", b"1"]
     assert any(isinstance(error, SlowConsumerError) for error in errors)
+
+
+async def test_slow_consumer_by_bytes_drops_newest_and_says_so(nats_server: NatsServer) -> None:
+    subject = unique("slowbytes.")
+    async with Client(nats_server.url, max_pending_bytes=2500) as client:
+        sub = await client.subscribe(subject)  # the client's default bound
+        big = await client.subscribe(subject, max_pending_bytes=1 << 20)
+        for index in range(5):
+            await client.publish(subject, str(index).encode() * 1000)
+        await client.flush()
+        with pytest.raises(SlowConsumerError, match="3 message") as info:
+            await sub.next_msg(TIMEOUT)
+        assert info.value.dropped == 3
+        assert [(await sub.next_msg(TIMEOUT)).payload[:1] for _ in range(2)] == [b"0", b"1"]
+        # drained, the buffer takes messages again; one over the bound gets into an empty one
+        await client.publish(subject, b"x" * 4000)
+        assert len((await sub.next_msg(TIMEOUT)).payload) == 4000
+        assert big.dropped == 0
+        assert [len((await big.next_msg(TIMEOUT)).payload) for _ in range(6)] == [1000] * 5 + [4000]
 
 
 async def test_closed_client_raises(nats_server: NatsServer) -> None:
@@ -780,6 +812,47 @@ async def test_fake_server_keepalive_answered_then_stale() -> None:
             await client.wait_connected()
 
 
+async def test_fake_server_announcing_a_huge_max_payload_is_refused() -> None:
+    def info(max_payload: int) -> bytes:
+        return (
+            b'INFO {"server_id":"FAKE","version":"2.12.0","headers":true,"max_payload":%d}\r\n'
+            % max_payload
+        )
+
+    async def huge(stream: anyio.abc.SocketStream) -> None:
+        buffer = bytearray()
+        await stream.send(info(1 << 40))
+        await read_until(stream, b"PING\r\n", buffer)
+        await stream.send(b"PONG\r\n")
+        await anyio.sleep_forever()
+
+    async with fake_server(huge) as url:
+        with anyio.fail_after(TIMEOUT), pytest.raises(ConnectError, match="max_payload") as exc:
+            async with Client(url, reconnect=False):
+                pass
+        assert str(1 << 40) in str(exc.value)
+        assert "max_payload_limit" in str(exc.value)
+
+    async def two_mib(stream: anyio.abc.SocketStream) -> None:
+        buffer = bytearray()
+        await stream.send(info(2 << 20))
+        await read_until(stream, b"PING\r\n", buffer)
+        await stream.send(b"PONG\r\n")
+        await read_until(stream, b"SUB ", buffer)
+        await stream.send(info(1 << 30))  # raised later: the connection is dropped
+        await anyio.sleep_forever()
+
+    async with fake_server(two_mib) as url:
+        with anyio.fail_after(TIMEOUT), pytest.raises(ConnectError, match="max_payload_limit"):
+            async with Client(url, reconnect=False, max_payload_limit=1 << 20):
+                pass
+        async with Client(url, reconnect=False, max_payload_limit=4 << 20) as client:
+            assert client.max_payload == 2 << 20
+            sub = await client.subscribe("x")
+            with anyio.fail_after(TIMEOUT), pytest.raises(ProtocolError, match="max_payload"):
+                await sub.next_msg()
+
+
 async def test_gives_up_reconnecting() -> None:
     accepted = 0
 
@@ -888,6 +961,30 @@ async def test_fetch_batch_expires_and_no_messages(js: JetStream) -> None:
     start = anyio.current_time()
     assert await js.fetch(stream, consumer, 10, no_wait=True) == []
     assert anyio.current_time() - start < 1
+
+
+async def test_fetch_asks_for_no_more_bytes_than_its_buffer_holds(
+    nats_server: NatsServer,
+) -> None:
+    """A batch of large messages is cut by bytes on the server (``max_bytes``), not
+    dropped as a slow consumer by the client: the rest comes with the next fetch."""
+    async with Client(nats_server.url, max_pending_bytes=100_000) as client:
+        js = JetStream(client)
+        budget = client.reply_budget()
+        assert budget == 2 * client.max_payload  # at least one message always fits
+        stream, consumer = await work_queue(js)
+        try:
+            count, size = 30, 100_000  # 3 MB: over the budget
+            for index in range(count):
+                await js.publish(f"{stream}.q.{index}", bytes([index]) * size)
+            first = await js.fetch(stream, consumer, count, no_wait=True)
+            assert 0 < len(first) < count
+            assert (len(first) - 1) * size <= budget
+            rest = await js.fetch(stream, consumer, count, no_wait=True)
+            assert [msg.payload[0] for msg in first + rest] == list(range(count))
+            assert all(len(msg.payload) == size for msg in first + rest)
+        finally:
+            await js.delete_stream(stream)
 
 
 async def test_ack_removes_from_work_queue(js: JetStream) -> None:

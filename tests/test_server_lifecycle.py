@@ -15,6 +15,7 @@ import pytest
 from server_support import TIMEOUT, noop, running, wait_event
 
 from tasqueue_anyio import (
+    BrokerError,
     InvalidInputError,
     Job,
     JobContext,
@@ -541,3 +542,56 @@ async def test_retried_failures_enqueue_no_on_error(
     assert done.status is Status.SUCCESSFUL
     assert runs == [0, 1, 2]
     assert follow_ups == [b"ok"]
+
+
+# -- a failed enqueue -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["broker", "results"])
+async def test_enqueue_many_that_raises_leaves_no_queued_job_behind(
+    broker: Broker,
+    results: Results,
+    queue_name: str,
+    failing: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch whose broker (or results) call fails half-way: each of its jobs has no
+    state, or runs; none stays ``queued`` with no message to run it."""
+    ran = anyio.Event()
+    jobs = [Job("t", b"first", queue=queue_name), Job("t", b"second", queue=queue_name)]
+
+    async def half_enqueue(messages: Any) -> None:  # stores the first message, then fails
+        await type(broker).enqueue_many(broker, messages[:1])
+        raise BrokerError("injected: the broker failed after one message")
+
+    async def half_set(records: Any) -> None:  # stores the first record, then fails
+        first = next(iter(records))
+        await type(results).set_jobs(results, {first: records[first]})
+        raise BrokerError("injected: the store failed after one record")
+
+    async with Server(broker=broker, results=results) as server:
+
+        async def handler(payload: bytes, ctx: JobContext) -> None:
+            assert ctx.job_id == jobs[0].id
+            ran.set()
+
+        server.register_task("t", handler, queue=queue_name)
+        if failing == "broker":
+            monkeypatch.setattr(broker, "enqueue_many", half_enqueue)
+        else:
+            monkeypatch.setattr(results, "set_jobs", half_set)
+        with pytest.raises(BrokerError, match="injected"):
+            await server.enqueue_many(jobs)
+        monkeypatch.undo()
+
+        for job in jobs:
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(job.id)
+        if failing == "broker":  # the first message got through: it runs
+            async with running(server):
+                await wait_event(ran)
+                done = await server.wait(jobs[0].id, timeout=TIMEOUT)
+            assert done.status is Status.SUCCESSFUL
+        assert await broker.get_pending(queue_name) == []
+        with pytest.raises(JobNotFoundError):
+            await server.get_job(jobs[1].id)

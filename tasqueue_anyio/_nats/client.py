@@ -23,13 +23,26 @@ re-sends ``SUB`` for every live subscription and resumes the writer, so publishe
 during the outage go out in order after the re-subscriptions. When it gives up (or the client
 is closed), subscriptions end and every call raises :class:`ConnectionClosedError`.
 
-**Slow consumers.** Each subscription buffers at most ``max_pending`` messages. When a message
-arrives at a full buffer it is *dropped* (the newest one, as the server itself does for a slow
+**Slow consumers.** Each subscription buffers at most ``max_pending`` messages and
+``max_pending_bytes`` bytes (payloads and headers; a message is always taken into an empty
+buffer, so one larger than the byte bound still gets through). When a message arrives at a
+full buffer it is *dropped* (the newest one, as the server itself does for a slow
 client), :attr:`Subscription.dropped` counts it, and the subscriber's next receive raises
 :class:`SlowConsumerError` once, before it goes on with the buffered messages. Nothing is
 silently lost from the subscriber's point of view, and one slow subscriber never blocks the
 reader (which would stall every other subscription and the keepalive). JetStream pull fetches
-never overflow: their buffer is sized to the batch they asked for.
+and batched direct gets never overflow: their buffer is sized to the batch they asked for, and
+they ask the server for at most :meth:`Client.reply_budget` bytes (``max_bytes``), which it
+holds.
+
+**Limits from the server.** The server's ``INFO`` announces its ``max_payload``, the largest
+message it accepts and so the largest it may deliver; the client's parser accepts messages of
+up to twice that (JetStream adds headers to what it delivers), at least
+:data:`~.protocol.DEFAULT_MAX_PAYLOAD`. The ``INFO`` is not trusted for more than
+``max_payload_limit`` (64 MiB by default, the server's own ceiling): a server that announces
+more is refused at connect (:class:`ConnectError`), and one that announces more later loses
+the connection (:class:`ProtocolError`), so a server cannot make the client buffer messages of
+any size it likes.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ import anyio.lowlevel
 from anyio.streams.tls import TLSStream
 
 from .protocol import (
+    DEFAULT_MAX_PAYLOAD,
     PING,
     PONG,
     Err,
@@ -97,6 +111,8 @@ logger = logging.getLogger("tasqueue_anyio.nats")
 LANG = "python-anyio"
 CLIENT_VERSION = "0.1.0"
 DEFAULT_URL = "nats://127.0.0.1:4222"
+#: A subscription's default bound on buffered bytes (payloads and headers).
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 #: Requests with a timeout of at least this many seconds are timed by the client's expiry
 #: task, which looks every :data:`_EXPIRY_TICK` seconds, instead of a cancel scope each
 #: (a scope costs a request 20-35 µs of CPU): they time out at most one tick late.
@@ -176,7 +192,8 @@ class SlowConsumerError(NatsError):
     def __init__(self, subject: str, dropped: int) -> None:
         super().__init__(
             f"subscription on {subject!r} is a slow consumer: {dropped} message(s) dropped "
-            f"because its buffer was full (raise max_pending or receive faster)"
+            f"because its buffer was full (raise max_pending or max_pending_bytes, or "
+            f"receive faster)"
         )
         self.dropped = dropped
 
@@ -307,26 +324,43 @@ class _BatchSlot:
         self._settle(error)
 
 
+def _msg_size(msg: Msg) -> int:
+    """The bytes a buffered message stands for: its payload and its header lines."""
+    headers = msg.headers
+    if headers is None:
+        return len(msg.payload)
+    return len(msg.payload) + sum(len(name) + len(value) + 4 for name, value in headers.items_)
+
+
 class _MsgQueue:
-    """A bounded FIFO of messages between the reader and one subscriber.
+    """A FIFO of messages between the reader and one subscriber, bounded in messages and in
+    bytes (a message is always taken into an empty queue, whatever its size).
 
     (Not a memory object stream: those must be closed by their receiver, and a subscription
     object may simply be dropped by its user.)
     """
 
-    __slots__ = ("_event", "_items", "closed", "maxsize")
+    __slots__ = ("_event", "_items", "_sizes", "bytes", "closed", "max_bytes", "maxsize")
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
         self._items: deque[Msg] = deque()
+        self._sizes: deque[int] = deque()
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        #: bytes buffered (see :func:`_msg_size`)
+        self.bytes = 0
         self.closed = False
         self._event: anyio.Event | None = None
 
     def put(self, msg: Msg) -> bool:
         """Append ``msg``; ``False`` (and nothing appended) when full."""
-        if len(self._items) >= self.maxsize:
+        items = self._items
+        size = _msg_size(msg)
+        if items and (len(items) >= self.maxsize or self.bytes + size > self.max_bytes):
             return False
-        self._items.append(msg)
+        items.append(msg)
+        self._sizes.append(size)
+        self.bytes += size
         self._wake()
         return True
 
@@ -348,6 +382,7 @@ class _MsgQueue:
             if self._event is None:
                 self._event = anyio.Event()
             await self._event.wait()
+        self.bytes -= self._sizes.popleft()
         return self._items.popleft()
 
 
@@ -376,13 +411,22 @@ class Subscription:
     """
 
     def __init__(
-        self, client: Client, sid: int, subject: str, queue: str | None, max_pending: int
+        self,
+        client: Client,
+        sid: int,
+        subject: str,
+        queue: str | None,
+        max_pending: int,
+        max_pending_bytes: int | None = None,
     ) -> None:
         self._client = client
         self.sid = sid
         self.subject = subject
         self.queue = queue
-        self._queue = _MsgQueue(max_pending)
+        self._queue = _MsgQueue(
+            max_pending,
+            client.max_pending_bytes if max_pending_bytes is None else max_pending_bytes,
+        )
         #: messages dropped because the buffer was full
         self.dropped = 0
         self._slow_reported = 0
@@ -506,6 +550,11 @@ class Client:
     :param reconnect_max_wait: bound of the backoff delay
     :param reconnect_jitter: fraction of each delay drawn at random (0 to 1)
     :param max_pending: default buffer of a subscription, in messages
+    :param max_pending_bytes: default buffer of a subscription, in bytes of payload and
+        headers (a message is always taken into an empty buffer)
+    :param max_payload_limit: the largest ``max_payload`` a server may announce: the client
+        accepts messages of up to twice the announced one, so a server announcing more is
+        refused (:class:`ConnectError` at connect, the connection dropped later)
     :param write_queue_size: commands queued for the writer before publishers wait
     :param error_callback: called (synchronously) with asynchronous errors nobody awaits:
         a ``-ERR`` not claimed by a flush, a slow consumer, a lost connection
@@ -534,6 +583,8 @@ class Client:
         reconnect_max_wait: float = 4.0,
         reconnect_jitter: float = 0.5,
         max_pending: int = 65536,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_payload_limit: int = DEFAULT_MAX_PAYLOAD,
         write_queue_size: int = 4096,
         error_callback: Callable[[NatsError], None] | None = None,
     ) -> None:
@@ -560,6 +611,14 @@ class Client:
         self.reconnect_max_wait = reconnect_max_wait
         self.reconnect_jitter = min(max(reconnect_jitter, 0.0), 1.0)
         self.max_pending = max_pending
+        for value, what in (
+            (max_pending_bytes, "max_pending_bytes"),
+            (max_payload_limit, "max_payload_limit"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidSubjectError(f"{what} must be an int >= 1, got {value!r}")
+        self.max_pending_bytes = max_pending_bytes
+        self.max_payload_limit = max_payload_limit
         self._error_callback = error_callback
 
         self._write_send, self._write_recv = anyio.create_memory_object_stream[
@@ -827,9 +886,24 @@ class Client:
             raise ConnectError(
                 f"connection to {address} failed during the handshake: {exc}"
             ) from exc
-        parser.max_payload = max(info.max_payload * 2, parser.max_payload)
-        self._info = info
+        self._accept_info(parser, info, address)
         return _Connection(stream, parser, info, address)
+
+    def _accept_info(self, parser: Parser, info: Info, address: _Address) -> None:
+        """Take the server's ``INFO``: its ``max_payload`` sets the parser's limit (twice
+        it: JetStream adds headers to what it delivers), within ``max_payload_limit``.
+
+        :raises ConnectError: the server announces a ``max_payload`` over the limit
+        """
+        if info.max_payload > self.max_payload_limit:
+            raise ConnectError(
+                f"{address} announces a max_payload of {info.max_payload} bytes, over this "
+                f"client's max_payload_limit of {self.max_payload_limit} bytes: lower the "
+                f"server's max_payload, or raise Client(max_payload_limit=...) if messages "
+                f"that large are meant"
+            )
+        parser.max_payload = max(info.max_payload * 2, DEFAULT_MAX_PAYLOAD)
+        self._info = info
 
     # ------------------------------------------------------------------ connection manager
 
@@ -1005,8 +1079,11 @@ class Client:
                             return
                         self._non_fatal_error(conn, error)
                     elif isinstance(event, Info):
+                        try:
+                            self._accept_info(parser, event, conn.address)
+                        except ConnectError as exc:
+                            raise ProtocolError(str(exc)) from None
                         conn.info = event
-                        self._info = event
                 try:
                     data = await receive(65536)
                 except anyio.EndOfStream:
@@ -1196,11 +1273,14 @@ class Client:
         *,
         queue: str | None = None,
         max_pending: int | None = None,
+        max_pending_bytes: int | None = None,
         max_msgs: int | None = None,
     ) -> Subscription:
         """Subscribe to ``subject`` (wildcards allowed), optionally in a queue group.
 
         :param max_pending: buffer size in messages (default: the client's ``max_pending``)
+        :param max_pending_bytes: buffer size in bytes of payload and headers (default: the
+            client's ``max_pending_bytes``)
         :param max_msgs: unsubscribe automatically after this many messages
         :raises InvalidSubjectError: invalid subject or queue name
         """
@@ -1209,7 +1289,9 @@ class Client:
         if queue is not None:
             validate_publish_subject(queue)
         sid = next(self._sids)
-        sub = Subscription(self, sid, subject, queue, max_pending or self.max_pending)
+        sub = Subscription(
+            self, sid, subject, queue, max_pending or self.max_pending, max_pending_bytes
+        )
         sub.max_msgs = max_msgs
         self._subs[sid] = sub
         data = encode_sub(subject, sid, queue)
@@ -1313,6 +1395,9 @@ class Client:
         :return: per request, in order, its first reply, or the error that stands for it:
             :class:`NoRespondersError` (``503``), :class:`RequestTimeoutError` (no reply
             within ``timeout`` seconds), :class:`ConnectionLostError`
+        :raises MaxPayloadError: a request is over the server's ``max_payload`` (nothing of
+            the batch was sent)
+        :raises InvalidSubjectError: a subject or header is invalid (nothing was sent)
         """
         self._check_open()
         if not requests:
@@ -1321,16 +1406,19 @@ class Client:
         batch = _Batch(len(requests))
         timed = timeout >= _EXPIRY_MIN_TIMEOUT and self._tg is not None
         deadline = anyio.current_time() + timeout if timed else float("inf")
-        tokens: list[str] = []
+        # every request is encoded (and refused: a bad subject, over max_payload) before
+        # any is queued, so a refused batch sends nothing
+        tokens = [self._new_token() for _ in requests]
+        encoded = [
+            self._encode_pub(subject, bytes(payload), f"{self._inbox_prefix}.{token}", headers)
+            for token, (subject, payload, headers) in zip(tokens, requests, strict=True)
+        ]
+        queued: list[str] = []
         try:
             with anyio.move_on_after(float("inf") if timed else timeout):
-                for index, (subject, payload, headers) in enumerate(requests):
-                    token = self._new_token()
-                    data = self._encode_pub(
-                        subject, bytes(payload), f"{self._inbox_prefix}.{token}", headers
-                    )
+                for index, (token, data) in enumerate(zip(tokens, encoded, strict=True)):
                     self._replies[token] = _BatchSlot(batch, index, deadline)
-                    tokens.append(token)
+                    queued.append(token)
                     await self._queue(data)
                 if timed:
                     await self._wait_timed(batch.event)
@@ -1338,7 +1426,7 @@ class Client:
                     await batch.event.wait()
         finally:
             replies = self._replies
-            for token in tokens:
+            for token in queued:
                 replies.pop(token, None)
         out: list[Msg | NatsError] = []
         for index, reply in enumerate(batch.replies):
@@ -1369,15 +1457,25 @@ class Client:
                     if waiter.deadline <= now:
                         waiter.expire()
 
-    def reply_inbox(self, max_buffer: int) -> ReplyInbox:
+    def reply_budget(self) -> int:
+        """The most bytes a request answered by many messages (a pull fetch, a batched
+        direct get) should ask the server for (its ``max_bytes``): ``max_pending_bytes``,
+        and at least twice the server's ``max_payload``, so that any one message fits."""
+        return max(self.max_pending_bytes, 2 * self.max_payload)
+
+    def reply_inbox(self, max_buffer: int, max_bytes: int | None = None) -> ReplyInbox:
         """A fresh inbox with its own subscription, for ``async with``.
 
         :param max_buffer: messages buffered unread; more are dropped and counted
             (:attr:`Subscription.dropped`), and the next receive raises
             :class:`SlowConsumerError`
+        :param max_bytes: bytes buffered unread, the same way (default: :meth:`reply_budget`
+            and one message more, which a server may send past a request's ``max_bytes``)
         """
         self._check_open()
-        return ReplyInbox(self, next(self._sids), self.new_inbox(), None, max_buffer)
+        if max_bytes is None:
+            max_bytes = self.reply_budget() + 2 * self.max_payload
+        return ReplyInbox(self, next(self._sids), self.new_inbox(), None, max_buffer, max_bytes)
 
     async def _subscribe_inbox(self, inbox: ReplyInbox) -> None:
         self._check_open()

@@ -842,6 +842,8 @@ class JetStream:
         :param no_wait: return at once with what is available (``404`` when nothing is)
         :param idle_heartbeat: seconds between the server's ``100 Idle Heartbeat`` while the
             request waits; two missed heartbeats raise :class:`HeartbeatMissedError`
+        :param max_bytes: the most bytes of messages the server sends (default: the
+            client's :meth:`~.client.Client.reply_budget`, which the reply buffer holds)
         :raises ConsumerNotFoundError: no such consumer
         :raises ConsumerDeletedError: the consumer was deleted while waiting
         :raises FetchError: another ``409`` with no message received
@@ -863,19 +865,21 @@ class JetStream:
             if expires is None or idle_heartbeat * 2 > expires:
                 raise InvalidInputError("idle_heartbeat needs expires of at least twice its value")
             body["idle_heartbeat"] = _ns(idle_heartbeat)
-        if max_bytes is not None:
-            body["max_bytes"] = max_bytes
+        client = self.client
+        if max_bytes is None:
+            max_bytes = client.reply_budget()
+        body["max_bytes"] = max_bytes
         subject = f"{self.prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         payload = json.dumps(body, separators=(",", ":")).encode()
         messages: list[JsMsg] = []
-        client = self.client
         if expires is not None:
             deadline = anyio.current_time() + expires + max(1.0, expires * 0.1)
         elif no_wait:
             deadline = anyio.current_time() + self.timeout
         else:
             deadline = float("inf")
-        async with client.reply_inbox(batch + 8) as inbox:
+        inbox_bytes = max_bytes + 2 * client.max_payload  # a server may send one more
+        async with client.reply_inbox(batch + 8, inbox_bytes) as inbox:
             await client.publish(subject, payload, reply=inbox.subject)
             while len(messages) < batch:
                 wait = deadline - anyio.current_time()
@@ -917,7 +921,11 @@ class JetStream:
             lowered = description.lower()
             if "consumer deleted" in lowered:
                 raise ConsumerDeletedError(409, description, consumer)
-            if messages or "message size exceeds maxbytes" in lowered:
+            if (
+                messages
+                or "message size exceeds maxbytes" in lowered
+                or "batch completed" in lowered
+            ):
                 return True
             raise FetchError(409, description, consumer)
         raise FetchError(status or 0, description, consumer)
@@ -1058,7 +1066,11 @@ class MessageStream:
         await self._close_inbox()
 
     async def _open_inbox(self) -> None:
-        inbox = self._js.client.reply_inbox(self.batch * 2 + 32)
+        client = self._js.client
+        # two pull requests may be out at once, each of at most the client's reply budget
+        inbox = client.reply_inbox(
+            self.batch * 2 + 32, 2 * client.reply_budget() + 2 * client.max_payload
+        )
         await inbox.__aenter__()
         self._inbox = inbox
         self._outstanding = 0
@@ -1071,7 +1083,11 @@ class MessageStream:
 
     async def _pull(self, inbox: ReplyInbox) -> None:
         want = self.batch - self._outstanding
-        body: dict[str, Any] = {"batch": want, "expires": _ns(self.expires)}
+        body: dict[str, Any] = {
+            "batch": want,
+            "expires": _ns(self.expires),
+            "max_bytes": self._js.client.reply_budget(),
+        }
         if self.idle_heartbeat is not None:
             body["idle_heartbeat"] = _ns(self.idle_heartbeat)
         payload = json.dumps(body, separators=(",", ":")).encode()
@@ -1133,6 +1149,7 @@ class MessageStream:
             if (
                 "leadership change" in lowered
                 or "message size exceeds maxbytes" in lowered
+                or "batch completed" in lowered  # a request with max_bytes got its batch
                 or "server shutdown" in lowered  # the reconnect re-pulls
             ):
                 self._outstanding = max(self._outstanding - pending, 0) if pending else 0

@@ -503,7 +503,12 @@ class NatsDelivery(Delivery):
         done = False
         broker = self._broker
         try:
-            entry = msgpack.packb([self.data, str(reason), time.time()], use_bin_type=True)
+            reason = str(reason)
+            entry = msgpack.packb([self.data, reason, time.time()], use_bin_type=True)
+            if len(entry) + 256 > broker.client.max_payload:
+                # a message near the server's max_payload: its reason is cut to fit
+                reason = reason.encode(errors="replace")[:1024].decode(errors="ignore")
+                entry = msgpack.packb([self.data, reason, time.time()], use_bin_type=True)
             metadata = self._msg.metadata
             headers = [("Nats-Msg-Id", f"dead:{metadata.stream_seq}:{metadata.num_delivered}")]
             await broker.publish_all(
