@@ -48,8 +48,11 @@ class Envelope:
 
     :param queue: the (validated) queue name
     :param data: the encoded message
-    :param id: a unique id of this message (job id and run number); brokers that can
-        deduplicate use it so that a repeated enqueue of the same message is harmless
+    :param id: a unique id of this message (job id and try number): enqueueing a
+        message whose id a message still on the broker has (due, waiting for its ETA,
+        held by a worker or put back; not acked nor dead-lettered) stores nothing, so a
+        repeated enqueue of the same message is harmless (see
+        :meth:`Broker.enqueue_many`)
     :param eta: POSIX time before which the message must not be delivered, or ``None``
     """
 
@@ -239,7 +242,13 @@ class Broker(metaclass=ABCMeta):
         """Put messages on their queues in one call (one round trip where possible).
 
         Either all messages are stored or the call raises; messages due now are
-        delivered in the given order.
+        delivered in the given order. A message whose :attr:`Envelope.id` a message on
+        the broker still has (it was enqueued and is not acked nor dead-lettered yet,
+        whether due, waiting for its ETA, held or put back) is not stored again: the
+        worker relies on it to re-enqueue a retry that it cannot tell exists. (A broker
+        may also remember ids for a while after their message is gone, as JetStream's
+        duplicate window does, as long as a message whose id is gone can be enqueued
+        again.)
         """
 
     @abstractmethod
