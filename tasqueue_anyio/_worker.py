@@ -311,17 +311,23 @@ class Worker:
         this message is of a try the job has moved past (see ``abc.may_start``)."""
         status = current.status
         if status not in FINAL_STATUSES and not current.cancel_requested:
-            # The message of a failed try came back after its retry was enqueued (its
-            # broker enqueued the retry, then lost the ack): the retry runs, not this.
+            # The message of a failed try came back after the job moved on: the retry
+            # runs, not this. A ``retrying`` record holds the retry's message, which the
+            # ack of the failed try carried: that ack may have failed (a dropped
+            # connection, a lease lost to a pause) or not happened (a crash), so the retry
+            # is enqueued again with this ack; its id is fixed, so a retry that exists is
+            # not stored twice (see ``Broker.enqueue_many``).
+            retry = self._stored_retry(msg, current) if status == "retrying" else None
             self.log.info(
                 "job %s: a message of try %d came back after the job moved on (its run "
-                "%s); dropped",
+                "%s); dropped%s",
                 msg.id,
                 msg.meta.retried,
                 current.run or "-",
+                "" if retry is None else f", its retry {retry[0].meta.retried} ensured",
                 extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
             )
-            await delivery.ack()
+            await delivery.ack(enqueue=() if retry is None else [_envelope(*retry)])
             return
         if status not in FINAL_STATUSES:  # cancel requested while it was held
             reason = _describe(JobCancelledError(f"job {msg.id} was cancelled before it started"))
@@ -341,6 +347,20 @@ class Worker:
         elif status == "failed":
             follow_ups = msg.job.on_error
         await self._ack(delivery, follow_ups, links, redelivered=True)
+
+    def _stored_retry(self, msg: JobMessage, current: JobRecord) -> tuple[JobMessage, bytes] | None:
+        """The retry message a ``retrying`` record holds, with its bytes (``None``, and a
+        warning, when it does not decode: nothing can be enqueued then)."""
+        try:
+            return decode_message(current.data, max_size=self.server.max_message_size), current.data
+        except DecodeError as exc:
+            self.log.warning(
+                "job %s is retrying but its stored retry does not decode; not enqueued: %s",
+                msg.id,
+                exc,
+                extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
+            )
+            return None
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -11,18 +12,21 @@ import anyio
 import anyio.from_thread
 import pytest
 from server_support import TIMEOUT, Counter, noop, running, wait_event
+from shim_support import ShimBroker, ShimDelivery
 
 from tasqueue_anyio import (
     Backoff,
+    BrokerError,
     InvalidInputError,
     Job,
     JobContext,
     JobMessage,
     JobTimeoutError,
+    LeaseLostError,
     Server,
     Status,
 )
-from tasqueue_anyio.abc import Broker, Envelope, Results
+from tasqueue_anyio.abc import Broker, Delivery, Envelope, Results
 
 pytestmark = pytest.mark.anyio
 
@@ -164,9 +168,7 @@ async def test_backoff_delays_the_retry(broker: Broker, results: Results, queue_
 
     async with Server(broker=broker, results=results) as server:
         server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
-        job = Job(
-            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False)
-        )
+        job = Job("t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False))
         job_id = await server.enqueue(job)
         async with running(server):
             await wait_event(retrying_seen)
@@ -204,9 +206,7 @@ async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
 
     async with Server(broker=broker, results=results) as server:
         server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
-        job = Job(
-            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=1.0, jitter=False)
-        )
+        job = Job("t", queue=queue_name, max_retries=1, backoff=Backoff(initial=1.0, jitter=False))
         job_id = await server.enqueue(job)
         first_try = (await results.get_job(job_id)).data  # the message as enqueued
         async with running(server):
@@ -220,6 +220,59 @@ async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
     assert runs == [0, 1]
     dropped = [r for r in caplog.records if "came back after the job moved on" in r.getMessage()]
     assert len(dropped) == 1
+
+
+class _RetryAckFails(ShimDelivery):
+    """A delivery whose ack fails when it is the first ack to carry messages (a retry):
+    as after a dropped connection (``BrokerError``, nothing done), or as after a lease
+    lost to a pause (``LeaseLostError``, the message back on its queue)."""
+
+    __slots__ = ("failed", "fault")
+
+    def __init__(self, inner: Delivery, fault: str, failed: list[Delivery]) -> None:
+        super().__init__(inner)
+        self.fault = fault
+        self.failed = failed
+
+    async def ack(
+        self, *, enqueue: Sequence[Envelope] = (), announce: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
+        if enqueue and not self.failed:
+            self.failed.append(self)
+            if self.fault == "lease":
+                await self.inner.nack()  # swept back to the queue, delivered again
+                raise LeaseLostError("lease lost (injected)")
+            raise BrokerError("connection lost (injected)")
+        await super().ack(enqueue=enqueue, announce=announce)
+
+
+@pytest.mark.parametrize("fault", ["connection", "lease"])
+async def test_a_retry_whose_ack_failed_still_runs(
+    broker: Broker, results: Results, queue_name: str, fault: str
+) -> None:
+    """The failed try's ack carries its retry; when that ack fails after the job was
+    recorded ``retrying``, the message of the failed try comes back: it must enqueue
+    the retry (which its ack did not), not just be dropped, or the job stays
+    ``retrying`` with nothing queued."""
+    failed: list[Delivery] = []
+    runs: list[int] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        if ctx.meta.retried == 0:
+            raise ValueError("the first try fails")
+
+    shim = ShimBroker(broker, lambda delivery: _RetryAckFails(delivery, fault, failed))
+    async with shim, Server(broker=shim, results=results) as server:
+        server.register_task("t", handler, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=1))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert await broker.get_pending(queue_name) == []
+
+    assert len(failed) == 1
+    assert done.status is Status.SUCCESSFUL
+    assert runs == [0, 1]
 
 
 # -- timeouts --------------------------------------------------------------------------------
