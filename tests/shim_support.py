@@ -16,10 +16,12 @@ from types import TracebackType
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
+from server_support import TIMEOUT, running
 
-from tasqueue_anyio.abc import Broker, DeadLetter, Delivery, Envelope
+from tasqueue_anyio import Backoff, BrokerError, Job, JobContext, JobMessage, LeaseLostError, Server
+from tasqueue_anyio.abc import Broker, DeadLetter, Delivery, Envelope, Results
 
-__all__ = ["ShimBroker", "ShimDelivery"]
+__all__ = ["RetryAckFails", "ShimBroker", "ShimDelivery", "run_with_a_failed_retry_ack"]
 
 
 class ShimDelivery(Delivery):
@@ -114,3 +116,57 @@ class ShimBroker(Broker):
         self, channel: str, callback: Callable[[bytes], None]
     ) -> AbstractAsyncContextManager[None]:
         return self.inner.subscribe(channel, callback)
+
+
+class RetryAckFails(ShimDelivery):
+    """A delivery whose ack fails when it is the first ack to carry messages (a retry):
+    as after a dropped connection (``BrokerError``, nothing done), or as after a lease
+    lost to a pause (``LeaseLostError``, the message back on its queue)."""
+
+    __slots__ = ("failed", "fault")
+
+    def __init__(self, inner: Delivery, fault: str, failed: list[Delivery]) -> None:
+        super().__init__(inner)
+        self.fault = fault
+        self.failed = failed
+
+    async def ack(
+        self, *, enqueue: Sequence[Envelope] = (), announce: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
+        if enqueue and not self.failed:
+            self.failed.append(self)
+            if self.fault == "lease":
+                await self.inner.nack()  # swept back to the queue, delivered again
+                raise LeaseLostError("lease lost (injected)")
+            raise BrokerError("connection lost (injected)")
+        await super().ack(enqueue=enqueue, announce=announce)
+
+
+async def run_with_a_failed_retry_ack(
+    broker: Broker,
+    results: Results,
+    queue: str,
+    fault: str,
+    *,
+    backoff: Backoff | None = None,
+) -> tuple[list[Delivery], JobMessage, list[int]]:
+    """Run a job whose first try fails and whose retry-carrying ack fails (see
+    :class:`RetryAckFails`) on a server on ``broker`` (wrapped) and ``results``, until
+    it ends; return the failed deliveries, the job as it ended, and the ``retried`` of
+    each run."""
+    failed: list[Delivery] = []
+    runs: list[int] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        runs.append(ctx.meta.retried)
+        if ctx.meta.retried == 0:
+            raise ValueError("the first try fails")
+
+    shim = ShimBroker(broker, lambda delivery: RetryAckFails(delivery, fault, failed))
+    async with shim, Server(broker=shim, results=results) as server:
+        server.register_task("t", handler, queue=queue)
+        job_id = await server.enqueue(Job("t", queue=queue, max_retries=1, backoff=backoff))
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert await broker.get_pending(queue) == []
+    return failed, done, runs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -12,21 +11,19 @@ import anyio
 import anyio.from_thread
 import pytest
 from server_support import TIMEOUT, Counter, noop, running, wait_event
-from shim_support import ShimBroker, ShimDelivery
+from shim_support import run_with_a_failed_retry_ack
 
 from tasqueue_anyio import (
     Backoff,
-    BrokerError,
     InvalidInputError,
     Job,
     JobContext,
     JobMessage,
     JobTimeoutError,
-    LeaseLostError,
     Server,
     Status,
 )
-from tasqueue_anyio.abc import Broker, Delivery, Envelope, Results
+from tasqueue_anyio.abc import Broker, Envelope, Results
 
 pytestmark = pytest.mark.anyio
 
@@ -222,30 +219,6 @@ async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
     assert len(dropped) == 1
 
 
-class _RetryAckFails(ShimDelivery):
-    """A delivery whose ack fails when it is the first ack to carry messages (a retry):
-    as after a dropped connection (``BrokerError``, nothing done), or as after a lease
-    lost to a pause (``LeaseLostError``, the message back on its queue)."""
-
-    __slots__ = ("failed", "fault")
-
-    def __init__(self, inner: Delivery, fault: str, failed: list[Delivery]) -> None:
-        super().__init__(inner)
-        self.fault = fault
-        self.failed = failed
-
-    async def ack(
-        self, *, enqueue: Sequence[Envelope] = (), announce: Sequence[tuple[str, bytes]] = ()
-    ) -> None:
-        if enqueue and not self.failed:
-            self.failed.append(self)
-            if self.fault == "lease":
-                await self.inner.nack()  # swept back to the queue, delivered again
-                raise LeaseLostError("lease lost (injected)")
-            raise BrokerError("connection lost (injected)")
-        await super().ack(enqueue=enqueue, announce=announce)
-
-
 @pytest.mark.parametrize("fault", ["connection", "lease"])
 async def test_a_retry_whose_ack_failed_still_runs(
     broker: Broker, results: Results, queue_name: str, fault: str
@@ -254,22 +227,7 @@ async def test_a_retry_whose_ack_failed_still_runs(
     recorded ``retrying``, the message of the failed try comes back: it must enqueue
     the retry (which its ack did not), not just be dropped, or the job stays
     ``retrying`` with nothing queued."""
-    failed: list[Delivery] = []
-    runs: list[int] = []
-
-    async def handler(payload: bytes, ctx: JobContext) -> None:
-        runs.append(ctx.meta.retried)
-        if ctx.meta.retried == 0:
-            raise ValueError("the first try fails")
-
-    shim = ShimBroker(broker, lambda delivery: _RetryAckFails(delivery, fault, failed))
-    async with shim, Server(broker=shim, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
-        job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=1))
-        async with running(server):
-            done = await server.wait(job_id, timeout=TIMEOUT)
-        assert await broker.get_pending(queue_name) == []
-
+    failed, done, runs = await run_with_a_failed_retry_ack(broker, results, queue_name, fault)
     assert len(failed) == 1
     assert done.status is Status.SUCCESSFUL
     assert runs == [0, 1]
