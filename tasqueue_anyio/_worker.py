@@ -41,7 +41,7 @@ from ._exceptions import (
 )
 from ._jobs import Job, JobContext, JobMessage, Meta, Status
 from ._schedule import Scheduler
-from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord
+from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord, run_token
 
 if TYPE_CHECKING:
     from ._server import Server, Task
@@ -91,7 +91,8 @@ class _RunInfo:
     __slots__ = ("duration", "token", "trace")
 
     def __init__(self, token: str) -> None:
-        #: this run's fencing token: retries so far and the delivery attempt
+        #: this run's fencing token: retries so far, the delivery attempt and a nonce
+        #: (see ``abc.run_token``)
         self.token = token
         self.trace: dict[str, str] | None = None
         self.duration: float | None = None
@@ -260,7 +261,7 @@ class Worker:
                 return
             msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
             data = server.encode(msg)
-            run = _RunInfo(f"{msg.meta.retried}.{delivery.attempt}")
+            run = _RunInfo(run_token(msg.meta.retried, delivery.attempt))
             refused = await self.results.start_job(
                 job_id, JobRecord(status="processing", data=data, run=run.token)
             )

@@ -12,6 +12,7 @@ Timestamps (``eta``) are POSIX seconds (``time.time()``), because they cross pro
 
 from __future__ import annotations
 
+import os
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -33,6 +34,7 @@ __all__ = [
     "ScheduleRecord",
     "may_start",
     "run_retry",
+    "run_token",
 ]
 
 _B = TypeVar("_B", bound="Broker")
@@ -81,10 +83,11 @@ class JobRecord:
     :param data: the encoded job message
     :param cancel_requested: set by :meth:`Results.request_cancel` on a running job, so
         that a redelivery of it never starts again
-    :param run: the fencing token of the run that wrote the record (empty when none):
-        a run whose broker lease was lost cannot write over the run that took the job
-        over, because :meth:`Results.update_job` and :meth:`Results.set_result` given a
-        ``run`` only write while it is still the stored one
+    :param run: the fencing token of the run that wrote the record (empty when none;
+        :func:`run_token` makes one per run): a run whose broker lease was lost cannot
+        write over the run that took the job over, because :meth:`Results.update_job`
+        and :meth:`Results.set_result` given a ``run`` only write while it is still the
+        stored one
     """
 
     status: str
@@ -93,9 +96,21 @@ class JobRecord:
     run: str = ""
 
 
+def run_token(retried: int, attempt: int) -> str:
+    """A new run's fencing token: ``"<retried>.<attempt>.<nonce>"``, with a random nonce.
+
+    The nonce makes each run's token its own even when a broker hands the same message
+    out twice with the same delivery count (JetStream can, after a server crash): the
+    second run's :meth:`Results.start_job` then fences the first, whose writes with its
+    token are refused.
+    """
+    return f"{retried}.{attempt}.{os.urandom(6).hex()}"
+
+
 def run_retry(run: str) -> int | None:
-    """The retry a run token belongs to: ``retried`` of a token ``"<retried>.<attempt>"``
-    (the tokens the worker writes); ``None`` for an empty or other token."""
+    """The retry a run token belongs to: ``retried`` of a token
+    ``"<retried>.<attempt>.<nonce>"`` (:func:`run_token`; also of the ``"<retried>.<attempt>"``
+    tokens of earlier versions); ``None`` for an empty or other token."""
     if not run:
         return None
     head, dot, _ = run.partition(".")
