@@ -35,9 +35,11 @@ message again after ``ack_wait``.
 
 :attr:`NatsDelivery.attempt` is JetStream's delivered count (plus the deliveries of the
 earlier copies of a message put back with :meth:`~NatsDelivery.nack`, carried in the
-``Tasqueue-Delivered`` header), so a redelivery always has a higher attempt and the
-server's run token (``retried.attempt``) fences the results store: a stale run's writes
-are refused. JetStream itself accepts an ack from any delivery of a message, so the
+``Tasqueue-Delivered`` header), so a redelivery usually has a higher attempt; not always:
+after a server crash JetStream can deliver a message again with the same count. The
+server's run token (``retried.attempt.nonce``, :func:`~tasqueue_anyio.abc.run_token`) is
+unique per run either way, and fences the results store: a stale run's writes are
+refused. JetStream itself accepts an ack from any delivery of a message, so the
 broker also fences its own settles: a delivery whose lease was not renewed within
 ``ack_wait`` (its process was paused, its renewals could not reach the server) is
 considered lost, and settling it raises :class:`~tasqueue_anyio.LeaseLostError` without
