@@ -772,16 +772,20 @@ class NatsBroker(NatsBackend, Broker):
         """Whether a copy of ``env``'s message stored after ``seq`` (its first copy) is
         still in the stream: the copy on the queue that a message schedule or the schedule
         relay made when its ETA came due, or one put back (:meth:`NatsDelivery.nack`, a
-        consumer that stopped). These copies do not carry the message's id, so they are
-        found by their data on the queue's subjects past ``seq``: batched direct gets
-        (one round trip per 256 messages; one per message before nats-server 2.11). Only
-        an enqueue the server reports as a duplicate of a message that is gone pays it.
+        consumer that stopped). These copies do not carry the message's id (the relay's
+        carry ``relay:<sequence>``), so they are found by their data on the queue's
+        subjects past ``seq``: batched direct gets (one round trip per 256 messages; one
+        per message before nats-server 2.11). Only an enqueue the server reports as a
+        duplicate of a message that is gone pays it.
         """
         q = self._queue(env.queue)
         for subject in (q.subject, f"{q.scheduled}.*"):
             for message in await self.read_range(self.stream, subject, seq + 1):
-                if message.payload == env.data:
-                    return True
+                if message.payload != env.data:
+                    continue
+                copy_id = header_value(message.headers, "Nats-Msg-Id")
+                if not copy_id or copy_id == env.id or copy_id.startswith("relay:"):
+                    return True  # (same data under another message's id is not a copy)
         return False
 
     async def _stored(self, seq: int) -> bool:
