@@ -349,20 +349,6 @@ class Worker:
             follow_ups = msg.job.on_error
         await self._ack(delivery, follow_ups, links, redelivered=True)
 
-    def _stored_retry(self, msg: JobMessage, current: JobRecord) -> tuple[JobMessage, bytes] | None:
-        """The retry message a ``retrying`` record holds, with its bytes (``None``, and a
-        warning, when it does not decode: nothing can be enqueued then)."""
-        try:
-            return decode_message(current.data, max_size=self.server.max_message_size), current.data
-        except DecodeError as exc:
-            self.log.warning(
-                "job %s is retrying but its stored retry does not decode; not enqueued: %s",
-                msg.id,
-                exc,
-                extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
-            )
-            return None
-
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo
     ) -> None:
@@ -654,6 +640,20 @@ class Worker:
                 job_id,
                 extra={"job_id": job_id},
             )
+
+    def _stored_retry(self, msg: JobMessage, current: JobRecord) -> tuple[JobMessage, bytes] | None:
+        """The retry message a ``retrying`` record holds, with its bytes (``None``, and a
+        warning, when it does not decode: nothing can be enqueued then)."""
+        try:
+            return decode_message(current.data, max_size=self.server.max_message_size), current.data
+        except DecodeError as exc:
+            self.log.warning(
+                "job %s is retrying but its stored retry does not decode; not enqueued: %s",
+                msg.id,
+                exc,
+                extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
+            )
+            return None
 
 
 def _alone(msg: JobMessage, callback: object, follow_ups: Sequence[Job]) -> bool:
