@@ -41,7 +41,7 @@ from ._exceptions import (
 )
 from ._jobs import Job, JobContext, JobMessage, Meta, Status
 from ._schedule import Scheduler
-from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord
+from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord, run_token
 
 if TYPE_CHECKING:
     from ._server import Server, Task
@@ -96,7 +96,8 @@ class _RunInfo:
     __slots__ = ("duration", "token", "trace")
 
     def __init__(self, token: str) -> None:
-        #: this run's fencing token: retries so far and the delivery attempt
+        #: this run's fencing token: retries so far, the delivery attempt and a nonce
+        #: (see ``abc.run_token``)
         self.token = token
         self.trace: dict[str, str] | None = None
         self.duration: float | None = None
@@ -272,7 +273,7 @@ class Worker:
                 return
             msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
             data = server.encode(msg)
-            run = _RunInfo(f"{msg.meta.retried}.{delivery.attempt}")
+            run = _RunInfo(run_token(msg.meta.retried, delivery.attempt))
             refused = await self.results.start_job(
                 job_id, JobRecord(status="processing", data=data, run=run.token)
             )
@@ -323,17 +324,23 @@ class Worker:
         this message is of a try the job has moved past (see ``abc.may_start``)."""
         status = current.status
         if status not in FINAL_STATUSES and not current.cancel_requested:
-            # The message of a failed try came back after its retry was enqueued (its
-            # broker enqueued the retry, then lost the ack): the retry runs, not this.
+            # The message of a failed try came back after the job moved on: the retry
+            # runs, not this. A ``retrying`` record holds the retry's message, which the
+            # ack of the failed try carried: that ack may have failed (a dropped
+            # connection, a lease lost to a pause) or not happened (a crash), so the retry
+            # is enqueued again with this ack; its id is fixed, so a retry that exists is
+            # not stored twice (see ``Broker.enqueue_many``).
+            retry = self._stored_retry(msg, current) if status == "retrying" else None
             self.log.info(
                 "job %s: a message of try %d came back after the job moved on (its run "
-                "%s); dropped",
+                "%s); dropped%s",
                 msg.id,
                 msg.meta.retried,
                 current.run or "-",
+                "" if retry is None else f", its retry {retry[0].meta.retried} ensured",
                 extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
             )
-            await delivery.ack()
+            await delivery.ack(enqueue=() if retry is None else [_envelope(*retry)])
             return
         if status not in FINAL_STATUSES:  # cancel requested while it was held
             reason = _describe(JobCancelledError(f"job {msg.id} was cancelled before it started"))
@@ -710,6 +717,20 @@ class Worker:
                 job_id,
                 extra={"job_id": job_id},
             )
+
+    def _stored_retry(self, msg: JobMessage, current: JobRecord) -> tuple[JobMessage, bytes] | None:
+        """The retry message a ``retrying`` record holds, with its bytes (``None``, and a
+        warning, when it does not decode: nothing can be enqueued then)."""
+        try:
+            return decode_message(current.data, max_size=self.server.max_message_size), current.data
+        except DecodeError as exc:
+            self.log.warning(
+                "job %s is retrying but its stored retry does not decode; not enqueued: %s",
+                msg.id,
+                exc,
+                extra={"job_id": msg.id, "task": msg.job.task, "queue": msg.meta.queue},
+            )
+            return None
 
 
 def _alone(msg: JobMessage, callback: object, follow_ups: Sequence[Job]) -> bool:

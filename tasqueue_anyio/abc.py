@@ -12,6 +12,7 @@ Timestamps (``eta``) are POSIX seconds (``time.time()``), because they cross pro
 
 from __future__ import annotations
 
+import os
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -33,6 +34,7 @@ __all__ = [
     "ScheduleRecord",
     "may_start",
     "run_retry",
+    "run_token",
 ]
 
 _B = TypeVar("_B", bound="Broker")
@@ -48,8 +50,11 @@ class Envelope:
 
     :param queue: the (validated) queue name
     :param data: the encoded message
-    :param id: a unique id of this message (job id and run number); brokers that can
-        deduplicate use it so that a repeated enqueue of the same message is harmless
+    :param id: a unique id of this message (job id and try number): enqueueing a
+        message whose id a message still on the broker has (due, waiting for its ETA,
+        held by a worker or put back; not acked nor dead-lettered) stores nothing, so a
+        repeated enqueue of the same message is harmless (see
+        :meth:`Broker.enqueue_many`)
     :param eta: POSIX time before which the message must not be delivered, or ``None``
     """
 
@@ -78,10 +83,11 @@ class JobRecord:
     :param data: the encoded job message
     :param cancel_requested: set by :meth:`Results.request_cancel` on a running job, so
         that a redelivery of it never starts again
-    :param run: the fencing token of the run that wrote the record (empty when none):
-        a run whose broker lease was lost cannot write over the run that took the job
-        over, because :meth:`Results.update_job` and :meth:`Results.set_result` given a
-        ``run`` only write while it is still the stored one
+    :param run: the fencing token of the run that wrote the record (empty when none;
+        :func:`run_token` makes one per run): a run whose broker lease was lost cannot
+        write over the run that took the job over, because :meth:`Results.update_job`
+        and :meth:`Results.set_result` given a ``run`` only write while it is still the
+        stored one
     """
 
     status: str
@@ -90,9 +96,21 @@ class JobRecord:
     run: str = ""
 
 
+def run_token(retried: int, attempt: int) -> str:
+    """A new run's fencing token: ``"<retried>.<attempt>.<nonce>"``, with a random nonce.
+
+    The nonce makes each run's token its own even when a broker hands the same message
+    out twice with the same delivery count (JetStream can, after a server crash): the
+    second run's :meth:`Results.start_job` then fences the first, whose writes with its
+    token are refused.
+    """
+    return f"{retried}.{attempt}.{os.urandom(6).hex()}"
+
+
 def run_retry(run: str) -> int | None:
-    """The retry a run token belongs to: ``retried`` of a token ``"<retried>.<attempt>"``
-    (the tokens the worker writes); ``None`` for an empty or other token."""
+    """The retry a run token belongs to: ``retried`` of a token
+    ``"<retried>.<attempt>.<nonce>"`` (:func:`run_token`; also of the ``"<retried>.<attempt>"``
+    tokens of earlier versions); ``None`` for an empty or other token."""
     if not run:
         return None
     head, dot, _ = run.partition(".")
@@ -258,7 +276,13 @@ class Broker(metaclass=ABCMeta):
         """Put messages on their queues in one call (one round trip where possible).
 
         Either all messages are stored or the call raises; messages due now are
-        delivered in the given order.
+        delivered in the given order. A message whose :attr:`Envelope.id` a message on
+        the broker still has (it was enqueued and is not acked nor dead-lettered yet,
+        whether due, waiting for its ETA, held or put back) is not stored again: the
+        worker relies on it to re-enqueue a retry that it cannot tell exists. (A broker
+        may also remember ids for a while after their message is gone, as JetStream's
+        duplicate window does, as long as a message whose id is gone can be enqueued
+        again.)
         """
 
     @abstractmethod

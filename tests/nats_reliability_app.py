@@ -22,6 +22,8 @@ The tasks:
   only while that subject is empty (a later run's copy is refused, and ignored).
 - ``nap`` (payload: seconds to sleep) only sleeps: it never touches NATS itself, so a
   server outage reaches nothing but the library.
+- ``flaky`` (payload: seconds): its first try sleeps that long and fails; a retry does
+  what ``effect`` does (no sleep).
 
 Importing this module has no side effects: the worker command names the factory
 (``nats_reliability_app:make_server``), which reads the environment when the worker starts.
@@ -112,8 +114,16 @@ def make_server(
     async def nap(payload: bytes, ctx: JobContext) -> None:
         await anyio.sleep(float(payload or b"0"))
 
+    async def flaky(payload: bytes, ctx: JobContext) -> None:
+        if ctx.meta.retried > 0:
+            await effect(b"", ctx)
+            return
+        await anyio.sleep(float(payload))
+        raise RuntimeError(f"pid {pid}: the first try of job {ctx.job_id} fails")
+
     server = Server(broker=broker, results=NatsResults(url, bucket=name))
     server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency)
     server.register_task("effect", effect, queue=QUEUE)
     server.register_task("nap", nap, queue=QUEUE)
+    server.register_task("flaky", flaky, queue=QUEUE)
     return server

@@ -22,6 +22,9 @@ library does not use), so the test process reads them whatever worker wrote them
   PREFIX:t:effects <job id> 1``.
 - ``nap`` (payload: seconds to sleep) only sleeps: it never touches Redis itself, so a
   Redis outage reaches nothing but the library.
+- ``flaky`` (payload: seconds): its first try pushes ``"<pid>:<attempt>"`` onto
+  ``PREFIX:t:started:<job id>``, sleeps that long and fails; a retry does what ``effect``
+  does (no sleep).
 
 Importing this module has no side effects: the worker command names the factory
 (``reliability_app:make_server``), which reads the environment when the worker starts.
@@ -110,8 +113,17 @@ def make_server(
     async def nap(payload: bytes, ctx: JobContext) -> None:
         await anyio.sleep(float(payload or b"0"))
 
+    async def flaky(payload: bytes, ctx: JobContext) -> None:
+        if ctx.meta.retried > 0:
+            await effect(b"", ctx)
+            return
+        await broker.client.rpush(keys.started(ctx.job_id), [f"{pid}:{ctx.meta.attempt}"])
+        await anyio.sleep(float(payload))
+        raise RuntimeError(f"pid {pid}: the first try of job {ctx.job_id} fails")
+
     server = Server(broker=broker, results=RedisResults(url, prefix=prefix))
     server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency)
     server.register_task("effect", effect, queue=QUEUE)
     server.register_task("nap", nap, queue=QUEUE)
+    server.register_task("flaky", flaky, queue=QUEUE)
     return server

@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable
 
 import anyio
+import attrs
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 from broker_support import consuming, envelope, receive
 
-from tasqueue_anyio.abc import Broker, Delivery
+from tasqueue_anyio.abc import Broker, Delivery, Envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -357,3 +358,42 @@ async def test_raising_subscriber_does_not_end_the_subscription(
         await broker.publish(channel, b"2")
         assert await good.wait_for(2) == [b"1", b"2"]
     assert calls == [b"1", b"2"]
+
+
+async def test_reenqueue_of_an_existing_id_stores_nothing(broker: Broker, queue_name: str) -> None:
+    """Enqueueing a message whose id has a copy on the broker (due, waiting for its ETA,
+    held by a worker, or put back) stores nothing: a worker re-enqueues a retry it cannot
+    tell was enqueued (its broker may have lost the ack that carried it) by its fixed id.
+    Once the copy is gone (acked), the id may be enqueued again."""
+    due = Envelope(queue=queue_name, id="job-a/1", data=b"a1")
+    later = Envelope(queue=queue_name, id="job-b/1", data=b"b1", eta=time.time() + 60)
+    await broker.enqueue_many([due, later])
+    await broker.enqueue_many([due, later])
+    assert await broker.get_pending(queue_name) == [b"a1"]
+    assert [data for _, data in await broker.get_scheduled(queue_name)] == [b"b1"]
+    # an ETA that came due: the copy moved to the queue, still the same message
+    soon = Envelope(queue=queue_name, id="job-c/1", data=b"c1", eta=time.time() + 0.3)
+    await broker.enqueue(soon)
+    async with consuming(broker, queue_name) as stream:
+        first = await receive(stream)
+        assert first.data == b"a1"
+        await broker.enqueue(due)  # held by a worker
+        fired = await receive(stream)
+        assert fired.data == b"c1"
+        await broker.enqueue(soon)  # fired, held
+        await broker.enqueue(attrs.evolve(soon, eta=None))
+        assert await broker.get_pending(queue_name) == []
+        await first.ack()
+        await fired.ack()
+        await broker.enqueue(due)  # acked: a new message
+        again = await receive(stream)
+        assert again.data == b"a1"
+        assert again.attempt == 1
+        await again.nack()  # put back (on some brokers as a copy): the same message
+        await broker.enqueue(due)
+        back = await receive(stream)
+        assert back.data == b"a1"
+        assert back.attempt == 2
+        await back.ack()
+    assert await broker.get_pending(queue_name) == []
+    assert [data for _, data in await broker.get_scheduled(queue_name)] == [b"b1"]

@@ -12,7 +12,7 @@ import pytest
 from broker_support import consuming, envelope, receive
 from server_support import TIMEOUT
 
-from tasqueue_anyio.abc import Broker, JobRecord, Results
+from tasqueue_anyio.abc import Broker, JobRecord, Results, run_token
 
 pytestmark = pytest.mark.anyio
 
@@ -65,14 +65,22 @@ async def test_end_job_records_acks_and_announces(
     assert job_id in await results.get_success()
 
 
+@pytest.mark.parametrize("same_attempt", [False, True], ids=["next-attempt", "same-attempt"])
 async def test_end_job_not_written_still_acks_and_stays_quiet(
-    broker: Broker, results: Results, queue_name: str
+    broker: Broker, results: Results, queue_name: str, same_attempt: bool
 ) -> None:
     job_id, channel = uuid4().hex, f"ch-{uuid4().hex[:8]}"
     heard = Heard()
-    # another run (token 0.2) owns the job now: this run's end is not recorded
+    # another run owns the job now (a redelivery: the next attempt, or the same attempt
+    # handed out again after a server crash): this run's end is not recorded
+    mine, owner = (run_token(0, 1), run_token(0, 1)) if same_attempt else ("0.1", "0.2")
+    if same_attempt:
+        assert (
+            await results.start_job(job_id, JobRecord(status="processing", data=b"m", run=mine))
+            is None
+        )
     assert (
-        await results.start_job(job_id, JobRecord(status="processing", data=b"m", run="0.2"))
+        await results.start_job(job_id, JobRecord(status="processing", data=b"m", run=owner))
         is None
     )
     await broker.enqueue(envelope(queue_name, b"payload"))
@@ -80,9 +88,9 @@ async def test_end_job_not_written_still_acks_and_stays_quiet(
         delivery = await receive(stream)
         written = await results.end_job(
             job_id,
-            JobRecord(status="successful", data=b"done", run="0.1"),
+            JobRecord(status="successful", data=b"done", run=mine),
             expect=("processing",),
-            run="0.1",
+            run=mine,
             delivery=delivery,
             announce=[(channel, b"ended")],
         )
@@ -92,7 +100,7 @@ async def test_end_job_not_written_still_acks_and_stays_quiet(
         await delivery.nack()  # settled already: does nothing
     assert await broker.get_pending(queue_name) == []
     record = await results.get_job(job_id)
-    assert (record.status, record.run) == ("processing", "0.2")
+    assert (record.status, record.run) == ("processing", owner)
     assert job_id not in await results.get_success()
 
 

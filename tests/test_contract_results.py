@@ -22,6 +22,7 @@ from tasqueue_anyio.abc import (
     ScheduleRecord,
     may_start,
     run_retry,
+    run_token,
 )
 
 pytestmark = pytest.mark.anyio
@@ -148,8 +149,16 @@ async def test_start_job_refuses_a_message_of_an_earlier_try(
 
 
 def test_run_retry_reads_worker_tokens_only() -> None:
-    tokens = ("0.1", "12.3", "", "x.1", "3", ".2", "-1.2", "\u00b2.1")
-    assert [run_retry(t) for t in tokens] == [0, 12, None, None, None, None, None, None]
+    tokens = ("0.1", "12.3", "", "x.1", "3", ".2", "-1.2", "\u00b2.1", run_token(4, 2))
+    assert [run_retry(t) for t in tokens] == [0, 12, None, None, None, None, None, None, 4]
+
+
+def test_run_tokens_are_unique_per_run() -> None:
+    """Two runs of one try can see the same delivery attempt (JetStream after a server
+    crash): their tokens still differ, so one can fence the other."""
+    tokens = {run_token(0, 1) for _ in range(1000)}
+    assert len(tokens) == 1000
+    assert {t.rsplit(".", 1)[0] for t in tokens} == {"0.1"}
 
 
 async def test_update_job_respects_expect(results: Results, job_id: str) -> None:
@@ -571,6 +580,31 @@ async def test_update_job_fenced_by_run_token(results: Results) -> None:
     done = JobRecord(status="successful", data=b"done", run="0.2")
     assert await results.update_job(job_id, done, expect=["processing"], run="0.2")
     assert (await results.get_job(job_id)).data == b"done"
+    assert job_id in await results.get_success()
+
+
+async def test_a_second_run_of_one_try_fences_the_first(results: Results) -> None:
+    """Two runs of the same try with the same delivery attempt (a message handed out
+    twice with one delivery count): the second's start takes the job over, the first's
+    writes are refused."""
+    job_id = f"fence-{uuid4().hex}"
+    first, second = run_token(0, 1), run_token(0, 1)
+    await results.set_jobs({job_id: JobRecord(status="queued", data=b"q")})
+    assert (
+        await results.start_job(job_id, JobRecord(status="processing", data=b"1", run=first))
+        is None
+    )
+    started = JobRecord(status="processing", data=b"2", run=second)
+    assert await results.start_job(job_id, started) is None
+    assert not await results.set_result(job_id, b"first", run=first)
+    stale = JobRecord(status="successful", data=b"first", run=first)
+    assert not await results.update_job(job_id, stale, expect=["processing"], run=first)
+    assert await results.get_job(job_id) == started
+    assert job_id not in await results.get_success()
+    assert await results.set_result(job_id, b"second", run=second)
+    done = JobRecord(status="successful", data=b"2", run=second)
+    assert await results.update_job(job_id, done, expect=["processing"], run=second)
+    assert await results.get_result(job_id) == b"second"
     assert job_id in await results.get_success()
 
 

@@ -24,8 +24,9 @@ from nats_server import (
     shared_old_nats_server,
     start_nats_server,
 )
-from nats_support import broker_on, drained, eventually, name, take_all
+from nats_support import broker_on, drained, eventually, name, results_on, take_all
 from server_support import TIMEOUT, running
+from shim_support import run_with_a_failed_retry_ack
 
 from tasqueue_anyio import Backoff, InvalidInputError, Job, JobContext, Server, Status
 from tasqueue_anyio._jobs import validate_queue
@@ -283,3 +284,18 @@ async def test_upgrade_adopts_the_waiting_messages(tmp_path: Path) -> None:
                 await broker.js.consumer_info(broker.stream, q.relay)
     finally:
         nats.close()
+
+
+@pytest.mark.parametrize("fault", ["connection", "lease"])
+async def test_a_retry_whose_ack_failed_still_runs_through_the_relay(
+    old_nats_server: NatsServer, fault: str
+) -> None:
+    """As ``test_server_retries.test_a_retry_whose_ack_failed_still_runs``, with a
+    backoff: the retry waits for its ETA in the schedule relay."""
+    async with broker_on(old_nats_server) as broker, results_on(old_nats_server) as results:
+        failed, done, runs = await run_with_a_failed_retry_ack(
+            broker, results, "q", fault, backoff=Backoff(initial=0.2, jitter=False)
+        )
+    assert len(failed) == 1
+    assert done.status is Status.SUCCESSFUL
+    assert runs == [0, 1]

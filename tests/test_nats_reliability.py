@@ -350,6 +350,39 @@ async def test_kill_storm_every_job_completes_with_its_effect_once(
             )
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_a_run_paused_past_its_ack_wait_that_fails_still_retries(
+    nats_server: NatsServer, tmp_path: Path, backend: str
+) -> None:
+    """Issue 11, hole 11: the only worker is stopped past its ack wait while the first
+    try of a job runs. It resumes, its run fails: its ``retrying`` write succeeds (no
+    other run took the job), the ack that carries the retry is refused (lease lost), and
+    JetStream delivers the message again to that worker: it must enqueue the retry,
+    which runs."""
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(nats_server.url, tmp_path, concurrency=1) as f:
+        async with opened(f) as server:
+            owner = await f.start(backend)
+            await f.wait_consuming(server, 1)
+            # the first try sleeps 3 s (it is stopped meanwhile), then fails
+            job_id = await server.enqueue(Job("flaky", b"3", queue=QUEUE, max_retries=1))
+            await wait_status(server, job_id, Status.PROCESSING)
+            owner.send(signal.SIGSTOP)
+            try:
+                await anyio.sleep(ACK_WAIT * 2)  # the pause: past the ack wait
+                assert owner.state() == "T"
+            finally:
+                owner.send(signal.SIGCONT)
+
+            msg = await server.wait(job_id, timeout=STEP)
+            assert msg.status is Status.SUCCESSFUL, f.logs()
+            assert msg.meta.retried == 1
+            # the failed run's ack (carrying the retry) was refused: the hole was reached
+            assert "lost its lease" in owner.log
+            assert await traces(server, f.effects.effects, f) == {job_id: 1}
+            await f.wait_drained(server)
+            assert owner.alive, owner.log
+
+
 #: The server restart: jobs enqueued at first, the seconds each sleeps, the outage.
 RESTART_JOBS = 200
 RESTART_JOB_SECONDS = b"0.05"

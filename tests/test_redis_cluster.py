@@ -23,8 +23,10 @@ from broker_support import consuming, envelope, receive
 from coredis.typing import Key
 from redis_cluster import RedisCluster
 from server_support import TIMEOUT, running, wait_event
+from shim_support import run_with_a_failed_retry_ack
 
 from tasqueue_anyio import (
+    Backoff,
     BrokerError,
     Chain,
     Group,
@@ -416,3 +418,22 @@ async def test_a_server_on_the_cluster(
         assert early not in await server.get_success()
         with pytest.raises(JobNotFoundError):
             await server.get_job(early)
+
+
+@pytest.mark.parametrize("fault", ["connection", "lease"])
+async def test_a_retry_whose_ack_failed_still_runs_on_the_cluster(
+    redis_cluster: RedisCluster, fault: str
+) -> None:
+    """As ``test_server_retries.test_a_retry_whose_ack_failed_still_runs``, on the
+    cluster (``split_slots``), with a backoff: the retry waits for its ETA."""
+    name = prefix()
+    async with (
+        RedisBroker(redis_cluster.url, prefix=name) as broker,
+        RedisResults(redis_cluster.url, prefix=name) as results,
+    ):
+        failed, done, runs = await run_with_a_failed_retry_ack(
+            broker, results, "q", fault, backoff=Backoff(initial=0.2, jitter=False)
+        )
+    assert len(failed) == 1
+    assert done.status is Status.SUCCESSFUL
+    assert runs == [0, 1]

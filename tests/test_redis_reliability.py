@@ -320,6 +320,49 @@ async def test_zombie_owner_resumed_after_its_lease_cannot_write(
             assert "lease lost" not in other.log
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_a_run_paused_past_its_lease_that_fails_still_retries(
+    redis_server: RedisServer, tmp_path: Path, backend: str
+) -> None:
+    """Issue 11, hole 11: the only worker is stopped past its lease while the first try
+    of a job runs, and its message is swept back to the queue (here by an inspection).
+    The worker resumes, its run fails: its ``retrying`` write succeeds (no other run
+    took the job), the ack that carries the retry is refused (lease lost), and the
+    swept message comes back to that worker: it must enqueue the retry, which runs."""
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(redis_server.url, tmp_path, concurrency=1) as f:
+        owner = await f.start(backend)
+        async with opened(f) as (server, client):
+            await f.wait_consuming(client, 1)
+            # the first try sleeps 3 s (it is stopped meanwhile), then fails
+            job_id = await server.enqueue(Job("flaky", b"3", queue=QUEUE, max_retries=1))
+
+            async def started() -> bool:
+                return bool(await started_runs(client, f, job_id))
+
+            await wait_until(started, f"job {job_id} to start", f)
+            owner.send(signal.SIGSTOP)
+            try:
+
+                async def swept() -> bool:  # the lease ran out: the message is due again
+                    return bool(await server.get_pending(QUEUE))
+
+                await wait_until(swept, "the stopped run's message to be swept back", f)
+                assert owner.state() == "T"
+            finally:
+                owner.send(signal.SIGCONT)
+
+            msg = await server.wait(job_id, timeout=STEP)
+            assert msg.status is Status.SUCCESSFUL, f.logs()
+            assert msg.meta.retried == 1
+            assert await started_runs(client, f, job_id) == [f"{owner.pid}:1"]
+            # the failed run's ack (carrying the retry) was refused: the hole was reached
+            assert "lost its lease" in owner.log
+            effects = await client.hgetall(f.keys.effects)
+            assert effects == {job_id.encode(): b"1"}
+            await f.wait_drained(client)
+            assert owner.alive, owner.log
+
+
 #: The Redis restart: jobs enqueued at first, the seconds each sleeps, the outage.
 RESTART_JOBS = 200
 RESTART_JOB_SECONDS = b"0.05"

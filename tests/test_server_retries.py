@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -11,6 +12,7 @@ import anyio
 import anyio.from_thread
 import pytest
 from server_support import TIMEOUT, Counter, noop, running, wait_event
+from shim_support import ShimBroker, ShimDelivery, run_with_a_failed_retry_ack
 
 from tasqueue_anyio import (
     Backoff,
@@ -19,10 +21,11 @@ from tasqueue_anyio import (
     JobContext,
     JobMessage,
     JobTimeoutError,
+    LeaseLostError,
     Server,
     Status,
 )
-from tasqueue_anyio.abc import Broker, Envelope, Results
+from tasqueue_anyio.abc import Broker, Delivery, Envelope, Results
 
 pytestmark = pytest.mark.anyio
 
@@ -164,9 +167,7 @@ async def test_backoff_delays_the_retry(broker: Broker, results: Results, queue_
 
     async with Server(broker=broker, results=results) as server:
         server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
-        job = Job(
-            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False)
-        )
+        job = Job("t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False))
         job_id = await server.enqueue(job)
         async with running(server):
             await wait_event(retrying_seen)
@@ -204,9 +205,7 @@ async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
 
     async with Server(broker=broker, results=results) as server:
         server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
-        job = Job(
-            "t", queue=queue_name, max_retries=1, backoff=Backoff(initial=1.0, jitter=False)
-        )
+        job = Job("t", queue=queue_name, max_retries=1, backoff=Backoff(initial=1.0, jitter=False))
         job_id = await server.enqueue(job)
         first_try = (await results.get_job(job_id)).data  # the message as enqueued
         async with running(server):
@@ -220,6 +219,91 @@ async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
     assert runs == [0, 1]
     dropped = [r for r in caplog.records if "came back after the job moved on" in r.getMessage()]
     assert len(dropped) == 1
+
+
+@pytest.mark.parametrize("fault", ["connection", "lease"])
+async def test_a_retry_whose_ack_failed_still_runs(
+    broker: Broker, results: Results, queue_name: str, fault: str
+) -> None:
+    """The failed try's ack carries its retry; when that ack fails after the job was
+    recorded ``retrying``, the message of the failed try comes back: it must enqueue
+    the retry (which its ack did not), not just be dropped, or the job stays
+    ``retrying`` with nothing queued."""
+    failed, done, runs = await run_with_a_failed_retry_ack(broker, results, queue_name, fault)
+    assert len(failed) == 1
+    assert done.status is Status.SUCCESSFUL
+    assert runs == [0, 1]
+
+
+class _FirstAttempt(ShimDelivery):
+    """A delivery that says it is the first, whatever the broker counted (as JetStream
+    may after a server crash: a message delivered again with the same count); it sets
+    its event in ``acked`` (one per delivery, in delivery order) once acked."""
+
+    __slots__ = ("acked", "number")
+
+    def __init__(self, inner: Delivery, acked: list[anyio.Event]) -> None:
+        super().__init__(inner)
+        self.acked = acked
+        self.number = len(acked)
+        acked.append(anyio.Event())
+
+    @property
+    def attempt(self) -> int:
+        return 1
+
+    async def ack(
+        self, *, enqueue: Sequence[Envelope] = (), announce: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
+        await super().ack(enqueue=enqueue, announce=announce)
+        self.acked[self.number].set()
+
+
+async def test_two_runs_of_one_try_with_one_attempt_record_one_outcome(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    """A message handed out a second time with the same attempt while its first run
+    still goes on: the second run fences the first (run tokens are unique per run), so
+    the first run's save and end, made while the second runs, are refused, and the
+    second run's outcome is the one recorded."""
+    started = [anyio.Event(), anyio.Event()]
+    release = [anyio.Event(), anyio.Event()]
+    saves: list[tuple[int, BaseException | None]] = []
+    acked: list[anyio.Event] = []
+
+    async def handler(payload: bytes, ctx: JobContext) -> None:
+        run = sum(event.is_set() for event in started)
+        assert ctx.meta.attempt == 1
+        started[run].set()
+        await release[run].wait()
+        try:
+            await ctx.save(f"run {run}".encode())
+        except LeaseLostError as exc:
+            saves.append((run, exc))
+            raise
+        saves.append((run, None))
+
+    shim = ShimBroker(broker, lambda delivery: _FirstAttempt(delivery, acked))
+    async with shim, Server(broker=shim, results=results) as server:
+        server.register_task("t", handler, queue=queue_name, concurrency=2)
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        message = (await results.get_job(job_id)).data
+        async with running(server):
+            await wait_event(started[0])
+            # the same message again (a copy: the broker still holds the first one)
+            await broker.enqueue(Envelope(queue=queue_name, data=message, id="again"))
+            await wait_event(started[1])
+            release[0].set()  # the first run ends while the second runs
+            await wait_event(acked[0])  # (each delivery's event exists once it runs)
+            release[1].set()
+            done = await server.wait(job_id, timeout=TIMEOUT)
+            await wait_event(acked[1])
+        assert await server.get_result(job_id) == b"run 1"
+        assert await server.get_success() == [job_id]
+        assert await broker.get_pending(queue_name) == []
+
+    assert done.status is Status.SUCCESSFUL
+    assert [(run, type(exc)) for run, exc in saves] == [(0, LeaseLostError), (1, type(None))]
 
 
 # -- timeouts --------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ heap of scheduled ones ordered by ``(eta, enqueue sequence)``. Consumers of one 
 share it: each message goes to exactly one of them. Everything runs on one event loop,
 so the code between two ``await`` points is atomic and needs no lock.
 
+A message's id (:attr:`Envelope.id <tasqueue_anyio.abc.Envelope.id>`) is remembered
+while the message exists (due, scheduled or held by a worker): enqueueing the id again
+meanwhile stores nothing, as on the other brokers.
+
 Delivery is at least once *within the process*: a message is held by its
 :class:`MemoryDelivery` until that is settled, and a delivery that is garbage-collected
 unsettled gives its message back to the queue (see :class:`MemoryDelivery`). Nothing
@@ -41,11 +45,12 @@ _WITHDRAWN = 2  # consume() put the message back after a hand-over that may have
 
 
 class _Message:
-    """One message in a queue, and how many times it has been delivered."""
+    """One message in a queue: its id, and how many times it has been delivered."""
 
-    __slots__ = ("data", "deliveries")
+    __slots__ = ("data", "deliveries", "id")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, id: str, data: bytes) -> None:
+        self.id = id
         self.data = data
         self.deliveries = 0
 
@@ -54,7 +59,7 @@ class _Queue:
     """The plain data of one queue (touched by finalizers, so no event-loop objects but
     ``wakeup``, which only the event loop touches)."""
 
-    __slots__ = ("abandoned", "dead", "held", "name", "ready", "scheduled", "wakeup")
+    __slots__ = ("abandoned", "dead", "held", "ids", "name", "ready", "scheduled", "wakeup")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -69,6 +74,9 @@ class _Queue:
         self.abandoned: deque[_Message] = deque()
         #: deliveries handed out and not settled (abandoned ones included until reclaimed)
         self.held = 0
+        #: ids of the messages of this queue that exist (due, scheduled or held): an
+        #: enqueue of one of them stores nothing
+        self.ids: set[str] = set()
         #: set to wake idle consumers, then replaced; created lazily by a waiting consumer
         self.wakeup: anyio.Event | None = None
 
@@ -171,6 +179,7 @@ class MemoryDelivery(Delivery):
             was cancelled) and has been delivered again
         """
         if self._release():
+            self._q.ids.discard(self._message.id)
             if enqueue:
                 self._broker._put_many(enqueue)
             for channel, message in announce:
@@ -208,6 +217,7 @@ class MemoryDelivery(Delivery):
         :raises BrokerError: as for :meth:`ack`
         """
         if self._release():
+            self._q.ids.discard(self._message.id)
             self._q.dead.append(
                 DeadLetter(
                     queue=self._q.name,
@@ -264,16 +274,22 @@ class MemoryBroker(Broker):
             event.set()
 
     def _put_many(self, messages: Iterable[Envelope]) -> None:
+        """Store the messages, but those whose id a message of their queue has (due,
+        scheduled or held): an enqueue repeated while the first copy exists stores nothing."""
         now = self._clock()
         touched: dict[str, _Queue] = {}
         for env in messages:
             q = touched.get(env.queue)
             if q is None:
                 q = touched[env.queue] = self._queue(env.queue)
+            if env.id in q.ids:
+                continue
+            q.ids.add(env.id)
+            message = _Message(env.id, env.data)
             if env.eta is None or env.eta <= now:
-                q.ready.append(_Message(env.data))
+                q.ready.append(message)
             else:
-                heapq.heappush(q.scheduled, (env.eta, next(self._seq), _Message(env.data)))
+                heapq.heappush(q.scheduled, (env.eta, next(self._seq), message))
         for q in touched.values():
             self._wake(q)
 
@@ -308,6 +324,9 @@ class MemoryBroker(Broker):
 
     async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
         """Put messages on their queues; those due now become deliverable in order.
+
+        A message whose id a message of its queue still has (due, scheduled or held by a
+        worker: not acked nor dead-lettered) is not stored again.
 
         :param messages: the messages; one whose ``eta`` is in the past is due at once
         """

@@ -35,9 +35,11 @@ message again after ``ack_wait``.
 
 :attr:`NatsDelivery.attempt` is JetStream's delivered count (plus the deliveries of the
 earlier copies of a message put back with :meth:`~NatsDelivery.nack`, carried in the
-``Tasqueue-Delivered`` header), so a redelivery always has a higher attempt and the
-server's run token (``retried.attempt``) fences the results store: a stale run's writes
-are refused. JetStream itself accepts an ack from any delivery of a message, so the
+``Tasqueue-Delivered`` header), so a redelivery usually has a higher attempt; not always:
+after a server crash JetStream can deliver a message again with the same count. The
+server's run token (``retried.attempt.nonce``, :func:`~tasqueue_anyio.abc.run_token`) is
+unique per run either way, and fences the results store: a stale run's writes are
+refused. JetStream itself accepts an ack from any delivery of a message, so the
 broker also fences its own settles: a delivery whose lease was not renewed within
 ``ack_wait`` (its process was paused, its renewals could not reach the server) is
 considered lost, and settling it raises :class:`~tasqueue_anyio.LeaseLostError` without
@@ -745,7 +747,9 @@ class NatsBroker(NatsBackend, Broker):
         (JetStream remembers ids for the stream's duplicate window, also after the first
         copy was acknowledged: a message the server reports as a duplicate of one that is
         gone is published again without its id, one more round trip, so that
-        re-enqueueing a finished job runs it again.)
+        re-enqueueing a finished job runs it again. Unless a copy of it is still there:
+        the first copy may be gone because its ETA came due, or it was put back, and
+        such a copy does not carry the id; see :meth:`_copied`.)
 
         :param messages: the messages
         :raises InvalidInputError: a queue name or message id is invalid (nothing sent)
@@ -758,12 +762,36 @@ class NatsBroker(NatsBackend, Broker):
         with translate_errors("enqueueing"):
             acks = await self.publish_all(requests, "enqueueing")
             again: list[Request] = []
-            for request, ack in zip(requests, acks, strict=True):
-                if ack.duplicate and not await self._stored(ack.seq):
+            for request, ack, env in zip(requests, acks, messages, strict=True):
+                if (
+                    ack.duplicate
+                    and not await self._stored(ack.seq)
+                    and not await self._copied(env, ack.seq)
+                ):
                     subject, data, headers = request
                     again.append((subject, data, [h for h in headers if h[0] != "Nats-Msg-Id"]))
             if again:
                 await self.publish_all(again, "enqueueing")
+
+    async def _copied(self, env: Envelope, seq: int) -> bool:
+        """Whether a copy of ``env``'s message stored after ``seq`` (its first copy) is
+        still in the stream: the copy on the queue that a message schedule or the schedule
+        relay made when its ETA came due, or one put back (:meth:`NatsDelivery.nack`, a
+        consumer that stopped). These copies do not carry the message's id (the relay's
+        carry ``relay:<sequence>``), so they are found by their data on the queue's
+        subjects past ``seq``: batched direct gets (one round trip per 256 messages; one
+        per message before nats-server 2.11). Only an enqueue the server reports as a
+        duplicate of a message that is gone pays it.
+        """
+        q = self._queue(env.queue)
+        for subject in (q.subject, f"{q.scheduled}.*"):
+            for message in await self.read_range(self.stream, subject, seq + 1):
+                if message.payload != env.data:
+                    continue
+                copy_id = header_value(message.headers, "Nats-Msg-Id")
+                if not copy_id or copy_id == env.id or copy_id.startswith("relay:"):
+                    return True  # (same data under another message's id is not a copy)
+        return False
 
     async def _stored(self, seq: int) -> bool:
         """Whether the stream still has the message at ``seq``."""

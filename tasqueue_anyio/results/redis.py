@@ -96,7 +96,7 @@ local function list_end(status, id, k)
   end
 end
 
--- the try of a run token '<retried>.<attempt>' (nil for none): see abc.may_start
+-- the try of a run token '<retried>.<attempt>.<nonce>' (nil for none): see abc.may_start
 local function run_retry(run)
   if not run then
     return nil
