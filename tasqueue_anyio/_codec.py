@@ -1,8 +1,11 @@
 """The wire format: msgpack maps with a schema version, decoded defensively.
 
 Everything read from a broker or a store is untrusted: decoding is bounded in size and
-depth, refuses extension types and checks every field's type, and a failure is always a
-:class:`~tasqueue_anyio.DecodeError`.
+depth, refuses extension types, checks every field's type and value (with the rules the
+constructors of ``_jobs`` apply, so whatever a producer builds decodes and whatever
+decodes can run), and a failure is always a :class:`~tasqueue_anyio.DecodeError` whose
+text says what was wrong. :func:`peek_message` reads the ids of a message that does not
+decode, trusting nothing else.
 """
 
 from __future__ import annotations
@@ -87,9 +90,6 @@ def unpack(data: bytes, max_size: int, what: str = "message") -> Any:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise DecodeError(f"not a msgpack {what}: {why(exc)}") from exc
-
-
-_unpack = unpack
 
 
 def check_record_size(what: str, data: bytes) -> bytes:
@@ -356,7 +356,7 @@ def decode_message(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
 
     :raises DecodeError: the bytes are not a job message of a known schema version
     """
-    d = _unpack(data, max_size)
+    d = unpack(data, max_size)
     if type(d) is not list or len(d) != 3:
         raise DecodeError("message is not a [version, meta, job] array")
     if d[0] != SCHEMA_VERSION or type(d[0]) is not int:

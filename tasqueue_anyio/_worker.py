@@ -287,12 +287,11 @@ class Worker:
             reason,
             extra={"queue": delivery.queue, "job_id": job_id},
         )
-        failed = job_id is not None and await self._fail_undecodable(
+        ended = job_id is not None and await self._fail_undecodable(
             job_id, delivery.queue, _describe(error)
         )
         await delivery.dead_letter(reason)
-        if failed:
-            assert job_id is not None
+        if ended and job_id is not None:
             await self.server.publish_finished(job_id, Status.FAILED)
 
     async def _fail_undecodable(self, job_id: str, queue: str, error: str) -> bool:
@@ -342,7 +341,6 @@ class Worker:
             extra={"job_id": job_id, "task": failed.job.task, "queue": failed.meta.queue},
         )
         await server.member_changed(failed, Status.FAILED, error)
-        server.metrics.record("failed", failed.job.task, failed.meta.queue, None)
         return True
 
     async def _expired(self, delivery: Delivery, msg: JobMessage) -> None:
