@@ -1,38 +1,49 @@
 """The wire format: msgpack maps with a schema version, decoded defensively.
 
 Everything read from a broker or a store is untrusted: decoding is bounded in size and
-depth, refuses extension types and checks every field's type, and a failure is always a
-:class:`~tasqueue_anyio.DecodeError`.
+depth, refuses extension types, checks every field's type and value (with the rules the
+constructors of ``_jobs`` apply, so whatever a producer builds decodes and whatever
+decodes can run), and a failure is always a :class:`~tasqueue_anyio.DecodeError` whose
+text says what was wrong. :func:`peek_message` reads the ids of a message that does not
+decode, trusting nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import attrs
 import msgpack
 
-from ._exceptions import DecodeError, InvalidInputError
+from ._exceptions import DecodeError, InvalidInputError, PayloadTooLargeError
 from ._jobs import (
     Backoff,
     Job,
     JobMessage,
     Meta,
     Status,
-    check_schedule,
+    check_count,
+    check_cron,
+    check_seconds,
+    check_task,
+    check_time,
     validate_id,
     validate_queue,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Peek",
     "decode_event",
     "decode_message",
     "encode_event",
     "encode_message",
     "job_from_wire",
     "job_to_wire",
+    "peek_message",
+    "unpack",
 ]
 
 #: Version of the job message schema; decoders refuse versions they do not know.
@@ -41,17 +52,33 @@ SCHEMA_VERSION = 1
 MAX_DEPTH = 32
 #: Default upper bound on one encoded message.
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
+#: Upper bound on a stored group or chain record and on a cron schedule's record: what
+#: the producer may write (:func:`check_record_size`) and what is decoded.
+MAX_RECORD_SIZE = 64 * 1024 * 1024
+
+
+def why(exc: BaseException) -> str:
+    """An exception's text for a decode error's reason: its type name too when the text
+    says little (msgpack raises some errors with no text at all)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _ext_refused(code: int, data: bytes) -> object:
     raise DecodeError(f"msgpack extension type {code} is not allowed")
 
 
-def _unpack(data: bytes, max_size: int) -> Any:
+def unpack(data: bytes, max_size: int, what: str = "message") -> Any:
+    """Decode untrusted msgpack bytes: at most ``max_size`` of them, no extension types,
+    string map keys only, nesting bounded by msgpack's own limit.
+
+    :param what: what the bytes should be, for the error's text
+    :raises DecodeError: anything else
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_size:
-        raise DecodeError(f"message is {len(data)} bytes, over the limit of {max_size}")
+        raise DecodeError(f"{what} is {len(data)} bytes, over the limit of {max_size}")
     try:
         return msgpack.unpackb(
             data,
@@ -62,7 +89,15 @@ def _unpack(data: bytes, max_size: int) -> Any:
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(f"not a msgpack message: {exc}") from exc
+        raise DecodeError(f"not a msgpack {what}: {why(exc)}") from exc
+
+
+def check_record_size(what: str, data: bytes) -> bytes:
+    """Return ``data`` if it is at most :data:`MAX_RECORD_SIZE` long, else raise
+    :class:`PayloadTooLargeError` (so that nothing is stored that cannot be decoded)."""
+    if len(data) > MAX_RECORD_SIZE:
+        raise PayloadTooLargeError(what, len(data), MAX_RECORD_SIZE)
+    return data
 
 
 # -- jobs -------------------------------------------------------------------------------
@@ -79,50 +114,102 @@ _OPT_STR = (str, _N)
 _OPT_BYTES = (bytes, _N)
 _OPT_LIST = (list, _N)
 
-_JOB_FIELDS = (
-    ("task", (str,)),
-    ("payload", (bytes,)),
-    ("id", (str,)),
-    ("queue", (str,)),
-    ("max_retries", _INT),
-    ("backoff", _OPT_LIST),
-    ("timeout", _OPT_NUM),
-    ("eta", _OPT_NUM),
-    ("delay", _OPT_NUM),
-    ("schedule", _OPT_STR),
-    ("on_success", (list,)),
-    ("on_error", (list,)),
-)
-_META_FIELDS = (
-    ("id", (str,)),
-    ("status", (str,)),
-    ("queue", (str,)),
-    ("max_retries", _INT),
-    ("retried", _INT),
-    ("prev_error", _OPT_STR),
-    ("created_at", _NUM),
-    ("processed_at", _OPT_NUM),
-    ("eta", _OPT_NUM),
-    ("timeout", _OPT_NUM),
-    ("schedule", _OPT_STR),
-    ("backoff", _OPT_LIST),
-    ("prev_job_result", _OPT_BYTES),
-    ("attempt", _INT),
-    ("group_id", _OPT_STR),
-    ("chain_id", _OPT_STR),
-    ("deadline", _OPT_NUM),
-    ("trace", (dict,)),
-)
+#: A field's rule: ``rule(value, name)`` raises InvalidInputError for a value it refuses
+#: (never called with ``None``). The rules are the ones the constructors apply.
+_Rule = Callable[[Any, str], None]
+
+
+def _id(value: Any, name: str) -> None:
+    validate_id(value, name.replace("_", " "))
+
+
+def _queue(value: Any, name: str) -> None:
+    validate_queue(value)
+
+
+def _backoff(value: Any, name: str) -> None:
+    if len(value) != 4 or type(value[3]) is not bool:
+        raise InvalidInputError(f"{name} must be [initial, factor, maximum, jitter]")
+    for part, part_name in zip(value[:3], ("initial", "factor", "maximum"), strict=True):
+        if type(part) not in _NUM:  # exact types: a bool is not a number here
+            raise InvalidInputError(f"{name} {part_name} has type {type(part).__name__}")
+        check_seconds(part, f"{name} {part_name}")
+
+
 _STATUSES = {s.value: s for s in Status}
 
 
-def _check(values: Any, fields: tuple[tuple[str, tuple[type, ...]], ...], what: str) -> list[Any]:
+def _status(value: Any, name: str) -> None:
+    if value not in _STATUSES:
+        raise InvalidInputError(f"unknown status {value!r}")
+
+
+def _trace(value: Any, name: str) -> None:
+    if not all(type(k) is str and type(v) is str for k, v in value.items()):
+        raise InvalidInputError(f"{name} must map str to str")
+
+
+_Fields = tuple[tuple[str, tuple[type, ...], "_Rule | None"], ...]
+
+#: (name, allowed types, rule) of each position of a job's array.
+_JOB_FIELDS: _Fields = (
+    ("task", (str,), check_task),
+    ("payload", (bytes,), None),
+    ("id", (str,), _id),
+    ("queue", (str,), _queue),
+    ("max_retries", _INT, check_count),
+    ("backoff", _OPT_LIST, _backoff),
+    ("timeout", _OPT_NUM, check_seconds),
+    ("eta", _OPT_NUM, check_time),
+    ("delay", _OPT_NUM, check_seconds),
+    ("schedule", _OPT_STR, check_cron),
+    ("on_success", (list,), None),
+    ("on_error", (list,), None),
+)
+#: (name, allowed types, rule) of each position of a meta's array.
+_META_FIELDS: _Fields = (
+    ("id", (str,), _id),
+    ("status", (str,), _status),
+    ("queue", (str,), _queue),
+    ("max_retries", _INT, check_count),
+    ("retried", _INT, check_count),
+    ("prev_error", _OPT_STR, None),
+    ("created_at", _NUM, check_time),
+    ("processed_at", _OPT_NUM, check_time),
+    ("eta", _OPT_NUM, check_time),
+    ("timeout", _OPT_NUM, check_seconds),
+    ("schedule", _OPT_STR, check_cron),
+    ("backoff", _OPT_LIST, _backoff),
+    ("prev_job_result", _OPT_BYTES, None),
+    ("attempt", _INT, check_count),
+    ("group_id", _OPT_STR, _id),
+    ("chain_id", _OPT_STR, _id),
+    ("deadline", _OPT_NUM, check_time),
+    ("trace", (dict,), _trace),
+)
+
+
+def _check(values: Any, fields: _Fields, what: str) -> list[Any]:
+    """``values`` if it is an array of ``fields``, each of an allowed type (exactly: a
+    bool is not an int here) and passing its rule; else raise :class:`DecodeError`."""
     if type(values) is not list or len(values) != len(fields):
         raise DecodeError(f"{what} is not an array of {len(fields)} fields")
-    for value, (name, types) in zip(values, fields, strict=True):
-        if type(value) not in types:  # exact types: a bool is not an int here
+    for value, (name, types, rule) in zip(values, fields, strict=True):
+        if type(value) not in types:
             raise DecodeError(f"{what} field {name!r} has type {type(value).__name__}")
+        if rule is not None and value is not None:
+            try:
+                rule(value, name)
+            except InvalidInputError as exc:
+                text = str(exc)
+                if len(text) > _MAX_REASON:  # it may quote a huge value
+                    text = text[: _MAX_REASON - 15] + " ...[truncated]"
+                raise DecodeError(f"{what} field {name!r} is invalid: {text}") from None
     return values
+
+
+#: Longest text of a field's refusal in a decode error.
+_MAX_REASON = 512
 
 
 def _backoff_to_wire(b: Backoff | None) -> list[Any] | None:
@@ -130,14 +217,15 @@ def _backoff_to_wire(b: Backoff | None) -> list[Any] | None:
 
 
 def _backoff_from_wire(v: Any) -> Backoff | None:
+    # checked by _check's rule: build it without running the validators again
     if v is None:
         return None
-    if len(v) != 4 or not all(type(x) in _NUM and x > 0 for x in v[:3]) or type(v[3]) is not bool:
-        raise DecodeError("field 'backoff' is malformed")
-    try:
-        return Backoff(initial=v[0], factor=v[1], maximum=v[2], jitter=v[3])
-    except InvalidInputError as exc:
-        raise DecodeError(f"field 'backoff' is malformed: {exc}") from exc
+    backoff = _new_backoff(Backoff)
+    _set(backoff, "initial", v[0])
+    _set(backoff, "factor", v[1])
+    _set(backoff, "maximum", v[2])
+    _set(backoff, "jitter", v[3])
+    return backoff
 
 
 def _job_to_wire(job: Job) -> list[Any]:
@@ -159,6 +247,7 @@ def _job_to_wire(job: Job) -> list[Any]:
 
 
 _new_job = Job.__new__
+_new_backoff = Backoff.__new__
 _set = object.__setattr__
 
 
@@ -168,24 +257,15 @@ def _job_from_wire(d: Any, depth: int = 0) -> Job:
     task, payload, job_id, queue, max_retries, backoff, timeout, eta, delay, schedule, ok, err = (
         _check(d, _JOB_FIELDS, "job")
     )
-    if not task or len(task) > 255:
-        raise DecodeError("invalid job: bad task name")
-    if (
-        max_retries < 0
-        or (timeout is not None and not timeout > 0)
-        or (delay is not None and not delay > 0)
-    ):
-        raise DecodeError("invalid job: negative retries, timeout or delay")
+    # the rules of Job() that span fields
+    if eta is not None and delay is not None:
+        raise DecodeError("invalid job: both eta and delay")
+    if depth > 0 and schedule is not None:
+        raise DecodeError("invalid job: a follow-up job has a schedule")
     try:
-        validate_id(job_id)
-        validate_queue(queue)
         eta_dt = None if eta is None else datetime.fromtimestamp(eta, timezone.utc)
-        if schedule is not None:
-            check_schedule(schedule)
-    except InvalidInputError as exc:
-        raise DecodeError(f"invalid job: {exc}") from exc
     except (OverflowError, OSError, ValueError) as exc:
-        raise DecodeError(f"invalid job: {exc}") from exc
+        raise DecodeError(f"invalid job: eta {eta!r}: {why(exc)}") from exc
     # Every field is checked above: build the frozen Job without running its validators again.
     job = _new_job(Job)
     _set(job, "task", task)
@@ -241,26 +321,9 @@ def _meta_to_wire(m: Meta) -> list[Any]:
 
 def _meta_from_wire(d: Any) -> Meta:
     values = _check(d, _META_FIELDS, "meta")
-    status = _STATUSES.get(values[1])
-    if status is None:
-        raise DecodeError(f"unknown status {values[1]!r}")
-    trace = values[17]
-    if not all(type(k) is str and type(v) is str for k, v in trace.items()):
-        raise DecodeError("field 'trace' is malformed")
-    try:
-        validate_id(values[0])
-        validate_queue(values[2])
-        if values[14] is not None:
-            validate_id(values[14], "group id")
-        if values[15] is not None:
-            validate_id(values[15], "chain id")
-    except InvalidInputError as exc:
-        raise DecodeError(f"invalid meta: {exc}") from exc
-    if values[3] < 0 or values[4] < 0 or values[13] < 0:
-        raise DecodeError("invalid meta: negative count")
     return Meta(
         id=values[0],
-        status=status,
+        status=_STATUSES[values[1]],
         queue=values[2],
         max_retries=values[3],
         retried=values[4],
@@ -276,7 +339,7 @@ def _meta_from_wire(d: Any) -> Meta:
         group_id=values[14],
         chain_id=values[15],
         deadline=values[16],
-        trace=trace,
+        trace=values[17],
     )
 
 
@@ -293,7 +356,7 @@ def decode_message(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
 
     :raises DecodeError: the bytes are not a job message of a known schema version
     """
-    d = _unpack(data, max_size)
+    d = unpack(data, max_size)
     if type(d) is not list or len(d) != 3:
         raise DecodeError("message is not a [version, meta, job] array")
     if d[0] != SCHEMA_VERSION or type(d[0]) is not int:
@@ -303,6 +366,73 @@ def decode_message(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
     if job.id != meta.id:
         raise DecodeError("job id and meta id differ")
     return JobMessage(meta=meta, job=job)
+
+
+@attrs.frozen(kw_only=True)
+class Peek:
+    """What :func:`peek_message` could read of a message: each field is ``None`` unless
+    it was there and valid on its own."""
+
+    id: str | None = None
+    queue: str | None = None
+    task: str | None = None
+    group_id: str | None = None
+    chain_id: str | None = None
+
+
+#: Meta positions :func:`peek_message` reads (the others it skips), with their rules.
+_PEEKED_META = {0: "id", 2: "queue", 14: "group_id", 15: "chain_id"}
+
+
+def peek_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Peek:
+    """Read what can be read of a job message that may not decode: its job id, and its
+    queue, task name and group and chain ids, each where schema version 1 puts it.
+
+    Tolerant and bounded: it reads the first ``max_size`` bytes at most, one value at a
+    time, stops at the first one that does not parse, skips the values it does not need
+    without building them, and trusts nothing: each value is checked alone (an id as an
+    id, ...). The id needs the version to be this library's and the meta to be an array;
+    the other fields need the meta (and the job) to have their full length.
+    """
+    found: dict[str, str] = {}
+    try:
+        unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_ext_refused,
+            max_buffer_size=max(1, min(len(data), max_size)),
+        )
+        unpacker.feed(bytes(memoryview(data)[:max_size]))
+        if unpacker.read_array_header() != 3:
+            return Peek()
+        version = unpacker.unpack()
+        if type(version) is not int or version != SCHEMA_VERSION:
+            return Peek()
+        length = unpacker.read_array_header()
+        for index in range(length if length == len(_META_FIELDS) else min(length, 1)):
+            name = _PEEKED_META.get(index)
+            if name is None:
+                unpacker.skip()
+                continue
+            value = unpacker.unpack()
+            if type(value) is str:
+                _peeked(found, name, value, _META_FIELDS[index][2])
+        if length == len(_META_FIELDS) and unpacker.read_array_header() == len(_JOB_FIELDS):
+            value = unpacker.unpack()
+            if type(value) is str:
+                _peeked(found, "task", value, check_task)
+    except Exception:  # whatever did not parse is not there
+        pass
+    return Peek(**found)
+
+
+def _peeked(found: dict[str, str], name: str, value: str, rule: _Rule | None) -> None:
+    try:
+        if rule is not None:
+            rule(value, name)
+    except InvalidInputError:
+        return
+    found[name] = value
 
 
 def with_status(msg: JobMessage, status: Status) -> JobMessage:

@@ -9,8 +9,9 @@ from typing import Any
 import attrs
 import msgpack
 
+from ._codec import MAX_RECORD_SIZE, check_record_size, job_from_wire, unpack
 from ._exceptions import DecodeError, InvalidInputError
-from ._jobs import Job, Status, new_id, validate_id
+from ._jobs import Job, Status, check_seconds, check_time, new_id, validate_id
 
 __all__ = ["Chain", "ChainMessage", "Group", "GroupMessage", "ParentInfo"]
 
@@ -30,10 +31,8 @@ def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:
 
 
 def _check_timeout(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidInputError(f"timeout must be a number > 0 or None, got {value!r}")
+    if value is not None:
+        check_seconds(value, "timeout")
 
 
 def _check_group_jobs(
@@ -64,6 +63,7 @@ class Group:
     :param id: the group id (default: a random one)
     :param timeout: seconds from enqueue after which no member runs on: running members
         are stopped, queued ones never start (``cancelled``), and the group ``failed``
+        (> 0 and at most 1e10)
     """
 
     jobs: tuple[Job, ...] = attrs.field(converter=_to_jobs, validator=_check_group_jobs)
@@ -81,7 +81,7 @@ class Chain:
     :param jobs: the links, in order (at least 2, distinct ids)
     :param id: the chain id (default: a random one)
     :param timeout: seconds from enqueue after which the chain stops: the running link
-        is stopped, later links never start, and the chain ``failed``
+        is stopped, later links never start, and the chain ``failed`` (> 0 and at most 1e10)
     """
 
     jobs: tuple[Job, ...] = attrs.field(converter=_to_jobs, validator=_check_chain_jobs)
@@ -142,37 +142,61 @@ class ParentInfo:
 
 
 def encode_parent(info: ParentInfo) -> bytes:
-    return msgpack.packb(
-        [
-            1,
-            info.kind,
-            info.id,
-            info.created_at,
-            info.deadline,
-            list(info.job_ids),
-            list(info.links),
-        ],
-        use_bin_type=True,
+    """The stored form of a group or chain.
+
+    :raises PayloadTooLargeError: over :data:`MAX_RECORD_SIZE`
+        (what :func:`decode_parent` reads back)
+    """
+    return check_record_size(
+        f"the record of {info.kind} {info.id}",
+        msgpack.packb(
+            [
+                1,
+                info.kind,
+                info.id,
+                info.created_at,
+                info.deadline,
+                list(info.job_ids),
+                list(info.links),
+            ],
+            use_bin_type=True,
+        ),
     )
 
 
 def decode_parent(data: bytes) -> ParentInfo:
-    try:
-        v = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        version, kind, parent_id, created_at, deadline, job_ids, links = v
-    except Exception as exc:
-        raise DecodeError(f"malformed group/chain record: {exc}") from exc
+    """Read a stored group or chain, as untrusted as a message: bounded in size and
+    depth, no extension types, every field checked (a chain's links as jobs).
+
+    :raises DecodeError: not a group or chain record
+    """
+    v = unpack(data, MAX_RECORD_SIZE, "group/chain record")
+    if type(v) is not list or len(v) != 7:
+        raise DecodeError("malformed group/chain record: not an array of 7 fields")
+    version, kind, parent_id, created_at, deadline, job_ids, links = v
     if (
-        version != 1
+        type(version) is not int
+        or version != 1
         or kind not in (GROUP, CHAIN)
-        or not isinstance(parent_id, str)
-        or not isinstance(created_at, (int, float))
-        or not (deadline is None or isinstance(deadline, (int, float)))
-        or not isinstance(job_ids, list)
-        or not all(isinstance(i, str) for i in job_ids)
-        or not isinstance(links, list)
+        or type(job_ids) is not list
+        or not all(type(i) is str for i in job_ids)
+        or type(links) is not list
     ):
         raise DecodeError("malformed group/chain record")
+    try:
+        validate_id(parent_id, f"{kind} id")
+        for job_id in job_ids:
+            validate_id(job_id)
+        check_time(created_at, "created_at")
+        if deadline is not None:
+            check_time(deadline, "deadline")
+    except InvalidInputError as exc:
+        raise DecodeError(f"malformed group/chain record: {exc}") from exc
+    if kind == CHAIN:  # each link becomes a message: check it now, not when it is due
+        if len(links) != len(job_ids):
+            raise DecodeError("malformed chain record: links and job ids differ")
+        for link in links:
+            job_from_wire(link)
     return ParentInfo(
         kind=kind,
         id=parent_id,

@@ -32,6 +32,19 @@ __all__ = [
 #: The queue of a job or task that names none.
 DEFAULT_QUEUE = "default"
 
+#: The largest count a job carries: its ``max_retries``, and the retry and delivery counts
+#: of its runs (a signed 32-bit int: every store, script and run token handles it exactly).
+MAX_COUNT = 2**31 - 1
+#: The longest span of seconds a job or its group or chain carries (a timeout, a delay, a
+#: backoff step; about 317 years): a time that far ahead is still within :data:`MAX_TIME`.
+MAX_SECONDS = 1e10
+#: The range of the POSIX times a job carries: years 1 to 9999 (UTC), what a
+#: :class:`~datetime.datetime` holds.
+MIN_TIME = -62135596800.0
+MAX_TIME = 253402300799.0
+#: The longest cron expression.
+MAX_SCHEDULE_LENGTH = 256
+
 _QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@+=/-]{1,255}")
 
@@ -93,14 +106,62 @@ class Status(str, enum.Enum):
         return self.value
 
 
+# -- the value rules: one place for what a job's fields may hold ------------------------------
+#
+# The constructors (Job, Backoff, Group, Chain) and the decoder of untrusted messages
+# (``_codec``) apply the same rules, so whatever a producer can build decodes, and a
+# message a worker accepts holds only values its run can use.
+
+
+def check_count(value: object, name: str) -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is an int from 0 to :data:`MAX_COUNT`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise InvalidInputError(f"{name} must be an int from 0 to {MAX_COUNT}, got {value!r}")
+
+
+def check_seconds(value: object, name: str) -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is a number > 0 and at most
+    :data:`MAX_SECONDS` (so not NaN or infinite)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= MAX_SECONDS
+    ):
+        raise InvalidInputError(
+            f"{name} must be a number > 0 and <= {MAX_SECONDS:.0e}, got {value!r}"
+        )
+
+
+def check_time(value: object, name: str) -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is a POSIX time from
+    :data:`MIN_TIME` to :data:`MAX_TIME` (years 1 to 9999; so not NaN or infinite)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not MIN_TIME <= value <= MAX_TIME
+    ):
+        raise InvalidInputError(
+            f"{name} must be a POSIX time in years 1 to 9999 (UTC), got {value!r}"
+        )
+
+
+def check_cron(value: object, name: str = "schedule") -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is ``None`` or a valid cron
+    expression of at most :data:`MAX_SCHEDULE_LENGTH` characters."""
+    if isinstance(value, str) and len(value) > MAX_SCHEDULE_LENGTH:
+        raise InvalidInputError(
+            f"{name} is {len(value)} characters long: a cron expression has at most "
+            f"{MAX_SCHEDULE_LENGTH}"
+        )
+    check_schedule(value)
+
+
 def _check_non_negative_int(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"{attribute.name} must be an int >= 0, got {value!r}")
+    check_count(value, attribute.name)
 
 
 def _check_positive(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12:
-        raise InvalidInputError(f"{attribute.name} must be a number > 0, got {value!r}")
+    check_seconds(value, attribute.name)
 
 
 def _check_bool(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -109,10 +170,8 @@ def _check_bool(inst: object, attribute: attrs.Attribute[Any], value: object) ->
 
 
 def _check_positive_or_none(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidInputError(f"{attribute.name} must be a number > 0 or None, got {value!r}")
+    if value is not None:
+        check_seconds(value, attribute.name)
 
 
 @attrs.frozen(kw_only=True)
@@ -121,7 +180,8 @@ class Backoff:
 
     The n-th retry (``n`` from 0) waits ``min(maximum, initial * factor ** n)`` seconds;
     with ``jitter`` a random delay between half of that and all of it ("equal jitter"),
-    so retries of many jobs that failed together spread out.
+    so retries of many jobs that failed together spread out. ``initial``, ``factor`` and
+    ``maximum`` are numbers > 0 and at most :data:`MAX_SECONDS` (1e10).
     """
 
     initial: float = attrs.field(default=1.0, validator=_check_positive)
@@ -140,9 +200,15 @@ class Backoff:
         return base
 
 
-def _check_task(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def check_task(value: object, name: str = "task") -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is a task name: a non-empty str
+    of at most 255 characters."""
     if not isinstance(value, str) or not value or len(value) > 255:
         raise InvalidInputError(f"task name must be a non-empty str of <= 255 chars, got {value!r}")
+
+
+def _check_task(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_task(value)
 
 
 def _check_payload(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -163,6 +229,7 @@ def _check_eta(inst: object, attribute: attrs.Attribute[Any], value: object) -> 
             f"eta {value.isoformat()} is naive: pass a timezone-aware datetime, "
             f"e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
         )
+    check_time(value.timestamp(), "eta")
 
 
 def check_schedule(value: object) -> None:
@@ -178,7 +245,7 @@ def check_schedule(value: object) -> None:
 
 
 def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    check_schedule(value)
+    check_cron(value)
 
 
 def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:
@@ -201,12 +268,17 @@ class Job:
     :param payload: bytes handed to the task's handler (encode them yourself)
     :param id: the job id (default: a random one); validated like :func:`validate_id`
     :param queue: the queue to put the job on
-    :param max_retries: how many times to run the handler again after a failure
+    :param max_retries: how many times to run the handler again after a failure (0 to
+        :data:`MAX_COUNT`, 2**31 - 1)
     :param backoff: wait between retries (default: retry at once, as in the Go original)
-    :param timeout: seconds the handler may run before it is stopped (a failure)
-    :param eta: a timezone-aware time before which the job does not run
-    :param delay: seconds from enqueue before the job runs (instead of ``eta``)
-    :param schedule: a cron expression: the job runs again at each fire time
+    :param timeout: seconds the handler may run before it is stopped (a failure); > 0 and
+        at most :data:`MAX_SECONDS` (1e10)
+    :param eta: a timezone-aware time before which the job does not run (in years 1 to
+        9999 once converted to UTC)
+    :param delay: seconds from enqueue before the job runs (instead of ``eta``); > 0 and
+        at most :data:`MAX_SECONDS`
+    :param schedule: a cron expression (at most 256 characters): the job runs again at
+        each fire time
     :param on_success: jobs to enqueue once this job has succeeded
     :param on_error: jobs to enqueue once this job has finally failed
     """

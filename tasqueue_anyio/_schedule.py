@@ -56,19 +56,32 @@ class Schedule:
 
 
 def encode_template(job: Job) -> bytes:
-    from ._codec import job_to_wire
+    """The stored form of a cron schedule's job.
 
-    return msgpack.packb([1, job_to_wire(job)], use_bin_type=True)
+    :raises PayloadTooLargeError: over :data:`~tasqueue_anyio._codec.MAX_RECORD_SIZE`
+        (what :func:`decode_template` reads back)
+    """
+    from ._codec import check_record_size, job_to_wire
+
+    return check_record_size(
+        f"the schedule record of {job.id}",
+        msgpack.packb([1, job_to_wire(job)], use_bin_type=True),
+    )
 
 
 def decode_template(data: bytes) -> Job:
-    from ._codec import job_from_wire
+    """Read a stored cron schedule's job, as untrusted as a message: bounded in size and
+    depth, no extension types, every field checked.
 
-    try:
-        version, wire = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise DecodeError(f"malformed schedule record: {exc}") from exc
-    if version != 1:
+    :raises DecodeError: not a schedule record
+    """
+    from ._codec import MAX_RECORD_SIZE, job_from_wire, unpack
+
+    record = unpack(data, MAX_RECORD_SIZE, "schedule record")
+    if type(record) is not list or len(record) != 2:
+        raise DecodeError("malformed schedule record: not a [version, job] array")
+    version, wire = record
+    if type(version) is not int or version != 1:
         raise DecodeError(f"unknown schedule record version {version!r}")
     job = job_from_wire(wire)
     if job.schedule is None:

@@ -30,13 +30,14 @@ import attrs
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._codec import decode_message, finished_event
+from ._codec import decode_message, encode_message, finished_event, peek_message
 from ._exceptions import (
     DecodeError,
     JobCancelledError,
     JobTimeoutError,
     LeaseLostError,
     NotFoundError,
+    PayloadTooLargeError,
     UnknownTaskError,
 )
 from ._jobs import Job, JobContext, JobMessage, Meta, Status
@@ -63,6 +64,9 @@ _SHUTDOWN = "shutdown"
 
 #: Longest error description kept in a job's meta, in UTF-8 bytes (a longer one is cut).
 MAX_ERROR_LENGTH = 4096
+#: The task name of a job whose message and stored record are both unreadable, once it
+#: is recorded ``failed``.
+UNREADABLE_TASK = "<unreadable>"
 
 
 def _describe(exc: BaseException) -> str:
@@ -246,13 +250,7 @@ class Worker:
         try:
             msg = decode_message(delivery.data, max_size=server.max_message_size)
         except DecodeError as exc:
-            self.log.warning(
-                "dead-lettering an undecodable message on queue %r: %s",
-                delivery.queue,
-                exc,
-                extra={"queue": delivery.queue},
-            )
-            await delivery.dead_letter(str(exc))
+            await self._undecodable(delivery, exc)
             return
 
         job_id = msg.id
@@ -288,6 +286,75 @@ class Worker:
             jobs.remove(active)
             if not jobs:
                 del registry[job_id]
+
+    async def _undecodable(self, delivery: Delivery, error: DecodeError) -> None:
+        """Dead-letter a message that does not decode, first ending its job ``failed``
+        with the reason when the message's job id is readable (:func:`peek_message`) and
+        that job has a state that is not final (see :meth:`_fail_undecodable`)."""
+        reason = str(error)
+        job_id = peek_message(delivery.data, self.server.max_message_size).id
+        self.log.warning(
+            "dead-lettering an undecodable message on queue %r (job %s): %s",
+            delivery.queue,
+            job_id or "unreadable",
+            reason,
+            extra={"queue": delivery.queue, "job_id": job_id},
+        )
+        ended = job_id is not None and await self._fail_undecodable(
+            job_id, delivery.queue, _describe(error)
+        )
+        await delivery.dead_letter(reason)
+        if ended and job_id is not None:
+            await self.server.publish_finished(job_id, Status.FAILED)
+
+    async def _fail_undecodable(self, job_id: str, queue: str, error: str) -> bool:
+        """End the job ``failed`` with ``error`` unless it has no state or already ended:
+        one conditional write over exactly the record read (so a job that moved on
+        meanwhile is left alone), then its group or chain is told.
+
+        The failed record is the stored one with its status and ``prev_error`` replaced;
+        a stored record that does not decode either is replaced by a minimal one (the
+        job's id, queue, task name and group or chain id, as far as they are readable).
+
+        :return: whether the job was ended
+        """
+        server = self.server
+        try:
+            current = await self.results.get_job(job_id)
+        except NotFoundError:
+            return False
+        if current.status in FINAL_STATUSES:
+            return False
+        try:
+            failed = self._evolve(server.decode_record(current), Status.FAILED, prev_error=error)
+            data = server.encode(failed)
+        except (DecodeError, PayloadTooLargeError):
+            seen = peek_message(current.data, server.max_message_size)
+            job = Job(seen.task or UNREADABLE_TASK, id=job_id, queue=seen.queue or queue)
+            meta = Meta(
+                id=job_id,
+                status=Status.FAILED,
+                queue=job.queue,
+                prev_error=error,
+                created_at=server.clock(),
+                group_id=seen.group_id,
+                chain_id=seen.chain_id,
+            )
+            failed = JobMessage(meta=meta, job=job)
+            data = encode_message(failed)
+        record = JobRecord(status=Status.FAILED.value, data=data, run=current.run)
+        if not await self.results.update_job(
+            job_id, record, expect=(current.status,), run=current.run
+        ):
+            return False
+        self.log.info(
+            "job %s failed: its message does not decode: %s",
+            job_id,
+            error,
+            extra={"job_id": job_id, "task": failed.job.task, "queue": failed.meta.queue},
+        )
+        await server.member_changed(failed, Status.FAILED, error)
+        return True
 
     async def _expired(self, delivery: Delivery, msg: JobMessage) -> None:
         """The job's group or chain deadline passed before it started: it never starts."""

@@ -15,11 +15,42 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import anyio
+import attrs
 import msgpack
 import pytest
+from broker_support import consuming, receive
 
-from tasqueue_anyio import Backoff, DecodeError, Job, JobMessage, Meta, Server, Status
-from tasqueue_anyio._codec import decode_event, decode_message, encode_event, encode_message
+from tasqueue_anyio import (
+    Backoff,
+    Chain,
+    DecodeError,
+    Group,
+    InvalidInputError,
+    Job,
+    JobMessage,
+    Meta,
+    PayloadTooLargeError,
+    Server,
+    Status,
+)
+from tasqueue_anyio._codec import (
+    MAX_RECORD_SIZE,
+    Peek,
+    decode_event,
+    decode_message,
+    encode_event,
+    encode_message,
+    job_to_wire,
+    peek_message,
+)
+from tasqueue_anyio._groups import CHAIN, GROUP, ParentInfo, decode_parent, encode_parent
+from tasqueue_anyio._jobs import MAX_COUNT, MAX_SECONDS, MAX_TIME, MIN_TIME
+from tasqueue_anyio._schedule import decode_template, encode_template
+from tasqueue_anyio._worker import Worker
+from tasqueue_anyio.abc import Delivery, Envelope, JobRecord
+from tasqueue_anyio.brokers.memory import MemoryBroker
+from tasqueue_anyio.results.memory import MemoryResults
 
 Path = tuple[int | str, ...]
 
@@ -459,6 +490,313 @@ def test_out_of_range_meta_eta_refused_or_survives_re_encoding(eta: float) -> No
         assert encode_message(decode_message(again)) == again
 
 
+# -- out-of-range values: the rules of the constructors, applied by the decoder ------------
+
+#: Values no field of a kind may hold (and the kinds' fields, found by their values).
+_NOT_A_SPAN = [math.nan, math.inf, -math.inf, 0, 0.0, -1, -1.5, MAX_SECONDS * 2, 2**63, 1e300]
+_NOT_A_TIME = [math.nan, math.inf, -math.inf, MAX_TIME + 1, MIN_TIME - 1, 2**63, 2**64 - 1]
+_NOT_A_COUNT = [-1, MAX_COUNT + 1, 2**63, 2**64 - 1, -(2**63)]
+_OUT_OF_RANGE: dict[str, tuple[Any, list[Any]]] = {
+    "timeout (meta and job)": (12.5, _NOT_A_SPAN),
+    "delay (a follow-up's)": (2.0, _NOT_A_SPAN),
+    "backoff factor": (2.5, _NOT_A_SPAN),
+    "backoff maximum": (30.0, _NOT_A_SPAN),
+    "eta (meta and job)": (ETA.timestamp(), _NOT_A_TIME),
+    "created_at": (1_700_000_000.25, _NOT_A_TIME),
+    "processed_at": (1_700_000_100.5, _NOT_A_TIME),
+    "deadline": (1_700_000_500.75, _NOT_A_TIME),
+    "max_retries": (7, _NOT_A_COUNT),
+    "retried": (5, _NOT_A_COUNT),
+    "attempt": (3, _NOT_A_COUNT),
+}
+
+
+@pytest.mark.parametrize("field", list(_OUT_OF_RANGE))
+def test_out_of_range_values_refused(field: str) -> None:
+    """Hole 4: ``meta.timeout = NaN`` (and inf, negative, huge; the same for times and
+    counts) decoded, and the worker's cancel scope raised on it. Each is a DecodeError
+    naming the field, at each place the field appears."""
+    value, bad_values = _OUT_OF_RANGE[field]
+    tree = tree_of(full_message())
+    found = find(tree, value)
+    assert found
+    for path in found:
+        for bad in bad_values:
+            with pytest.raises(DecodeError) as info:
+                decode_message(pack(set_at(tree, path, bad)))
+            assert "invalid" in str(info.value) or "type" in str(info.value)
+
+
+def test_meta_schedule_checked_like_the_jobs() -> None:
+    tree = tree_of(full_message())
+    meta_path, _ = _container_paths()
+    (path,) = [p for p in find(tree, "0 3 * * 1") if p[: len(meta_path)] == meta_path]
+    assert_refused(pack(set_at(tree, path, "not a cron")))
+    assert_refused(pack(set_at(tree, path, "1," * 200 + "1 * * * *")))
+
+
+def test_eta_and_delay_together_refused() -> None:
+    tree = tree_of(full_message())
+    _, job_path = _container_paths()
+    delay_path = (*job_path, 8)  # the job's delay, next to its eta (a schema-1 layout)
+    assert get(tree, (*job_path, 7)) == ETA.timestamp()
+    assert_refused(pack(set_at(tree, delay_path, 1.0)))
+
+
+def _at_the_limits() -> Job:
+    return Job(
+        "t",
+        max_retries=MAX_COUNT,
+        backoff=Backoff(initial=MAX_SECONDS, factor=MAX_SECONDS, maximum=MAX_SECONDS),
+        timeout=MAX_SECONDS,
+        eta=datetime.fromtimestamp(MAX_TIME, timezone.utc),
+        on_success=[Job("f", delay=MAX_SECONDS)],
+        on_error=[Job("g", eta=datetime.fromtimestamp(MIN_TIME, timezone.utc))],
+    )
+
+
+def test_whatever_a_producer_builds_decodes() -> None:
+    """The constructors and the decoder apply the same rules: values at the limits are
+    accepted by both, and what a server builds from them (its eta, a retry's eta, a
+    group's deadline) decodes."""
+    server = Server(clock=lambda: 1_700_000_000.0)
+    job = _at_the_limits()
+    msg, data = server.new_message(job, deadline=1_700_000_000.0 + MAX_SECONDS)
+    assert decode_message(data) == msg
+    follow_up, data = server.new_message(job.on_success[0])
+    assert follow_up.meta.eta == 1_700_000_000.0 + MAX_SECONDS
+    assert decode_message(data) == follow_up
+    retry = JobMessage(
+        meta=Meta(
+            id=job.id,
+            status=Status.RETRYING,
+            queue=job.queue,
+            max_retries=MAX_COUNT,
+            retried=MAX_COUNT,
+            attempt=MAX_COUNT,
+            eta=1_700_000_000.0 + job.backoff.delay(MAX_COUNT),  # type: ignore[union-attr]
+        ),
+        job=job,
+    )
+    assert decode_message(encode_message(retry)) == retry
+    Group([Job("t")], timeout=MAX_SECONDS)
+    Chain([Job("t"), Job("t")], timeout=MAX_SECONDS)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Job("t", timeout=math.nan),
+        lambda: Job("t", timeout=math.inf),
+        lambda: Job("t", timeout=MAX_SECONDS * 2),
+        lambda: Job("t", delay=math.inf),
+        lambda: Job("t", max_retries=MAX_COUNT + 1),
+        lambda: Job("t", max_retries=2**64),
+        lambda: Job("t", eta=datetime.max.replace(tzinfo=timezone.utc)),
+        lambda: Job("t", eta=datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))),
+        lambda: Job("t", schedule="1," * 200 + "1 * * * *"),
+        lambda: Backoff(initial=math.nan),
+        lambda: Backoff(maximum=math.inf),
+        lambda: Group([Job("t")], timeout=math.inf),
+        lambda: Chain([Job("t"), Job("t")], timeout=math.nan),
+    ],
+    ids=[
+        "timeout-nan",
+        "timeout-inf",
+        "timeout-huge",
+        "delay-inf",
+        "max_retries-over",
+        "max_retries-2**64",
+        "eta-year-10000-utc",
+        "eta-year-0-utc",
+        "schedule-too-long",
+        "backoff-nan",
+        "backoff-inf",
+        "group-timeout-inf",
+        "chain-timeout-nan",
+    ],
+)
+def test_producer_refuses_what_would_not_decode(build: Any) -> None:
+    with pytest.raises(InvalidInputError):
+        build()
+
+
+# -- the reasons of refusals ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xc1", b"\x91" * 100_000 + b"\xc0", b"", b"\x00garbage"],
+    ids=["reserved-byte", "too-deep", "empty", "trailing-data"],
+)
+def test_refusal_reasons_say_what_was_wrong(data: bytes) -> None:
+    """Hole 8: a dead letter's reason read ``not a msgpack message: `` (an exception with
+    no text): the exception's type name stands in for its text."""
+    with pytest.raises(DecodeError) as info:
+        decode_message(data)
+    reason = str(info.value)
+    assert not reason.rstrip().endswith(":"), reason
+    assert reason.split(": ", 1)[1]
+
+
+def test_refusal_reason_of_a_huge_value_is_cut() -> None:
+    tree = tree_of(full_message())
+    with pytest.raises(DecodeError) as info:
+        decode_message(pack(set_at(tree, find_one(tree, "group-1"), "x y" * 100_000)))
+    assert len(str(info.value)) < 1000
+
+
+# -- peeking at a message that does not decode ------------------------------------------------
+
+
+def test_peek_reads_the_ids_of_a_message_that_does_not_decode() -> None:
+    tree = tree_of(full_message())
+    bad = pack(set_at(tree, find(tree, 12.5)[0], math.nan))
+    assert_refused(bad)
+    assert peek_message(bad) == Peek(
+        id="job:msg:main-1",
+        queue="q-main",
+        task="the-task-name",
+        group_id="group-1",
+        chain_id="chain-1",
+    )
+    # cut anywhere after the id: the id is still read, the rest as far as it goes
+    data = encode_message(full_message())
+    for end in range(20, len(data), 7):
+        assert peek_message(data[:end]).id == "job:msg:main-1"
+    # a prefix of max_size bytes at most is read
+    assert peek_message(data, max_size=30) == Peek(id="job:msg:main-1")
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        [2, ["job-1"], []],  # another schema version: the positions are not known
+        ["1", ["job-1"], []],
+        [1, "job-1", []],
+        [1, [], []],
+        [1, ["bad id with spaces"], []],
+        [1, [5], []],
+        [1, [msgpack.ExtType(1, b"x")], []],
+        {"v": 1, "meta": ["job-1"]},
+        [1, ["job-1"]],
+    ],
+)
+def test_peek_trusts_nothing(tree: Any) -> None:
+    assert peek_message(pack(tree)).id is None
+
+
+def test_peek_fields_need_the_full_layout() -> None:
+    """In a meta of another length the positions are not known: only the id is read."""
+    tree = tree_of(full_message())
+    meta_path, _ = _container_paths()
+    short = delete_at(tree, (*meta_path, 1))  # the status gone: every later field moves
+    assert peek_message(pack(short)) == Peek(id="job:msg:main-1")
+
+
+def test_peek_of_random_bytes_never_raises() -> None:
+    rng = random.Random(77)
+    valid = encode_message(full_message())
+    for _ in range(500):
+        data = bytearray(valid)
+        data[rng.randrange(len(data))] = rng.randrange(256)
+        for sample in (bytes(data), rng.randbytes(rng.randrange(0, 60))):
+            peeked = peek_message(sample)
+            assert peeked.id is None or isinstance(peeked.id, str)
+
+
+# -- stored group/chain and cron records: the same bounded decoder ---------------------------
+
+
+def _parent(kind: str = CHAIN) -> ParentInfo:
+    jobs = [Job("t", id="a"), Job("t", id="b")]
+    return ParentInfo(
+        kind=kind,
+        id="p-1",
+        created_at=1_700_000_000.0,
+        deadline=None,
+        job_ids=("a", "b"),
+        links=tuple(job_to_wire(j) for j in jobs) if kind == CHAIN else (),
+    )
+
+
+def test_parent_and_template_round_trip() -> None:
+    for kind in (GROUP, CHAIN):
+        assert decode_parent(encode_parent(_parent(kind))) == _parent(kind)
+    job = Job("t", b"x", schedule="*/5 * * * *")
+    assert decode_template(encode_template(job)) == job
+
+
+def _bad_records() -> dict[str, tuple[bytes, bytes]]:
+    """name -> (bad group/chain record, bad cron record)"""
+    parent = msgpack.unpackb(encode_parent(_parent()), raw=False)
+    template = msgpack.unpackb(encode_template(Job("t", schedule="* * * * *")), raw=False)
+    ext = msgpack.ExtType(1, b"x")
+    big = b"x" * MAX_RECORD_SIZE
+    deep = b"\x91" * 100_000 + b"\xc0"
+    return {
+        "oversized": (  # valid records, but over the limit
+            pack(set_at(parent, (6, 0, 1), big)),
+            pack(set_at(template, (1, 1), big)),
+        ),
+        "deeply-nested": (deep, deep),
+        "ext-in-a-link-or-job": (
+            pack(set_at(parent, (6, 0, 1), ext)),
+            pack(set_at(template, (1, 1), ext)),
+        ),
+        "ext-anywhere": (
+            pack([*parent[:6], [*parent[6], ext]]),
+            pack([1, template[1], ext]),
+        ),
+        "timestamp-ext": (
+            pack(set_at(parent, (3,), msgpack.Timestamp(1, 0))),
+            pack(set_at(template, (0,), msgpack.Timestamp(1, 0))),
+        ),
+        "nan-times": (
+            pack(set_at(parent, (4,), math.nan)),
+            pack(set_at(template, (1, 6), math.nan)),
+        ),
+        "bad-ids": (
+            pack(set_at(parent, (5, 0), "bad id")),
+            pack(set_at(template, (1, 2), "bad id")),
+        ),
+        "not-msgpack": (b"\xc1", b"\xc1"),
+    }
+
+
+_BAD_RECORDS = _bad_records()
+
+
+@pytest.mark.parametrize("kind", list(_BAD_RECORDS))
+def test_bad_stored_records_refused(kind: str) -> None:
+    """Hole 9: group/chain and cron records were decoded with a bare ``msgpack.unpackb``
+    (no size limit, extension types let through, a chain's links unchecked until used)."""
+    parent, template = _BAD_RECORDS[kind]
+    with pytest.raises(DecodeError) as info:
+        decode_parent(parent)
+    assert not str(info.value).rstrip().endswith(":")
+    with pytest.raises(DecodeError) as info:
+        decode_template(template)
+    assert not str(info.value).rstrip().endswith(":")
+
+
+def test_records_over_the_limit_are_refused_when_written() -> None:
+    big = Job("t", b"x" * (MAX_RECORD_SIZE // 2 + 1), id="big")
+    links = (job_to_wire(big), job_to_wire(attrs.evolve(big, id="big-2")))
+    info = ParentInfo(
+        kind=CHAIN,
+        id="p",
+        created_at=1.0,
+        deadline=None,
+        job_ids=("big", "big-2"),
+        links=links,
+    )
+    with pytest.raises(PayloadTooLargeError):
+        encode_parent(info)
+    with pytest.raises(PayloadTooLargeError):
+        encode_template(Job("t", b"x" * (MAX_RECORD_SIZE + 1), schedule="* * * * *"))
+
+
 def _nested(depth: int) -> JobMessage:
     job = Job("leaf", id="d0")
     for i in range(1, depth + 1):
@@ -621,6 +959,166 @@ def test_fuzz_whatever_decodes_survives_re_encoding() -> None:
         except DecodeError as exc:
             failures.append(f"{exc}: {msgpack.unpackb(data, raw=False)!r}")
     assert not failures, f"{len(failures)} accepted messages broke on re-encoding: {failures[0]}"
+
+
+# -- the fuzzers' oracle: a real worker settles every input --------------------------------
+#
+# Each input is put on a queue of a memory broker and handed to a real worker's processor
+# (the loop that runs ``Worker.process`` and turns a failure into a redelivery). Whatever
+# the input, the delivery must be settled exactly once and never given back: dead-lettered
+# when it does not decode (and then the job its readable id names, stored as enqueued,
+# ends ``failed`` with the reason), acked when it does (after running, or being refused,
+# with its job left in no running state).
+
+#: The server's clock: before full_message()'s group/chain deadline, so its runs start.
+_CLOCK = 1_700_000_000.0
+_QUEUE = "fuzz"
+_TASKS = {"the-task-name": "q-main", "child-ok": "q-follow", "leaf": "default"}
+
+
+class _Recorded(Delivery):
+    """A memory broker's delivery, recording how the worker settled it."""
+
+    def __init__(self, inner: Delivery) -> None:
+        self.inner = inner
+        self.settled: list[str] = []
+        self.reason = ""
+
+    @property
+    def data(self) -> bytes:
+        return self.inner.data
+
+    @property
+    def queue(self) -> str:
+        return self.inner.queue
+
+    @property
+    def attempt(self) -> int:
+        return self.inner.attempt
+
+    async def ack(self, *, enqueue: Any = (), announce: Any = ()) -> None:
+        self.settled.append("ack")
+        await self.inner.ack(enqueue=enqueue, announce=announce)
+
+    async def nack(self, *, delay: float = 0) -> None:
+        self.settled.append("nack")
+        await self.inner.nack(delay=delay)
+
+    async def dead_letter(self, reason: str) -> None:
+        self.settled.append("dead_letter")
+        self.reason = reason
+        await self.inner.dead_letter(reason)
+
+
+async def _no_checkpoint(payload: bytes, ctx: Any) -> None:
+    """A handler that ends without a checkpoint (so even a tiny timeout lets it end)."""
+
+
+async def _assert_settled(data: bytes) -> str:
+    """Run ``data`` through a real worker; check the oracle; return its outcome."""
+    broker, results = MemoryBroker(clock=lambda: _CLOCK), MemoryResults()
+    server = Server(broker=broker, results=results, clock=lambda: _CLOCK)
+    for task, queue in _TASKS.items():
+        server.register_task(task, _no_checkpoint, queue=queue)
+    original = full_message()
+    stored = JobRecord(status="retrying", data=encode_message(original), run="4.1")
+    await results.set_jobs({original.id: stored})
+    await broker.enqueue(Envelope(queue=_QUEUE, data=data, id="input"))
+    async with consuming(broker, _QUEUE) as stream:
+        delivery = _Recorded(await receive(stream))
+    send, receive_stream = anyio.create_memory_object_stream[Delivery](1)
+    with send:
+        send.send_nowait(delivery)
+    with anyio.fail_after(5):
+        await Worker(server)._processor(receive_stream)
+
+    try:
+        msg: JobMessage | None = decode_message(data, max_size=server.max_message_size)
+    except DecodeError:
+        msg = None
+    if msg is None:
+        assert delivery.settled == ["dead_letter"], (delivery.settled, data)
+        assert delivery.reason.split(": ", 1)[-1].strip(), delivery.reason
+        state = await results.get_job(original.id)
+        if peek_message(data).id == original.id:
+            assert state.status == "failed", data
+            ended = server.decode_record(state)
+            assert ended.meta.prev_error == f"DecodeError: {delivery.reason}"
+            assert ended.job == original.job
+        else:
+            assert state == stored
+        return "dead-lettered"
+    assert delivery.settled == ["ack"], (delivery.settled, msg)
+    state = await results.get_job(msg.id)
+    assert state.status != "processing", msg
+    server.decode_record(state)  # what the worker recorded decodes
+    return state.status
+
+
+def _targeted_mutations() -> Iterator[bytes]:
+    """Every part of a valid message replaced by each of the values that broke workers:
+    NaN, infinities, negative, past 64 bits (not representable: skipped), wrong types,
+    huge strings and bytes."""
+    tree = tree_of(full_message())
+    values: list[Any] = [
+        math.nan,
+        math.inf,
+        -math.inf,
+        -1,
+        -1.0,
+        0,
+        2**31,
+        2**63,
+        2**64 - 1,
+        2**64,
+        1e300,
+        None,
+        True,
+        "",
+        "x" * 100_000,
+        b"\x00" * 100_000,
+        [],
+        {},
+    ]
+    for path in paths(tree):
+        for value in values:
+            try:
+                yield pack(set_at(tree, path, value))
+            except (OverflowError, TypeError, ValueError):
+                continue  # not representable in msgpack (an int over 64 bits)
+
+
+async def _fuzz_through_a_worker(inputs: Iterator[bytes]) -> dict[str, int]:
+    outcomes: dict[str, int] = {}
+    for data in inputs:
+        outcome = await _assert_settled(data)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcomes
+
+
+@pytest.mark.anyio
+async def test_fuzz_oracle_targeted_mutations_are_settled() -> None:
+    """Hole 4: each field of a valid message replaced by an out-of-range value or a wrong
+    type either does not decode (dead-lettered once, its job failed) or runs and is
+    settled; none is given back to come again."""
+    outcomes = await _fuzz_through_a_worker(_targeted_mutations())
+    assert outcomes["dead-lettered"] > 0
+    assert outcomes.get("successful", 0) > 0  # some mutations are harmless and run
+
+
+@pytest.mark.anyio
+async def test_fuzz_oracle_random_and_mutated_bytes_are_settled() -> None:
+    rng = random.Random(4242)
+    valid = encode_message(full_message())
+    inputs = [
+        *_byte_mutations(rng, valid, 150),
+        *_structural_mutations(rng, tree_of(full_message()), 250),
+        *(rng.randbytes(rng.randrange(0, 200)) for _ in range(50)),
+        valid,
+    ]
+    outcomes = await _fuzz_through_a_worker(iter(inputs))
+    assert outcomes["dead-lettered"] > 0
+    assert outcomes.get("successful", 0) > 0
 
 
 # -- events ----------------------------------------------------------------------------------
