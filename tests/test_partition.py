@@ -30,7 +30,7 @@ from nats_server import NatsServer
 from redis_server import RedisServer
 from tcp_proxy import TcpProxy, tcp_proxy
 
-from tasqueue_anyio import Job, JobContext, LeaseLostError, Server, Status
+from tasqueue_anyio import BrokerError, Job, JobContext, JobMessage, LeaseLostError, Server, Status
 from tasqueue_anyio.abc import Broker, Results
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +175,18 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
             await anyio.sleep(0.02)
 
 
+async def wait_reconnected(server: Server, job_id: str) -> JobMessage:
+    """``server.wait(job_id)``, once the server's event subscription is back (a wait
+    that cannot subscribe while the subscriber connection reconnects raises
+    :class:`BrokerError`)."""
+    with anyio.fail_after(STEP):
+        while True:
+            try:
+                return await server.wait(job_id)
+            except BrokerError:
+                await anyio.sleep(0.05)
+
+
 @pytest.mark.parametrize("cut", ["pause", "drop"])
 async def test_worker_cut_off_past_its_lease_cannot_write_and_reconnects(
     store: Store, cut: str
@@ -241,7 +253,8 @@ async def test_worker_cut_off_past_its_lease_cannot_write_and_reconnects(
             # the stale worker lives on, reconnected: alone, it runs the next job
             fresh_scope.cancel()
             second = await fresh.enqueue(Job("work", b"next", queue=QUEUE))
-            done = await fresh.wait(second, timeout=STEP)
+            # its event subscriptions come back too: its own wait() hears the end
+            done = await wait_reconnected(stale, second)
             assert (done.status, done.meta.attempt) == (Status.SUCCESSFUL, 1)
             assert await fresh.get_result(second) == b"stale"
             assert trace.effects == {job_id: 1, second: 1}
