@@ -314,7 +314,10 @@ def _connect_cause(exc: BaseException) -> str | None:
         if isinstance(current, ssl.SSLError):
             return f"TLS failed: {current}"
         if isinstance(current, TimeoutError):
-            return "the connection attempt timed out (a rediss:// URL to a clear-text port?)"
+            return (
+                "the connection attempt timed out (an unreachable server, or a rediss:// "
+                "URL that names a clear-text port?)"
+            )
         if current is not exc and isinstance(current, OSError):
             return str(current)
         if isinstance(current, BaseExceptionGroup):
@@ -355,7 +358,6 @@ for _, call in ipairs(calls) do
 end
 return refused
 """
-
 
 
 _EVALSHA = b"EVALSHA"
