@@ -341,9 +341,10 @@ class Worker:
         elif status == "failed":
             follow_ups = msg.job.on_error
         await self._ack(delivery, follow_ups, links, redelivered=True)
-        # ... and may have lost the end's announcement with its ack (a crash, or an ack
-        # refused as lease lost after a partition): announce it again, so waiters wake.
-        await self.server.publish_finished(msg.id, Status(status))
+        if status in FINAL_STATUSES:
+            # ... and may have lost the end's announcement with its ack (a crash, or an
+            # ack refused as lease lost after a partition): announce it again for waiters
+            await self.server.publish_finished(msg.id, Status(status))
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo
