@@ -17,6 +17,7 @@ held; and the stale worker lives on, reconnected: it runs the next job by itself
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -189,8 +190,9 @@ async def wait_reconnected(server: Server, job_id: str) -> JobMessage:
 
 @pytest.mark.parametrize("cut", ["pause", "drop"])
 async def test_worker_cut_off_past_its_lease_cannot_write_and_reconnects(
-    store: Store, cut: str
+    store: Store, cut: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, "tasqueue_anyio.worker")
     trace = Trace()
     async with workers(store, trace) as (stale, fresh, proxy):
         prefix = fresh.broker.prefix  # type: ignore[attr-defined]
@@ -249,6 +251,17 @@ async def test_worker_cut_off_past_its_lease_cannot_write_and_reconnects(
 
             await eventually(nothing_held)
             assert await fresh.get_pending(QUEUE) == []
+
+            async def stale_end_refused() -> bool:
+                # "job <id> was ended by another run" (its end record refused), or "a run
+                # ... lost its lease" (its ack refused; on Redis, with its end record)
+                return any(
+                    record.levelno == logging.WARNING
+                    and (job_id in record.getMessage() or "lost its lease" in record.getMessage())
+                    for record in caplog.records
+                )
+
+            await eventually(stale_end_refused)
 
             # the stale worker lives on, reconnected: alone, it runs the next job
             fresh_scope.cancel()
