@@ -30,7 +30,12 @@ from anyio.abc import TaskGroup
 
 from ._exceptions import BrokerError, InvalidInputError
 from ._lifetime import CountedLifetime
-from ._nats.client import Client, NoRespondersError, RequestTimeoutError
+from ._nats.client import (
+    Client,
+    NoRespondersError,
+    PermissionViolationError,
+    RequestTimeoutError,
+)
 from ._nats.jetstream import JetStream, JetStreamError, PubAck, StoredMsg, _api_reply
 from ._nats.protocol import Msg, NatsError
 
@@ -118,6 +123,11 @@ def decode_token(token: str) -> str:
             raw += token[index].encode()
             index += 1
     return raw.decode(errors="replace")
+
+
+#: The stream a permission probe says it expects: none has this name (a stream name may
+#: not contain ``.``), so JetStream stores nothing.
+_PROBE_STREAM = "tasqueue.permission.probe"
 
 
 @contextlib.contextmanager
@@ -261,6 +271,45 @@ class NatsBackend(CountedLifetime):
             f"the server allows up to 64MB), or store large data elsewhere and pass a "
             f"reference"
         )
+
+    async def _check_permissions(
+        self, *, stored: Sequence[str] = (), core: Sequence[str] = ()
+    ) -> None:
+        """Fail now, naming the subject, if the server refuses this user a subject the
+        backend needs (its JetStream API requests were checked as they were made).
+
+        Each subject of ``stored`` (captured by a stream) gets a request that JetStream
+        refuses to store (``Nats-Expected-Stream`` names no stream), so nothing is
+        written; each subject of ``core`` is subscribed to and published on (empty);
+        then one flush: the server sends its ``-ERR`` for a refused one before the
+        flush's ``PONG`` (raised by the flush, or recorded as the client's
+        :attr:`~Client.last_error` when it came before the flush's ``PING`` went out).
+
+        :raises PermissionViolationError: a subject was refused (the opening error
+            translation makes it a :class:`BrokerError` with the server's message)
+        """
+        client = self.client
+        before = client.last_error
+        subs = [await client.subscribe(subject) for subject in core]
+        try:
+            for subject in stored:
+                with contextlib.suppress(NoRespondersError):
+                    await client.request(
+                        subject,
+                        b"",
+                        headers=[("Nats-Expected-Stream", _PROBE_STREAM)],
+                        timeout=self.timeout,
+                    )
+            for subject in core:
+                await client.publish(subject, b"")
+            await client.flush(self.timeout)
+            error = client.last_error
+            if error is not before and isinstance(error, PermissionViolationError):
+                raise error
+        finally:
+            for sub in subs:
+                with contextlib.suppress(NatsError):
+                    await sub.unsubscribe()
 
     def server_at_least(self, version: tuple[int, int, int]) -> bool:
         """Whether the connected server is ``version`` or newer."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import ssl
 import sys
@@ -78,6 +79,10 @@ _B = TypeVar("_B", bound="RedisBackend")
 #: A client the backends run on: one server, or a Redis Cluster.
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 
+#: Seconds one connection attempt (TCP, then TLS) may take by default: a ``rediss://``
+#: URL that names a clear-text port never completes its TLS handshake.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
 #: URL schemes of a Redis Cluster (clear text, TLS).
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -99,7 +104,9 @@ def client_kwargs(url: str) -> dict[str, Any]:
     against the system's trusted certificates (or the ``ssl_ca_certs`` file of the query
     string; ``ssl_certfile`` and ``ssl_keyfile`` give a client certificate). The user
     name and password are percent-decoded. The database comes from the path or a ``db``
-    query argument.
+    query argument. ``connect_timeout`` (seconds, default
+    :data:`DEFAULT_CONNECT_TIMEOUT`) bounds each connection attempt, TLS handshake
+    included.
 
     :param url: the URL
     :return: keyword arguments for :class:`coredis.Redis`
@@ -152,8 +159,9 @@ def cluster_kwargs(url: str) -> dict[str, Any]:
     ``redis+cluster://[[username]:password@]host[:port][,host[:port]...]`` names one or
     more nodes of the cluster (the client discovers the others from them; the port
     defaults to 6379); ``rediss+cluster://`` connects to every node with TLS, checked as
-    for ``rediss://`` (and with the same ``ssl_*`` query arguments). A cluster has only
-    database 0, so a path other than ``/`` or ``/0`` is refused.
+    for ``rediss://`` (and with the same ``ssl_*`` and ``connect_timeout`` query
+    arguments). A cluster has only database 0, so a path other than ``/`` or ``/0`` is
+    refused.
 
     :param url: the URL
     :return: keyword arguments for :class:`coredis.RedisCluster`
@@ -202,16 +210,28 @@ def cluster_kwargs(url: str) -> dict[str, Any]:
 
 
 def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, Any]) -> None:
-    """Add the TLS context of a ``rediss`` URL's query (``ssl_*``) to ``kwargs``; refuse
-    any other option."""
+    """Add the TLS context of a ``rediss`` URL's query (``ssl_*``) and the connection
+    timeout (``connect_timeout``) to ``kwargs``; refuse any other option."""
     ca_certs = query.pop("ssl_ca_certs", None)
     certfile = query.pop("ssl_certfile", None)
     keyfile = query.pop("ssl_keyfile", None)
+    timeout_text = query.pop("connect_timeout", None)
     if query:
         raise InvalidInputError(
             f"invalid Redis URL {url!r}: unknown option(s) {', '.join(sorted(query))} "
-            f"(known: db, ssl_ca_certs, ssl_certfile, ssl_keyfile)"
+            f"(known: db, connect_timeout, ssl_ca_certs, ssl_certfile, ssl_keyfile)"
         )
+    timeout = DEFAULT_CONNECT_TIMEOUT
+    if timeout_text is not None:
+        try:
+            timeout = float(timeout_text)
+        except ValueError:
+            timeout = math.nan
+        if not 0 < timeout <= 3600:
+            raise InvalidInputError(
+                f"invalid Redis URL {url!r}: connect_timeout must be seconds in (0, 3600]"
+            )
+    kwargs["connect_timeout"] = timeout
     if tls:
         # create_default_context: CERT_REQUIRED and check_hostname, unlike coredis's own
         # rediss:// handling, which only asks for an optional certificate.
@@ -236,13 +256,108 @@ def server_identity(url: str) -> tuple[Any, ...]:
 
 @contextmanager
 def translate_errors(what: str) -> Iterator[None]:
-    """Turn coredis errors raised inside the block into :class:`BrokerError`."""
+    """Turn coredis errors raised inside the block into :class:`BrokerError` (see
+    :func:`describe_error` for the message)."""
     try:
         yield
     except RedisError as exc:
-        raise BrokerError(f"Redis failed while {what}: {exc}") from exc
+        raise BrokerError(f"Redis failed while {what}: {describe_error(exc)}") from exc
     except OSError as exc:
         raise BrokerError(f"Redis connection failed while {what}: {exc}") from exc
+
+
+# coredis's text of a failed command of a pipeline: the command (with all its arguments,
+# a whole Lua script for SCRIPT LOAD) and the error
+_PIPELINE_ERROR = re.compile(
+    r"Command # \d+ \(([A-Za-z]+(?: [A-Z]+\b)?).*\) of pipeline caused error: (.*)", re.DOTALL
+)
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, in words a user can act on: the server's error (for a pipeline,
+    with the failed command's name instead of its arguments), what a connection attempt
+    failed on (a certificate, a host name, a timeout), and for an authentication or
+    permission error, what to check."""
+    text = str(exc)
+    match = _PIPELINE_ERROR.fullmatch(text)
+    if match is not None:
+        text = f"{match[1].upper()}: {match[2]}"
+    if "already authenticated" in text or text.startswith("NOAUTH"):
+        return (
+            "the server requires authentication: give a user name and password in the URL "
+            "(redis://user:password@host)"
+        )
+    if "WRONGPASS" in text or "invalid username-password pair" in text:
+        return f"{text} (check the user name and password in the URL)"
+    if "no permissions" in text.lower() or "NOPERM" in text:
+        return (
+            f"{text} (the Redis user lacks a permission the backend needs: see the ACL "
+            f"rule in docs/redis.md)"
+        )
+    cause = _connect_cause(exc)
+    if cause is not None:
+        text = f"{text}: {cause}"
+    return text
+
+
+def _connect_cause(exc: BaseException) -> str | None:
+    """Why a connection attempt failed, from the exceptions it was raised from."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"TLS certificate check failed: {current.verify_message or current}"
+        if isinstance(current, ssl.SSLError):
+            return f"TLS failed: {current}"
+        if isinstance(current, TimeoutError):
+            return (
+                "the connection attempt timed out (an unreachable server, or a rediss:// "
+                "URL that names a clear-text port?)"
+            )
+        if current is not exc and isinstance(current, OSError):
+            return str(current)
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
+# Every command the backends' Lua scripts run, each called once with harmless arguments
+# on probe keys of the prefix (KEYS: a string, a hash, a list, a sorted set, of one slot)
+# and a probe channel (ARGV[1]); returns the commands the server refused for permission
+# (an ACL without the command, the prefix's keys or its channels), with the reason.
+_LUA_PROBE = r"""
+local s, h, l, z = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local calls = {
+  {'PING'}, {'TIME'}, {'EXISTS', s}, {'SET', s, '0', 'PX', '60000'}, {'INCR', s}, {'INCRBY', s, '1'},
+  {'PEXPIRE', s, '60000'},
+  {'HSET', h, 'f', '0'}, {'HSETNX', h, 'f', '0'}, {'HINCRBY', h, 'f', '1'}, {'HGET', h, 'f'},
+  {'HMGET', h, 'f'}, {'HGETALL', h}, {'HDEL', h, 'f'},
+  {'RPUSH', l, '0'}, {'LPUSH', l, '0'}, {'LLEN', l}, {'LRANGE', l, '0', '0'}, {'LPOP', l},
+  {'ZADD', z, '0', 'm'}, {'ZSCORE', z, 'm'}, {'ZRANGE', z, '0', '0'},
+  {'ZRANGEBYSCORE', z, '0', '0'}, {'ZREM', z, 'm'},
+  {'PUBLISH', ARGV[1], ''},
+  {'DEL', s, h, l, z},
+}
+local refused = {}
+for _, call in ipairs(calls) do
+  local reply = redis.pcall(unpack(call))
+  if type(reply) == 'table' and reply.err then
+    local err = tostring(reply.err)
+    local low = string.lower(err)
+    -- Redis 7.2+: NOPERM ... no permissions ...; 7.0: The user executing the script can't
+    if string.find(err, 'NOPERM', 1, true) or string.find(low, 'permission', 1, true)
+        or string.find(low, 'the user executing the script', 1, true) then
+      table.insert(refused, call[1] .. ': ' .. err)
+    end
+  end
+end
+return refused
+"""
 
 
 _EVALSHA = b"EVALSHA"
@@ -551,7 +666,7 @@ class RedisBackend(CountedLifetime):
             self.server_id = None
         #: whether the client is a Redis Cluster client
         self.cluster = isinstance(self.client, coredis.RedisCluster)
-        self._cmds = Commands(self.client, scripts)
+        self._cmds = Commands(self.client, {**scripts, "probe": _LUA_PROBE})
         self._init_lifetime()
 
     def __repr__(self) -> str:
@@ -580,8 +695,29 @@ class RedisBackend(CountedLifetime):
         return self._tg
 
     async def _open(self) -> None:
-        """The first entry, the client open: load the scripts (subclasses extend it)."""
+        """The first entry, the client open: load the scripts, check the permissions
+        (subclasses extend it)."""
         await self._cmds.load()
+        await self._check_access()
+
+    async def _check_access(self) -> None:
+        """Run every command of the Lua scripts once on probe keys under the prefix, so
+        that a Redis user without a permission the backend needs (a command, the
+        prefix's keys or channels) fails to open, rather than each call later.
+
+        :raises BrokerError: the server refused some of them (all are named)
+        """
+        keys = [f"{self.prefix}:{{probe}}:{kind}" for kind in ("s", "h", "l", "z")]
+        refused = await self._cmds.script("probe", keys, [f"{self.prefix}:ch:probe"])
+        if refused:
+            reasons = "; ".join(
+                item.decode(errors="replace") if isinstance(item, bytes) else str(item)
+                for item in refused
+            )
+            raise BrokerError(
+                f"the Redis user may not run what the {self._what} needs under the prefix "
+                f"{self.prefix!r}: {reasons} (see the ACL rule in docs/redis.md)"
+            )
 
     async def _start(self, tg: TaskGroup) -> None:
         """Start background tasks in ``tg``: the write-combiner (subclasses extend it)."""

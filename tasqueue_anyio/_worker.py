@@ -439,6 +439,10 @@ class Worker:
         await self._ack(delivery, follow_ups, links, redelivered=True)
         for parent_id, parent_status in ended:  # once the follow-ups exist
             await self.server.publish_parent(parent_id, parent_status)
+        if status in FINAL_STATUSES:
+            # ... and may have lost the end's announcement with its ack (a crash, or an
+            # ack refused as lease lost after a partition): announce it again for waiters
+            await self.server.publish_finished(msg.id, Status(status))
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo

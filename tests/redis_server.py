@@ -8,6 +8,11 @@ answers ``PING``. :meth:`RedisServer.stop` terminates it, then kills it, by its 
 run that selects no Redis test starts none); ``conftest.py`` stops it when the session
 ends. Without a ``redis-server`` binary, the tests that need it are skipped.
 
+With ``tls=(ca, cert, key)`` (PEM files, e.g. from :func:`tls_support.write_certificates`),
+:func:`start_redis_server` also listens with TLS on a second loopback port
+(:attr:`RedisServer.tls_port`; clients need no certificate of their own); with
+``password``, the default user needs it (``requirepass``).
+
 For crash tests, :meth:`RedisServer.kill` kills a server with ``SIGKILL`` (by its pid) and
 :func:`restart_redis_server` starts it again with the same command line: the same port,
 directory and options (so an append-only file is loaded again).
@@ -67,12 +72,19 @@ class RedisServer:
     """A running ``redis-server`` process on 127.0.0.1."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], port: int, directory: Path, password: str | None
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        directory: Path,
+        password: str | None,
+        tls_port: int | None = None,
     ) -> None:
         self.process = process
         self.port = port
         self.directory = directory
         self.password = password
+        #: the TLS port, if the server was started with ``tls``
+        self.tls_port = tls_port
 
     @property
     def url(self) -> str:
@@ -94,12 +106,15 @@ class RedisServer:
 def start_redis_server(
     *,
     password: str | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
     extra_args: Sequence[str] = (),
     pick_port: Callable[[], int] = _free_port,
 ) -> RedisServer:
     """Start a ``redis-server`` on a free loopback port and wait until it answers.
 
     :param password: ``requirepass`` for the default user, if any
+    :param tls: ``(ca, cert, key)``: listen with TLS too, on a second free port, with
+        this certificate (client certificates are not asked for)
     :param extra_args: more ``redis-server`` options (``--name value`` pairs)
     :param pick_port: returns a free port to try (called again if it was taken)
     :raises RuntimeError: it did not answer within :data:`START_TIMEOUT`
@@ -123,11 +138,22 @@ def start_redis_server(
         ]  # fmt: skip
         if password is not None:
             args += ["--requirepass", password]
+        tls_port = None
+        if tls is not None:
+            tls_port = pick_port()
+            ca, cert, key = tls
+            args += [
+                "--tls-port", str(tls_port),
+                "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         args += list(extra_args)
         process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        server = RedisServer(process, port, directory, password)
+        server = RedisServer(process, port, directory, password, tls_port)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
             if _ping(port, password):

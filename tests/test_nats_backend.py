@@ -23,6 +23,7 @@ from broker_support import consuming, envelope, receive
 from nats_server import NatsServer
 from nats_support import broker_on, eventually, name, results_on, take_all
 from server_support import TIMEOUT, Counter, running
+from timing_support import require, sleep_until, until_conclusive
 
 from tasqueue_anyio import (
     Chain,
@@ -333,25 +334,30 @@ async def test_nack_copies_carry_the_attempt(nats_server: NatsServer) -> None:
 async def test_due_etas_are_handed_out_in_eta_order(nats_server: NatsServer) -> None:
     """The server's scheduler fires the schedules due in one run in publishing order; the
     consumer hands each run out in ETA order."""
-    queue = "etas"
-    now = time.time()
     offsets = [0.40, 0.10, 0.35, 0.20, 0.15, 0.30, 0.25, 0.05]
     async with broker_on(nats_server) as broker:
-        await broker.enqueue_many(
-            [envelope(queue, f"{offset:.2f}".encode(), eta=now + offset) for offset in offsets]
-        )
-        scheduled = await broker.get_scheduled(queue)
-        assert [data for _, data in scheduled] == [f"{o:.2f}".encode() for o in sorted(offsets)]
-        await anyio.sleep(max(0.0, now + 1.0 - time.time()))  # let them all fire
-        assert await broker.get_scheduled(queue) == []
-        got = []
-        async with consuming(broker, queue) as stream:
-            for _ in offsets:
-                delivery = await receive(stream)
-                got.append(delivery.data)
-                assert time.time() >= now + float(delivery.data) - 0.001
-                await delivery.ack()
-        assert got == [f"{o:.2f}".encode() for o in sorted(offsets)]
+
+        async def etas_in_order() -> None:
+            queue = f"etas{uuid4().hex[:8]}"
+            now = time.time()  # the broker is open: the ETAs count from here
+            await broker.enqueue_many(
+                [envelope(queue, f"{offset:.2f}".encode(), eta=now + offset) for offset in offsets]
+            )
+            scheduled = await broker.get_scheduled(queue)
+            require(time.time() < now + min(offsets), "an ETA passed before the listing")
+            assert [data for _, data in scheduled] == [f"{o:.2f}".encode() for o in sorted(offsets)]
+            await anyio.sleep(max(0.0, now + 1.0 - time.time()))  # let them all fire
+            assert await broker.get_scheduled(queue) == []
+            got = []
+            async with consuming(broker, queue) as stream:
+                for _ in offsets:
+                    delivery = await receive(stream)
+                    got.append(delivery.data)
+                    assert time.time() >= now + float(delivery.data) - 0.001
+                    await delivery.ack()
+            assert got == [f"{o:.2f}".encode() for o in sorted(offsets)]
+
+        await until_conclusive(etas_in_order)
 
 
 async def test_idle_consumer_gets_a_scheduled_message_promptly(nats_server: NatsServer) -> None:
@@ -868,32 +874,47 @@ async def test_create_jobs_over_missing_present_and_deleted_keys(nats_server: Na
 
 
 async def test_job_and_result_expiry(nats_server: NatsServer) -> None:
-    async with results_on(nats_server, job_ttl=1, result_ttl=1) as r:
-        job_id = uuid4().hex
-        await r.set_jobs({job_id: JobRecord(status="processing", data=b"x")})
-        assert await r.update_job(
-            job_id, JobRecord(status="successful", data=b"y"), expect=["processing"]
-        )
-        await r.set_result(job_id, b"result")
+    ttl = 1.0
+    async with results_on(nats_server, job_ttl=ttl, result_ttl=ttl) as r:
         await r.set_schedule(ScheduleRecord(id="cron", data=b"j", next_fire=1.0))
-        assert job_id in await r.get_success()
-        parent_id = uuid4().hex
-        await r.set_parent(
-            parent_id,
-            ParentRecord(kind="group", status="queued", data=b"", members={"a": "queued"}),
-        )
-        await anyio.sleep(0.6)
-        assert await r.set_member_status(parent_id, "a", "successful") == {"successful": 1}
-        await anyio.sleep(0.7)
-        with pytest.raises(JobNotFoundError):
-            await r.get_job(job_id)
-        with pytest.raises(LookupError):
-            await r.get_result(job_id)
-        assert job_id not in await r.get_success()
-        assert (await r.get_parent(parent_id)).members == {"a": "successful"}  # restarted
-        await anyio.sleep(0.6)
-        with pytest.raises(NotFoundError):
-            await r.get_parent(parent_id)
+
+        async def states_expire() -> None:
+            job_id = uuid4().hex
+            start = anyio.current_time()  # no TTL runs out before start + ttl
+            await r.set_jobs({job_id: JobRecord(status="processing", data=b"x")})
+            assert await r.update_job(
+                job_id, JobRecord(status="successful", data=b"y"), expect=["processing"]
+            )
+            await r.set_result(job_id, b"result")
+            success = await r.get_success()
+            parent_id = uuid4().hex
+            await r.set_parent(
+                parent_id,
+                ParentRecord(kind="group", status="queued", data=b"", members={"a": "queued"}),
+            )
+            written = anyio.current_time()  # the job's TTLs run out by written + ttl
+            require(written < start + ttl, "the writes took the whole TTL")
+            assert job_id in success
+            await sleep_until(written + 0.6)
+            updating = anyio.current_time()  # the parent's restarted TTL runs till + ttl
+            counts = await r.set_member_status(parent_id, "a", "successful")
+            updated = anyio.current_time()
+            require(updated < start + ttl, "the parent's first TTL may have run out")
+            assert counts == {"successful": 1}
+            await sleep_until(written + 1.3)
+            with pytest.raises(JobNotFoundError):
+                await r.get_job(job_id)
+            with pytest.raises(LookupError):
+                await r.get_result(job_id)
+            assert job_id not in await r.get_success()
+            members = (await r.get_parent(parent_id)).members  # restarted
+            require(anyio.current_time() < updating + ttl, "the restarted TTL may have run out")
+            assert members == {"a": "successful"}
+            await sleep_until(updated + 1.3)
+            with pytest.raises(NotFoundError):
+                await r.get_parent(parent_id)
+
+        await until_conclusive(states_expire)
         assert [s.id for s in await r.get_schedules()] == ["cron"]  # never expires
 
 

@@ -20,6 +20,7 @@ import pytest
 from broker_support import consuming, envelope, receive
 from redis_server import RedisServer
 from server_support import TIMEOUT, Counter, running
+from timing_support import require, sleep_until, until_conclusive
 
 from tasqueue_anyio import (
     BrokerError,
@@ -422,22 +423,27 @@ async def test_batch_fetch_gives_back_unhanded_messages(redis_server: RedisServe
 
 
 async def test_due_etas_move_all_at_once_in_eta_order(redis_server: RedisServer) -> None:
-    queue = "etas"
-    now = time.time()
     offsets = [0.40, 0.10, 0.35, 0.20, 0.15, 0.30, 0.25, 0.05]
     async with RedisBroker(redis_server.url, prefix=prefix()) as broker:
-        await broker.enqueue_many(
-            [envelope(queue, f"{offset:.2f}".encode(), eta=now + offset) for offset in offsets]
-        )
-        await broker.enqueue(envelope(queue, b"now"))
-        scheduled = await broker.get_scheduled(queue)
-        assert [data for _, data in scheduled] == [f"{o:.2f}".encode() for o in sorted(offsets)]
-        await anyio.sleep(max(0.0, now + 0.45 - time.time()))
-        # one pass moved every due message, in ETA order, behind the one already due
-        assert await broker.get_pending(queue) == [b"now"] + [
-            f"{o:.2f}".encode() for o in sorted(offsets)
-        ]
-        assert await broker.get_scheduled(queue) == []
+
+        async def etas_move_at_once() -> None:
+            queue = f"etas{uuid4().hex[:8]}"
+            now = time.time()  # the broker is open: the ETAs count from here
+            await broker.enqueue_many(
+                [envelope(queue, f"{offset:.2f}".encode(), eta=now + offset) for offset in offsets]
+            )
+            await broker.enqueue(envelope(queue, b"now"))
+            scheduled = await broker.get_scheduled(queue)
+            require(time.time() < now + min(offsets), "an ETA passed before the listing")
+            assert [data for _, data in scheduled] == [f"{o:.2f}".encode() for o in sorted(offsets)]
+            await anyio.sleep(max(0.0, now + 0.45 - time.time()))
+            # one pass moved every due message, in ETA order, behind the one already due
+            assert await broker.get_pending(queue) == [b"now"] + [
+                f"{o:.2f}".encode() for o in sorted(offsets)
+            ]
+            assert await broker.get_scheduled(queue) == []
+
+        await until_conclusive(etas_move_at_once)
 
 
 async def test_idle_consumer_wakes_for_an_earlier_eta(redis_server: RedisServer) -> None:
@@ -504,34 +510,53 @@ async def test_poison_message_is_dead_lettered_and_the_queue_flows(
 
 
 async def test_job_and_result_expiry(redis_server: RedisServer) -> None:
-    async with RedisResults(redis_server.url, prefix=prefix(), job_ttl=0.2, result_ttl=0.2) as r:
-        job_id = uuid4().hex
-        await r.set_jobs({job_id: JobRecord(status="processing", data=b"x")})
-        assert await r.update_job(
-            job_id, JobRecord(status="successful", data=b"y"), expect=["processing"]
-        )
-        await r.set_result(job_id, b"result")
-        assert job_id in await r.get_success()
-        await anyio.sleep(0.3)
-        with pytest.raises(JobNotFoundError):
-            await r.get_job(job_id)
-        with pytest.raises(LookupError):
-            await r.get_result(job_id)
-        assert job_id not in await r.get_success()
+    ttl = 0.2
+    async with RedisResults(redis_server.url, prefix=prefix(), job_ttl=ttl, result_ttl=ttl) as r:
 
-        # group and chain state follows job_ttl, restarted by each write
-        parent_id = uuid4().hex
-        await r.set_parent(
-            parent_id,
-            ParentRecord(kind="group", status="queued", data=b"", members={"a": "queued"}),
-        )
-        await anyio.sleep(0.12)
-        assert await r.set_member_status(parent_id, "a", "successful") == {"successful": 1}
-        await anyio.sleep(0.12)
-        assert (await r.get_parent(parent_id)).members == {"a": "successful"}
-        await anyio.sleep(0.3)
-        with pytest.raises(NotFoundError):
-            await r.get_parent(parent_id)
+        async def job_and_result_expire() -> None:
+            job_id = uuid4().hex
+            start = anyio.current_time()  # no TTL runs out before start + ttl
+            await r.set_jobs({job_id: JobRecord(status="processing", data=b"x")})
+            assert await r.update_job(
+                job_id, JobRecord(status="successful", data=b"y"), expect=["processing"]
+            )
+            await r.set_result(job_id, b"result")
+            written = anyio.current_time()  # every TTL runs out by written + ttl
+            success = await r.get_success()
+            require(anyio.current_time() < start + ttl, "the writes took the whole TTL")
+            assert job_id in success
+            await sleep_until(written + ttl + 0.1)
+            with pytest.raises(JobNotFoundError):
+                await r.get_job(job_id)
+            with pytest.raises(LookupError):
+                await r.get_result(job_id)
+            assert job_id not in await r.get_success()
+
+        async def parent_expiry_restarts_with_each_write() -> None:
+            # group and chain state follows job_ttl, restarted by each write
+            parent_id = uuid4().hex
+            start = anyio.current_time()
+            await r.set_parent(
+                parent_id,
+                ParentRecord(kind="group", status="queued", data=b"", members={"a": "queued"}),
+            )
+            created = anyio.current_time()  # the first TTL runs out by created + ttl
+            await sleep_until(start + 0.12)
+            updating = anyio.current_time()  # the restarted TTL runs until updating + ttl
+            counts = await r.set_member_status(parent_id, "a", "successful")
+            updated = anyio.current_time()
+            require(updated < start + ttl, "the first TTL may have run out before the update")
+            assert counts == {"successful": 1}
+            await sleep_until(created + ttl + 0.04)  # past the first TTL
+            members = (await r.get_parent(parent_id)).members
+            require(anyio.current_time() < updating + ttl, "the restarted TTL may have run out")
+            assert members == {"a": "successful"}
+            await sleep_until(updated + ttl + 0.1)
+            with pytest.raises(NotFoundError):
+                await r.get_parent(parent_id)
+
+        await until_conclusive(job_and_result_expire)
+        await until_conclusive(parent_expiry_restarts_with_each_write)
 
 
 async def test_create_jobs_only_creates_missing_state(redis_server: RedisServer) -> None:

@@ -51,6 +51,7 @@ import base64
 import itertools
 import logging
 import random
+import re
 import secrets
 import ssl
 from collections import deque
@@ -198,6 +199,9 @@ class SlowConsumerError(NatsError):
         self.dropped = dropped
 
 
+_PUBLISH_VIOLATION = re.compile(r'Publish to "([^"]+)"', re.IGNORECASE)
+
+
 def _server_error(message: str) -> ServerError:
     lowered = message.lower()
     fatal = Err(message).fatal
@@ -259,12 +263,14 @@ class _PingWaiter:
 class _ReplyWaiter:
     """A request waiting for its one reply."""
 
-    __slots__ = ("deadline", "error", "event", "msg")
+    __slots__ = ("deadline", "error", "event", "msg", "subject")
 
-    def __init__(self, deadline: float = float("inf")) -> None:
+    def __init__(self, subject: str, deadline: float = float("inf")) -> None:
         self.event = anyio.Event()
         self.msg: Msg | None = None
         self.error: NatsError | None = None
+        #: the request's subject (a permission violation on it fails the request)
+        self.subject = subject
         #: when the expiry task wakes it without a reply (``inf``: never, it times itself)
         self.deadline = deadline
 
@@ -299,12 +305,13 @@ class _BatchSlot:
     """One request of a :class:`_Batch` (in the client's reply table, like a
     :class:`_ReplyWaiter`)."""
 
-    __slots__ = ("batch", "deadline", "index")
+    __slots__ = ("batch", "deadline", "index", "subject")
 
-    def __init__(self, batch: _Batch, index: int, deadline: float) -> None:
+    def __init__(self, batch: _Batch, index: int, deadline: float, subject: str) -> None:
         self.batch = batch
         self.index = index
         self.deadline = deadline
+        self.subject = subject
 
     def _settle(self, reply: Msg | NatsError) -> None:
         batch = self.batch
@@ -1114,9 +1121,27 @@ class Client:
                     self._subs.pop(sub.sid, None)
                     sub._end(error)
                     claimed = True
+                    if sub.sid == self._inbox_sid:  # no reply can come to any request
+                        self._fail_requests(error, None)
+        elif isinstance(error, PermissionViolationError):
+            # "Permissions Violation for Publish to "<subject>"": the requests on it
+            # get no reply; fail them now rather than at their timeout
+            match = _PUBLISH_VIOLATION.search(error.server_message)
+            if match is not None and self._fail_requests(error, match[1]):
+                claimed = True
         if not claimed:
             logger.warning("NATS server error: %s", error.server_message)
         self._report(error)
+
+    def _fail_requests(self, error: NatsError, subject: str | None) -> bool:
+        """Fail the waiting requests on ``subject`` (all of them for ``None``); whether
+        there were any."""
+        failed = False
+        for waiter in list(self._replies.values()):
+            if subject is None or waiter.subject == subject:
+                waiter.fail(error)
+                failed = True
+        return failed
 
     def _dispatch_msg(self, msg: Msg) -> None:
         if msg.sid == self._inbox_sid:
@@ -1357,7 +1382,7 @@ class Client:
         data = self._encode_pub(subject, bytes(payload), f"{self._inbox_prefix}.{token}", headers)
         if timeout >= _EXPIRY_MIN_TIMEOUT and self._tg is not None:
             # The common case: queued at once, timed by the expiry task (no cancel scope).
-            waiter = _ReplyWaiter(anyio.current_time() + timeout)
+            waiter = _ReplyWaiter(subject, anyio.current_time() + timeout)
             try:
                 self._write_send.send_nowait((data, None))
             except anyio.WouldBlock:
@@ -1366,7 +1391,7 @@ class Client:
                 self._check_open()
                 raise ConnectionClosedError("the NATS client is closed") from None
         else:
-            waiter = _ReplyWaiter()
+            waiter = _ReplyWaiter(subject)
         self._replies[token] = waiter
         try:
             if waiter.deadline != float("inf"):
@@ -1417,7 +1442,7 @@ class Client:
         try:
             with anyio.move_on_after(float("inf") if timed else timeout):
                 for index, (token, data) in enumerate(zip(tokens, encoded, strict=True)):
-                    self._replies[token] = _BatchSlot(batch, index, deadline)
+                    self._replies[token] = _BatchSlot(batch, index, deadline, requests[index][0])
                     queued.append(token)
                     await self._queue(data)
                 if timed:

@@ -627,6 +627,8 @@ class NatsBroker(NatsBackend, Broker):
             q.ready = q.relay_ready = q.adopted = False
         self._schedules = self.server_at_least((2, 12, 0))
         await self._ensure_stream()
+        p = self.prefix  # the subjects of queues and of events
+        await self._check_permissions(stored=[f"{p}.q._probe"], core=[f"{p}.e._probe"])
 
     async def _ensure_stream(self) -> None:
         p = self.prefix

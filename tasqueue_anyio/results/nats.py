@@ -389,6 +389,7 @@ class NatsResults(NatsBackend, Results):
             )
         else:
             self._cron = self._kv
+        await self._check_permissions(stored=[f"$KV.{self.bucket}._probe"])
 
     def _closing(self) -> None:
         self._kv = None
