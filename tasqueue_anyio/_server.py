@@ -636,7 +636,28 @@ class Server:
                 members={job.id: Status.QUEUED.value for job in jobs},
             ),
         )
-        await self.put_messages(prepared)
+        try:
+            await self.put_messages(prepared)
+        except BaseException as exc:
+            # put_messages forgot the members' records again: the group or chain must not
+            # wait for them for ever, so it ends failed, saying why
+            with self._finishing():
+                try:
+                    await self.results.set_parent_status(
+                        parent_id,
+                        Status.FAILED.value,
+                        expect=_NOT_FINAL,
+                        error=f"its enqueue failed: {type(exc).__name__}: {exc}",
+                    )
+                except Exception as inner:
+                    self.log.warning(
+                        "%s %s: its enqueue failed and it could not be marked failed: %s",
+                        kind,
+                        parent_id,
+                        inner,
+                        extra={"parent_id": parent_id},
+                    )
+            raise
 
     # -- groups and chains: keeping their state ---------------------------------------------
 
@@ -670,14 +691,23 @@ class Server:
             record = await self.results.get_parent(parent_id)
             if record.status in FINAL_STATUSES:
                 return []  # cancelled or past its deadline: no further links
-            info = decode_parent(record.data)
-            index = info.job_ids.index(msg.id) if msg.id in info.job_ids else len(info.job_ids)
-            if index + 1 < len(info.job_ids):
+            try:
+                info = decode_parent(record.data)
+                index = info.job_ids.index(msg.id) if msg.id in info.job_ids else len(info.job_ids)
+                link = job_from_wire(info.links[index + 1]) if index + 1 < len(info.links) else None
+            except DecodeError as exc:
+                # a damaged record (or one an older version wrote): the next link is not
+                # known, so the chain ends here rather than send its message back for ever
+                self.log.error("chain %s: its record does not decode: %s", parent_id, exc)
+                await self.end_parent(
+                    parent_id, Status.FAILED, f"its record does not decode: {exc}", ended=ended
+                )
+                return []
+            if link is not None:
                 try:
                     prev_result: bytes | None = await self.results.get_result(msg.id)
                 except NotFoundError:
                     prev_result = None
-                link = job_from_wire(info.links[index + 1])
                 try:
                     prepared = self.new_message(
                         link,

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
+import attrs
 import pytest
 from server_support import TIMEOUT, Counter, noop, running, wait_event
 
@@ -997,3 +998,26 @@ async def test_naive_eta_is_refused() -> None:
         Job("t", eta=datetime.now())  # naive: the point of the test
     with pytest.raises(InvalidInputError):
         Job("t", eta=datetime.now(timezone.utc), delay=1.0)
+
+
+async def test_chain_whose_record_does_not_decode_ends_failed(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    """A chain record damaged (or written by an older version) after the chain began:
+    its next link cannot be known, so the chain ends ``failed`` saying why when the
+    current link succeeds, and that link's message is settled, not sent back for ever."""
+    links = [Job("link", name, queue=queue_name) for name in (b"a", b"b")]
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("link", noop, queue=queue_name)
+        chain_id = await server.enqueue_chain(Chain(links))
+        record = await results.get_parent(chain_id)
+        await results.set_parent(chain_id, attrs.evolve(record, data=b"\xc1 not a record"))
+        async with running(server):
+            done = await server.wait(links[0].id, timeout=TIMEOUT)
+        ended = await results.get_parent(chain_id)
+        assert await broker.get_pending(queue_name) == []
+        await assert_no_job(server, links[1].id)
+    assert done.status is Status.SUCCESSFUL
+    assert ended.status == Status.FAILED.value
+    assert ended.error is not None
+    assert "does not decode" in ended.error

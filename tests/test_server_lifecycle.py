@@ -16,6 +16,10 @@ from server_support import TIMEOUT, noop, running, wait_event
 
 from tasqueue_anyio import (
     BrokerError,
+    Chain,
+    ChainMessage,
+    Group,
+    GroupMessage,
     InvalidInputError,
     Job,
     JobContext,
@@ -595,3 +599,36 @@ async def test_enqueue_many_that_raises_leaves_no_queued_job_behind(
         assert await broker.get_pending(queue_name) == []
         with pytest.raises(JobNotFoundError):
             await server.get_job(jobs[1].id)
+
+
+@pytest.mark.parametrize("kind", ["group", "chain"])
+async def test_group_or_chain_whose_enqueue_raises_ends_failed(
+    broker: Broker, results: Results, queue_name: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The members of a group (or a chain's first link) cannot be enqueued: their records
+    are forgotten, so the group or chain ends ``failed`` saying why, and waiting on it
+    returns instead of waiting for members that will never run."""
+    jobs = [Job("t", b"a", queue=queue_name), Job("t", b"b", queue=queue_name)]
+
+    async def failing(messages: Any) -> None:
+        raise BrokerError("injected: the broker is away")
+
+    async with Server(broker=broker, results=results) as server:
+        server.register_task("t", noop, queue=queue_name)
+        monkeypatch.setattr(broker, "enqueue_many", failing)
+        with pytest.raises(BrokerError, match="injected"):
+            if kind == "group":
+                await server.enqueue_group(Group(jobs, id="g-" + queue_name))
+            else:
+                await server.enqueue_chain(Chain(jobs, id="c-" + queue_name))
+        monkeypatch.undo()
+        if kind == "group":
+            state: GroupMessage | ChainMessage = await server.wait_group(
+                "g-" + queue_name, timeout=TIMEOUT
+            )
+        else:
+            state = await server.wait_chain("c-" + queue_name, timeout=TIMEOUT)
+    assert state.status is Status.FAILED
+    assert state.error is not None
+    assert "enqueue failed" in state.error
+    assert "injected" in state.error
