@@ -616,11 +616,13 @@ async def test_group_or_chain_whose_enqueue_raises_ends_failed(
     async with Server(broker=broker, results=results) as server:
         server.register_task("t", noop, queue=queue_name)
         monkeypatch.setattr(broker, "enqueue_many", failing)
+        enqueue = (
+            server.enqueue_group(Group(jobs, id="g-" + queue_name))
+            if kind == "group"
+            else server.enqueue_chain(Chain(jobs, id="c-" + queue_name))
+        )
         with pytest.raises(BrokerError, match="injected"):
-            if kind == "group":
-                await server.enqueue_group(Group(jobs, id="g-" + queue_name))
-            else:
-                await server.enqueue_chain(Chain(jobs, id="c-" + queue_name))
+            await enqueue
         monkeypatch.undo()
         if kind == "group":
             state: GroupMessage | ChainMessage = await server.wait_group(
