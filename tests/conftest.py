@@ -9,6 +9,8 @@ backend, and cleans up on exit).
 
 from __future__ import annotations
 
+import gc
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from uuid import uuid4
@@ -16,7 +18,7 @@ from uuid import uuid4
 import anyio
 import pytest
 from redis_cluster import RedisCluster, shared_cluster, stop_shared_cluster
-from redis_server import RedisServer, shared_server, stop_shared_server
+from redis_server import UNCLOSED_STREAM, RedisServer, shared_server, stop_shared_server
 
 from tasqueue_anyio.abc import Broker, Results
 from tasqueue_anyio.brokers.memory import MemoryBroker
@@ -137,6 +139,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def coredis_leaks() -> Iterator[None]:
+    """Collects, after the test, what coredis leaked in it (see
+    :data:`redis_server.COREDIS_LEAKS`), with their warnings ignored."""
+    yield
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", UNCLOSED_STREAM, ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -28,13 +28,14 @@ import anyio
 import coredis
 import pytest
 from nats_server import NatsServer
-from redis_server import RedisServer
+from redis_server import COREDIS_LEAKS, RedisServer
 from tcp_proxy import TcpProxy, tcp_proxy
 
 from tasqueue_anyio import BrokerError, Job, JobContext, JobMessage, LeaseLostError, Server, Status
 from tasqueue_anyio.abc import Broker, Results
 
-pytestmark = pytest.mark.anyio
+# reconnection attempts refused by a dropped link leak coredis's streams (see the fixture)
+pytestmark = [pytest.mark.anyio, *COREDIS_LEAKS]
 
 #: The lease (Redis) or ack wait (NATS) of both workers, seconds.
 LEASE = 1.0

@@ -22,7 +22,7 @@ from uuid import uuid4
 import anyio
 import coredis
 import pytest
-from redis_server import RedisServer, start_redis_server
+from redis_server import COREDIS_LEAKS, RedisServer, start_redis_server
 from server_support import TIMEOUT, running
 from tls_support import write_certificates
 
@@ -31,15 +31,8 @@ from tasqueue_anyio._redis import Client
 from tasqueue_anyio.brokers.redis import RedisBroker
 from tasqueue_anyio.results.redis import RedisResults
 
-pytestmark = [
-    pytest.mark.anyio,
-    # coredis 6.9 leaks the memory object streams of every connection attempt that fails
-    # (``BaseConnection.__init__`` creates them, ``run()`` closes them only once
-    # connected); the leak is coredis's (see tests/test_redis_reliability.py)
-    pytest.mark.filterwarnings(
-        r"ignore:Unclosed <MemoryObject(Send|Receive)Stream:ResourceWarning"
-    ),
-]
+# failed connection attempts leak coredis's streams (see the fixture)
+pytestmark = [pytest.mark.anyio, *COREDIS_LEAKS]
 
 ADMIN_PASSWORD = "admin-secret"
 #: The commands the backends need (docs/redis.md), besides the keys and channels of the
