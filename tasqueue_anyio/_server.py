@@ -429,6 +429,8 @@ class Server:
 
         :return: the job id (or schedule id)
         :raises PayloadTooLargeError: the payload is over ``max_payload_size`` (no I/O done)
+        :raises InvalidInputError: a cron expression has no fire time after now (this
+            server's clock) or after the job's ``eta`` (no I/O done)
         """
         return (await self.enqueue_many([job]))[0]
 
@@ -449,10 +451,10 @@ class Server:
                 raise InvalidInputError("two jobs of one enqueue_many call share an id")
             for job in jobs:
                 self._check_payloads(job)
+            schedules = [self._schedule_record(job) for job in jobs if job.schedule is not None]
             await self.enqueue_many([job for job in jobs if job.schedule is None])
-            for job in jobs:
-                if job.schedule is not None:
-                    await self._add_schedule(job)
+            for record in schedules:
+                await self._add_schedule(record)
             return ids
         if not jobs:
             return []
@@ -825,15 +827,23 @@ class Server:
 
     # -- cron schedules -----------------------------------------------------------------------
 
-    async def _add_schedule(self, job: Job) -> None:
+    def _schedule_record(self, job: Job) -> ScheduleRecord:
+        """The stored form of cron job ``job`` (no I/O).
+
+        :raises InvalidInputError: the expression has no fire time after now (this
+            server's clock) or after the job's ``eta``
+        """
         assert job.schedule is not None
-        first = job.eta_timestamp(self.clock())
-        if first is None:
-            first = next_fire(job.schedule, self.clock())
-        await self.results.set_schedule(
-            ScheduleRecord(id=job.id, data=encode_template(job), next_fire=first)
+        now = self.clock()
+        first = job.eta_timestamp(now)
+        following = next_fire(job.schedule, now if first is None else max(first, now))
+        return ScheduleRecord(
+            id=job.id, data=encode_template(job), next_fire=following if first is None else first
         )
-        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_SCHEDULE, job.id))
+
+    async def _add_schedule(self, record: ScheduleRecord) -> None:
+        await self.results.set_schedule(record)
+        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_SCHEDULE, record.id))
 
     async def get_schedules(self) -> list[Schedule]:
         """The stored cron schedules, by id."""
