@@ -181,6 +181,8 @@ class Server:
         self.active: dict[str, list[ActiveJob]] = {}
         self._exit_stack: AsyncExitStack | None = None
         self._worker: Worker | None = None
+        #: the grace of a stop() made while no run() was going on (the next run() uses it)
+        self._pending_stop: float | None = None
         #: set once this open server listens to FINISHED_CHANNEL
         self._finished_listening = False
         self._finished_lock: anyio.Lock | None = None
@@ -996,7 +998,9 @@ class Server:
         Start it with ``await tg.start(server.run)``: it reports started once every queue
         is being consumed. Cancelling it stops at once: jobs that were running go back to
         the broker and run again later (shutdown is not an outcome). :meth:`stop` ends it
-        gracefully. Opens the server itself if it is not open yet.
+        gracefully; after a :meth:`stop` made while no ``run()`` was going on, this
+        ``run()`` reports started, takes no job and returns at once. Opens the server
+        itself if it is not open yet.
         """
         if self._exit_stack is None:
             async with self:
@@ -1005,6 +1009,9 @@ class Server:
         if self._worker is not None:
             raise RuntimeError("Server.run() is already running")
         worker = self._worker = Worker(self)
+        grace, self._pending_stop = self._pending_stop, None
+        if grace is not None:
+            worker.stop(grace)  # stop() came before run(): it applies from the start
         try:
             await worker.run(task_status=task_status)
         finally:
@@ -1013,9 +1020,14 @@ class Server:
     def stop(self, grace: float = 30.0) -> None:
         """Stop :meth:`run` gracefully: take no new jobs, give running ones ``grace``
         seconds to end, then cancel them (they go back to the broker); ``run()`` returns.
+
+        Called while no ``run()`` is going on, it applies to the next ``run()``, which
+        then takes no job and returns at once (the stop is used up by it).
         """
         if self._worker is not None:
             self._worker.stop(grace)
+        else:
+            self._pending_stop = grace
 
 
 _NOT_FINAL = (Status.QUEUED.value, Status.PROCESSING.value)
