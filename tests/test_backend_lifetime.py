@@ -140,13 +140,13 @@ async def test_backend_entered_by_two_tasks_at_once_opens_once(
     tasks_before = len(anyio.get_running_tasks())
     async with backend:
         tasks_of_one_opening = len(anyio.get_running_tasks()) - tasks_before
-    task_ids: list[int] = []
+    task_ids = [0, 0]
     inside = [anyio.Event(), anyio.Event()]
     may_leave = [anyio.Event(), anyio.Event()]
     left = [anyio.Event(), anyio.Event()]
 
     async def enter(i: int) -> None:
-        task_ids.append(anyio.get_current_task().id)
+        task_ids[i] = anyio.get_current_task().id
         try:
             async with backend:
                 await use(backend)
