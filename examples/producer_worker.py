@@ -4,8 +4,10 @@ enqueues jobs, waits for them and reads their results.
 Both servers here share one ``MemoryBroker`` and one ``MemoryResults`` inside one
 process, because the in-memory backends cannot be reached from another process. In a
 real deployment the worker and the producer are separate processes, each building its
-own broker and results objects that point at the same Redis or NATS server (those
-backends are being built); the code of each role stays as it is here.
+own broker and results objects that point at the same Redis or NATS server; the code of
+each role stays as it is here. To share one Redis or NATS backend between tasks of one
+process, open it in an ``async with`` around those tasks, as ``main`` does: the task that
+opens a backend must be the last to leave it (docs/backends.md).
 
 - The worker registers the tasks and calls ``run()``.
 - The producer registers nothing and never calls ``run()``: it enqueues jobs by task
@@ -79,7 +81,7 @@ async def producer(broker: Broker, results: Results) -> None:
 async def main() -> None:
     broker = MemoryBroker()
     results = MemoryResults()
-    async with anyio.create_task_group() as tg:
+    async with broker, results, anyio.create_task_group() as tg:
         await tg.start(worker, broker, results)
         await producer(broker, results)
         tg.cancel_scope.cancel()  # stop the worker

@@ -9,11 +9,11 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import attrs
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from ._exceptions import InvalidInputError, JobCancelledError
 
@@ -232,20 +232,60 @@ def _check_eta(inst: object, attribute: attrs.Attribute[Any], value: object) -> 
     check_time(value.timestamp(), "eta")
 
 
+#: What croniter raises for an expression it cannot read or evaluate: its ``CroniterError``
+#: family (``ValueError`` subclasses: bad syntax, an unknown name, no fire time found),
+#: ``KeyError`` and ``TypeError`` (older versions, odd fields), and ``OverflowError`` or
+#: ``OSError`` for a start time out of ``datetime``'s range.
+_CRON_ERRORS = (ValueError, KeyError, TypeError, OverflowError, OSError)
+
+
 def check_schedule(value: object) -> None:
-    """Raise :class:`InvalidInputError` unless ``value`` is ``None`` or a valid cron expression."""
+    """Raise :class:`InvalidInputError` unless ``value`` is ``None`` or a cron expression
+    croniter reads.
+
+    Syntax only: a stored schedule whose expression has no fire time left still decodes
+    (the scheduler disables it); :class:`Job` and ``enqueue`` also require a fire time
+    (:func:`cron_next_fire`).
+    """
     if value is None:
         return
     if not isinstance(value, str):
         raise InvalidInputError(f"schedule must be a cron expression string, got {value!r}")
     try:
         croniter(value)
-    except (ValueError, KeyError) as exc:
+    except _CRON_ERRORS as exc:
         raise InvalidInputError(f"invalid cron schedule {value!r}: {exc}") from exc
+
+
+def cron_next_fire(expression: str, after: float) -> float:
+    """The first fire time of ``expression`` strictly after POSIX time ``after`` (UTC).
+
+    :raises InvalidInputError: ``expression`` is not a cron expression, it has no fire
+        time after ``after`` (croniter looks up to 50 years ahead: the 31st of February,
+        a year gone), or ``after`` is out of range
+    """
+    try:
+        start = datetime.fromtimestamp(after, timezone.utc)
+    except _CRON_ERRORS as exc:
+        raise InvalidInputError(
+            f"invalid cron schedule {expression!r}: no fire time after {after!r} ({exc})"
+        ) from exc
+    try:
+        return float(croniter(expression, start).get_next(float))
+    except CroniterBadDateError as exc:
+        raise InvalidInputError(
+            f"invalid cron schedule {expression!r}: it has no fire time after "
+            f"{start:%Y-%m-%d %H:%M:%S} UTC in the 50 years croniter searches ({exc})"
+        ) from exc
+    except _CRON_ERRORS as exc:
+        raise InvalidInputError(f"invalid cron schedule {expression!r}: {exc}") from exc
 
 
 def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     check_cron(value)
+    if value is not None:
+        # a schedule must fire: refuse "0 0 31 2 *" here, not in the scheduler
+        cron_next_fire(str(value), time.time())
 
 
 def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:

@@ -8,20 +8,20 @@ absent (:meth:`Results.create_jobs`), so with many servers each fire time runs o
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import math
 from typing import TYPE_CHECKING
 
 import anyio
 import attrs
 import msgpack
-from croniter import croniter
 
-from ._exceptions import BrokerError, DecodeError
-from ._jobs import Job
+from ._exceptions import BrokerError, DecodeError, InvalidInputError
+from ._jobs import Job, cron_next_fire
 from ._retry import RetryBackoff
 
 if TYPE_CHECKING:
     from ._server import Server
+    from .abc import ScheduleRecord
 
 __all__ = ["Schedule", "next_fire"]
 
@@ -29,9 +29,12 @@ __all__ = ["Schedule", "next_fire"]
 RESCAN_INTERVAL = 60.0
 
 def next_fire(expression: str, after: float) -> float:
-    """The first fire time of ``expression`` strictly after POSIX time ``after`` (UTC)."""
-    start = datetime.fromtimestamp(after, timezone.utc)
-    return float(croniter(expression, start).get_next(float))
+    """The first fire time of ``expression`` strictly after POSIX time ``after`` (UTC).
+
+    :raises InvalidInputError: ``expression`` is not a cron expression or has no fire
+        time after ``after`` (every croniter error is mapped to this)
+    """
+    return cron_next_fire(expression, after)
 
 
 def run_id(schedule_id: str, fire: float) -> str:
@@ -46,7 +49,8 @@ class Schedule:
     :ivar id: the schedule id (the id of the job given to ``enqueue``)
     :ivar cron: the cron expression (evaluated in UTC)
     :ivar job: the job each run copies (each run gets the id ``"<id>@<fire time in ms>"``)
-    :ivar next_fire: POSIX time of the next run not enqueued yet
+    :ivar next_fire: POSIX time of the next run not enqueued yet; ``math.inf`` when the
+        schedule has no fire time left and the scheduler disabled it (remove it)
     """
 
     id: str
@@ -113,6 +117,13 @@ class Scheduler:
                 # the worker must outlive the outage rather than end with this error.
                 await retry.failed(exc)
                 continue
+            except Exception as exc:
+                # Nothing the scheduler meets ends run() (which would stop this worker's
+                # queues too, on every server sharing the store): any other error is
+                # logged with its traceback and the pass tried again, with the backoff.
+                server.log.error("the cron scheduler failed: %r", exc, exc_info=exc)
+                await retry.failed(exc)
+                continue
             retry.succeeded()
             with anyio.move_on_after(max(0.0, soonest - server.clock())):
                 await self._wakeup.wait()
@@ -123,20 +134,54 @@ class Scheduler:
         soonest = server.clock() + RESCAN_INTERVAL
         for record in await server.results.get_schedules():
             try:
-                job = decode_template(record.data)
-            except DecodeError as exc:
-                server.log.error("schedule %s is unreadable: %s", record.id, exc)
+                fire = await self._fire(record)
+            except BrokerError:
+                raise
+            except Exception as exc:
+                # One schedule's error leaves the others firing; this one is tried
+                # again at the next pass (it was not moved on).
+                server.log.error(
+                    "the cron scheduler failed on schedule %s: %r", record.id, exc, exc_info=exc
+                )
                 continue
-            assert job.schedule is not None
-            fire = record.next_fire
-            now = server.clock()
-            if fire <= now:
-                following = next_fire(job.schedule, max(fire, now))
-                # The run's id is the same on every server and its state is created
-                # only once, so racing schedulers (or a crash and a retry) enqueue
-                # each fire time once; then whoever gets there first moves it on.
-                await server.enqueue_run(record.id, job, fire)
-                await server.results.advance_schedule(record.id, fire, following)
-                fire = following
             soonest = min(soonest, fire)
         return soonest
+
+    async def _fire(self, record: ScheduleRecord) -> float:
+        """Enqueue ``record``'s run if it is due; return when it is due next."""
+        server = self.server
+        try:
+            job = decode_template(record.data)
+        except DecodeError as exc:
+            server.log.error("schedule %s is unreadable: %s", record.id, exc)
+            return math.inf
+        assert job.schedule is not None
+        fire = record.next_fire
+        now = server.clock()
+        if fire <= now:
+            reason: InvalidInputError | None = None
+            try:
+                following = next_fire(job.schedule, max(fire, now))
+            except InvalidInputError as exc:
+                # No fire time left (a year-bounded expression past its last year, or a
+                # record an older version stored or that was damaged): time only moves
+                # on, so it never fires again. Its due run still runs; the schedule is
+                # then disabled (next_fire = inf) and stays listed until removed.
+                following, reason = math.inf, exc
+            # The run's id is the same on every server and its state is created
+            # only once, so racing schedulers (or a crash and a retry) enqueue
+            # each fire time once; then whoever gets there first moves it on.
+            await server.enqueue_run(record.id, job, fire)
+            moved = await server.results.advance_schedule(record.id, fire, following)
+            if moved and reason is not None:
+                server.log.error(
+                    "schedule %s (%r) is disabled: %s; its last run %s was enqueued. "
+                    "Remove it (Server.remove_schedule) or enqueue it again with a cron "
+                    "expression that fires",
+                    record.id,
+                    job.schedule,
+                    reason,
+                    run_id(record.id, fire),
+                )
+            fire = following
+        return fire

@@ -200,6 +200,8 @@ class Server:
         self.active: dict[str, list[ActiveJob]] = {}
         self._exit_stack: AsyncExitStack | None = None
         self._worker: Worker | None = None
+        #: the grace of a stop() made while no run() was going on (the next run() uses it)
+        self._pending_stop: float | None = None
         #: set once this open server listens to FINISHED_CHANNEL
         self._finished_listening = False
         self._finished_lock: anyio.Lock | None = None
@@ -486,6 +488,8 @@ class Server:
 
         :return: the job id (or schedule id)
         :raises PayloadTooLargeError: the payload is over ``max_payload_size`` (no I/O done)
+        :raises InvalidInputError: a cron expression has no fire time after now (this
+            server's clock) or after the job's ``eta`` (no I/O done)
         """
         return (await self.enqueue_many([job]))[0]
 
@@ -506,10 +510,10 @@ class Server:
                 raise InvalidInputError("two jobs of one enqueue_many call share an id")
             for job in jobs:
                 self._check_payloads(job)
+            schedules = [self._schedule_record(job) for job in jobs if job.schedule is not None]
             await self.enqueue_many([job for job in jobs if job.schedule is None])
-            for job in jobs:
-                if job.schedule is not None:
-                    await self._add_schedule(job)
+            for record in schedules:
+                await self._add_schedule(record)
             return ids
         if not jobs:
             return []
@@ -1051,15 +1055,23 @@ class Server:
 
     # -- cron schedules -----------------------------------------------------------------------
 
-    async def _add_schedule(self, job: Job) -> None:
+    def _schedule_record(self, job: Job) -> ScheduleRecord:
+        """The stored form of cron job ``job`` (no I/O).
+
+        :raises InvalidInputError: the expression has no fire time after now (this
+            server's clock) or after the job's ``eta``
+        """
         assert job.schedule is not None
-        first = job.eta_timestamp(self.clock())
-        if first is None:
-            first = next_fire(job.schedule, self.clock())
-        await self.results.set_schedule(
-            ScheduleRecord(id=job.id, data=encode_template(job), next_fire=first)
+        now = self.clock()
+        first = job.eta_timestamp(now)
+        following = next_fire(job.schedule, now if first is None else max(first, now))
+        return ScheduleRecord(
+            id=job.id, data=encode_template(job), next_fire=following if first is None else first
         )
-        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_SCHEDULE, job.id))
+
+    async def _add_schedule(self, record: ScheduleRecord) -> None:
+        await self.results.set_schedule(record)
+        await self.broker.publish(EVENTS_CHANNEL, encode_event(EVENT_SCHEDULE, record.id))
 
     async def get_schedules(self) -> list[Schedule]:
         """The stored cron schedules, by id."""
@@ -1230,7 +1242,9 @@ class Server:
         Start it with ``await tg.start(server.run)``: it reports started once every queue
         is being consumed. Cancelling it stops at once: jobs that were running go back to
         the broker and run again later (shutdown is not an outcome). :meth:`stop` ends it
-        gracefully. Opens the server itself if it is not open yet.
+        gracefully; after a :meth:`stop` made while no ``run()`` was going on, this
+        ``run()`` reports started, takes no job and returns at once. Opens the server
+        itself if it is not open yet.
         """
         if self._exit_stack is None:
             async with self:
@@ -1239,6 +1253,9 @@ class Server:
         if self._worker is not None:
             raise RuntimeError("Server.run() is already running")
         worker = self._worker = Worker(self)
+        grace, self._pending_stop = self._pending_stop, None
+        if grace is not None:
+            worker.stop(grace)  # stop() came before run(): it applies from the start
         try:
             await worker.run(task_status=task_status)
         finally:
@@ -1247,9 +1264,14 @@ class Server:
     def stop(self, grace: float = 30.0) -> None:
         """Stop :meth:`run` gracefully: take no new jobs, give running ones ``grace``
         seconds to end, then cancel them (they go back to the broker); ``run()`` returns.
+
+        Called while no ``run()`` is going on, it applies to the next ``run()``, which
+        then takes no job and returns at once (the stop is used up by it).
         """
         if self._worker is not None:
             self._worker.stop(grace)
+        else:
+            self._pending_stop = grace
 
 
 _NOT_FINAL = (Status.QUEUED.value, Status.PROCESSING.value)

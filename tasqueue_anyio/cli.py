@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -335,14 +336,18 @@ async def inspect_command(args: argparse.Namespace) -> None:
         elif cmd == "successful":
             _print(await server.get_success(), args.json)
         elif cmd == "schedules":
-            schedules = await server.get_schedules()
-            _print(
-                [
-                    _plain(s) if args.json else f"{s.id}  {s.cron}  next={s.next_fire}"
-                    for s in schedules
-                ],
-                args.json,
-            )
+            # a disabled schedule (no fire time left) has next_fire = inf: shown as
+            # "disabled", and null in JSON (which has no infinity)
+            lines: list[Any] = []
+            for s in await server.get_schedules():
+                disabled = not math.isfinite(s.next_fire)
+                if args.json:
+                    lines.append({**_plain(s), "next_fire": None} if disabled else _plain(s))
+                else:
+                    lines.append(
+                        f"{s.id}  {s.cron}  next={'disabled' if disabled else s.next_fire}"
+                    )
+            _print(lines, args.json)
         elif cmd == "cancel":
             status = await server.cancel(args.id)
             _print({"id": args.id, "status": status.value}, args.json)

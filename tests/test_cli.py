@@ -10,6 +10,7 @@ bounded by :data:`STEP` seconds, and a worker still running when its test ends i
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from nats_server import NatsServer
 from redis_server import RedisServer
 
 from tasqueue_anyio import Chain, Group, Job, JobNotFoundError, Server, Status
-from tasqueue_anyio.abc import Envelope
+from tasqueue_anyio.abc import Envelope, ScheduleRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -369,6 +370,12 @@ async def test_lists(app: App) -> None:
         pending = [await server.enqueue(quick(b"%d" % i)) for i in range(2)]
         later = await server.enqueue(Job("quick", queue=cli_app.FAST, delay=3600))
         cron = await server.enqueue(Job("quick", queue=cli_app.FAST, schedule="*/5 * * * *"))
+        # a schedule the scheduler disabled (no fire time left): next_fire is inf
+        [template] = await server.results.get_schedules()
+        disabled = f"{cron}-off"
+        await server.results.set_schedule(
+            ScheduleRecord(id=disabled, data=template.data, next_fire=math.inf)
+        )
 
     app_args = ["--app", "cli_app:server"]
     # and one whose reader went away (`tasqueue pending fast | head -0`)
@@ -392,6 +399,7 @@ async def test_lists(app: App) -> None:
             ["successful", *app_args, "--json"],
             ["dead", cli_app.FAST, *app_args, "--json"],
             ["schedules", *app_args],
+            ["schedules", *app_args, "--json"],
         )
         assert no_reader.stderr is not None
         with anyio.fail_after(STEP):
@@ -400,7 +408,7 @@ async def test_lists(app: App) -> None:
         assert stderr == b""
     for done in results:
         assert done.status == 0, done
-    (pending_h, scheduled, failed, successful, dead, schedules) = results
+    (pending_h, scheduled, failed, successful, dead, schedules, schedules_json) = results
     assert pending_h.stdout.splitlines() == [f"{job_id}  quick" for job_id in pending]
     scheduled_data = scheduled.json()
     assert isinstance(scheduled_data, list)
@@ -411,8 +419,16 @@ async def test_lists(app: App) -> None:
     dead_data = dead.json()
     assert isinstance(dead_data, list)
     assert [(d["queue"], d["data"]) for d in dead_data] == [(cli_app.FAST, "not a job")]
-    assert schedules.stdout.split()[:2] == [cron, "*/5"]
-    assert len(schedules.stdout.splitlines()) == 1
+    lines = schedules.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [[cron, "*/5"], [disabled, "*/5"]]
+    assert lines[1].endswith("next=disabled")
+
+    def not_json(constant: str) -> object:
+        raise AssertionError(f"{constant} is not JSON")
+
+    schedules_data = json.loads(schedules_json.stdout, parse_constant=not_json)
+    assert isinstance(schedules_data, list)
+    assert [s["next_fire"] is None for s in schedules_data] == [False, True]
 
 
 async def test_group_and_chain(app: App) -> None:

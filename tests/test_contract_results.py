@@ -7,6 +7,7 @@ the ids a test created.
 
 from __future__ import annotations
 
+import math
 from uuid import uuid4
 
 import anyio
@@ -541,6 +542,21 @@ async def test_advance_schedule_concurrently(results: Results, schedule_id: str)
     assert sorted(won) == [False] * 9 + [True]
     assert my_schedules(await results.get_schedules(), schedule_id) == [
         schedule(schedule_id, 160.25)
+    ]
+
+
+async def test_advance_schedule_to_infinity_disables(results: Results, schedule_id: str) -> None:
+    # The scheduler disables a schedule with no fire time left by moving it to +inf: a
+    # store keeps +inf exactly and compares it like any other fire time.
+    await results.set_schedule(schedule(schedule_id, 1_000.5))
+    assert await results.advance_schedule(schedule_id, 1_000.5, math.inf)
+    assert my_schedules(await results.get_schedules(), schedule_id) == [
+        schedule(schedule_id, math.inf)
+    ]
+    assert not await results.advance_schedule(schedule_id, 1_000.5, 2_000.5)
+    assert await results.advance_schedule(schedule_id, math.inf, 2_000.5)
+    assert my_schedules(await results.get_schedules(), schedule_id) == [
+        schedule(schedule_id, 2_000.5)
     ]
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import anyio
 import anyio.lowlevel
 import pytest
 from server_support import TIMEOUT, running
 
-from tasqueue_anyio import InvalidInputError, Job, JobContext, Server
-from tasqueue_anyio._schedule import next_fire, run_id
+from tasqueue_anyio import InvalidInputError, Job, JobContext, JobNotFoundError, Server
+from tasqueue_anyio._schedule import encode_template, next_fire, run_id
 from tasqueue_anyio.abc import Broker, Results, ScheduleRecord
 
 pytestmark = pytest.mark.anyio
@@ -67,6 +70,145 @@ def test_invalid_cron_expression_refused_with_the_parser_message() -> None:
         Job("t", schedule="not a cron")
     with pytest.raises(InvalidInputError, match="61"):
         Job("t", schedule="61 * * * *")
+
+
+#: expressions croniter parses that have no fire time: the 31st or 30th of February, the
+#: 31st of the 30-day months, a year gone, a year past croniter's 50-year search
+NEVER_FIRING = [
+    "0 0 31 2 *",
+    "0 0 30 2 *",
+    "0 0 31 4,6,9,11 *",
+    "0 0 1 1 * 0 2020",
+    "0 0 1 1 * 0 2099",
+]
+
+
+@pytest.mark.parametrize("expression", NEVER_FIRING)
+@pytest.mark.parametrize("when", ["now", "delay", "eta"])
+def test_cron_expression_that_never_fires_refused(expression: str, when: str) -> None:
+    eta = datetime.now(timezone.utc) + timedelta(hours=1) if when == "eta" else None
+    delay = 1 if when == "delay" else None
+    message = f"invalid cron schedule {re.escape(repr(expression))}: it has no fire time"
+    with pytest.raises(InvalidInputError, match=message):
+        Job("t", schedule=expression, eta=eta, delay=delay)
+    with pytest.raises(InvalidInputError, match=message):
+        next_fire(expression, T0)
+
+
+def test_next_fire_out_of_range_is_invalid_input() -> None:
+    with pytest.raises(InvalidInputError, match="invalid cron schedule"):
+        next_fire("* * * * *", 1e20)
+
+
+async def test_enqueue_refuses_cron_with_no_fire_time_after_the_server_clock(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    # An expression that fires only next year is a valid Job today; a server whose clock
+    # is past that year refuses it before any I/O, with or without a first fire time.
+    year = datetime.now(timezone.utc).year + 1
+    expression = f"0 0 1 1 * 0 {year}"
+    later = datetime(year + 1, 6, 1, tzinfo=timezone.utc)
+    server = Server(broker=broker, results=results, clock=FakeClock(later.timestamp()))
+    async with server:
+        for options in ({}, {"delay": 1}, {"eta": later + timedelta(hours=1)}):
+            cron = Job("t", schedule=expression, queue=queue_name, **options)
+            plain = Job("t", queue=queue_name)
+            with pytest.raises(InvalidInputError, match="it has no fire time after"):
+                await server.enqueue(cron)
+            with pytest.raises(InvalidInputError, match="it has no fire time after"):
+                await server.enqueue_many([plain, cron])
+            with pytest.raises(JobNotFoundError):
+                await server.get_job(plain.id)
+            assert cron.id not in [s.id for s in await server.get_schedules()]
+
+
+async def test_schedule_with_no_fire_time_left_is_disabled_and_run_goes_on(
+    broker: Broker, results: Results, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stored schedule whose expression has no next fire time (stored by an older
+    # version, damaged, or a year-bounded expression past its last year): its due run is
+    # enqueued, then it is disabled (next_fire = inf, logged once); the scheduler, the
+    # other schedules and the workers go on.
+    clock = FakeClock(T0)
+    runs = Runs()
+    server = Server(broker=broker, results=results, clock=clock)
+    server.register_task("tick", runs, queue=queue_name)
+    template = Job("tick", id=f"never-{queue_name}", queue=queue_name, schedule="*/5 * * * *")
+    object.__setattr__(template, "schedule", "0 0 31 2 *")  # as an older version stored it
+    bad_id = template.id
+    await results.set_schedule(
+        ScheduleRecord(id=bad_id, data=encode_template(template), next_fire=T0 + 270)
+    )
+    caplog.set_level(logging.ERROR, logger="tasqueue_anyio")
+    async with server, running(server):
+        good_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
+        clock.now = T0 + 270
+        server.wake_scheduler()
+        await runs.wait_for(2)
+        assert sorted(runs.ids) == sorted([run_id(bad_id, T0 + 270), run_id(good_id, T0 + 270)])
+        schedules = {s.id: s for s in await server.get_schedules()}
+        assert schedules[bad_id].next_fire == math.inf
+        assert schedules[good_id].next_fire == T0 + 570
+        marker = await server.enqueue(Job("tick", queue=queue_name))
+        assert (await server.wait(marker, timeout=TIMEOUT)).status.value == "successful"
+        clock.now = T0 + 570
+        server.wake_scheduler()
+        await runs.wait_for(4)
+        assert runs.ids[3:] == [run_id(good_id, T0 + 570)]
+        assert await server.remove_schedule(bad_id)
+    disabled = [r for r in caplog.records if bad_id in r.getMessage()]
+    assert len(disabled) == 1
+    assert "'0 0 31 2 *') is disabled" in disabled[0].getMessage()
+
+
+async def test_scheduler_errors_do_not_end_run(
+    broker: Broker,
+    results: Results,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Any error in a pass (not only a BrokerError) is logged; a pass that failed is
+    # tried again, and an error on one schedule leaves the others firing.
+    clock = FakeClock(T0)
+    runs = Runs()
+    server = Server(broker=broker, results=results, clock=clock)
+    server.register_task("tick", runs, queue=queue_name)
+    read_schedules = results.get_schedules
+    failures = [RuntimeError("a bug reading the schedules")]
+
+    async def get_schedules_failing_once() -> list[ScheduleRecord]:
+        if failures:
+            raise failures.pop()
+        return await read_schedules()
+
+    monkeypatch.setattr(results, "get_schedules", get_schedules_failing_once)
+    enqueue_run = server.enqueue_run
+    broken_id = f"broken-{queue_name}"
+
+    async def enqueue_run_failing_for_one(schedule_id: str, template: Job, fire: float) -> str:
+        if schedule_id == broken_id:
+            raise ValueError("a bug on one schedule")
+        return await enqueue_run(schedule_id, template, fire)
+
+    monkeypatch.setattr(server, "enqueue_run", enqueue_run_failing_for_one)
+    caplog.set_level(logging.WARNING, logger="tasqueue_anyio")
+    async with server, running(server):
+        await server.enqueue(Job("tick", id=broken_id, schedule="*/5 * * * *", queue=queue_name))
+        good_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
+        clock.now = T0 + 270
+        server.wake_scheduler()
+        await runs.wait_for(1)
+        marker = await server.enqueue(Job("tick", queue=queue_name))
+        assert (await server.wait(marker, timeout=TIMEOUT)).status.value == "successful"
+        assert runs.ids == [run_id(good_id, T0 + 270), marker]
+        schedules = {s.id: s.next_fire for s in await server.get_schedules()}
+        assert schedules[broken_id] == T0 + 270  # not moved on: tried again next pass
+        await server.remove_schedule(broken_id)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not failures
+    assert any("a bug reading the schedules" in m for m in messages)
+    assert any(broken_id in m and "a bug on one schedule" in m for m in messages)
 
 
 async def simulate_hour(

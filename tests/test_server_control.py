@@ -360,9 +360,24 @@ async def test_graceful_stop_grace_expired_gives_the_job_back(
     assert blocker.attempts == [1, 2]
 
 
-async def test_stop_before_run_is_harmless(broker: Broker, results: Results) -> None:
+async def test_stop_before_run_takes_effect_when_run_starts(
+    broker: Broker, results: Results, queue_name: str
+) -> None:
+    counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.stop(grace=1)  # not running: nothing to stop
+        server.register_task("t", counter, queue=queue_name)
+        job_id = await server.enqueue(Job("t", queue=queue_name))
+        server.stop(grace=1)  # not running yet: the next run() stops as it starts
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.run)  # reports started, takes no job, returns
+        assert counter.count == 0
+        assert (await server.get_job(job_id)).status is Status.QUEUED
+        # that stop was used up by that run(): the next one runs the job
+        async with running(server):
+            done = await server.wait(job_id, timeout=TIMEOUT)
+        assert done.status is Status.SUCCESSFUL
+        assert counter.count == 1
 
 
 # -- undecodable messages ------------------------------------------------------------------------
