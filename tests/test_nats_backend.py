@@ -1021,3 +1021,32 @@ async def test_interop_our_client_reads_the_broker_stream(nats_server: NatsServe
         info = await js.stream_info(broker.stream, subjects_filter=">")
         assert info.config["retention"] == "workqueue"
         assert info.subjects == {f"{broker.prefix}.q.{queue}": 1}
+
+
+async def test_damaged_schedule_entry_leaves_the_other_schedules_firing(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cron entry of the bucket that does not decode (damaged, or written by something
+    else) is read as an unreadable schedule: logged and skipped, while the other
+    schedules are listed and fire; ``remove_schedule`` removes it."""
+    fired = anyio.Event()
+
+    async def tick(payload: bytes, ctx: JobContext) -> None:
+        fired.set()
+
+    async with broker_on(nats_server) as broker, results_on(nats_server) as results:
+        await results._write(
+            results._schedule_key("damaged"), b"\xc1 not msgpack", [], expect=None, kv=results.cron
+        )
+        server = Server(broker=broker, results=results)
+        server.register_task("tick", tick, queue=name())
+        queue = next(iter(server.queues))
+        async with server, running(server):
+            await server.enqueue(Job("tick", queue=queue, schedule="* * * * * *", id="good"))
+            with anyio.fail_after(TIMEOUT):
+                await fired.wait()
+            assert [s.id for s in await server.get_schedules()] == ["good"]
+            assert await server.remove_schedule("damaged")
+            assert await server.remove_schedule("good")
+        assert [r.id for r in await results.get_schedules()] == []
+    assert any("schedule damaged is unreadable" in r.getMessage() for r in caplog.records)

@@ -219,11 +219,15 @@ def _encode_schedule(record: ScheduleRecord) -> bytes:
 
 
 def _decode_schedule(schedule_id: str, data: bytes) -> ScheduleRecord:
+    """A schedule entry as a record; a damaged entry becomes a record (due since 0) whose
+    ``data`` is the entry itself, which the server reads as an unreadable template (it
+    logs that and leaves it until ``remove_schedule``), so one damaged entry never
+    keeps the other schedules from firing."""
     try:
         value = msgpack.unpackb(data, raw=False)
         return ScheduleRecord(id=schedule_id, data=bytes(value["d"]), next_fire=float(value["f"]))
-    except Exception as exc:
-        raise BrokerError(f"unreadable cron schedule in the results bucket: {exc}") from None
+    except Exception:
+        return ScheduleRecord(id=schedule_id, data=bytes(data), next_fire=0.0)
 
 
 class _KeyLocks:
