@@ -544,31 +544,26 @@ class Worker:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch, name=f"stop token of job {ctx.job_id}")
-            if task.abandon_on_cancel:
+            # waited for: shielded until the shutdown's end; abandoned: not shielded
+            waited = not task.abandon_on_cancel
+            with anyio.CancelScope(shield=waited, deadline=self.hard_stop) as wait:
+                if waited:
+                    self._thread_waits.add(wait)
                 try:
                     await anyio.to_thread.run_sync(
                         task.handler, payload, ctx, abandon_on_cancel=True
                     )
                 except Exception as exc:
                     error = exc
-            else:
-                with anyio.CancelScope(shield=True, deadline=self.hard_stop) as wait:
-                    self._thread_waits.add(wait)
-                    try:
-                        await anyio.to_thread.run_sync(
-                            task.handler, payload, ctx, abandon_on_cancel=True
-                        )
-                    except Exception as exc:
-                        error = exc
-                    finally:
-                        self._thread_waits.discard(wait)
-                if wait.cancelled_caught:
-                    self.log.warning(
-                        "job %s: its sync handler's thread did not return within the "
-                        "shutdown's finalize_timeout; it is abandoned, running on",
-                        ctx.job_id,
-                        extra={"job_id": ctx.job_id, "task": task.name},
-                    )
+                finally:
+                    self._thread_waits.discard(wait)
+            if wait.cancelled_caught:
+                self.log.warning(
+                    "job %s: its sync handler's thread did not return within the "
+                    "shutdown's finalize_timeout; it is abandoned, running on",
+                    ctx.job_id,
+                    extra={"job_id": ctx.job_id, "task": task.name},
+                )
             returned = True
             tg.cancel_scope.cancel()
         # a run whose scope was cancelled ends by its cause, however the thread returned

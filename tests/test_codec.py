@@ -20,6 +20,7 @@ import attrs
 import msgpack
 import pytest
 from broker_support import consuming, receive
+from shim_support import ShimDelivery
 
 from tasqueue_anyio import (
     Backoff,
@@ -976,38 +977,28 @@ _QUEUE = "fuzz"
 _TASKS = {"the-task-name": "q-main", "child-ok": "q-follow", "leaf": "default"}
 
 
-class _Recorded(Delivery):
+class _Recorded(ShimDelivery):
     """A memory broker's delivery, recording how the worker settled it."""
 
+    __slots__ = ("reason", "settled")
+
     def __init__(self, inner: Delivery) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.settled: list[str] = []
         self.reason = ""
 
-    @property
-    def data(self) -> bytes:
-        return self.inner.data
-
-    @property
-    def queue(self) -> str:
-        return self.inner.queue
-
-    @property
-    def attempt(self) -> int:
-        return self.inner.attempt
-
     async def ack(self, *, enqueue: Any = (), announce: Any = ()) -> None:
         self.settled.append("ack")
-        await self.inner.ack(enqueue=enqueue, announce=announce)
+        await super().ack(enqueue=enqueue, announce=announce)
 
     async def nack(self, *, delay: float = 0) -> None:
         self.settled.append("nack")
-        await self.inner.nack(delay=delay)
+        await super().nack(delay=delay)
 
     async def dead_letter(self, reason: str) -> None:
         self.settled.append("dead_letter")
         self.reason = reason
-        await self.inner.dead_letter(reason)
+        await super().dead_letter(reason)
 
 
 async def _no_checkpoint(payload: bytes, ctx: Any) -> None:
