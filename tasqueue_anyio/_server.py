@@ -547,29 +547,25 @@ class Server:
             raise
 
     async def _forget(self, job_ids: Collection[str]) -> None:
-        """Delete the state of jobs whose enqueue failed (shielded, bounded; a failure to
-        delete is logged)."""
-        limiter = anyio.CapacityLimiter(32)
-        left = set(job_ids)
-
-        async def forget(job_id: str) -> None:
-            async with limiter:
+        """Delete the state of jobs whose enqueue failed (shielded, bounded; one at a time,
+        stopping at the first failure: a store that refuses one refuses the rest too; the
+        ones left are logged)."""
+        ids = list(job_ids)
+        done = 0
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FORGET_TIMEOUT):
+            for job_id in ids:
                 try:
                     await self.results.delete_job(job_id)
                 except Exception as exc:
-                    self.log.warning(
+                    self.log.warning(  # the text only: a record keeps no traceback alive
                         "could not delete job %s after a failed enqueue: %s",
                         job_id,
-                        exc,
+                        f"{type(exc).__name__}: {exc}",
                         extra={"job_id": job_id},
                     )
-                    return
-                left.discard(job_id)
-
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_FORGET_TIMEOUT):
-            async with anyio.create_task_group() as tg:
-                for job_id in job_ids:
-                    tg.start_soon(forget, job_id)
+                    break
+                done += 1
+        left = ids[done:]
         if left:
             self.log.warning(
                 "an enqueue failed and %d of its jobs may stay queued with no message: %s",
