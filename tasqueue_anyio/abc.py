@@ -229,7 +229,32 @@ class Delivery(metaclass=ABCMeta):
         """Remove the message from its queue and keep it in the dead-letter listing."""
 
 
-class Broker(metaclass=ABCMeta):
+class _MessageLimit:
+    """The message size limit a broker or results store may have of its own."""
+
+    __slots__ = ()
+
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest encoded job message (:attr:`Envelope.data`, :attr:`JobRecord.data`)
+        or saved result (bytes) this backend can store, when it has a limit of its own: a
+        server's limit less the backend's own headers and wrapping. Known once the backend
+        is open; ``None`` (the default): no limit of its own.
+
+        The :class:`~tasqueue_anyio.Server` refuses, before any I/O, a job whose message
+        would not fit (with room for what its runs add), with
+        :class:`~tasqueue_anyio.PayloadTooLargeError` saying :attr:`message_limit_cause`.
+        """
+        return None
+
+    @property
+    def message_limit_cause(self) -> str:
+        """Why :attr:`max_message_size` is what it is and how to raise it (for error
+        messages)."""
+        return f"{self!r} stores messages of at most {self.max_message_size} bytes"
+
+
+class Broker(_MessageLimit, metaclass=ABCMeta):
     """Moves messages between producers and workers, at least once.
 
     A message is delivered to one consumer at a time. A message held by a worker that
@@ -247,25 +272,6 @@ class Broker(metaclass=ABCMeta):
         exc_tb: TracebackType | None,
     ) -> None:
         return None
-
-    @property
-    def max_message_size(self) -> int | None:
-        """The largest encoded job message (:attr:`Envelope.data`, bytes) this broker can
-        store, when it has a limit of its own: a server's limit less the broker's own
-        headers and wrapping. Known once the broker is open; ``None`` (the default): no
-        limit of its own.
-
-        The :class:`~tasqueue_anyio.Server` refuses, before any I/O, a job whose message
-        would not fit (with room for what its runs add), with
-        :class:`~tasqueue_anyio.PayloadTooLargeError` saying :attr:`message_limit_cause`.
-        """
-        return None
-
-    @property
-    def message_limit_cause(self) -> str:
-        """Why :attr:`max_message_size` is what it is and how to raise it (for error
-        messages)."""
-        return f"{self!r} stores messages of at most {self.max_message_size} bytes"
 
     async def enqueue(self, message: Envelope) -> None:
         """Put one message on its queue (at ``message.eta`` if set)."""
@@ -332,7 +338,7 @@ class Broker(metaclass=ABCMeta):
         """
 
 
-class Results(metaclass=ABCMeta):
+class Results(_MessageLimit, metaclass=ABCMeta):
     """Stores job state, saved results and the success and failed listings.
 
     Job state and saved results live in separate key spaces: no job id can reach
@@ -350,25 +356,6 @@ class Results(metaclass=ABCMeta):
         exc_tb: TracebackType | None,
     ) -> None:
         return None
-
-    @property
-    def max_message_size(self) -> int | None:
-        """The largest encoded job message (:attr:`JobRecord.data`) or saved result
-        (bytes) this store can keep, when it has a limit of its own: a server's limit less
-        the store's own headers and wrapping. Known once the store is open; ``None`` (the
-        default): no limit of its own.
-
-        The :class:`~tasqueue_anyio.Server` refuses, before any I/O, a job whose message
-        would not fit (with room for what its runs add), with
-        :class:`~tasqueue_anyio.PayloadTooLargeError` saying :attr:`message_limit_cause`.
-        """
-        return None
-
-    @property
-    def message_limit_cause(self) -> str:
-        """Why :attr:`max_message_size` is what it is and how to raise it (for error
-        messages)."""
-        return f"{self!r} stores messages of at most {self.max_message_size} bytes"
 
     @abstractmethod
     async def get_job(self, job_id: str) -> JobRecord:
