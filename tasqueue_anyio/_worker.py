@@ -224,7 +224,7 @@ class Worker:
                         "a run on queue %r lost its lease; another worker owns the job now: %s: %s",
                         delivery.queue,
                         type(exc).__name__,
-                        exc,
+                        str(exc),  # the text only: a record keeps no traceback alive
                         extra={"queue": delivery.queue},
                     )
                 except Exception:
