@@ -136,7 +136,7 @@ def broker_from_url(url: str, prefix: str | None = None) -> Broker:
 
 def results_from_url(url: str, prefix: str | None = None) -> Results:
     """A results store for ``url`` (the schemes of :func:`broker_from_url`; on NATS
-    ``prefix`` names the KV bucket, ``NatsResults(url, bucket=prefix)``)."""
+    ``prefix`` names the KV bucket, ``NatsResults(url, prefix=prefix)``)."""
     scheme = _scheme(url)
     _check_prefix(scheme, prefix)
     try:
@@ -149,7 +149,7 @@ def results_from_url(url: str, prefix: str | None = None) -> Results:
 
             if prefix is None:
                 return nats.NatsResults(url)  # type: ignore[no-any-return,unused-ignore]
-            return nats.NatsResults(url, bucket=prefix)  # type: ignore[no-any-return,unused-ignore]
+            return nats.NatsResults(url, prefix=prefix)  # type: ignore[no-any-return,unused-ignore]
         from .results.redis import RedisResults
 
         return RedisResults(url) if prefix is None else RedisResults(url, prefix=prefix)

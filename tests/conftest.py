@@ -79,7 +79,7 @@ async def nats_results(*, old: bool = False) -> AsyncIterator[Results]:
     its own (deleted after)."""
     from tasqueue_anyio.results.nats import NatsResults
 
-    async with NatsResults(_nats_url(old), bucket=f"t{uuid4().hex[:12]}") as results:
+    async with NatsResults(_nats_url(old), prefix=f"t{uuid4().hex[:12]}") as results:
         try:
             yield results
         finally:

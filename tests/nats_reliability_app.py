@@ -121,7 +121,7 @@ def make_server(
         await anyio.sleep(float(payload))
         raise RuntimeError(f"pid {pid}: the first try of job {ctx.job_id} fails")
 
-    server = Server(broker=broker, results=NatsResults(url, bucket=name))
+    server = Server(broker=broker, results=NatsResults(url, prefix=name))
     server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency)
     server.register_task("effect", effect, queue=QUEUE)
     server.register_task("nap", nap, queue=QUEUE)

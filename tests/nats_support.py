@@ -55,7 +55,7 @@ async def results_on(
 ) -> AsyncIterator[NatsResults]:
     """An open results store; its bucket is deleted afterwards (unless ``keep``)."""
     keep = kwargs.pop("keep", False)
-    async with NatsResults(server.url, bucket=bucket or name(), **kwargs) as results:
+    async with NatsResults(server.url, prefix=bucket or name(), **kwargs) as results:
         try:
             yield results
         finally:

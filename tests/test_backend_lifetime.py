@@ -56,7 +56,7 @@ def make(kind: str, request: pytest.FixtureRequest) -> tuple[CountedLifetime, Us
     assert isinstance(nats, NatsServer)
     if kind == "nats-broker":
         return NatsBroker(nats.url, prefix=prefix), use_broker
-    return NatsResults(nats.url, bucket=prefix), use_results
+    return NatsResults(nats.url, prefix=prefix), use_results
 
 
 async def drop(backend: CountedLifetime) -> None:

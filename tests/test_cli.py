@@ -490,14 +490,14 @@ async def test_broker_and_results_urls(app: App) -> None:
 async def test_nats_urls_with_prefix(nats_server: NatsServer, tmp_path: Path) -> None:
     """``--broker nats://... --prefix P``: P is the broker's prefix (its stream and
     subjects) and the results bucket, as in ``NatsBroker(url, prefix=P)`` and
-    ``NatsResults(url, bucket=P)``."""
+    ``NatsResults(url, prefix=P)``."""
     from tasqueue_anyio.brokers.nats import NatsBroker
     from tasqueue_anyio.results.nats import NatsResults
 
     app = App(nats_server.url, tmp_path)
     url = nats_server.url
     broker = NatsBroker(url, prefix=app.prefix)
-    results = NatsResults(url, bucket=app.prefix)
+    results = NatsResults(url, prefix=app.prefix)
     server = Server(broker=broker, results=results)
     server.register_task("quick", cli_app.quick, queue=cli_app.FAST)
     async with server:

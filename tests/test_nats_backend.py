@@ -81,7 +81,7 @@ def test_bad_options_refused() -> None:
         with pytest.raises(InvalidInputError):
             NatsBroker("nats://127.0.0.1", prefix=prefix)
         with pytest.raises(InvalidInputError):
-            NatsResults("nats://127.0.0.1", bucket=prefix)
+            NatsResults("nats://127.0.0.1", prefix=prefix)
     with pytest.raises(InvalidInputError):
         NatsBroker("nats://127.0.0.1", ack_wait=0)
     with pytest.raises(InvalidInputError):
@@ -999,7 +999,7 @@ async def test_interop_nats_py_reads_our_kv_entries(nats_server: NatsServer, nat
         job_id = "job:msg:1/x"
         await results.set_jobs({job_id: JobRecord(status="queued", data=b"message")})
         await results.set_result(job_id, b"the result")
-        kv = await nats_py.jetstream().key_value(results.bucket)
+        kv = await nats_py.jetstream().key_value(results.prefix)
         entry = await kv.get(f"j.{encode_token(job_id)}")
         state = msgpack.unpackb(entry.value, raw=False)
         assert (state["s"], state["d"]) == ("queued", b"message")

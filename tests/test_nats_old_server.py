@@ -53,7 +53,7 @@ async def server_on(nats: NatsServer) -> AsyncIterator[Server]:
     """An open :class:`Server` with a broker and a results store on ``nats``."""
     async with (
         broker_on(nats) as broker,
-        NatsResults(nats.url, bucket=name()) as results,
+        NatsResults(nats.url, prefix=name()) as results,
         Server(broker=broker, results=results) as server,
     ):
         try:

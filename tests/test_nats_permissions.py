@@ -71,7 +71,7 @@ async def test_a_job_runs_as_a_user_allowed_only_the_listed_subjects(
     where = url(users_server, "app")
     worker = Server(
         broker=NatsBroker(where, prefix=PREFIX, ack_wait=5),
-        results=NatsResults(where, bucket=BUCKET),
+        results=NatsResults(where, prefix=BUCKET),
     )
 
     @worker.task("double")
@@ -118,7 +118,7 @@ async def test_a_user_refused_a_subject_fails_to_open_at_once_naming_it(
     opened = (
         NatsBroker(where, prefix=PREFIX, timeout=LONG)
         if backend == "broker"
-        else NatsResults(where, bucket=BUCKET, timeout=LONG)
+        else NatsResults(where, prefix=BUCKET, timeout=LONG)
     )
     with anyio.fail_after(TIMEOUT):
         if subject is None:

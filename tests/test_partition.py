@@ -107,7 +107,7 @@ def nats_backends(port: int, prefix: str) -> tuple[Broker, Results]:
     url = f"nats://127.0.0.1:{port}"
     return (
         NatsBroker(url, prefix=prefix, ack_wait=LEASE),
-        NatsResults(url, bucket=prefix),
+        NatsResults(url, prefix=prefix),
     )
 
 

@@ -28,7 +28,7 @@ def _server(url: str, nats: bool) -> Server:
         from tasqueue_anyio.results.nats import NatsResults
 
         return Server(
-            broker=NatsBroker(url, prefix=PREFIX), results=NatsResults(url, bucket=PREFIX)
+            broker=NatsBroker(url, prefix=PREFIX), results=NatsResults(url, prefix=PREFIX)
         )
     from tasqueue_anyio.brokers.redis import RedisBroker
     from tasqueue_anyio.results.redis import RedisResults

@@ -301,7 +301,9 @@ class NatsResults(NatsBackend, Results):
         servers; default ``nats://127.0.0.1:4222``
     :param client: an open :class:`tasqueue_anyio._nats.client.Client` to use instead;
         the caller enters and leaves it
-    :param bucket: the KV bucket's name (letters, digits, ``_``, ``-``)
+    :param prefix: the name of the store's KV bucket (letters, digits, ``_``, ``-``); the
+        same word as ``NatsBroker(prefix=)``, so one prefix names an application's broker
+        stream and its results bucket
     :param job_ttl: seconds job state, and group and chain state, is kept after its last
         write (``None``: forever); at least 1
     :param result_ttl: seconds a saved result is kept after it was written (``None``:
@@ -324,7 +326,7 @@ class NatsResults(NatsBackend, Results):
         url: str | Sequence[str] | None = None,
         *,
         client: Client | None = None,
-        bucket: str = DEFAULT_PREFIX,
+        prefix: str = DEFAULT_PREFIX,
         job_ttl: float | None = None,
         result_ttl: float | None = None,
         per_key_ttl: bool | None = None,
@@ -335,7 +337,7 @@ class NatsResults(NatsBackend, Results):
         timeout: float = 5.0,
     ) -> None:
         super().__init__(url, client, timeout=timeout)
-        self.bucket = validate_name(bucket, "bucket name")
+        self.prefix = validate_name(prefix, "prefix")
         self.job_ttl = _ttl(job_ttl, "job_ttl")
         self.result_ttl = _ttl(result_ttl, "result_ttl")
         if storage not in ("file", "memory"):
@@ -361,7 +363,7 @@ class NatsResults(NatsBackend, Results):
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
-        return f"<NatsResults {where} bucket={self.bucket!r}>"
+        return f"<NatsResults {where} prefix={self.prefix!r}>"
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -381,7 +383,7 @@ class NatsResults(NatsBackend, Results):
         ttls = [t for t in (self.job_ttl, self.result_ttl) if t is not None]
         max_age = max(ttls) if ttls and not self._ttls else None
         self._kv = await js.create_key_value(
-            self.bucket,
+            self.prefix,
             storage=self.storage,
             replicas=self.replicas,
             per_key_ttl=self._ttls,
@@ -389,11 +391,11 @@ class NatsResults(NatsBackend, Results):
         )
         if max_age is not None:
             self._cron = await js.create_key_value(
-                f"{self.bucket}_cron", storage=self.storage, replicas=self.replicas
+                f"{self.prefix}_cron", storage=self.storage, replicas=self.replicas
             )
         else:
             self._cron = self._kv
-        await self._check_permissions(stored=[f"$KV.{self.bucket}._probe"])
+        await self._check_permissions(stored=[f"$KV.{self.prefix}._probe"])
 
     def _closing(self) -> None:
         self._kv = None
