@@ -64,7 +64,7 @@ async def server_run(n: int, concurrency: int, tracing: bool = False) -> tuple[f
             done.set()
 
     async with Server(tracer_provider=provider) as server, anyio.create_task_group() as tg:
-        server.register_task("noop", noop, concurrency=concurrency, on_success=on_success)
+        server.register_task("noop", noop, concurrency=concurrency, on_success=on_success, raw=True)
         jobs = [Job("noop") for _ in range(n)]
         start = time.perf_counter()
         await server.enqueue_many(jobs)

@@ -31,7 +31,7 @@ async def main() -> None:
 
     async with Server() as server, anyio.create_task_group() as tg:
 
-        @server.task("block", queue="single", concurrency=1)
+        @server.task("block", queue="single", concurrency=1, raw=True)
         async def block(payload: bytes, ctx: JobContext) -> None:
             runs[ctx.job_id] = runs.get(ctx.job_id, 0) + 1
             started.set()
@@ -41,7 +41,7 @@ async def main() -> None:
                 stopped[ctx.job_id] = stopped.get(ctx.job_id, 0) + 1
                 raise
 
-        @server.task("slow")
+        @server.task("slow", raw=True)
         async def slow(payload: bytes, ctx: JobContext) -> None:
             runs[ctx.job_id] = runs.get(ctx.job_id, 0) + 1
             try:

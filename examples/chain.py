@@ -27,17 +27,17 @@ async def main() -> None:
 
     async with Server() as server, anyio.create_task_group() as tg:
 
-        @server.task("fetch")
+        @server.task("fetch", raw=True)
         async def fetch(payload: bytes, ctx: JobContext) -> None:
             received[ctx.job_id] = ctx.meta.prev_job_result  # None: the first link
             await ctx.save(b"hello, " + payload)  # pretend to download something
 
-        @server.task("transform")
+        @server.task("transform", raw=True)
         async def transform(payload: bytes, ctx: JobContext) -> None:
             received[ctx.job_id] = ctx.meta.prev_job_result
             await ctx.save((ctx.meta.prev_job_result or b"").upper())
 
-        @server.task("store")
+        @server.task("store", raw=True)
         async def store(payload: bytes, ctx: JobContext) -> None:
             received[ctx.job_id] = data = ctx.meta.prev_job_result or b""
             key = payload.decode()

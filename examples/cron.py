@@ -22,7 +22,7 @@ async def main() -> None:
 
     async with Server() as server, anyio.create_task_group() as tg:
 
-        @server.task("heartbeat")
+        @server.task("heartbeat", raw=True)
         async def heartbeat(payload: bytes, ctx: JobContext) -> None:
             fired.append(ctx.meta.created_at)
             if len(fired) == 3:

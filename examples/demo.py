@@ -18,19 +18,19 @@ async def main() -> None:
 
     async with Server() as server, anyio.create_task_group() as tg:
 
-        @server.task("add", concurrency=4)
+        @server.task("add", concurrency=4, raw=True)
         async def add(payload: bytes, ctx: JobContext) -> None:
             numbers = json.loads(payload)
             await ctx.save(json.dumps(sum(numbers)).encode())
 
-        @server.task("flaky")
+        @server.task("flaky", raw=True)
         async def flaky(payload: bytes, ctx: JobContext) -> None:
             attempts[ctx.job_id] = attempts.get(ctx.job_id, 0) + 1
             if attempts[ctx.job_id] < 3:
                 raise ConnectionError("the remote end is having a bad day")
             await ctx.save(b"worked on attempt %d" % attempts[ctx.job_id])
 
-        @server.task("slow")
+        @server.task("slow", raw=True)
         async def slow(payload: bytes, ctx: JobContext) -> None:
             await anyio.sleep(60)
 
@@ -39,7 +39,7 @@ async def main() -> None:
         ) -> None:  # a sync handler: runs in a thread
             anyio.from_thread.run(ctx.save, payload.upper())
 
-        server.register_task("upper", blocking_upper)
+        server.register_task("upper", blocking_upper, raw=True)
 
         await tg.start(server.run)
         jobs = [

@@ -22,7 +22,7 @@ from tasqueue_anyio import Group, Job, JobContext, Server
 async def main() -> None:
     async with Server() as server, anyio.create_task_group() as tg:
 
-        @server.task("square", concurrency=3)
+        @server.task("square", concurrency=3, raw=True)
         async def square(payload: bytes, ctx: JobContext) -> None:
             n = int(payload)
             await ctx.save(str(n * n).encode())

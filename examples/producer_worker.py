@@ -49,7 +49,7 @@ async def worker(
 ) -> None:
     """The worker role: register tasks, then consume their queues until cancelled."""
     async with Server(broker=broker, results=results) as server:
-        server.register_task("count_words", count_words, queue="text", concurrency=2)
+        server.register_task("count_words", count_words, queue="text", concurrency=2, raw=True)
         print(f"worker tasks: {server.get_tasks()}")
         await server.run(task_status=task_status)
 

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from contextlib import suppress as _suppress
 
+from ._client import ChainHandle as ChainHandle
+from ._client import Client as Client
+from ._client import Counts as Counts
+from ._client import GroupHandle as GroupHandle
+from ._client import JobHandle as JobHandle
+from ._client import TaskFunction as TaskFunction
+from ._codecs import Codec as Codec
+from ._codecs import JsonCodec as JsonCodec
+from ._codecs import MsgpackCodec as MsgpackCodec
 from ._exceptions import BrokerError as BrokerError
 from ._exceptions import DecodeError as DecodeError
 from ._exceptions import InvalidInputError as InvalidInputError
 from ._exceptions import JobCancelledError as JobCancelledError
+from ._exceptions import JobFailedError as JobFailedError
 from ._exceptions import JobNotFoundError as JobNotFoundError
 from ._exceptions import JobTimeoutError as JobTimeoutError
 from ._exceptions import LeaseLostError as LeaseLostError
@@ -31,10 +41,12 @@ from ._jobs import Job as Job
 from ._jobs import JobContext as JobContext
 from ._jobs import JobMessage as JobMessage
 from ._jobs import Meta as Meta
+from ._jobs import Progress as Progress
 from ._jobs import Status as Status
+from ._jobs import current_job as current_job
 from ._schedule import Schedule as Schedule
 from ._server import Server as Server
-from ._server import Task as Task
+from ._tasks import Task as Task
 
 __version__ = "0.1.0"
 
@@ -43,29 +55,41 @@ __all__ = [
     "Backoff",
     "BrokerError",
     "Chain",
+    "ChainHandle",
     "ChainMessage",
+    "Client",
+    "Codec",
+    "Counts",
     "DecodeError",
     "Group",
+    "GroupHandle",
     "GroupMessage",
     "InvalidInputError",
     "Job",
     "JobCancelledError",
     "JobContext",
+    "JobFailedError",
+    "JobHandle",
     "JobMessage",
     "JobNotFoundError",
     "JobTimeoutError",
+    "JsonCodec",
     "LeaseLostError",
     "Meta",
+    "MsgpackCodec",
     "NotFoundError",
     "PayloadTooLargeError",
+    "Progress",
     "QueueConcurrencyError",
     "ResultNotFoundError",
     "Schedule",
     "Server",
     "Status",
     "Task",
+    "TaskFunction",
     "TasqueueError",
     "UnknownTaskError",
+    "current_job",
 ]
 
 

@@ -68,9 +68,12 @@ def _ext_refused(code: int, data: bytes) -> object:
     raise DecodeError(f"msgpack extension type {code} is not allowed")
 
 
-def unpack(data: bytes, max_size: int, what: str = "message") -> Any:
+def unpack(
+    data: bytes, max_size: int, what: str = "message", *, strict_map_key: bool = True
+) -> Any:
     """Decode untrusted msgpack bytes: at most ``max_size`` of them, no extension types,
-    string map keys only, nesting bounded by msgpack's own limit.
+    string map keys only (unless ``strict_map_key`` is false: then ints, floats, bools
+    and bytes may be keys too), nesting bounded by msgpack's own limit.
 
     :param what: what the bytes should be, for the error's text
     :raises DecodeError: anything else
@@ -83,7 +86,7 @@ def unpack(data: bytes, max_size: int, what: str = "message") -> Any:
         return msgpack.unpackb(
             data,
             raw=False,
-            strict_map_key=True,
+            strict_map_key=strict_map_key,
             ext_hook=_ext_refused,
         )
     except DecodeError:
@@ -455,6 +458,8 @@ EVENT_FINISHED = "finished"
 EVENT_CANCEL = "cancel"
 EVENT_PARENT = "parent"
 EVENT_SCHEDULE = "schedule"
+#: a running job stored new progress (on FINISHED_CHANNEL)
+EVENT_PROGRESS = "progress"
 
 
 def encode_event(kind: str, job_id: str, status: str = "") -> bytes:
@@ -470,7 +475,9 @@ def finished_event(job_id: str, status: str) -> tuple[str, bytes]:
     return FINISHED_CHANNEL, encode_event(EVENT_FINISHED, job_id, status)
 
 
-_EVENT_KINDS = frozenset({EVENT_FINISHED, EVENT_CANCEL, EVENT_PARENT, EVENT_SCHEDULE})
+_EVENT_KINDS = frozenset(
+    {EVENT_FINISHED, EVENT_CANCEL, EVENT_PARENT, EVENT_SCHEDULE, EVENT_PROGRESS}
+)
 
 
 def decode_event(data: bytes) -> tuple[str, str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TasqueueError(Exception):
     """Root of every error this library raises on purpose."""
@@ -64,9 +66,31 @@ class DecodeError(TasqueueError, ValueError):
 
 
 class JobTimeoutError(TasqueueError, TimeoutError):
-    """A job ran past its deadline and was stopped."""
+    """A job ran past its own ``timeout`` (or its group's or chain's deadline) and was
+    stopped: the run's error, recorded as the job's (retried if retries remain).
+
+    Not to be mixed up with the built-in :class:`TimeoutError` that ``wait()`` and a
+    handle's ``result()`` raise when the *caller's* ``timeout`` runs out: then the job
+    goes on, and nothing about it changed.
+    """
 
 
 class JobCancelledError(TasqueueError):
     """A job was cancelled by :meth:`Server.cancel`; also what
     :meth:`JobContext.check_cancelled` raises in a run told to stop."""
+
+
+class JobFailedError(TasqueueError):
+    """A job (or a group or chain) whose result was asked for ended ``failed``.
+
+    :ivar job_id: the failed job's id (a group's or chain's when no member failed)
+    :ivar error: the error recorded for its last run, as ``"ExceptionType: message"``
+        (``"JobTimeoutError: ..."`` for a job stopped by its own timeout)
+    :ivar job: the failed job's final message (``None`` for a group or chain)
+    """
+
+    def __init__(self, job_id: str, error: str, job: Any = None, *, kind: str = "job") -> None:
+        super().__init__(f"{kind} {job_id} failed: {error}")
+        self.job_id = job_id
+        self.error = error
+        self.job = job

@@ -8,10 +8,13 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
+import anyio
 import attrs
+import msgpack
 from croniter import CroniterBadDateError, croniter
 
 from ._exceptions import InvalidInputError, JobCancelledError
@@ -23,7 +26,9 @@ __all__ = [
     "JobContext",
     "JobMessage",
     "Meta",
+    "Progress",
     "Status",
+    "current_job",
     "validate_id",
     "validate_queue",
 ]
@@ -78,7 +83,7 @@ def validate_id(value: object, what: str = "job id") -> str:
         raise InvalidInputError(
             f"invalid {what} {value!r}: use 1-255 characters from A-Z a-z 0-9 _ . : @ + = / -"
         )
-    return value
+    return value if type(value) is str else str.__str__(value)  # a handle: its plain id
 
 
 def new_id() -> str:
@@ -303,8 +308,14 @@ def _to_jobs(value: Sequence[Job]) -> tuple[Job, ...]:
 class Job:
     """A unit of work: a registered task's name and an opaque payload, plus options.
 
+    This is the bytes-level form of a job (what travels on the wire, and what producers
+    in other languages build). A typed task builds it for you: ``add.job(40, 2)``.
+    ``Job`` is frozen: give follow-up jobs (``on_success``, ``on_error``) and every
+    other option in its constructor (or derive a copy with ``attrs.evolve``).
+
     :param task: the name of a registered task
-    :param payload: bytes handed to the task's handler (encode them yourself)
+    :param payload: bytes handed to the task's handler (for a typed task: its codec's
+        encoding of ``[args, kwargs]``)
     :param id: the job id (default: a random one); validated like :func:`validate_id`
     :param queue: the queue to put the job on
     :param max_retries: how many times to run the handler again after a failure (0 to
@@ -388,12 +399,57 @@ class Meta:
     trace: dict[str, str] = attrs.field(factory=dict)
 
 
+#: Seconds between two progress writes of one run: calls in between keep only the
+#: latest value, written when the interval has passed or when the run ends.
+PROGRESS_INTERVAL = 0.5
+#: The longest progress message (characters; a longer one is cut).
+MAX_PROGRESS_MESSAGE = 1000
+
+
+@attrs.frozen(kw_only=True)
+class Progress:
+    """How far a running job says it is (:meth:`JobContext.set_progress`).
+
+    :ivar fraction: from 0.0 to 1.0, or ``None`` when the job gave only a message
+    :ivar message: free text (at most :data:`MAX_PROGRESS_MESSAGE` characters)
+    :ivar at: the POSIX time the job reported it
+    """
+
+    fraction: float | None
+    message: str = ""
+    at: float = 0.0
+
+
+def encode_progress(progress: Progress) -> bytes:
+    """A progress report's stored bytes (msgpack ``[fraction, message, at]``)."""
+    return msgpack.packb([progress.fraction, progress.message, progress.at])
+
+
+def decode_progress(data: bytes | None) -> Progress | None:
+    """The progress stored as ``data`` (``None`` for none, or for bytes that do not decode:
+    progress is informative, never a reason for a read to fail)."""
+    if not data:
+        return None
+    try:
+        fraction, message, at = msgpack.unpackb(data, raw=False)
+        if fraction is not None:
+            fraction = float(fraction)
+        return Progress(fraction=fraction, message=str(message), at=float(at))
+    except Exception:
+        return None
+
+
 @attrs.frozen(kw_only=True)
 class JobMessage:
-    """A job together with its :class:`Meta`: what travels on queues and is stored."""
+    """A job together with its :class:`Meta`: what travels on queues and is stored.
+
+    :ivar progress: the job's last reported progress, when read from the store
+        (:meth:`Client.get_job`); ``None`` when it reported none
+    """
 
     meta: Meta
     job: Job
+    progress: Progress | None = None
 
     @property
     def id(self) -> str:
@@ -413,6 +469,15 @@ class JobContext:
 
     meta: Meta
     _save: Callable[[str, bytes], Awaitable[None]] = attrs.field(alias="save_fn", repr=False)
+    #: stores encoded progress for this run (``None``: progress is not stored)
+    _store_progress: Callable[[bytes], Awaitable[None]] | None = attrs.field(
+        default=None, alias="progress_fn", repr=False
+    )
+    #: the encoded result a typed handler returned: written with the run's final state
+    result: bytes | None = attrs.field(default=None, init=False, repr=False)
+    _progress: Progress | None = attrs.field(default=None, init=False, repr=False)
+    _progress_written: float = attrs.field(default=-float("inf"), init=False, repr=False)
+    _progress_pending: bool = attrs.field(default=False, init=False, repr=False)
     #: set once by the worker's task, read by a handler's thread (a plain attribute: one
     #: store and one load, atomic in CPython, and free for the jobs that never stop)
     _stopped: bool = attrs.field(default=False, init=False, repr=False)
@@ -451,6 +516,49 @@ class JobContext:
         """Tell the run to stop (sets :attr:`cancelled`; the worker calls it)."""
         self._stopped = True
 
+    @property
+    def progress(self) -> Progress | None:
+        """The last progress this run reported (:meth:`set_progress`), if any."""
+        return self._progress
+
+    async def set_progress(self, fraction: float | None = None, message: str = "") -> None:
+        """Report how far the job is: stored on the job's record (``get_job``, a handle's
+        ``progress()``, ``tasqueue job``) and announced as an event.
+
+        Rate-limited: at most one write per :data:`PROGRESS_INTERVAL` seconds; a call in
+        between keeps only its value, written once the interval has passed (by a later
+        call) or when the run ends, so a tight loop may call it every iteration.
+        From a sync handler's thread: ``anyio.from_thread.run(ctx.set_progress, 0.5)``.
+
+        :param fraction: from 0.0 to 1.0 (or ``None`` for a message alone)
+        :param message: free text; cut to :data:`MAX_PROGRESS_MESSAGE` characters
+        :raises InvalidInputError: a fraction outside 0..1, or not a number
+        """
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+                raise InvalidInputError(f"fraction must be a number, got {fraction!r}")
+            if not 0.0 <= fraction <= 1.0:
+                raise InvalidInputError(f"fraction must be from 0.0 to 1.0, got {fraction!r}")
+            fraction = float(fraction)
+        if not isinstance(message, str):
+            raise InvalidInputError(f"message must be a str, got {type(message).__name__}")
+        self._progress = Progress(
+            fraction=fraction, message=message[:MAX_PROGRESS_MESSAGE], at=time.time()
+        )
+        self._progress_pending = True
+        if anyio.current_time() - self._progress_written >= PROGRESS_INTERVAL:
+            await self.flush_progress()
+
+    async def flush_progress(self) -> None:
+        """Write the progress reported since the last write, if any (the worker calls it
+        when the handler returns)."""
+        if not self._progress_pending or self._progress is None:
+            return
+        self._progress_pending = False
+        self._progress_written = anyio.current_time()
+        if self._store_progress is not None:
+            await self._store_progress(encode_progress(self._progress))
+
     async def save(self, result: bytes) -> None:
         """Store ``result`` as the job's result (:meth:`Server.get_result` reads it).
 
@@ -460,3 +568,42 @@ class JobContext:
         if not isinstance(result, bytes):
             raise InvalidInputError(f"result must be bytes, got {type(result).__name__}")
         await self._save(self.meta.id, result)
+
+
+#: Why a job's scope was cancelled.
+CANCEL = "cancel"
+SHUTDOWN = "shutdown"
+#: Longest error description kept in a job's meta, in UTF-8 bytes (a longer one is cut).
+MAX_ERROR_LENGTH = 4096
+
+
+class ActiveJob:
+    """A job taken by this process: its cancel scope once it runs, and why it was cancelled."""
+
+    __slots__ = ("reason", "scope")
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.reason: str | None = None
+
+    def cancel(self, reason: str = CANCEL) -> None:
+        """Cancel the job's scope (now, or as soon as it is entered)."""
+        if self.reason is None:
+            self.reason = reason
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+_CURRENT: ContextVar[JobContext] = ContextVar("tasqueue_anyio.current_job")
+
+
+def current_job() -> JobContext:
+    """The context of the job whose handler is running (in its task, its child tasks and
+    a sync handler's thread): its :class:`Meta`, ``set_progress``, ``cancelled``...
+
+    :raises LookupError: called outside a job's handler
+    """
+    try:
+        return _CURRENT.get()
+    except LookupError:
+        raise LookupError("current_job() is called outside a job's handler") from None

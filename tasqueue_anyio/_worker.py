@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,6 +30,7 @@ import attrs
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._client import envelope
 from ._codec import decode_message, encode_message, finished_event, peek_message
 from ._exceptions import (
     DecodeError,
@@ -40,14 +41,26 @@ from ._exceptions import (
     PayloadTooLargeError,
     UnknownTaskError,
 )
-from ._jobs import Job, JobContext, JobMessage, Meta, Status
-from ._schedule import Scheduler
+from ._jobs import (
+    _CURRENT,
+    CANCEL,
+    MAX_ERROR_LENGTH,
+    SHUTDOWN,
+    ActiveJob,
+    Job,
+    JobContext,
+    JobMessage,
+    Meta,
+    Status,
+)
+from ._scheduler import Scheduler
 from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord, run_token
 
 if TYPE_CHECKING:
-    from ._server import Server, Task
+    from ._client import Client
+    from ._tasks import Task
 
-__all__ = ["ActiveJob", "Worker"]
+__all__ = ["BURST_INTERVAL", "Worker"]
 
 _log = logging.getLogger("tasqueue_anyio.worker")
 
@@ -57,13 +70,11 @@ _META_FIELDS = tuple(a.name for a in attrs.fields(Meta))
 _new = object.__new__
 _set = object.__setattr__
 
-#: Why a job's scope was cancelled.
-_CANCEL = "cancel"
-_SHUTDOWN = "shutdown"
+_CANCEL = CANCEL
+_SHUTDOWN = SHUTDOWN
 
-
-#: Longest error description kept in a job's meta, in UTF-8 bytes (a longer one is cut).
-MAX_ERROR_LENGTH = 4096
+#: Seconds between two looks at the queues' counts of a burst run (``run(burst=True)``).
+BURST_INTERVAL = 0.1
 #: The task name of a job whose message and stored record are both unreadable, once it
 #: is recorded ``failed``.
 UNREADABLE_TASK = "<unreadable>"
@@ -76,7 +87,7 @@ def _describe(exc: BaseException) -> str:
         len(described) > MAX_ERROR_LENGTH // 4
         and len(encoded := described.encode(errors="replace")) > MAX_ERROR_LENGTH
     ):
-        # bounded in bytes: a job's message keeps room for this much (see _server.RUN_ROOM)
+        # bounded in bytes: a job's message keeps room for this much (see _client.RUN_ROOM)
         cut = encoded[: MAX_ERROR_LENGTH - 15].decode(errors="ignore")
         described = cut + " ...[truncated]"
     return described
@@ -107,31 +118,31 @@ class _RunInfo:
         self.duration: float | None = None
 
 
-class ActiveJob:
-    """A job taken by this process: its cancel scope once it runs, and why it was cancelled."""
-
-    __slots__ = ("reason", "scope")
-
-    def __init__(self) -> None:
-        self.scope: anyio.CancelScope | None = None
-        self.reason: str | None = None
-
-    def cancel(self, reason: str = _CANCEL) -> None:
-        """Cancel the job's scope (now, or as soon as it is entered)."""
-        if self.reason is None:
-            self.reason = reason
-        if self.scope is not None:
-            self.scope.cancel()
-
 
 class Worker:
-    """Runs the queues of a :class:`Server` (made by :meth:`Server.run`)."""
+    """Runs the queues of a server's registered tasks (made by ``Server.run``).
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.results = server.results
-        self.broker = server.broker
-        self.log = server.log if server.custom_logger else _log
+    :param client: the server (its backends, codec, events and job-ending methods)
+    :param tasks: the registered tasks by name
+    :param queues: queue name -> concurrency
+    :param burst: return once the queues are empty (see ``Server.run``)
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        tasks: Mapping[str, Task],
+        queues: Mapping[str, int],
+        *,
+        burst: bool = False,
+    ) -> None:
+        self.server = client
+        self.tasks = tasks
+        self.queues = dict(queues)
+        self.burst = burst
+        self.results = client.results
+        self.broker = client.broker
+        self.log = client.log if getattr(client, "custom_logger", False) else _log
         self.shutting_down = False
         self._consumers_scope: anyio.CancelScope | None = None
         self._shield: anyio.CancelScope | None = None
@@ -158,21 +169,40 @@ class Worker:
                         consumers.start_soon(scheduler.run, name="tasqueue scheduler")
                         if self._pending_stop is not None:  # stop() came first
                             self.stop(self._pending_stop)
+                        elif self.burst:
+                            consumers.start_soon(self._watch_empty, name="tasqueue burst")
                         task_status.started()
                     self._control.cancel_scope.cancel()  # a pending grace timer
             self.server._scheduler = None
+            self.server._hard_stop = math.inf
             outer.cancel_scope.cancel()  # the watcher
         # If run() itself was cancelled, say so (the shield kept the cancellation from
         # surfacing inside; asyncio would otherwise let run() return normally).
         await anyio.lowlevel.checkpoint_if_cancelled()
 
     def _start(self, consumers: TaskGroup, processors: TaskGroup) -> None:
-        for queue, concurrency in self.server.queues.items():
+        for queue, concurrency in self.queues.items():
             send, receive = anyio.create_memory_object_stream[Delivery](0)
             consumers.start_soon(self.broker.consume, queue, send, name=f"consume {queue}")
             with receive:
                 for i in range(concurrency):
                     processors.start_soon(self._processor, receive.clone(), name=f"{queue}#{i}")
+
+    async def _watch_empty(self) -> None:
+        """Stop (gracefully: nothing is running then) once every queue has been empty
+        (nothing pending, scheduled or in flight; no job running here) on two looks in a
+        row."""
+        empty_looks = 0
+        while empty_looks < 2:
+            await anyio.sleep(BURST_INTERVAL)
+            empty = not self.server._active
+            for queue in self.queues:
+                if not empty:
+                    break
+                held = await self.broker.count(queue)
+                empty = held.pending == 0 and held.scheduled == 0 and held.in_flight == 0
+            empty_looks = empty_looks + 1 if empty else 0
+        self.stop(0)
 
     async def _watch(self) -> None:
         try:
@@ -199,11 +229,12 @@ class Worker:
         self.shutting_down = True
         if self._consumers_scope is not None:
             self._consumers_scope.cancel()
-        for jobs in list(self.server.active.values()):
+        for jobs in list(self.server._active.values()):
             for job in jobs:
                 job.cancel(_SHUTDOWN)
         if self._shield is not None:  # bound the hand-back writes, and the thread waits
             self.hard_stop = anyio.current_time() + self.server.finalize_timeout
+            self.server._hard_stop = self.hard_stop
             self._shield.deadline = self.hard_stop
             for wait in self._thread_waits:
                 wait.deadline = self.hard_stop
@@ -255,7 +286,7 @@ class Worker:
 
         job_id = msg.id
         active = ActiveJob()
-        registry = server.active
+        registry = server._active
         registry.setdefault(job_id, []).append(active)
         try:
             if self.shutting_down:
@@ -270,7 +301,7 @@ class Worker:
                 await self._skip(delivery, msg, "its chain ended before it started")
                 return
             msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
-            data = server.encode(msg)
+            data = server._encode(msg)
             run = _RunInfo(run_token(msg.meta.retried, delivery.attempt))
             refused = await self.results.start_job(
                 job_id, JobRecord(status="processing", data=data, run=run.token)
@@ -279,7 +310,7 @@ class Worker:
                 await self._not_started(delivery, msg, refused)
                 return
             if msg.meta.group_id is not None or msg.meta.chain_id is not None:
-                await server.member_changed(msg, Status.PROCESSING)
+                await server._member_changed(msg, Status.PROCESSING)
             await self._run(delivery, msg, data, active, run)
         finally:
             jobs = registry[job_id]
@@ -305,7 +336,7 @@ class Worker:
         )
         await delivery.dead_letter(reason)
         if ended and job_id is not None:
-            await self.server.publish_finished(job_id, Status.FAILED)
+            await self.server._publish_finished(job_id, Status.FAILED)
 
     async def _fail_undecodable(self, job_id: str, queue: str, error: str) -> bool:
         """End the job ``failed`` with ``error`` unless it has no state or already ended:
@@ -326,8 +357,8 @@ class Worker:
         if current.status in FINAL_STATUSES:
             return False
         try:
-            failed = self._evolve(server.decode_record(current), Status.FAILED, prev_error=error)
-            data = server.encode(failed)
+            failed = self._evolve(server._decode_record(current), Status.FAILED, prev_error=error)
+            data = server._encode(failed)
         except (DecodeError, PayloadTooLargeError):
             seen = peek_message(current.data, server.max_message_size)
             job = Job(seen.task or UNREADABLE_TASK, id=job_id, queue=seen.queue or queue)
@@ -353,7 +384,7 @@ class Worker:
             error,
             extra={"job_id": job_id, "task": failed.job.task, "queue": failed.meta.queue},
         )
-        await server.member_changed(failed, Status.FAILED, error)
+        await server._member_changed(failed, Status.FAILED, error)
         return True
 
     async def _expired(self, delivery: Delivery, msg: JobMessage) -> None:
@@ -362,7 +393,7 @@ class Worker:
         kind = "group" if meta.group_id is not None else "chain"
         parent_id = meta.group_id or meta.chain_id
         if parent_id is not None:
-            await self.server.end_parent(
+            await self.server._end_parent(
                 parent_id,
                 Status.FAILED,
                 f"timeout: the {kind}'s deadline passed",
@@ -380,9 +411,9 @@ class Worker:
         """Record a job that will not start as ``cancelled`` (unless it already ended)."""
         cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
         if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
-            await self.server.member_changed(msg, Status.CANCELLED, reason)
+            await self.server._member_changed(msg, Status.CANCELLED, reason)
             await delivery.ack()
-            await self.server.publish_finished(msg.id, Status.CANCELLED)
+            await self.server._publish_finished(msg.id, Status.CANCELLED)
         else:
             await delivery.ack()
 
@@ -413,9 +444,9 @@ class Worker:
             reason = _describe(JobCancelledError(f"job {msg.id} was cancelled before it started"))
             cancelled = self._evolve(msg, Status.CANCELLED, prev_error=reason)
             if await self.results.update_job(msg.id, self._record(cancelled), expect=_RUNNABLE):
-                await self.server.member_changed(msg, Status.CANCELLED, reason)
+                await self.server._member_changed(msg, Status.CANCELLED, reason)
                 await delivery.ack()
-                await self.server.publish_finished(msg.id, Status.CANCELLED)
+                await self.server._publish_finished(msg.id, Status.CANCELLED)
                 return
             status = (await self.results.get_job(msg.id)).status
         # A crash between recording the end and acking left the follow-ups unsent, and
@@ -426,7 +457,7 @@ class Worker:
         ended: list[tuple[str, Status]] = []
         if status == "successful":
             follow_ups = msg.job.on_success
-            links = await self.server.member_changed(msg, Status.SUCCESSFUL, ended=ended)
+            links = await self.server._member_changed(msg, Status.SUCCESSFUL, ended=ended)
         else:
             if status == "failed":
                 follow_ups = msg.job.on_error
@@ -434,28 +465,31 @@ class Worker:
                 record = current if current.status == status else await self.results.get_job(msg.id)
                 error = None
                 with contextlib.suppress(DecodeError):
-                    error = self.server.decode_record(record).meta.prev_error
-                await self.server.member_changed(msg, Status(status), error, ended=ended)
+                    error = self.server._decode_record(record).meta.prev_error
+                await self.server._member_changed(msg, Status(status), error, ended=ended)
         await self._ack(delivery, follow_ups, links, redelivered=True)
         for parent_id, parent_status in ended:  # once the follow-ups exist
-            await self.server.publish_parent(parent_id, parent_status)
+            await self.server._publish_parent(parent_id, parent_status)
         if status in FINAL_STATUSES:
             # ... and may have lost the end's announcement with its ack (a crash, or an
             # ack refused as lease lost after a partition): announce it again for waiters
-            await self.server.publish_finished(msg.id, Status(status))
+            await self.server._publish_finished(msg.id, Status(status))
 
     async def _run(
         self, delivery: Delivery, msg: JobMessage, data: bytes, active: ActiveJob, run: _RunInfo
     ) -> None:
         server = self.server
-        task = server.get_task(msg.job.task)
+        task = self.tasks.get(msg.job.task)
         meta = msg.meta
         token = run.token
 
         async def save(job_id: str, result: bytes) -> None:
-            await server.save_result(job_id, result, run=token)
+            await server._save_result(job_id, result, run=token)
 
-        ctx = JobContext(meta=meta, save_fn=save)
+        async def progress(data: bytes) -> None:
+            await server._save_progress(meta.id, data, run=token)
+
+        ctx = JobContext(meta=meta, save_fn=save, progress_fn=progress)
         error: BaseException | None = None
 
         deadline = math.inf
@@ -472,13 +506,14 @@ class Worker:
             if task is None:
                 error = UnknownTaskError(
                     f"task {msg.job.task!r} is not registered on this worker "
-                    f"(registered: {', '.join(server.get_tasks()) or 'none'})"
+                    f"(registered: {', '.join(self.tasks) or 'none'})"
                 )
             else:
                 with anyio.CancelScope(deadline=deadline) as scope:
                     active.scope = scope
                     if active.reason is not None:
                         scope.cancel()
+                    current = _CURRENT.set(ctx)
                     try:
                         if task.on_processing is not None:
                             await self._callback(task.on_processing, ctx)
@@ -486,8 +521,11 @@ class Worker:
                             await task.handler(msg.job.payload, ctx)  # type: ignore[misc]
                         else:
                             await self._in_thread(task, msg.job.payload, ctx)
+                        await ctx.flush_progress()
                     except Exception as exc:
                         error = exc
+                    finally:
+                        _CURRENT.reset(current)
                 active.scope = None
                 if scope.cancelled_caught or (error is not None and scope.cancel_called):
                     if active.reason == _SHUTDOWN:
@@ -598,7 +636,7 @@ class Worker:
     ) -> None:
         # The stored status is authoritative over the one inside ``data``, so the
         # processing message's bytes serve the final record as they are.
-        record = JobRecord(status="successful", data=data, run=run.token)
+        record = JobRecord(status="successful", data=data, run=run.token, result=ctx.result)
         meta = msg.meta
         if _alone(msg, task.on_success if task else None, msg.job.on_success):
             await self._end_alone(delivery, msg, record, Status.SUCCESSFUL, run)
@@ -609,13 +647,13 @@ class Worker:
             return
         await self._callback(task.on_success if task else None, ctx)
         ended: list[tuple[str, Status]] = []
-        links = await self.server.member_changed(
+        links = await self.server._member_changed(
             msg, Status.SUCCESSFUL, trace=run.trace, ended=ended
         )
         await self._ack(delivery, msg.job.on_success, links, trace=run.trace)
         for parent_id, status in ended:  # once the follow-ups exist
-            await self.server.publish_parent(parent_id, status)
-        await self.server.publish_finished(msg.id, Status.SUCCESSFUL)
+            await self.server._publish_parent(parent_id, status)
+        await self.server._publish_finished(msg.id, Status.SUCCESSFUL)
         self.server.metrics.record("successful", msg.job.task, meta.queue, run.duration)
 
     async def _finish_error(
@@ -640,7 +678,7 @@ class Worker:
                 prev_error=description,
                 eta=now + delay if delay > 0 else None,
             )
-            data = self.server.encode(retry)
+            data = self.server._encode(retry)
             if not await self.results.update_job(
                 msg.id,
                 JobRecord(status="retrying", data=data, run=run.token),
@@ -653,7 +691,7 @@ class Worker:
             # The retry is a new message, on the queue before the old one is gone.
             await delivery.ack(enqueue=[_envelope(retry, data)])
             if meta.group_id is not None or meta.chain_id is not None:
-                await self.server.member_changed(msg, Status.RETRYING)
+                await self.server._member_changed(msg, Status.RETRYING)
             self.log.info(
                 "job %s failed (%s); retry %d of %d",
                 msg.id,
@@ -683,11 +721,11 @@ class Worker:
             return
         await self._callback(task.on_failed if task else None, ctx, error)
         ended: list[tuple[str, Status]] = []
-        await self.server.member_changed(msg, Status.FAILED, description, ended=ended)
+        await self.server._member_changed(msg, Status.FAILED, description, ended=ended)
         await self._ack(delivery, msg.job.on_error, trace=run.trace)
         for parent_id, status in ended:  # once the follow-ups exist
-            await self.server.publish_parent(parent_id, status)
-        await self.server.publish_finished(msg.id, Status.FAILED)
+            await self.server._publish_parent(parent_id, status)
+        await self.server._publish_finished(msg.id, Status.FAILED)
         self.server.metrics.record("failed", msg.job.task, meta.queue, run.duration)
 
     async def _finish_cancelled(self, delivery: Delivery, msg: JobMessage, run: _RunInfo) -> None:
@@ -696,9 +734,9 @@ class Worker:
         if await self.results.update_job(
             msg.id, self._record(cancelled, run.token), expect=_PROCESSING, run=run.token
         ):
-            await self.server.member_changed(msg, Status.CANCELLED, reason)
+            await self.server._member_changed(msg, Status.CANCELLED, reason)
         await delivery.ack()
-        await self.server.publish_finished(msg.id, Status.CANCELLED)
+        await self.server._publish_finished(msg.id, Status.CANCELLED)
         self.server.metrics.record("cancelled", msg.job.task, msg.meta.queue, run.duration)
 
     async def _end_alone(
@@ -747,7 +785,7 @@ class Worker:
             return
         prepared = [
             *(prepared or ()),
-            *(self.server.new_message(job, trace=trace) for job in follow_ups),
+            *(self.server._new_message(job, trace=trace) for job in follow_ups),
         ]
         # Follow-up ids are fixed in this job's message: a redelivery of it must not
         # reset (and rerun) follow-ups an earlier delivery already enqueued.
@@ -766,7 +804,7 @@ class Worker:
         return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)
 
     def _record(self, msg: JobMessage, run: str = "") -> JobRecord:
-        return JobRecord(status=msg.meta.status.value, data=self.server.encode(msg), run=run)
+        return JobRecord(status=msg.meta.status.value, data=self.server._encode(msg), run=run)
 
     async def _callback(self, callback: Any, *args: Any) -> None:
         if callback is None:
@@ -807,6 +845,4 @@ def _alone(msg: JobMessage, callback: object, follow_ups: Sequence[Job]) -> bool
 
 
 def _envelope(msg: JobMessage, data: bytes) -> Envelope:
-    from ._server import envelope
-
     return envelope(msg, data)

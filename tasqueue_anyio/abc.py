@@ -94,6 +94,8 @@ class JobRecord:
     data: bytes
     cancel_requested: bool = False
     run: str = ""
+    result: bytes | None = None  # TEMP until i12-results merges
+    progress: bytes | None = None  # TEMP until i12-results merges
 
 
 def run_token(retried: int, attempt: int) -> str:

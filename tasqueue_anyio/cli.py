@@ -39,8 +39,6 @@ from .abc import Broker, Results
 
 __all__ = ["main"]
 
-#: How often ``--burst`` looks whether the queues are empty (seconds).
-BURST_CHECK_INTERVAL = 0.2
 
 _log = logging.getLogger("tasqueue_anyio.cli")
 
@@ -198,6 +196,7 @@ def job_to_dict(msg: JobMessage) -> dict[str, Any]:
         "status": msg.status.value,
         "queue": msg.meta.queue,
         "payload": _plain(msg.job.payload),
+        "progress": _plain(msg.progress),
         "meta": meta,
     }
 
@@ -255,14 +254,12 @@ async def run_worker(server: Server, *, burst: bool, grace: float) -> None:
                         async def run_then_end(
                             *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                         ) -> None:
-                            await server.run(task_status=task_status)
+                            await server.run(burst=burst, task_status=task_status)
                             running.cancel_scope.cancel()
 
                         await running.start(run_then_end)
                         if signalled.is_set():  # it came while run() was starting
                             server.stop(grace)
-                        if burst:
-                            running.start_soon(_watch_empty, server, grace)
         tg.cancel_scope.cancel()
 
 
@@ -288,18 +285,6 @@ async def _watch_signals(
             else:
                 _log.warning("%s: stopping now", signal.Signals(signum).name)
                 scope.cancel()  # running jobs go back to the broker
-
-
-async def _watch_empty(server: Server, grace: float) -> None:
-    while True:
-        await anyio.sleep(BURST_CHECK_INTERVAL)
-        if server.active:
-            continue
-        pending = [await server.broker.get_pending(queue) for queue in server.queues]
-        if not any(pending) and not server.active:
-            _log.info("the queues are empty: stopping (--burst)")
-            server.stop(grace)  # a job taken meanwhile may still finish
-            return
 
 
 async def inspect_command(args: argparse.Namespace) -> None:
@@ -331,6 +316,8 @@ async def inspect_command(args: argparse.Namespace) -> None:
         elif cmd == "dead":
             letters = await server.get_dead_letters(validate_queue(args.queue))
             _print([_plain(d) if args.json else f"{d.at}  {d.reason}" for d in letters], args.json)
+        elif cmd == "counts":
+            _print(await server.counts(validate_queue(args.queue)), args.json)
         elif cmd == "failed":
             _print(await server.get_failed(), args.json)
         elif cmd == "successful":
@@ -416,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         "scheduled", "list the jobs of a queue waiting for their ETA", ("queue", "queue name")
     )
     inspector("dead", "list a queue's dead letters", ("queue", "queue name"))
+    inspector(
+        "counts",
+        "count a queue's pending, scheduled, in-flight and dead jobs, and ended jobs",
+        ("queue", "queue name"),
+    )
     inspector("failed", "list the ids of failed jobs")
     inspector("successful", "list the ids of successful jobs")
     inspector("schedules", "list the cron schedules")

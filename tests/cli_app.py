@@ -38,9 +38,9 @@ def make_server(url: str | None = None, prefix: str | None = None) -> Server:
     server = Server(
         broker=RedisBroker(url, prefix=prefix), results=RedisResults(url, prefix=prefix)
     )
-    server.register_task("quick", quick, queue=FAST, concurrency=4)
-    server.register_task("failing", failing, queue=FAST)
-    server.register_task("slow", slow, queue=SLOW, concurrency=2)
+    server.register_task("quick", quick, queue=FAST, concurrency=4, raw=True)
+    server.register_task("failing", failing, queue=FAST, raw=True)
+    server.register_task("slow", slow, queue=SLOW, concurrency=2, raw=True)
     return server
 
 

@@ -122,8 +122,8 @@ def make_server(
         raise RuntimeError(f"pid {pid}: the first try of job {ctx.job_id} fails")
 
     server = Server(broker=broker, results=NatsResults(url, prefix=name))
-    server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency)
-    server.register_task("effect", effect, queue=QUEUE)
-    server.register_task("nap", nap, queue=QUEUE)
-    server.register_task("flaky", flaky, queue=QUEUE)
+    server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency, raw=True)
+    server.register_task("effect", effect, queue=QUEUE, raw=True)
+    server.register_task("nap", nap, queue=QUEUE, raw=True)
+    server.register_task("flaky", flaky, queue=QUEUE, raw=True)
     return server

@@ -164,7 +164,7 @@ async def run_with_a_failed_retry_ack(
 
     shim = ShimBroker(broker, lambda delivery: RetryAckFails(delivery, fault, failed))
     async with shim, Server(broker=shim, results=results) as server:
-        server.register_task("t", handler, queue=queue)
+        server.register_task("t", handler, queue=queue, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue, max_retries=1, backoff=backoff))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)

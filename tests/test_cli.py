@@ -499,7 +499,7 @@ async def test_nats_urls_with_prefix(nats_server: NatsServer, tmp_path: Path) ->
     broker = NatsBroker(url, prefix=app.prefix)
     results = NatsResults(url, prefix=app.prefix)
     server = Server(broker=broker, results=results)
-    server.register_task("quick", cli_app.quick, queue=cli_app.FAST)
+    server.register_task("quick", cli_app.quick, queue=cli_app.FAST, raw=True)
     async with server:
         try:
             waiting = await server.enqueue(slow("1"))  # no worker takes the slow queue

@@ -202,7 +202,7 @@ def test_round_trip_every_status(status: Status) -> None:
 def test_round_trip_server_built_message_with_delay() -> None:
     """A job enqueued with ``delay=`` (the server sets ``meta.eta``) decodes to the same
     job, which, like every Job, has at most one of ``eta`` and ``delay``."""
-    msg, data = Server().new_message(Job("t", b"x", delay=5.0))
+    msg, data = Server()._new_message(Job("t", b"x", delay=5.0))
     assert msg.meta.eta is not None
     decoded = decode_message(data)
     assert decoded.meta == msg.meta
@@ -562,9 +562,9 @@ def test_whatever_a_producer_builds_decodes() -> None:
     group's deadline) decodes."""
     server = Server(clock=lambda: 1_700_000_000.0)
     job = _at_the_limits()
-    msg, data = server.new_message(job, deadline=1_700_000_000.0 + MAX_SECONDS)
+    msg, data = server._new_message(job, deadline=1_700_000_000.0 + MAX_SECONDS)
     assert decode_message(data) == msg
-    follow_up, data = server.new_message(job.on_success[0])
+    follow_up, data = server._new_message(job.on_success[0])
     assert follow_up.meta.eta == 1_700_000_000.0 + MAX_SECONDS
     assert decode_message(data) == follow_up
     retry = JobMessage(
@@ -1010,7 +1010,7 @@ async def _assert_settled(data: bytes) -> str:
     broker, results = MemoryBroker(clock=lambda: _CLOCK), MemoryResults()
     server = Server(broker=broker, results=results, clock=lambda: _CLOCK)
     for task, queue in _TASKS.items():
-        server.register_task(task, _no_checkpoint, queue=queue)
+        server.register_task(task, _no_checkpoint, queue=queue, raw=True)
     original = full_message()
     stored = JobRecord(status="retrying", data=encode_message(original), run="4.1")
     await results.set_jobs({original.id: stored})
@@ -1021,7 +1021,7 @@ async def _assert_settled(data: bytes) -> str:
     with send:
         send.send_nowait(delivery)
     with anyio.fail_after(5):
-        await Worker(server)._processor(receive_stream)
+        await Worker(server, server._tasks, server._queues)._processor(receive_stream)
 
     try:
         msg: JobMessage | None = decode_message(data, max_size=server.max_message_size)
@@ -1033,7 +1033,7 @@ async def _assert_settled(data: bytes) -> str:
         state = await results.get_job(original.id)
         if peek_message(data).id == original.id:
             assert state.status == "failed", data
-            ended = server.decode_record(state)
+            ended = server._decode_record(state)
             assert ended.meta.prev_error == f"DecodeError: {delivery.reason}"
             assert ended.job == original.job
         else:
@@ -1042,7 +1042,7 @@ async def _assert_settled(data: bytes) -> str:
     assert delivery.settled == ["ack"], (delivery.settled, msg)
     state = await results.get_job(msg.id)
     assert state.status != "processing", msg
-    server.decode_record(state)  # what the worker recorded decodes
+    server._decode_record(state)  # what the worker recorded decodes
     return state.status
 
 

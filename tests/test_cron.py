@@ -132,7 +132,7 @@ async def test_schedule_with_no_fire_time_left_is_disabled_and_run_goes_on(
     clock = FakeClock(T0)
     runs = Runs()
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     template = Job("tick", id=f"never-{queue_name}", queue=queue_name, schedule="*/5 * * * *")
     object.__setattr__(template, "schedule", "0 0 31 2 *")  # as an older version stored it
     bad_id = template.id
@@ -173,7 +173,7 @@ async def test_scheduler_errors_do_not_end_run(
     clock = FakeClock(T0)
     runs = Runs()
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     read_schedules = results.get_schedules
     failures = [RuntimeError("a bug reading the schedules")]
 
@@ -183,7 +183,7 @@ async def test_scheduler_errors_do_not_end_run(
         return await read_schedules()
 
     monkeypatch.setattr(results, "get_schedules", get_schedules_failing_once)
-    enqueue_run = server.enqueue_run
+    enqueue_run = server._enqueue_run
     broken_id = f"broken-{queue_name}"
 
     async def enqueue_run_failing_for_one(schedule_id: str, template: Job, fire: float) -> str:
@@ -191,7 +191,7 @@ async def test_scheduler_errors_do_not_end_run(
             raise ValueError("a bug on one schedule")
         return await enqueue_run(schedule_id, template, fire)
 
-    monkeypatch.setattr(server, "enqueue_run", enqueue_run_failing_for_one)
+    monkeypatch.setattr(server, "_enqueue_run", enqueue_run_failing_for_one)
     caplog.set_level(logging.WARNING, logger="tasqueue_anyio")
     async with server, running(server):
         await server.enqueue(Job("tick", id=broken_id, schedule="*/5 * * * *", queue=queue_name))
@@ -231,7 +231,7 @@ async def test_cron_runs_each_fire_time_over_an_hour(
     clock = FakeClock(T0)
     runs = Runs()
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     async with server, running(server):
         schedule_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
         [schedule] = [s for s in await server.get_schedules() if s.id == schedule_id]
@@ -254,7 +254,7 @@ async def test_failing_cron_run_still_schedules_the_next(
     clock = FakeClock(T0)
     runs = Runs(fail=True)
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     async with server, running(server):
         schedule_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
         for step in range(3):
@@ -286,7 +286,7 @@ async def test_two_servers_fire_each_cron_time_once(
     first = Server(broker=broker, results=results, clock=clock)
     second = Server(broker=broker, results=results, clock=clock)
     for server in (first, second):
-        server.register_task("tick", runs, queue=queue_name)
+        server.register_task("tick", runs, queue=queue_name, raw=True)
     async with first, second, running(first), running(second):
         schedule_id = await first.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
         await simulate_hour([first, second], clock, runs)
@@ -307,7 +307,7 @@ async def test_schedule_removed_stops_firing(
     clock = FakeClock(T0)
     runs = Runs()
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     async with server, running(server):
         schedule_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
         clock.now = T0 + 270
@@ -329,7 +329,7 @@ async def test_schedule_with_eta_fires_first_at_the_eta(
     clock = FakeClock(T0)
     runs = Runs()
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     async with server, running(server):
         eta = datetime(2026, 1, 1, 0, 1, 0, tzinfo=timezone.utc)
         schedule_id = await server.enqueue(
@@ -349,7 +349,7 @@ async def test_missed_fire_times_run_once_then_stay_on_the_grid(
     clock = FakeClock(T0)
     runs = Runs()
     server = Server(broker=broker, results=results, clock=clock)
-    server.register_task("tick", runs, queue=queue_name)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
     async with server:
         schedule_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
         clock.now = T0 + 3 * 3600 + 10  # no worker ran for three hours

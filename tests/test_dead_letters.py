@@ -77,10 +77,10 @@ async def test_out_of_range_field_is_dead_lettered_not_redelivered(
     """Hole 4: a message with ``timeout = NaN`` decoded, the worker's cancel scope raised,
     the message was nacked and came back every second, and its job stayed ``processing``."""
     counter = Counter()
-    good = Server().new_message(Job("t", b"bad", id="nan-job", queue=queue_name, timeout=1.25))
+    good = Server()._new_message(Job("t", b"bad", id="nan-job", queue=queue_name, timeout=1.25))
     bad = replace(good[1], TIMEOUT_MARK, math.nan, first=True)  # the meta's timeout
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         await broker.enqueue(Envelope(queue=queue_name, data=bad, id="nan-job/0"))
         good_id = await server.enqueue(Job("t", b"good", queue=queue_name))
         async with running(server):
@@ -108,7 +108,7 @@ async def test_corrupted_message_fails_its_job(
     corrupt, word = CORRUPTIONS[kind]
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         job_id = await server.enqueue(
             Job("t", b"x", queue=queue_name, timeout=TIMEOUT_MARK, max_retries=3)
         )
@@ -134,9 +134,9 @@ async def test_corrupted_message_leaves_an_ended_job_alone(
 ) -> None:
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         job = Job("t", b"x", queue=queue_name, timeout=TIMEOUT_MARK)
-        good = server.new_message(job)[1]
+        good = server._new_message(job)[1]
         async with running(server):
             await server.enqueue(job)
             assert (await server.wait(job.id, timeout=TIMEOUT)).status is Status.SUCCESSFUL
@@ -157,9 +157,9 @@ async def test_stored_record_unreadable_too(
     message is dead-lettered and the job ends ``failed`` with a record that decodes."""
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         job = Job("t", b"x", queue=queue_name, timeout=TIMEOUT_MARK, id="stuck-1")
-        bad = replace(server.new_message(job)[1], TIMEOUT_MARK, math.nan, first=True)
+        bad = replace(server._new_message(job)[1], TIMEOUT_MARK, math.nan, first=True)
         await results.set_jobs({job.id: JobRecord(status="processing", data=bad, run="0.1")})
         await broker.enqueue(Envelope(queue=queue_name, data=bad, id="stuck-1/0"))
         marker = await server.enqueue(Job("t", b"marker", queue=queue_name))
@@ -182,7 +182,7 @@ async def test_corrupted_member_fails_its_group(
 ) -> None:
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         bad_member = Job("t", b"bad", queue=queue_name, timeout=TIMEOUT_MARK)
         group = Group([bad_member, Job("t", b"good", queue=queue_name)])
         await server.enqueue_group(group)
@@ -210,7 +210,7 @@ async def test_corrupted_link_fails_its_chain(
 ) -> None:
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         chain = Chain(
             [
                 Job("t", b"1", queue=queue_name, timeout=TIMEOUT_MARK),
@@ -236,7 +236,7 @@ async def test_message_without_readable_id_is_only_dead_lettered(
     when its text is empty)."""
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         await broker.enqueue(Envelope(queue=queue_name, data=b"\xc1", id="garbage"))
         marker = await server.enqueue(Job("t", b"marker", queue=queue_name))
         async with running(server):

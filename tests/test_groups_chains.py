@@ -121,7 +121,7 @@ async def test_group_all_successful(broker: Broker, results: Results, queue_name
         await square(payload, ctx)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("square", handler, queue=queue_name)
+        server.register_task("square", handler, queue=queue_name, raw=True)
         jobs = [Job("square", str(n).encode(), queue=queue_name) for n in (3, 1, 4, 2)]
         group = Group(jobs)
         ids = [job.id for job in jobs]
@@ -166,8 +166,8 @@ async def test_group_fails_as_soon_as_a_member_fails(
         raise ValueError("boom")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("block", gate, queue=queue_name, concurrency=2)
-        server.register_task("fail", fail, queue=queue_name)
+        server.register_task("block", gate, queue=queue_name, concurrency=2, raw=True)
+        server.register_task("fail", fail, queue=queue_name, raw=True)
         group = Group([blocked, failing])
         await server.enqueue_group(group)
         async with running(server):
@@ -198,8 +198,8 @@ async def test_get_group_is_kept_up_to_date(
 ) -> None:
     gate = Gate()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("block", gate, queue=queue_name, concurrency=2)
-        server.register_task("quick", noop, queue=queue_name)
+        server.register_task("block", gate, queue=queue_name, concurrency=2, raw=True)
+        server.register_task("quick", noop, queue=queue_name, raw=True)
         slow = Job("block", queue=queue_name)
         quick = Job("quick", queue=queue_name)
         group = Group([slow, quick])
@@ -245,7 +245,7 @@ async def test_enqueue_group_is_one_broker_call(
         await enqueue_many([message])
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("square", square, queue=queue_name)
+        server.register_task("square", square, queue=queue_name, raw=True)
         jobs = [Job("square", str(n).encode(), queue=queue_name) for n in range(5)]
         group = Group(jobs)
         monkeypatch.setattr(broker, "enqueue_many", counting_enqueue_many)
@@ -306,8 +306,8 @@ async def test_chain_validation() -> None:
 async def test_cancel_group(broker: Broker, results: Results, queue_name: str) -> None:
     gate = Gate(expect=2)
     async with Server(broker=broker, results=results) as server:
-        server.register_task("block", gate, queue=queue_name, concurrency=2)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("block", gate, queue=queue_name, concurrency=2, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         jobs = [Job("block", queue=queue_name, max_retries=2) for _ in range(3)]
         group = Group(jobs)
         await server.enqueue_group(group)
@@ -340,8 +340,8 @@ async def test_cancel_group(broker: Broker, results: Results, queue_name: str) -
 async def test_group_deadline(broker: Broker, results: Results, queue_name: str) -> None:
     gate = Gate()  # never released: members block until stopped
     async with Server(broker=broker, results=results) as server:
-        server.register_task("block", gate, queue=queue_name, concurrency=1)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("block", gate, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         jobs = [Job("block", queue=queue_name, max_retries=3) for _ in range(2)]
         group = Group(jobs, timeout=DEADLINE)
         before = server.clock()
@@ -385,7 +385,7 @@ async def test_group_deadline_passes_with_no_worker(
 ) -> None:
     handler = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("count", handler, queue=queue_name)
+        server.register_task("count", handler, queue=queue_name, raw=True)
         jobs = [Job("count", queue=queue_name) for _ in range(2)]
         group = Group(jobs, timeout=DEADLINE)
         await server.enqueue_group(group)
@@ -420,7 +420,7 @@ async def test_chain_passes_results(broker: Broker, results: Results, queue_name
         await ctx.save((ctx.meta.prev_job_result or b"") + payload)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("link", link, queue=queue_name)
+        server.register_task("link", link, queue=queue_name, raw=True)
         chain = Chain(links)
         ids = [j.id for j in links]
         assert await server.enqueue_chain(chain) == chain.id
@@ -475,7 +475,7 @@ async def test_chain_link_saving_nothing_passes_none(
             await ctx.save(payload)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("link", link, queue=queue_name)
+        server.register_task("link", link, queue=queue_name, raw=True)
         links = [Job("link", p, queue=queue_name) for p in (b"first", b"", b"third")]
         chain = Chain(links)
         await server.enqueue_chain(chain)
@@ -498,11 +498,11 @@ async def test_failing_link_stops_the_chain(
         raise RuntimeError("link broke")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("ok", noop, queue=queue_name, concurrency=1)
-        server.register_task("fail", fail, queue=queue_name)
-        server.register_task("later", later, queue=queue_name)
-        server.register_task("recover", recovered, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("ok", noop, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("fail", fail, queue=queue_name, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
+        server.register_task("recover", recovered, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         links = [
             Job("ok", queue=queue_name),
             Job("fail", queue=queue_name, on_error=[recover]),
@@ -554,8 +554,8 @@ async def test_retried_link_does_not_break_the_chain(
         received.append(ctx.meta.prev_job_result)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("flaky", flaky, queue=queue_name)
-        server.register_task("after", after, queue=queue_name)
+        server.register_task("flaky", flaky, queue=queue_name, raw=True)
+        server.register_task("after", after, queue=queue_name, raw=True)
         links = [Job("flaky", queue=queue_name, max_retries=1), Job("after", queue=queue_name)]
         chain = Chain(links)
         await server.enqueue_chain(chain)
@@ -577,10 +577,10 @@ async def test_cancel_mid_chain(
     gate = Gate()
     later = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("ok", noop, queue=queue_name, concurrency=1)
-        server.register_task("block", gate, queue=queue_name)
-        server.register_task("later", later, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("ok", noop, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("block", gate, queue=queue_name, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         links = [
             Job("ok", queue=queue_name),
             Job("block", queue=queue_name, max_retries=2),
@@ -629,9 +629,9 @@ async def test_link_ending_after_its_chain_was_cancelled_starts_no_next_link(
         await ctx.save(b"done anyway")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("shielded", shielded, queue=queue_name, concurrency=1)
-        server.register_task("later", later, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("shielded", shielded, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         links = [Job("shielded", queue=queue_name), Job("later", queue=queue_name)]
         chain = Chain(links)
         await server.enqueue_chain(chain)
@@ -672,9 +672,9 @@ async def test_cancel_chain_while_the_next_link_is_being_enqueued(
 
     monkeypatch.setattr(results, "get_result", paused_get_result)
     async with Server(broker=broker, results=results) as server:
-        server.register_task("ok", noop, queue=queue_name, concurrency=1)
-        server.register_task("later", later, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("ok", noop, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         chain = Chain(links)
         await server.enqueue_chain(chain)
         async with running(server):
@@ -708,8 +708,8 @@ async def test_link_result_over_the_payload_limit_fails_the_chain(
         await ctx.save(b"x" * 2000)  # a result may become the next link's input
 
     async with Server(broker=broker, results=results, max_payload_size=1000) as server:
-        server.register_task("big", big, queue=queue_name)
-        server.register_task("later", later, queue=queue_name)
+        server.register_task("big", big, queue=queue_name, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
         links = [Job("big", queue=queue_name), Job("later", queue=queue_name)]
         chain = Chain(links)
         await server.enqueue_chain(chain)
@@ -743,8 +743,8 @@ async def test_next_link_too_large_to_enqueue_fails_the_chain(
     server = Server(broker=broker, results=results, max_payload_size=limit, max_message_size=1)
     assert server.max_message_size == limit + 64 * 1024
     async with server:
-        server.register_task("big", big, queue=queue_name)
-        server.register_task("later", later, queue=queue_name)
+        server.register_task("big", big, queue=queue_name, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
         links = [Job("big", queue=queue_name), Job("later", b"p" * (limit - 100), queue=queue_name)]
         chain = Chain(links)
         await server.enqueue_chain(chain)
@@ -766,10 +766,10 @@ async def test_chain_deadline(broker: Broker, results: Results, queue_name: str)
     gate = Gate()  # never released
     later = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("ok", noop, queue=queue_name, concurrency=1)
-        server.register_task("block", gate, queue=queue_name)
-        server.register_task("later", later, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("ok", noop, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("block", gate, queue=queue_name, raw=True)
+        server.register_task("later", later, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         links = [
             Job("ok", queue=queue_name),
             Job("block", queue=queue_name, max_retries=2),
@@ -819,9 +819,9 @@ async def test_nested_follow_ups_run_once_each(
         raise ValueError("root fails")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("fail", fail, queue=queue_name, concurrency=1)
-        server.register_task("step", handler, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("fail", fail, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("step", handler, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         third = Job("step", b"3", queue=queue_name)
         second = Job("step", b"2", queue=queue_name, on_success=[third])
         first = Job("step", b"1", queue=queue_name, on_success=[second])
@@ -853,9 +853,9 @@ async def test_retried_job_enqueues_its_follow_ups_once(
             raise ConnectionError("first try fails")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("flaky", flaky, queue=queue_name, concurrency=1)
-        server.register_task("step", handler, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("flaky", flaky, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("step", handler, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         on_success = Job("step", b"success", queue=queue_name)
         on_error = Job("step", b"error", queue=queue_name)
         job = Job(
@@ -937,7 +937,7 @@ async def test_jobs_run_in_eta_order(broker: Broker, results: Results, queue_nam
             if len(starts) == 3:
                 all_ran.set()
 
-        server.register_task("record", record, queue=queue_name, concurrency=1)
+        server.register_task("record", record, queue=queue_name, concurrency=1, raw=True)
         now = datetime.now(timezone.utc)
         late = Job("record", b"late", queue=queue_name, delay=0.6)
         middle = Job("record", b"middle", queue=queue_name, eta=now + timedelta(seconds=0.4))
@@ -978,7 +978,7 @@ async def test_eta_precision(broker: Broker, results: Results, queue_name: str) 
             started.append(server.clock())
             ran.set()
 
-        server.register_task("record", record, queue=queue_name)
+        server.register_task("record", record, queue=queue_name, raw=True)
         enqueued_at = server.clock()
         job_id = await server.enqueue(Job("record", queue=queue_name, delay=0.3))
         eta = (await server.get_job(job_id)).meta.eta
@@ -1008,7 +1008,7 @@ async def test_chain_whose_record_does_not_decode_ends_failed(
     current link succeeds, and that link's message is settled, not sent back for ever."""
     links = [Job("link", name, queue=queue_name) for name in (b"a", b"b")]
     async with Server(broker=broker, results=results) as server:
-        server.register_task("link", noop, queue=queue_name)
+        server.register_task("link", noop, queue=queue_name, raw=True)
         chain_id = await server.enqueue_chain(Chain(links))
         record = await results.get_parent(chain_id)
         await results.set_parent(chain_id, attrs.evolve(record, data=b"\xc1 not a record"))

@@ -19,7 +19,7 @@ import pytest
 from server_support import TIMEOUT, Counter, running
 
 from tasqueue_anyio import Chain, Group, Job, JobMessage, Server, Status
-from tasqueue_anyio import _server as server_module
+from tasqueue_anyio import _client as server_module
 from tasqueue_anyio.abc import Broker, ParentRecord, Results
 
 pytestmark = pytest.mark.anyio
@@ -48,7 +48,7 @@ async def record_end(server: Server, results: Results, job_id: str, end: Status)
     )
     record = await results.get_job(job_id)
     await results.set_jobs(
-        {job_id: attrs.evolve(record, status=end.value, data=server.encode(failed))}
+        {job_id: attrs.evolve(record, status=end.value, data=server._encode(failed))}
     )
 
 
@@ -63,7 +63,7 @@ async def test_redelivered_member_that_ended_ends_its_group(
     no_recheck(monkeypatch)
     handler = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("count", handler, queue=queue_name, concurrency=1)
+        server.register_task("count", handler, queue=queue_name, concurrency=1, raw=True)
         jobs = [Job("count", queue=queue_name) for _ in range(2)]
         group = Group(jobs)
         await server.enqueue_group(group)
@@ -94,7 +94,7 @@ async def test_redelivered_link_that_ended_ends_its_chain(
     no_recheck(monkeypatch)
     handler = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("count", handler, queue=queue_name, concurrency=1)
+        server.register_task("count", handler, queue=queue_name, concurrency=1, raw=True)
         jobs = [Job("count", queue=queue_name) for _ in range(2)]
         chain = Chain(jobs)
         await server.enqueue_chain(chain)
@@ -121,7 +121,7 @@ async def test_cancel_of_a_member_interrupted_after_its_write_still_ends_the_par
     async with Server(broker=broker, results=results) as server:
         jobs = [Job("t", queue=queue_name) for _ in range(2)]
         if kind == "group":
-            parent_id = await server.enqueue_group(Group(jobs))
+            parent_id: str = await server.enqueue_group(Group(jobs))
         else:
             parent_id = await server.enqueue_chain(Chain(jobs))
         victim = jobs[0].id

@@ -416,7 +416,7 @@ async def test_finished_job_enqueued_again_with_its_id_runs_again(nats_server: N
         results_on(nats_server) as results,
         Server(broker=broker, results=results) as server,
     ):
-        server.register_task("count", counter, queue=queue)
+        server.register_task("count", counter, queue=queue, raw=True)
         async with running(server):
             for _ in range(2):
                 job_id = await server.enqueue(Job("count", b"x", id="fixed-id", queue=queue))
@@ -447,7 +447,7 @@ async def test_payload_at_the_servers_effective_limit_runs_one_byte_over_is_refu
         results_on(nats_server) as results,
         Server(broker=broker, results=results) as server,
     ):
-        server.register_task("big", handler, queue=queue)
+        server.register_task("big", handler, queue=queue, raw=True)
         max_payload = broker.client.max_payload
         with pytest.raises(PayloadTooLargeError, match="max_payload") as refused:
             await server.enqueue(job(server.max_payload_size))
@@ -557,7 +557,7 @@ async def test_a_result_over_what_the_store_holds_is_refused_clearly(
         async def handler(payload: bytes, ctx: JobContext) -> None:
             await ctx.save(b"r" * server.max_payload_size)
 
-        server.register_task("save", handler, queue=queue)
+        server.register_task("save", handler, queue=queue, raw=True)
         job_id = await server.enqueue(Job("save", queue=queue))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -596,7 +596,7 @@ async def test_poison_message_is_dead_lettered_and_the_queue_flows(
         results_on(nats_server) as results,
         Server(broker=broker, results=results) as server,
     ):
-        server.register_task("count", counter, queue=queue)
+        server.register_task("count", counter, queue=queue, raw=True)
         # undecodable bytes published straight to the queue's subject
         await broker.js.publish(f"{broker.prefix}.q.{queue}", b"\xc1garbage")
         async with running(server):
@@ -642,8 +642,8 @@ async def test_zombie_run_cannot_overwrite_the_new_run(
         zombie = Server(broker=zombie_broker, results=results)
         owner = Server(broker=owner_broker, results=owner_results)
         async with zombie, owner:
-            zombie.register_task("t", handler, queue=queue)
-            owner.register_task("t", handler, queue=queue)
+            zombie.register_task("t", handler, queue=queue, raw=True)
+            owner.register_task("t", handler, queue=queue, raw=True)
             async with running(zombie):
                 job_id = await zombie.enqueue(Job("t", queue=queue))
                 with anyio.fail_after(TIMEOUT):
@@ -653,7 +653,7 @@ async def test_zombie_run_cannot_overwrite_the_new_run(
                     done = await owner.wait(job_id, timeout=TIMEOUT)
                 release.set()
                 with anyio.fail_after(TIMEOUT):
-                    while zombie.active:  # noqa: ASYNC110
+                    while zombie._active:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
             final = await owner.get_job(job_id)
             assert await owner.get_result(job_id) == b"owner result"
@@ -1039,7 +1039,7 @@ async def test_damaged_schedule_entry_leaves_the_other_schedules_firing(
             results._schedule_key("damaged"), b"\xc1 not msgpack", [], expect=None, kv=results.cron
         )
         server = Server(broker=broker, results=results)
-        server.register_task("tick", tick, queue=name())
+        server.register_task("tick", tick, queue=name(), raw=True)
         queue = next(iter(server.queues))
         async with server, running(server):
             await server.enqueue(Job("tick", queue=queue, schedule="* * * * * *", id="good"))

@@ -95,7 +95,7 @@ async def test_job_with_eta_runs_after_it_as_attempt_1(old_nats_server: NatsServ
         runs.append((datetime.now(timezone.utc), ctx.meta.attempt))
 
     async with server_on(old_nats_server) as server:
-        server.register_task("t", handler, queue="eta")
+        server.register_task("t", handler, queue="eta", raw=True)
         eta = datetime.now(timezone.utc) + timedelta(seconds=0.3)
         job_id = await server.enqueue(Job("t", queue="eta", eta=eta))
         assert [m.id for m in await server.get_scheduled("eta")] == [job_id]
@@ -119,7 +119,7 @@ async def test_backoff_retries_count_up_to_the_final_status(old_nats_server: Nat
         raise ValueError(f"fails (run {len(runs)})")
 
     async with server_on(old_nats_server) as server:
-        server.register_task("t", handler, queue="retries")
+        server.register_task("t", handler, queue="retries", raw=True)
         job_id = await server.enqueue(Job("t", queue="retries", max_retries=2, backoff=backoff))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)

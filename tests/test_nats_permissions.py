@@ -74,7 +74,7 @@ async def test_a_job_runs_as_a_user_allowed_only_the_listed_subjects(
         results=NatsResults(where, prefix=BUCKET),
     )
 
-    @worker.task("double")
+    @worker.task("double", raw=True)
     async def double(payload: bytes, ctx: JobContext) -> None:
         await ctx.save(payload * 2)
 

@@ -413,9 +413,11 @@ async def test_nats_server_killed_and_restarted_mid_load_loses_no_acknowledged_j
                 # passes while the server is away too
                 await server.enqueue(Job("nap", b"0", queue=QUEUE, schedule="* * * * * *", id=CRON))
 
-                acknowledged = await server.enqueue_many(
-                    [Job("nap", RESTART_JOB_SECONDS, queue=QUEUE) for _ in range(RESTART_JOBS)]
-                )
+                acknowledged: list[str] = [
+                    *await server.enqueue_many(
+                        [Job("nap", RESTART_JOB_SECONDS, queue=QUEUE) for _ in range(RESTART_JOBS)]
+                    )
+                ]
                 refused = 0
                 tried_while_down = 0
                 producing = True

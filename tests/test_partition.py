@@ -82,7 +82,7 @@ def make_server(name: str, broker: Broker, results: Results, trace: Trace) -> Se
                 trace.stale_done.set()
 
     server = Server(broker=broker, results=results)
-    server.register_task("work", work, queue=QUEUE, concurrency=2)
+    server.register_task("work", work, queue=QUEUE, concurrency=2, raw=True)
     return server
 
 

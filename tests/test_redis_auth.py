@@ -90,7 +90,7 @@ async def test_a_job_runs_over_tls_as_a_user_restricted_to_its_prefix(
         broker=RedisBroker(url, prefix=prefix), results=RedisResults(url, prefix=prefix)
     )
 
-    @worker.task("double")
+    @worker.task("double", raw=True)
     async def double(payload: bytes, ctx: JobContext) -> None:
         await ctx.save(payload * 2)
 

@@ -497,7 +497,7 @@ async def test_poison_message_is_dead_lettered_and_the_queue_flows(
         RedisResults(redis_server.url, prefix=name) as results,
         Server(broker=broker, results=results) as server,
     ):
-        server.register_task("count", counter, queue=queue)
+        server.register_task("count", counter, queue=queue, raw=True)
         # undecodable bytes pushed straight into the queue's ready list
         await broker.client.rpush(f"{name}:{{q:{queue}}}:ready".encode(), [b"\xc1garbage"])
         async with running(server):

@@ -360,11 +360,11 @@ async def test_a_server_on_the_cluster(
         RedisResults(redis_cluster.url, prefix=name) as results,
         Server(broker=broker, results=results) as server,
     ):
-        server.register_task("echo", echo, queue=q1)
-        server.register_task("echo2", echo, queue=q2)
-        server.register_task("flaky", flaky, queue=q2)
-        server.register_task("boom", boom, queue=q3)
-        server.register_task("block", block, queue=q3)
+        server.register_task("echo", echo, queue=q1, raw=True)
+        server.register_task("echo2", echo, queue=q2, raw=True)
+        server.register_task("flaky", flaky, queue=q2, raw=True)
+        server.register_task("boom", boom, queue=q3, raw=True)
+        server.register_task("block", block, queue=q3, raw=True)
 
         early = await server.enqueue(Job("echo", b"early", queue=q1))
         eta = datetime.now(timezone.utc) + timedelta(seconds=0.3)

@@ -50,7 +50,7 @@ from worker_fleet import (
 )
 
 from tasqueue_anyio import BrokerError, Job, Server, Status
-from tasqueue_anyio._server import EVENTS_CHANNEL
+from tasqueue_anyio._client import EVENTS_CHANNEL
 from tasqueue_anyio.brokers.redis import RedisBroker
 
 pytestmark = pytest.mark.anyio
@@ -394,9 +394,11 @@ async def test_redis_killed_and_restarted_mid_load_loses_no_acknowledged_job(
                 # passes while Redis is away too
                 await server.enqueue(Job("nap", b"0", queue=QUEUE, schedule="* * * * * *", id=CRON))
 
-                acknowledged = await server.enqueue_many(
-                    [Job("nap", RESTART_JOB_SECONDS, queue=QUEUE) for _ in range(RESTART_JOBS)]
-                )
+                acknowledged: list[str] = [
+                    *await server.enqueue_many(
+                        [Job("nap", RESTART_JOB_SECONDS, queue=QUEUE) for _ in range(RESTART_JOBS)]
+                    )
+                ]
                 refused = 0
                 producing = True
 

@@ -54,8 +54,8 @@ async def test_cancel_queued_job_never_runs(
     cancelled_handler = Counter()
     marker = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("victim", cancelled_handler, queue=queue_name, concurrency=1)
-        server.register_task("marker", marker, queue=queue_name)
+        server.register_task("victim", cancelled_handler, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("marker", marker, queue=queue_name, raw=True)
         victim_id = await server.enqueue(Job("victim", queue=queue_name))
         marker_id = await server.enqueue(Job("marker", queue=queue_name))
 
@@ -91,8 +91,8 @@ async def test_cancel_queued_job_before_another_worker_starts(
         assert await producer.cancel(victim_id) is Status.CANCELLED
 
         async with Server(broker=broker, results=results) as worker:
-            worker.register_task("victim", cancelled_handler, queue=queue_name, concurrency=1)
-            worker.register_task("marker", marker, queue=queue_name)
+            worker.register_task("victim", cancelled_handler, queue=queue_name, concurrency=1, raw=True)
+            worker.register_task("marker", marker, queue=queue_name, raw=True)
             async with running(worker):
                 done = await producer.wait(marker_id, timeout=TIMEOUT)
                 assert done.status is Status.SUCCESSFUL
@@ -124,10 +124,10 @@ async def test_cancel_running_job(broker: Broker, results: Results, queue_name: 
             queue=queue_name,
             concurrency=1,
             on_success=on_success,
-            on_failed=on_failed,
+            on_failed=on_failed, raw=True,
         )
-        server.register_task("follow", follow_up, queue=queue_name)
-        server.register_task("sentinel", noop, queue=queue_name)
+        server.register_task("follow", follow_up, queue=queue_name, raw=True)
+        server.register_task("sentinel", noop, queue=queue_name, raw=True)
         on_success_job = Job("follow", b"after success", queue=queue_name)
         on_error_job = Job("follow", b"after error", queue=queue_name)
         job_id = await server.enqueue(
@@ -169,7 +169,7 @@ async def test_cancel_running_job_from_another_server(
 ) -> None:
     blocker = Blocker()
     async with Server(broker=broker, results=results) as worker:
-        worker.register_task("block", blocker, queue=queue_name)
+        worker.register_task("block", blocker, queue=queue_name, raw=True)
         async with running(worker):
             async with Server(broker=broker, results=results) as producer:
                 job_id = await producer.enqueue(Job("block", queue=queue_name))
@@ -200,9 +200,9 @@ async def test_cancel_job_waiting_for_its_retry(
 
     async with Server(broker=broker, results=results) as server:
         server.register_task(
-            "t", handler, queue=queue_name, concurrency=1, on_retrying=on_retrying
+            "t", handler, queue=queue_name, concurrency=1, on_retrying=on_retrying, raw=True
         )
-        server.register_task("marker", marker, queue=queue_name)
+        server.register_task("marker", marker, queue=queue_name, raw=True)
         job = Job(
             "t", queue=queue_name, max_retries=3, backoff=Backoff(initial=0.2, jitter=False)
         )
@@ -231,7 +231,7 @@ async def test_cancel_finished_job_leaves_it(
             raise ValueError("failed on purpose")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         ok_id = await server.enqueue(Job("t", b"ok", queue=queue_name))
         bad_id = await server.enqueue(Job("t", b"fail", queue=queue_name))
         async with running(server):
@@ -261,7 +261,7 @@ async def test_shutdown_gives_the_running_job_back(
 ) -> None:
     first = Blocker()
     async with Server(broker=broker, results=results) as worker_a:
-        worker_a.register_task("t", first, queue=queue_name)
+        worker_a.register_task("t", first, queue=queue_name, raw=True)
         async with anyio.create_task_group() as tg:
             await tg.start(worker_a.run)
             job_id = await worker_a.enqueue(Job("t", b"work", queue=queue_name))
@@ -275,7 +275,7 @@ async def test_shutdown_gives_the_running_job_back(
 
     second = Counter()
     async with Server(broker=broker, results=results) as worker_b:
-        worker_b.register_task("t", second, queue=queue_name)
+        worker_b.register_task("t", second, queue=queue_name, raw=True)
         async with running(worker_b):
             done = await worker_b.wait(job_id, timeout=TIMEOUT)
 
@@ -297,7 +297,7 @@ async def test_graceful_stop_lets_the_running_job_finish(
             await server.run(task_status=task_status)
             run_returned.set()
 
-        server.register_task("t", blocker, queue=queue_name)
+        server.register_task("t", blocker, queue=queue_name, raw=True)
         async with anyio.create_task_group() as tg:
             await tg.start(run)
             job_id = await server.enqueue(Job("t", queue=queue_name))
@@ -336,7 +336,7 @@ async def test_graceful_stop_grace_expired_gives_the_job_back(
             await server.run(task_status=task_status)
             run_returned.set()
 
-        server.register_task("t", blocker, queue=queue_name)
+        server.register_task("t", blocker, queue=queue_name, raw=True)
         async with anyio.create_task_group() as tg:
             await tg.start(run)
             job_id = await server.enqueue(Job("t", b"slow", queue=queue_name))
@@ -365,7 +365,7 @@ async def test_stop_before_run_takes_effect_when_run_starts(
 ) -> None:
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name)
+        server.register_task("t", counter, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         server.stop(grace=1)  # not running yet: the next run() stops as it starts
         with anyio.fail_after(TIMEOUT):
@@ -389,7 +389,7 @@ def _garbage() -> bytes:
 
 def _wrong_version() -> bytes:
     data = msgpack.unpackb(
-        Server().new_message(Job("t", b"x"))[1], raw=False
+        Server()._new_message(Job("t", b"x"))[1], raw=False
     )
     if isinstance(data, dict):
         data["v"] = 99
@@ -406,7 +406,7 @@ def _wrong_schema_map() -> bytes:
 
 def _oversize() -> bytes:
     # valid for a server with default limits, too big for the worker below
-    return Server().new_message(Job("t", b"x" * 70_000))[1]
+    return Server()._new_message(Job("t", b"x" * 70_000))[1]
 
 
 BAD_MESSAGES: dict[str, tuple[Callable[[], bytes], str]] = {
@@ -429,7 +429,7 @@ async def test_undecodable_message_dead_lettered_and_queue_keeps_going(
         kwargs = {"max_payload_size": 1024, "max_message_size": 1}
     async with Server(broker=broker, results=results, **kwargs) as server:
         assert len(bad) > server.max_message_size or kind != "oversize"
-        server.register_task("t", counter, queue=queue_name, concurrency=1)
+        server.register_task("t", counter, queue=queue_name, concurrency=1, raw=True)
         await broker.enqueue(Envelope(queue=queue_name, data=bad, id=f"bad-{kind}"))
         good_id = await server.enqueue(Job("t", b"good", queue=queue_name))
         async with running(server):
@@ -471,7 +471,7 @@ async def test_job_end_events_reach_only_servers_that_wait(
             forward(data)
 
         worker._on_event = record  # type: ignore[method-assign]
-        worker.register_task("noop", noop, queue=queue_name, concurrency=1)
+        worker.register_task("noop", noop, queue=queue_name, concurrency=1, raw=True)
         async with worker, running(worker):
             ids = [await producer.enqueue(Job("noop", queue=queue_name)) for _ in range(3)]
             for job_id in ids:

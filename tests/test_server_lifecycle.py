@@ -48,7 +48,7 @@ async def test_status_queued_then_processing_then_successful(
         async def handler(payload: bytes, ctx: JobContext) -> None:
             seen.append(await server.get_job(ctx.job_id))
 
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", b"x", queue=queue_name))
         queued = await server.get_job(job_id)
         assert queued.status is Status.QUEUED
@@ -72,7 +72,7 @@ async def test_status_failed(broker: Broker, results: Results, queue_name: str) 
         raise ValueError("it went wrong")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -100,7 +100,7 @@ async def test_status_retrying_is_visible(
             # concurrency 1: the retry cannot start while this callback runs
             during_retry.append(await server.get_job(ctx.job_id))
 
-        server.register_task("t", handler, queue=queue_name, concurrency=1, on_retrying=on_retrying)
+        server.register_task("t", handler, queue=queue_name, concurrency=1, on_retrying=on_retrying, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=1))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -193,7 +193,7 @@ async def test_callbacks_on_success_path(
         recorder.calls.append(("handler", ctx.job_id, None))
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, **recorder.callbacks(use_async))
+        server.register_task("t", handler, queue=queue_name, **recorder.callbacks(use_async), raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -222,7 +222,7 @@ async def test_callbacks_on_retrying_and_failed_get_the_exception(
 
     async with Server(broker=broker, results=results) as server:
         server.register_task(
-            "t", handler, queue=queue_name, concurrency=1, **recorder.callbacks(use_async)
+            "t", handler, queue=queue_name, concurrency=1, **recorder.callbacks(use_async), raw=True
         )
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=1))
         async with running(server):
@@ -281,7 +281,7 @@ async def test_raising_callback_is_logged_and_job_state_is_right(
 
     caplog.set_level(logging.ERROR)
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, **kwargs)
+        server.register_task("t", handler, queue=queue_name, **kwargs, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=max_retries))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -303,7 +303,7 @@ async def test_raising_callback_is_logged_and_job_state_is_right(
 async def test_ctx_save_then_get_result(broker: Broker, results: Results, queue_name: str) -> None:
     async with Server(broker=broker, results=results) as server:
 
-        @server.task("t", queue=queue_name)
+        @server.task("t", queue=queue_name, raw=True)
         async def handler(payload: bytes, ctx: JobContext) -> None:
             await ctx.save(b"draft")
             await ctx.save(payload[::-1])  # the last save wins
@@ -319,7 +319,7 @@ async def test_get_result_of_job_that_saved_nothing(
     broker: Broker, results: Results, queue_name: str
 ) -> None:
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", noop, queue=queue_name)
+        server.register_task("t", noop, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         with pytest.raises(ResultNotFoundError):
             await server.get_result(job_id)  # queued, nothing saved yet
@@ -342,7 +342,7 @@ async def test_ctx_save_refuses_non_bytes(
             refused.append(exc)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         async with running(server):
             await server.wait(job_id, timeout=TIMEOUT)
@@ -362,7 +362,7 @@ async def test_sync_handler_runs_in_a_thread_and_can_save(
         anyio.from_thread.run(ctx.save, b"saved from a thread: " + payload)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", b"p", queue=queue_name))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -379,7 +379,7 @@ async def test_sync_handler_failure_is_a_failure(
         raise KeyError("missing thing")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -395,7 +395,7 @@ async def test_unknown_task_fails_the_job(
     broker: Broker, results: Results, queue_name: str
 ) -> None:
     async with Server(broker=broker, results=results) as server:
-        server.register_task("known", noop, queue=queue_name)
+        server.register_task("known", noop, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("unknown", queue=queue_name))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -415,7 +415,7 @@ async def test_ids_that_look_like_keys_do_not_collide(
         await ctx.save(b"result of " + payload)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         for job_id in ids:
             await server.enqueue(Job("t", job_id.encode(), id=job_id, queue=queue_name))
         async with running(server):
@@ -445,8 +445,8 @@ async def test_on_success_follow_up_runs_after_success(
         follow_up_ran.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("main", main, queue=queue_name)
-        server.register_task("follow", follow, queue=queue_name)
+        server.register_task("main", main, queue=queue_name, raw=True)
+        server.register_task("follow", follow, queue=queue_name, raw=True)
         on_success = Job("follow", b"ok", queue=queue_name)
         on_error = Job("follow", b"err", queue=queue_name)
         job_id = await server.enqueue(
@@ -481,8 +481,8 @@ async def test_on_error_follow_up_runs_after_final_failure(
         follow_up_ran.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("main", main, queue=queue_name, concurrency=1)
-        server.register_task("follow", follow, queue=queue_name)
+        server.register_task("main", main, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("follow", follow, queue=queue_name, raw=True)
         on_success = Job("follow", b"ok", queue=queue_name)
         on_error = Job("follow", b"err", queue=queue_name)
         job_id = await server.enqueue(
@@ -523,8 +523,8 @@ async def test_retried_failures_enqueue_no_on_error(
         follow_up_ran.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("main", main, queue=queue_name, concurrency=1)
-        server.register_task("follow", follow, queue=queue_name)
+        server.register_task("main", main, queue=queue_name, concurrency=1, raw=True)
+        server.register_task("follow", follow, queue=queue_name, raw=True)
         on_success = Job("follow", b"ok", queue=queue_name)
         on_error = Job("follow", b"err", queue=queue_name)
         job_id = await server.enqueue(
@@ -579,7 +579,7 @@ async def test_enqueue_many_that_raises_leaves_no_queued_job_behind(
             assert ctx.job_id == jobs[0].id
             ran.set()
 
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         if failing == "broker":
             monkeypatch.setattr(broker, "enqueue_many", half_enqueue)
         else:
@@ -614,7 +614,7 @@ async def test_group_or_chain_whose_enqueue_raises_ends_failed(
         raise BrokerError("injected: the broker is away")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", noop, queue=queue_name)
+        server.register_task("t", noop, queue=queue_name, raw=True)
         monkeypatch.setattr(broker, "enqueue_many", failing)
         enqueue = (
             server.enqueue_group(Group(jobs, id="g-" + queue_name))

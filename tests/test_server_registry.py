@@ -33,9 +33,9 @@ pytestmark = pytest.mark.anyio
 
 def test_register_task_concurrency_conflict_raises() -> None:
     server = Server()
-    server.register_task("first", noop, queue="q1", concurrency=3)
+    server.register_task("first", noop, queue="q1", concurrency=3, raw=True)
     with pytest.raises(QueueConcurrencyError) as info:
-        server.register_task("second", noop, queue="q1", concurrency=4)
+        server.register_task("second", noop, queue="q1", concurrency=4, raw=True)
     message = str(info.value)
     # says which queue, which concurrency it has, and which task was refused
     assert "'q1'" in message
@@ -49,18 +49,18 @@ def test_register_task_concurrency_conflict_raises() -> None:
 
 def test_register_task_conflict_with_default_concurrency() -> None:
     server = Server(default_concurrency=2)
-    server.register_task("first", noop, queue="q1")
+    server.register_task("first", noop, queue="q1", raw=True)
     with pytest.raises(QueueConcurrencyError, match="'q1'"):
-        server.register_task("second", noop, queue="q1", concurrency=5)
+        server.register_task("second", noop, queue="q1", concurrency=5, raw=True)
     assert server.queues == {"q1": 2}
 
 
 def test_register_task_same_or_unspecified_concurrency_is_fine() -> None:
     server = Server(default_concurrency=7)
-    server.register_task("a", noop, queue="q1", concurrency=3)
-    server.register_task("b", noop, queue="q1", concurrency=3)
-    server.register_task("c", noop, queue="q1")
-    server.register_task("d", noop, queue="q2")
+    server.register_task("a", noop, queue="q1", concurrency=3, raw=True)
+    server.register_task("b", noop, queue="q1", concurrency=3, raw=True)
+    server.register_task("c", noop, queue="q1", raw=True)
+    server.register_task("d", noop, queue="q2", raw=True)
     assert server.queues == {"q1": 3, "q2": 7}
     concurrencies = {}
     for name in "abcd":
@@ -73,11 +73,11 @@ def test_register_task_same_or_unspecified_concurrency_is_fine() -> None:
 def test_task_decorator_registers_and_returns_the_function() -> None:
     server = Server()
 
-    @server.task(queue="q1", concurrency=2)
+    @server.task(queue="q1", concurrency=2, raw=True)
     async def add(payload: bytes, ctx: JobContext) -> None:
         """An async handler."""
 
-    @server.task("named-sync")
+    @server.task("named-sync", raw=True)
     def blocking(payload: bytes, ctx: JobContext) -> None:
         """A sync handler."""
 
@@ -99,7 +99,7 @@ def test_get_tasks_lists_names_in_registration_order() -> None:
     server = Server()
     assert server.get_tasks() == []
     for name in ["zeta", "alpha", "mid"]:
-        server.register_task(name, noop)
+        server.register_task(name, noop, raw=True)
     assert server.get_tasks() == ["zeta", "alpha", "mid"]
     assert server.get_task("missing") is None
 
@@ -108,7 +108,7 @@ def test_get_tasks_lists_names_in_registration_order() -> None:
 def test_register_task_invalid_name(name: Any) -> None:
     server = Server()
     with pytest.raises(InvalidInputError, match="task name"):
-        server.register_task(name, noop)
+        server.register_task(name, noop, raw=True)
     assert server.get_tasks() == []
     assert server.queues == {}
 
@@ -117,7 +117,7 @@ def test_register_task_invalid_name(name: Any) -> None:
 def test_register_task_invalid_queue(queue: Any) -> None:
     server = Server()
     with pytest.raises(InvalidInputError, match="queue"):
-        server.register_task("t", noop, queue=queue)
+        server.register_task("t", noop, queue=queue, raw=True)
     assert server.get_tasks() == []
     assert server.queues == {}
 
@@ -126,7 +126,7 @@ def test_register_task_invalid_queue(queue: Any) -> None:
 def test_register_task_non_callable_handler(handler: Any) -> None:
     server = Server()
     with pytest.raises(InvalidInputError, match="not callable"):
-        server.register_task("t", handler)
+        server.register_task("t", handler, raw=True)
     assert server.get_tasks() == []
 
 
@@ -134,7 +134,7 @@ def test_register_task_non_callable_handler(handler: Any) -> None:
 def test_register_task_invalid_concurrency(concurrency: Any) -> None:
     server = Server()
     with pytest.raises(InvalidInputError, match="concurrency"):
-        server.register_task("t", noop, concurrency=concurrency)
+        server.register_task("t", noop, concurrency=concurrency, raw=True)
     assert server.get_tasks() == []
     assert server.queues == {}
 
@@ -143,10 +143,10 @@ async def test_register_task_while_running_is_refused(
     broker: Broker, results: Results, queue_name: str
 ) -> None:
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", noop, queue=queue_name)
+        server.register_task("t", noop, queue=queue_name, raw=True)
         async with running(server):
             with pytest.raises(RuntimeError, match=r"before Server\.run"):
-                server.register_task("late", noop, queue=queue_name)
+                server.register_task("late", noop, queue=queue_name, raw=True)
         assert server.get_tasks() == ["t"]
 
 
@@ -197,7 +197,7 @@ def test_job_payload_must_be_bytes() -> None:
 async def test_enqueue_refuses_a_non_job(broker: Broker, results: Results) -> None:
     async with Server(broker=broker, results=results) as server:
         with pytest.raises(InvalidInputError, match="Job"):
-            await server.enqueue("t")  # type: ignore[arg-type]
+            await server.enqueue("t")  # type: ignore[call-overload]
 
 
 # -- payload size ----------------------------------------------------------------------------
@@ -244,7 +244,7 @@ async def test_enqueue_many_returns_ids_in_order_and_all_run(
 ) -> None:
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name)
+        server.register_task("t", counter, queue=queue_name, raw=True)
         jobs = [Job("t", str(i).encode(), queue=queue_name) for i in range(5)]
         ids = await server.enqueue_many(jobs)
         assert ids == [job.id for job in jobs]
@@ -310,7 +310,7 @@ async def test_get_success_and_get_failed_list_ids(
             raise ValueError("asked to fail")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         ok_ids = [await server.enqueue(Job("t", b"ok", queue=queue_name)) for _ in range(2)]
         bad_id = await server.enqueue(Job("t", b"fail", queue=queue_name))
         async with running(server):
@@ -331,7 +331,7 @@ async def test_delete_job_removes_state_and_result(
         await ctx.save(b"result:" + payload)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", b"p", queue=queue_name))
         keep_id = await server.enqueue(Job("t", b"k", queue=queue_name))
         async with running(server):
@@ -378,7 +378,7 @@ async def test_wait_on_finished_job_returns_at_once(
     broker: Broker, results: Results, queue_name: str
 ) -> None:
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", noop, queue=queue_name)
+        server.register_task("t", noop, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         async with running(server):
             first = await server.wait(job_id, timeout=TIMEOUT)

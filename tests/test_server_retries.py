@@ -43,7 +43,7 @@ async def test_retries_exhausted_runs_max_retries_plus_one_times(
         raise ValueError(f"always fails (run {len(runs)})")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -66,7 +66,7 @@ async def test_fail_once_then_succeed(broker: Broker, results: Results, queue_na
         await ctx.save(b"second time lucky")
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=3))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -106,9 +106,9 @@ async def test_retries_exhausted_callback_counts(
             concurrency=1,
             on_retrying=on_retrying,
             on_failed=on_failed,
-            on_success=on_success,
+            on_success=on_success, raw=True,
         )
-        server.register_task("marker", noop, queue=queue_name)
+        server.register_task("marker", noop, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -166,7 +166,7 @@ async def test_backoff_delays_the_retry(broker: Broker, results: Results, queue_
         retrying_seen.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
+        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying, raw=True)
         job = Job("t", queue=queue_name, max_retries=1, backoff=Backoff(initial=0.3, jitter=False))
         job_id = await server.enqueue(job)
         async with running(server):
@@ -204,7 +204,7 @@ async def test_a_message_of_a_failed_try_that_comes_back_is_dropped(
         retrying_seen.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
+        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying, raw=True)
         job = Job("t", queue=queue_name, max_retries=1, backoff=Backoff(initial=1.0, jitter=False))
         job_id = await server.enqueue(job)
         first_try = (await results.get_job(job_id)).data  # the message as enqueued
@@ -285,7 +285,7 @@ async def test_two_runs_of_one_try_with_one_attempt_record_one_outcome(
 
     shim = ShimBroker(broker, lambda delivery: _FirstAttempt(delivery, acked))
     async with shim, Server(broker=shim, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, concurrency=2)
+        server.register_task("t", handler, queue=queue_name, concurrency=2, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         message = (await results.get_job(job_id)).data
         async with running(server):
@@ -321,7 +321,7 @@ async def test_timeout_stops_the_handler(broker: Broker, results: Results, queue
             stopped.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -350,7 +350,7 @@ async def test_timeout_is_retried(broker: Broker, results: Results, queue_name: 
         errors.append(exc)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying)
+        server.register_task("t", handler, queue=queue_name, on_retrying=on_retrying, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2, max_retries=1))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -380,7 +380,7 @@ async def test_timeout_of_a_sync_handler_fails_the_job(
         told.append(ctx.cancelled)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name, abandon_on_cancel=True)
+        server.register_task("t", handler, queue=queue_name, abandon_on_cancel=True, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2))
         try:
             async with running(server):
@@ -406,7 +406,7 @@ async def test_eta_job_runs_no_earlier_than_its_eta(
         ran_at.append(datetime.now(timezone.utc))
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         eta = datetime.now(timezone.utc) + timedelta(seconds=0.2)
         job_id = await server.enqueue(Job("t", queue=queue_name, eta=eta))
         assert [m.id for m in await server.get_scheduled(queue_name)] == [job_id]
@@ -423,7 +423,7 @@ async def test_delayed_job_runs_after_its_delay(
 ) -> None:
     counter = Counter()
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", counter, queue=queue_name)
+        server.register_task("t", counter, queue=queue_name, raw=True)
         start = anyio.current_time()
         job_id = await server.enqueue(Job("t", b"later", queue=queue_name, delay=0.2))
         async with running(server):

@@ -64,7 +64,7 @@ async def test_timed_out_sync_handler_is_waited_for_before_its_retry(
             time.sleep(0.5)  # ignores its cancel token: runs on past its 0.2 s timeout
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2, max_retries=2))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -98,7 +98,7 @@ async def test_sync_handler_stops_on_its_cancel_token_at_its_timeout(
                 raise
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, timeout=0.2, max_retries=2))
         async with running(server):
             done = await server.wait(job_id, timeout=TIMEOUT)
@@ -125,7 +125,7 @@ async def test_cancel_request_sets_a_sync_handlers_cancel_token(
                 time.sleep(0.01)
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name, max_retries=2))
         async with running(server):
             await wait_event(started)
@@ -152,7 +152,7 @@ async def test_run_returns_after_its_sync_handler_threads_end(
         ended.set()
 
     async with Server(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         async with running(server):
             await wait_event(started)
@@ -176,7 +176,7 @@ async def test_run_waits_for_a_thread_at_most_finalize_timeout(
         ended.set()
 
     async with Server(broker=broker, results=results, finalize_timeout=0.2) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         await server.enqueue(Job("t", queue=queue_name))
         try:
             with anyio.fail_after(TIMEOUT):

@@ -42,7 +42,7 @@ async def test_producer_and_consumer_spans_share_a_trace(
     provider, exporter = spans
     producer = Server(broker=broker, results=results, tracer_provider=provider)
     worker = Server(broker=broker, results=results, tracer_provider=provider)
-    worker.register_task("t", noop, queue=queue_name)
+    worker.register_task("t", noop, queue=queue_name, raw=True)
     async with producer, worker, running(worker):
         job_id = await producer.enqueue(Job("t", queue=queue_name))
         await producer.wait(job_id, timeout=TIMEOUT)
@@ -73,7 +73,7 @@ async def test_chain_links_and_follow_ups_are_in_one_trace(
 ) -> None:
     provider, exporter = spans
     server = Server(broker=broker, results=results, tracer_provider=provider)
-    server.register_task("t", noop, queue=queue_name)
+    server.register_task("t", noop, queue=queue_name, raw=True)
     follow_up = Job("t", queue=queue_name)
     chain = Chain([Job("t", queue=queue_name), Job("t", queue=queue_name, on_success=[follow_up])])
     async with server, running(server):
@@ -109,7 +109,7 @@ async def test_failing_job_span_has_error_status_and_exception(
         raise ValueError("broken on purpose")
 
     server = Server(broker=broker, results=results, tracer_provider=provider)
-    server.register_task("boom", boom, queue=queue_name)
+    server.register_task("boom", boom, queue=queue_name, raw=True)
     async with server, running(server):
         job_id = await server.enqueue(Job("boom", queue=queue_name, max_retries=1))
         await server.wait(job_id, timeout=TIMEOUT)
@@ -152,8 +152,8 @@ async def test_metrics_count_outcomes_by_task_and_queue(
         await anyio.sleep_forever()
 
     server = Server(broker=broker, results=results, meter_provider=provider)
-    server.register_task("flaky", flaky, queue=queue_name)
-    server.register_task("block", block, queue=queue_name)
+    server.register_task("flaky", flaky, queue=queue_name, raw=True)
+    server.register_task("block", block, queue=queue_name, raw=True)
     async with server, running(server):
         ok = await server.enqueue(Job("flaky", b"ok", queue=queue_name, max_retries=1))
         bad = await server.enqueue(Job("flaky", b"fail", queue=queue_name))

@@ -9,7 +9,7 @@ import pytest
 from server_support import TIMEOUT, running
 
 from tasqueue_anyio import Job, JobContext, Server, Status
-from tasqueue_anyio import _server as server_module
+from tasqueue_anyio import _client as server_module
 from tasqueue_anyio._codec import EVENT_FINISHED, decode_event
 from tasqueue_anyio.abc import Broker, JobRecord, Results
 
@@ -37,7 +37,7 @@ async def test_wait_returns_when_the_end_event_is_lost(
         await release.wait()
 
     async with DeafServer(broker=broker, results=results) as server:
-        server.register_task("t", handler, queue=queue_name)
+        server.register_task("t", handler, queue=queue_name, raw=True)
         job_id = await server.enqueue(Job("t", queue=queue_name))
         read = anyio.Event()
         get_job = results.get_job

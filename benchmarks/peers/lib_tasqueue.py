@@ -69,7 +69,7 @@ def work(
         reporter.job_done()
 
     server = _server(url, nats)
-    server.register_task("noop", noop, concurrency=concurrency)
+    server.register_task("noop", noop, concurrency=concurrency, raw=True)
     reporter.extra = lambda: {
         "broker": _combiner_stats(server.broker),
         "results": _combiner_stats(server.results),
