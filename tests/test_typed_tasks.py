@@ -50,8 +50,10 @@ async def test_typed_task_result_and_handle(
 
     async with server, running(server):
         handle = await add.enqueue(40, 2)
-        assert isinstance(handle, JobHandle) and isinstance(handle, str)
-        assert handle.id == str(handle) and type(handle.id) is str
+        assert isinstance(handle, JobHandle)
+        assert isinstance(handle, str)
+        assert handle.id == str(handle)
+        assert type(handle.id) is str
         assert await handle.result(timeout=TIMEOUT) == 42
         assert await handle.status() is Status.SUCCESSFUL
         assert (await handle.info()).job.task == "add"
@@ -151,7 +153,8 @@ async def test_failure_timeout_cancel_and_wait_timeout(
             await failed.result(timeout=TIMEOUT)
         assert info.value.job_id == failed.id
         assert info.value.error == "ValueError: bad 7"
-        assert info.value.job is not None and info.value.job.status is Status.FAILED
+        assert info.value.job is not None
+        assert info.value.job.status is Status.FAILED
 
         timed = await slow.enqueue()
         with pytest.raises(JobFailedError) as info:
@@ -277,7 +280,8 @@ async def test_a_producer_client_enqueues_for_the_workers(
         return a + b
 
     client = Client(broker, results)
-    assert not hasattr(client, "register_task") and not hasattr(client, "run")
+    assert not hasattr(client, "register_task")
+    assert not hasattr(client, "run")
     async with server, running(server), client:
         handle = await client.enqueue(add, 20, 22)
         assert await handle.result(timeout=TIMEOUT) == 42
@@ -455,6 +459,7 @@ async def test_set_progress_refuses_bad_values(
         handle = await bad.enqueue()
         assert (await handle.wait(timeout=TIMEOUT)).status is Status.SUCCESSFUL
         progress = await handle.progress()
-        assert progress is not None and progress.fraction is None
+        assert progress is not None
+        assert progress.fraction is None
         assert len(progress.message) == 1000
     assert len(errors) == 4
