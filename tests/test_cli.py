@@ -400,6 +400,8 @@ async def test_lists(app: App) -> None:
             ["dead", cli_app.FAST, *app_args, "--json"],
             ["schedules", *app_args],
             ["schedules", *app_args, "--json"],
+            ["counts", cli_app.FAST, *app_args, "--json"],
+            ["counts", cli_app.FAST, *app_args],
         )
         assert no_reader.stderr is not None
         with anyio.fail_after(STEP):
@@ -408,7 +410,18 @@ async def test_lists(app: App) -> None:
         assert stderr == b""
     for done in results:
         assert done.status == 0, done
-    (pending_h, scheduled, failed, successful, dead, schedules, schedules_json) = results
+    (pending_h, scheduled, failed, successful, dead, schedules, schedules_json, *counts) = results
+    counts_json, counts_human = counts
+    assert counts_json.json() == {
+        "queue": cli_app.FAST,
+        "pending": 2,
+        "scheduled": 1,
+        "in_flight": 0,
+        "dead": 1,
+        "successful": 1,
+        "failed": 1,
+    }
+    assert "pending     2" in counts_human.stdout.splitlines()
     assert pending_h.stdout.splitlines() == [f"{job_id}  quick" for job_id in pending]
     scheduled_data = scheduled.json()
     assert isinstance(scheduled_data, list)
