@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TypeVar
@@ -24,21 +24,29 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 __all__ = [
     "FINAL_STATUSES",
+    "MAX_PROGRESS_SIZE",
     "Broker",
     "DeadLetter",
     "Delivery",
     "Envelope",
     "JobRecord",
     "ParentRecord",
+    "QueueCounts",
+    "ResultCounts",
     "Results",
     "ScheduleRecord",
+    "check_progress",
     "may_start",
+    "refuse_result",
     "run_retry",
     "run_token",
 ]
 
 _B = TypeVar("_B", bound="Broker")
 _R = TypeVar("_R", bound="Results")
+
+#: The largest progress a job stores (bytes; :meth:`Results.set_progress`).
+MAX_PROGRESS_SIZE = 4096
 
 #: Statuses after which a job never runs again (string values of :class:`~tasqueue_anyio.Status`).
 FINAL_STATUSES: frozenset[str] = frozenset({"successful", "failed", "cancelled"})
@@ -75,6 +83,31 @@ class DeadLetter:
 
 
 @attrs.frozen(kw_only=True)
+class QueueCounts:
+    """How many messages a queue holds (:meth:`Broker.count`).
+
+    :ivar pending: due and not held by a worker
+    :ivar scheduled: waiting for their ETA
+    :ivar in_flight: held by a worker, not settled yet
+    :ivar dead: set aside as dead letters
+    """
+
+    pending: int
+    scheduled: int
+    in_flight: int
+    dead: int
+
+
+@attrs.frozen(kw_only=True)
+class ResultCounts:
+    """How many jobs ended each way (:meth:`Results.count_ended`): the lengths of the
+    success and failed listings."""
+
+    successful: int
+    failed: int
+
+
+@attrs.frozen(kw_only=True)
 class JobRecord:
     """The stored state of one job.
 
@@ -88,14 +121,47 @@ class JobRecord:
         write over the run that took the job over, because :meth:`Results.update_job`
         and :meth:`Results.set_result` given a ``run`` only write while it is still the
         stored one
+    :param result: write-only: a result that :meth:`Results.update_job` (and
+        :meth:`Results.end_job`) store as the job's result in the same atomic step as the
+        record, only if the record is written; never stored inside the record, and
+        ``None`` in what :meth:`Results.get_job` returns. ``set_jobs``, ``create_jobs``
+        and ``start_job`` refuse a record carrying one
+    :param progress: the job's last progress (:meth:`Results.set_progress`; opaque
+        bytes), as read; every write but ``set_progress`` keeps the stored one, except
+        ``set_jobs`` (a new enqueue), which clears it
     """
 
     status: str
     data: bytes
     cancel_requested: bool = False
     run: str = ""
-    result: bytes | None = None  # TEMP until i12-results merges
-    progress: bytes | None = None  # TEMP until i12-results merges
+    result: bytes | None = None
+    progress: bytes | None = None
+
+
+def refuse_result(records: Iterable[JobRecord], method: str) -> None:
+    """Raise :class:`~tasqueue_anyio.InvalidInputError` if a record carries a result
+    (only ``update_job`` and ``end_job`` write results)."""
+    for record in records:
+        if record.result is not None:
+            from ._exceptions import InvalidInputError
+
+            raise InvalidInputError(
+                f"Results.{method} does not store results: a record's result is written "
+                f"by update_job or end_job"
+            )
+
+
+def check_progress(data: bytes) -> None:
+    """Raise :class:`~tasqueue_anyio.InvalidInputError` unless ``data`` is bytes of at
+    most :data:`MAX_PROGRESS_SIZE`."""
+    if not isinstance(data, bytes) or len(data) > MAX_PROGRESS_SIZE:
+        from ._exceptions import InvalidInputError
+
+        size = len(data) if isinstance(data, bytes) else type(data).__name__
+        raise InvalidInputError(
+            f"progress must be bytes of at most {MAX_PROGRESS_SIZE}, got {size}"
+        )
 
 
 def run_token(retried: int, attempt: int) -> str:
@@ -323,6 +389,14 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
         """Messages of ``queue`` set aside with :meth:`Delivery.dead_letter`, oldest first."""
 
     @abstractmethod
+    async def count(self, queue: str) -> QueueCounts:
+        """How many messages ``queue`` holds, by kind, without listing them (a few
+        counters read in one round trip where the backend allows; each backend says its
+        cost). The numbers agree with :meth:`get_pending`, :meth:`get_scheduled` and
+        :meth:`get_dead_letters` at a quiet moment; an unknown queue counts zeros.
+        """
+
+    @abstractmethod
     async def publish(self, channel: str, data: bytes) -> None:
         """Broadcast ``data`` to every current subscriber of ``channel`` (best effort)."""
 
@@ -408,7 +482,9 @@ class Results(_MessageLimit, metaclass=ABCMeta):
         (and, given ``run``, the stored ``run`` token equals it).
 
         When ``record.status`` is ``successful`` or ``failed`` the job id is added to the
-        matching listing in the same step. ``cancel_requested`` is kept as stored.
+        matching listing in the same step. ``cancel_requested`` and ``progress`` are kept
+        as stored. A ``record.result`` is stored as the job's result in the same step
+        (replacing any), only if the record is written.
 
         :return: whether ``record`` was written
         """
@@ -464,6 +540,20 @@ class Results(_MessageLimit, metaclass=ABCMeta):
 
         :return: whether it was stored
         """
+
+    @abstractmethod
+    async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
+        """Atomically store ``data`` as the job's progress (:attr:`JobRecord.progress`)
+        while the job is ``processing`` under ``run``; one round trip.
+
+        :return: whether it was stored
+        :raises InvalidInputError: ``data`` is over :data:`MAX_PROGRESS_SIZE` bytes
+        """
+
+    @abstractmethod
+    async def count_ended(self) -> ResultCounts:
+        """The lengths of the success and failed listings (what :meth:`get_success` and
+        :meth:`get_failed` would return), without listing them."""
 
     @abstractmethod
     async def delete_job(self, job_id: str) -> None:

@@ -208,7 +208,7 @@ async def test_task_defaults_and_bad_options(broker: Broker, results: Results) -
 
     assert (t.job(1).max_retries, t.job(1).timeout) == (4, 30)
     assert t.options(max_retries=0).job(1).max_retries == 0
-    assert t(5) is not None  # calling the task function calls the function
+    assert await t(5) == 5  # calling the task function calls the function
     assert await t.fn(5) == 5
     with pytest.raises(InvalidInputError):
         t.options(timeout=-1).job(1)

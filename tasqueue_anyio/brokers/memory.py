@@ -32,7 +32,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import LeaseLostError
-from ..abc import Broker, DeadLetter, Delivery, Envelope
+from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
 
 __all__ = ["MemoryBroker", "MemoryDelivery"]
 
@@ -399,6 +399,23 @@ class MemoryBroker(Broker):
             return []
         self._refresh(q)
         return [(eta, m.data) for eta, _, m in sorted(q.scheduled)]
+
+    async def count(self, queue: str) -> QueueCounts:
+        """How many messages ``queue`` holds: lengths, no copies.
+
+        :param queue: the queue
+        :return: the counts (zeros for an unknown queue)
+        """
+        q = self._queues.get(queue)
+        if q is None:
+            return QueueCounts(pending=0, scheduled=0, in_flight=0, dead=0)
+        self._refresh(q)
+        return QueueCounts(
+            pending=len(q.ready),
+            scheduled=len(q.scheduled),
+            in_flight=max(0, q.held - len(q.abandoned)),
+            dead=len(q.dead),
+        )
 
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
         """Messages of ``queue`` set aside with :meth:`MemoryDelivery.dead_letter`.

@@ -16,7 +16,17 @@ from typing import Generic, TypeVar
 import attrs
 
 from .._exceptions import JobNotFoundError, NotFoundError, ResultNotFoundError
-from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord, may_start
+from ..abc import (
+    FINAL_STATUSES,
+    JobRecord,
+    ParentRecord,
+    ResultCounts,
+    Results,
+    ScheduleRecord,
+    check_progress,
+    may_start,
+    refuse_result,
+)
 
 __all__ = ["MemoryResults"]
 
@@ -164,7 +174,13 @@ class MemoryResults(Results):
     def __repr__(self) -> str:
         return "<MemoryResults>"
 
-    def _write(self, job_id: str, record: JobRecord) -> None:
+    def _write(self, job_id: str, record: JobRecord, current: JobRecord | None = None) -> None:
+        """Store ``record`` (keeping ``current``'s progress, storing its result apart)."""
+        if record.result is not None:
+            self._results.set(job_id, record.result)
+            record = attrs.evolve(record, result=None)
+        if current is not None and record.progress != current.progress:
+            record = attrs.evolve(record, progress=current.progress)
         self._jobs.set(job_id, record)
         if record.status == "successful":
             self._failed.pop(job_id, None)
@@ -200,9 +216,13 @@ class MemoryResults(Results):
 
         :param records: records by job id
         """
+        refuse_result(records.values(), "set_jobs")
         jobs = self._jobs
         for job_id, record in records.items():
-            jobs.set(job_id, record)
+            jobs.set(
+                job_id,
+                record if record.progress is None else attrs.evolve(record, progress=None),
+            )
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
         """Move a job to ``record`` if it may start (:func:`~tasqueue_anyio.abc.may_start`).
@@ -211,10 +231,11 @@ class MemoryResults(Results):
         :param record: the new state
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """
+        refuse_result((record,), "start_job")
         current = self._jobs.get(job_id)
         if not may_start(current, record):
             return current
-        self._write(job_id, record)
+        self._write(job_id, record, current)
         return None
 
     async def update_job(
@@ -238,7 +259,7 @@ class MemoryResults(Results):
             return False
         if record.cancel_requested != current.cancel_requested:
             record = attrs.evolve(record, cancel_requested=current.cancel_requested)
-        self._write(job_id, record)
+        self._write(job_id, record, current)
         return True
 
     async def request_cancel(self, job_id: str) -> JobRecord:
@@ -289,6 +310,30 @@ class MemoryResults(Results):
                 return False
         self._results.set(job_id, data)
         return True
+
+    async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
+        """Store a running job's progress.
+
+        :param job_id: the job id
+        :param data: the progress (at most :data:`~tasqueue_anyio.abc.MAX_PROGRESS_SIZE`)
+        :param run: store only while the job is ``processing`` under this run
+        :return: whether it was stored
+        """
+        check_progress(data)
+        current = self._jobs.get(job_id)
+        if current is None or current.status != "processing" or current.run != run:
+            return False
+        self._jobs.set(job_id, attrs.evolve(current, progress=data))
+        return True
+
+    async def count_ended(self) -> ResultCounts:
+        """The lengths of the success and failed listings (with a ``job_ttl``, the
+        expired jobs are dropped first: a pass over the listings, in process)."""
+        if self._jobs._ttl is None:
+            return ResultCounts(successful=len(self._success), failed=len(self._failed))
+        return ResultCounts(
+            successful=len(self._listing(self._success)), failed=len(self._listing(self._failed))
+        )
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job: its state, its result and its place in the listings.
