@@ -1195,7 +1195,8 @@ class Counts:
 
     :ivar pending: due and waiting for a worker
     :ivar scheduled: waiting for their ETA (a delay, or a retry's backoff)
-    :ivar in_flight: taken by a worker and not settled yet
+    :ivar in_flight: taken by a worker and not settled yet (running, or fetched ahead of
+        the worker's processors, which brokers with a network round trip do)
     :ivar dead: messages set aside as undecodable (dead letters)
     :ivar successful: jobs that ended ``successful`` (every queue; the store's listing)
     :ivar failed: jobs that ended ``failed`` (every queue; the store's listing)

@@ -338,7 +338,7 @@ local calls = {
   {'HSET', h, 'f', '0'}, {'HSETNX', h, 'f', '0'}, {'HINCRBY', h, 'f', '1'}, {'HGET', h, 'f'},
   {'HMGET', h, 'f'}, {'HGETALL', h}, {'HDEL', h, 'f'},
   {'RPUSH', l, '0'}, {'LPUSH', l, '0'}, {'LLEN', l}, {'LRANGE', l, '0', '0'}, {'LPOP', l},
-  {'ZADD', z, '0', 'm'}, {'ZSCORE', z, 'm'}, {'ZRANGE', z, '0', '0'},
+  {'ZADD', z, '0', 'm'}, {'ZSCORE', z, 'm'}, {'ZCARD', z}, {'ZRANGE', z, '0', '0'},
   {'ZRANGEBYSCORE', z, '0', '0'}, {'ZREM', z, 'm'},
   {'PUBLISH', ARGV[1], ''},
   {'DEL', s, h, l, z},

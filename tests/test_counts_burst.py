@@ -47,7 +47,10 @@ async def test_counts_after_a_known_mix(broker: Broker, results: Results, queue_
             counts = await server.counts(queue_name)
             tg.cancel_scope.cancel()
         assert isinstance(counts, Counts)
-        assert (counts.pending, counts.scheduled, counts.in_flight, counts.dead) == (2, 1, 1, 0)
+        # a worker may have fetched a due one ahead of its processor: in flight too
+        assert counts.pending + counts.in_flight == 3
+        assert counts.in_flight >= 1
+        assert (counts.scheduled, counts.dead) == (1, 0)
         assert not counts.empty
         # the ended totals are the store's (every queue): at least this test's
         assert counts.successful - before.successful == 2

@@ -41,7 +41,7 @@ COMMANDS = [
     *("+evalsha", "+script|load", "+get", "+set", "+exists", "+hmget", "+lrange", "+zrange"),
     *("+zrem", "+publish", "+subscribe", "+unsubscribe", "+ping", "+del", "+hdel", "+hget"),
     *("+hgetall", "+hincrby", "+hset", "+hsetnx", "+incr", "+incrby", "+llen", "+lpop"),
-    *("+lpush", "+pexpire", "+rpush", "+time", "+zadd", "+zrangebyscore", "+zscore"),
+    *("+lpush", "+pexpire", "+rpush", "+time", "+zadd", "+zcard", "+zrangebyscore", "+zscore"),
 ]
 
 

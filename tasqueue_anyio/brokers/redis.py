@@ -88,7 +88,7 @@ from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import validate_channel, validate_queue
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from .._retry import RetryBackoff
-from ..abc import Broker, DeadLetter, Delivery, Envelope
+from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
 
 __all__ = ["RedisBroker", "RedisDelivery"]
 
@@ -367,6 +367,21 @@ end
 return out
 """
 
+# The counts of a queue, after the refresh a fetch makes (due scheduled messages and
+# expired leases back to the queue): {ready, scheduled, leased, dead}.
+_LUA_COUNT = r"""
+local now, now_ms = clock()
+if refresh(now, now_ms) then
+  notify(KEYS[7])
+end
+return {
+  redis.call('LLEN', KEYS[1]),
+  redis.call('ZCARD', KEYS[4]),
+  redis.call('ZCARD', KEYS[5]),
+  redis.call('LLEN', KEYS[9]),
+}
+"""
+
 # Redis Cluster only: PUBLISH routed by the channel name given as a key, so that every
 # message of a channel goes through one node (the cluster keeps each node's order, not
 # an order across nodes). ARGV: message.
@@ -384,6 +399,7 @@ _SCRIPTS = {
     "give_back": _LUA_COMMON + _LUA_GIVE_BACK,
     "renew": _LUA_COMMON + _LUA_RENEW,
     "inspect": _LUA_COMMON + _LUA_INSPECT,
+    "count": _LUA_COMMON + _LUA_COUNT,
 }
 
 # -- Python ---------------------------------------------------------------------------------
@@ -964,6 +980,21 @@ class RedisBroker(RedisBackend, Broker):
         with translate_errors(f"reading queue {q.name!r}"):
             flat = await self._cmds.script("inspect", q.keys, ("scheduled",))
         return [(float(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def count(self, queue: str) -> QueueCounts:
+        """How many messages ``queue`` holds: one script (``LLEN``/``ZCARD`` of the
+        queue's keys, after moving due scheduled messages and expired leases back to the
+        queue as a fetch would), one round trip whatever the queue's length.
+
+        :param queue: the queue
+        :return: the counts (zeros for an unknown queue)
+        """
+        q = self._queue(queue)
+        with translate_errors(f"counting queue {q.name!r}"):
+            ready, scheduled, leased, dead = await self._cmds.script("count", q.keys, ())
+        return QueueCounts(
+            pending=int(ready), scheduled=int(scheduled), in_flight=int(leased), dead=int(dead)
+        )
 
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
         """Messages of ``queue`` set aside with :meth:`RedisDelivery.dead_letter`.

@@ -62,7 +62,16 @@ from coredis.typing import Key
 
 from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
-from ..abc import Delivery, JobRecord, ParentRecord, Results, ScheduleRecord
+from ..abc import (
+    Delivery,
+    JobRecord,
+    ParentRecord,
+    ResultCounts,
+    Results,
+    ScheduleRecord,
+    check_progress,
+    refuse_result,
+)
 from ..brokers.redis import _LUA_ACK as _BROKER_ACK
 from ..brokers.redis import _LUA_COMMON as _BROKER_COMMON
 from ..brokers.redis import RedisDelivery
@@ -117,9 +126,9 @@ end
 """
 
 # KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms, run token.
-# Returns 0 when written, else the current {st, d, c}.
+# Returns 0 when written, else the current {st, d, c, r, p}. The progress is kept.
 _LUA_START = r"""
-local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
+local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r', 'p')
 if cur[1] then
   if FINAL[cur[1]] or cur[3] == '1' then
     return cur
@@ -135,8 +144,10 @@ list_end(ARGV[2], ARGV[1])
 return 0
 """
 
-# KEYS: state, success, failed, seq. ARGV: id, status, data, ttl ms, run token to check
-# ('' for none), run token to write, expected statuses...
+# KEYS: state, result, success, failed, seq. ARGV: id, status, data, ttl ms, run token
+# to check ('' for none), run token to write, has result ('1' or '0'), result, result
+# ttl ms, expected statuses... The result is stored in the same step, only if written;
+# the progress is kept.
 _LUA_UPDATE = r"""
 local cur = redis.call('HMGET', KEYS[1], 'st', 'r')
 local st = cur[1]
@@ -147,7 +158,7 @@ if ARGV[5] ~= '' and cur[2] ~= ARGV[5] then
   return 0
 end
 local ok = false
-for i = 7, #ARGV do
+for i = 10, #ARGV do
   if ARGV[i] == st then
     ok = true
     break
@@ -158,7 +169,26 @@ if not ok then
 end
 redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'r', ARGV[6])
 expire(tonumber(ARGV[4]), KEYS[1])
-list_end(ARGV[2], ARGV[1])
+if ARGV[7] == '1' then
+  local rttl = tonumber(ARGV[9])
+  if rttl > 0 then
+    redis.call('SET', KEYS[2], ARGV[8], 'PX', rttl)
+  else
+    redis.call('SET', KEYS[2], ARGV[8])
+  end
+end
+list_end(ARGV[2], ARGV[1], 3)
+return 1
+"""
+
+# KEYS: state. ARGV: progress, run token. Stores the progress only while the job is
+# processing under that run.
+_LUA_SET_PROGRESS = r"""
+local cur = redis.call('HMGET', KEYS[1], 'st', 'r')
+if cur[1] ~= 'processing' or cur[2] ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'p', ARGV[1])
 return 1
 """
 
@@ -178,9 +208,9 @@ end
 return 1
 """
 
-# KEYS: state. ARGV: ttl ms. Returns 0 (no state) or {st, d, c} after the call.
+# KEYS: state. ARGV: ttl ms. Returns 0 (no state) or {st, d, c, r, p} after the call.
 _LUA_CANCEL = r"""
-local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r')
+local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r', 'p')
 local st = cur[1]
 if not st then
   return 0
@@ -201,11 +231,13 @@ expire(tonumber(ARGV[1]), KEYS[1])
 return cur
 """
 
-# KEYS: state keys. ARGV: ttl ms, then status, data, cancel, run token per key.
+# KEYS: state keys. ARGV: ttl ms, then status, data, cancel, run token per key. A new
+# state: any progress of an earlier one goes.
 _LUA_SET_JOBS = r"""
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
   local a = 2 + (i - 1) * 4
+  redis.call('HDEL', KEYS[i], 'p')
   redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', ARGV[a + 3])
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[i], ttl)
@@ -388,7 +420,7 @@ return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
 # The end of a run and the ack of its delivery in one script (a Redis broker on the same
-# server): the update script (KEYS: state, success, failed, seq) and the broker's ack
+# server): the update script (KEYS: state, result, success, failed, seq) and the broker's ack
 # script (KEYS: the queue's nine) as functions of their own KEYS and ARGV.
 # ARGV: update count u, then u update arguments, announce count n, then n (channel,
 # message) pairs published if both happened, then the ack's arguments.
@@ -405,8 +437,8 @@ local nu = tonumber(ARGV[1])
 local na = tonumber(ARGV[2 + nu])
 local first_ack = 3 + nu + 2 * na
 local uk, ak, ua, aa = {}, {}, {}, {}
-for i = 1, 4 do uk[i] = KEYS[i] end
-for i = 5, #KEYS do ak[#ak + 1] = KEYS[i] end
+for i = 1, 5 do uk[i] = KEYS[i] end
+for i = 6, #KEYS do ak[#ak + 1] = KEYS[i] end
 for i = 2, 1 + nu do ua[#ua + 1] = ARGV[i] end
 for i = first_ack, #ARGV do aa[#aa + 1] = ARGV[i] end
 local written = update_part(uk, ua)
@@ -426,6 +458,7 @@ _SCRIPTS = {
         "start": _LUA_START,
         "update": _LUA_UPDATE,
         "set_result": _LUA_SET_RESULT,
+        "set_progress": _LUA_SET_PROGRESS,
         "cancel": _LUA_CANCEL,
         "set_jobs": _LUA_SET_JOBS,
         "create_jobs": _LUA_CREATE_JOBS,
@@ -446,7 +479,7 @@ _SCRIPTS = {
 _SCRIPTS["finish"] = _LUA_FINISH
 
 
-_FIELDS = ("st", "d", "c", "r")
+_FIELDS = ("st", "d", "c", "r", "p")
 
 
 def _evalsha(sha: bytes, keys: Any, args: Any) -> Callable[[Any], Any]:
@@ -455,6 +488,10 @@ def _evalsha(sha: bytes, keys: Any, args: Any) -> Callable[[Any], Any]:
 
 def _zrem(key: bytes, member: str) -> Callable[[Any], Any]:
     return lambda client: client.zrem(key, [member])
+
+
+def _zcard(key: bytes) -> Callable[[Any], Any]:
+    return lambda client: client.zcard(key)
 
 
 def _exists(key: str) -> Callable[[Any], Any]:
@@ -483,12 +520,13 @@ def _check_id(value: object, what: str) -> str:
 
 
 def _record(fields: list[Any]) -> JobRecord:
-    status, data, cancel, run = fields
+    status, data, cancel, run, progress = fields
     return JobRecord(
         status=status.decode(),
         data=data or b"",
         cancel_requested=cancel == b"1",
         run=run.decode() if run else "",
+        progress=bytes(progress) if progress else None,
     )
 
 
@@ -584,6 +622,7 @@ class RedisResults(RedisBackend, Results):
 
         :param records: records by job id
         """
+        refuse_result(records.values(), "set_jobs")
         if not records:
             return
         if self.cluster:
@@ -612,6 +651,7 @@ class RedisResults(RedisBackend, Results):
         :param records: records by job id
         :return: the ids whose state this call created
         """
+        refuse_result(records.values(), "create_jobs")
         if not records:
             return set()
         if self.cluster:
@@ -651,6 +691,7 @@ class RedisResults(RedisBackend, Results):
         :param record: the new state
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """
+        refuse_result((record,), "start_job")
         keys = [self._state(_check_id(job_id, "job id")), *self._listings]
         args = (
             job_id,
@@ -681,7 +722,8 @@ class RedisResults(RedisBackend, Results):
         """
         if not expect:
             return False
-        keys = [self._state(_check_id(job_id, "job id")), *self._listings]
+        _check_id(job_id, "job id")
+        keys = [self._state(job_id), self._result(job_id), *self._listings]
         args = self._update_args(job_id, record, expect, run)
         with translate_errors("updating a job"):
             written = bool(await self._cmds.script("update", keys, args))
@@ -700,6 +742,9 @@ class RedisResults(RedisBackend, Results):
             self._job_ttl_arg,
             "" if run is None else run,
             record.run,
+            b"0" if record.result is None else b"1",
+            b"" if record.result is None else record.result,
+            self._result_ttl,
             *expect,
         ]
 
@@ -740,7 +785,8 @@ class RedisResults(RedisBackend, Results):
             )
         update = self._update_args(job_id, record, expect, run)
         ack_keys, ack_args, pairs = delivery._fused_ack(announce)
-        keys = [self._state(_check_id(job_id, "job id")), *self._listing_keys, *ack_keys]
+        _check_id(job_id, "job id")
+        keys = [self._state(job_id), self._result(job_id), *self._listing_keys, *ack_keys]
         args = [len(update), *update, len(pairs) // 2, *pairs, *ack_args]
         with translate_errors("ending a job"):
             reply = int(await self._cmds.script("finish", keys, args))
@@ -797,6 +843,32 @@ class RedisResults(RedisBackend, Results):
         with translate_errors("storing a result"):
             await self._cmds.submit(lambda client: client.set(key, data, px=ttl))
         return True
+
+    async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
+        """Store a running job's progress (field ``p`` of its state; one script).
+
+        :param job_id: the job id
+        :param data: the progress (at most :data:`~tasqueue_anyio.abc.MAX_PROGRESS_SIZE`)
+        :param run: store only while the job is ``processing`` under this run
+        :return: whether it was stored
+        """
+        check_progress(data)
+        keys = [self._state(_check_id(job_id, "job id"))]
+        with translate_errors("storing progress"):
+            return bool(await self._cmds.script("set_progress", keys, (data, run)))
+
+    async def count_ended(self) -> ResultCounts:
+        """The lengths of the success and failed listings: two ``ZCARD``, pipelined (one
+        round trip). With a ``job_ttl``, a listing keeps the ids of jobs whose state
+        expired until it is next read (``get_success``/``get_failed`` drop them), and the
+        count includes them until then.
+        """
+        success, failed = self._listing_keys[:2]
+        calls = [_zcard(success), _zcard(failed)]
+        with translate_errors("counting the listings"):
+            replies = await self._cmds.gather(calls)
+            _raise_first(replies)
+        return ResultCounts(successful=int(replies[0]), failed=int(replies[1]))
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job: its state, its result and its place in the listings (one script).
