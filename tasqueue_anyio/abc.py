@@ -127,8 +127,9 @@ class JobRecord:
         ``None`` in what :meth:`Results.get_job` returns. ``set_jobs``, ``create_jobs``
         and ``start_job`` refuse a record carrying one
     :param progress: the job's last progress (:meth:`Results.set_progress`; opaque
-        bytes), as read; every write but ``set_progress`` keeps the stored one, except
-        ``set_jobs`` (a new enqueue), which clears it
+        bytes), as read. ``update_job``, ``end_job`` and ``request_cancel`` keep the
+        stored one (so a job's last progress stays after it ended); ``set_jobs`` (a new
+        enqueue) and ``start_job`` (a new run reports its own) clear it
     """
 
     status: str
@@ -469,7 +470,7 @@ class Results(_MessageLimit, metaclass=ABCMeta):
 
         A job may start when it has no state, or when its status is not final, no cancel
         was requested for it, and ``record.run`` is not of an earlier try than the stored
-        run (:func:`may_start` is the rule).
+        run (:func:`may_start` is the rule). Starting clears the stored progress.
 
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """

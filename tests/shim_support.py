@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from server_support import TIMEOUT, running
 
 from tasqueue_anyio import Backoff, BrokerError, Job, JobContext, JobMessage, LeaseLostError, Server
-from tasqueue_anyio.abc import Broker, DeadLetter, Delivery, Envelope, Results
+from tasqueue_anyio.abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts, Results
 
 __all__ = ["RetryAckFails", "ShimBroker", "ShimDelivery", "run_with_a_failed_retry_ack"]
 
@@ -108,6 +108,9 @@ class ShimBroker(Broker):
 
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
         return await self.inner.get_dead_letters(queue)
+
+    async def count(self, queue: str) -> QueueCounts:
+        return await self.inner.count(queue)
 
     async def publish(self, channel: str, data: bytes) -> None:
         await self.inner.publish(channel, data)

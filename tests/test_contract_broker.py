@@ -15,6 +15,7 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 from broker_support import consuming, envelope, receive
 
+from tasqueue_anyio._exceptions import InvalidInputError
 from tasqueue_anyio.abc import Broker, Delivery, Envelope
 
 pytestmark = pytest.mark.anyio
@@ -397,3 +398,39 @@ async def test_reenqueue_of_an_existing_id_stores_nothing(broker: Broker, queue_
         await back.ack()
     assert await broker.get_pending(queue_name) == []
     assert [data for _, data in await broker.get_scheduled(queue_name)] == [b"b1"]
+
+
+async def test_count_after_a_known_mix(broker: Broker, queue_name: str) -> None:
+    empty = await broker.count(queue_name)
+    assert (empty.pending, empty.scheduled, empty.in_flight, empty.dead) == (0, 0, 0, 0)
+    later = time.time() + 3600
+    await broker.enqueue_many(
+        [envelope(queue_name, b"dead"), *(envelope(queue_name, b"due%d" % i) for i in range(3))]
+    )
+    await broker.enqueue_many([envelope(queue_name, b"eta%d" % i, eta=later) for i in range(2)])
+    async with consuming(broker, queue_name) as stream:
+        first = await receive(stream)
+        assert first.data == b"dead"
+        await first.dead_letter("does not decode")
+        held = await receive(stream)
+        counts = await broker.count(queue_name)
+        # a consumer may hold more than it handed over (fetched ahead): in flight too
+        assert counts.in_flight >= 1
+        assert counts.pending + counts.in_flight == 3
+        assert (counts.scheduled, counts.dead) == (2, 1)
+        await held.ack()
+    # what the consumer held and did not hand over went back
+    with anyio.fail_after(10):
+        while (counts := await broker.count(queue_name)).in_flight:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    assert (counts.pending, counts.scheduled, counts.in_flight, counts.dead) == (2, 2, 0, 1)
+    assert counts.pending == len(await broker.get_pending(queue_name))
+    assert counts.scheduled == len(await broker.get_scheduled(queue_name))
+    assert counts.dead == len(await broker.get_dead_letters(queue_name))
+
+
+async def test_count_of_an_unknown_queue_and_a_bad_name(broker: Broker, queue_name: str) -> None:
+    counts = await broker.count(f"{queue_name}-never-used")
+    assert (counts.pending, counts.scheduled, counts.in_flight, counts.dead) == (0, 0, 0, 0)
+    with pytest.raises(InvalidInputError):
+        await broker.count("bad queue name")

@@ -11,12 +11,19 @@ import math
 from uuid import uuid4
 
 import anyio
+import attrs
 import pytest
 from anyio.lowlevel import checkpoint
 
-from tasqueue_anyio._exceptions import JobNotFoundError, NotFoundError, ResultNotFoundError
+from tasqueue_anyio._exceptions import (
+    InvalidInputError,
+    JobNotFoundError,
+    NotFoundError,
+    ResultNotFoundError,
+)
 from tasqueue_anyio.abc import (
     FINAL_STATUSES,
+    MAX_PROGRESS_SIZE,
     JobRecord,
     ParentRecord,
     Results,
@@ -642,3 +649,91 @@ async def test_set_result_fenced_by_run_token(results: Results) -> None:
     assert await results.get_result(job_id) == b"owner"
     assert await results.set_result(job_id, b"admin") is True  # unfenced
     assert await results.get_result(job_id) == b"admin"
+
+
+# -- a result written with the final record; progress; counts of the listings -------------
+
+
+async def test_update_job_writes_its_result_with_the_record(results: Results, job_id: str) -> None:
+    run = run_token(0, 1)
+    await results.set_jobs({job_id: record("queued")})
+    assert await results.start_job(job_id, JobRecord(status="processing", data=b"p", run=run)) is None
+    ended = JobRecord(status="successful", data=b"s", run=run, result=b"the result")
+    assert await results.update_job(job_id, ended, expect=["processing"], run=run)
+    assert await results.get_result(job_id) == b"the result"
+    stored = await results.get_job(job_id)
+    assert stored.status == "successful"
+    assert stored.result is None  # never read back from the record
+    assert stored.data == b"s"
+
+
+async def test_a_refused_update_writes_no_result(results: Results, job_id: str) -> None:
+    run = run_token(0, 1)
+    await results.set_jobs({job_id: record("queued")})
+    await results.start_job(job_id, JobRecord(status="processing", data=b"p", run=run))
+    stale = JobRecord(status="successful", data=b"s", run="0.1.other", result=b"stale")
+    assert not await results.update_job(job_id, stale, expect=["processing"], run="0.1.other")
+    wrong_status = JobRecord(status="successful", data=b"s", run=run, result=b"x")
+    assert not await results.update_job(job_id, wrong_status, expect=["queued"], run=run)
+    with pytest.raises(ResultNotFoundError):
+        await results.get_result(job_id)
+    assert (await results.get_job(job_id)).status == "processing"
+
+
+async def test_writes_that_carry_no_result_refuse_one(results: Results, job_id: str) -> None:
+    with_result = JobRecord(status="queued", data=b"q", result=b"r")
+    with pytest.raises(InvalidInputError):
+        await results.set_jobs({job_id: with_result})
+    with pytest.raises(InvalidInputError):
+        await results.create_jobs({job_id: with_result})
+    with pytest.raises(InvalidInputError):
+        await results.start_job(job_id, attrs.evolve(with_result, status="processing"))
+    with pytest.raises(JobNotFoundError):
+        await results.get_job(job_id)
+
+
+async def test_progress_is_stored_for_the_running_run_and_kept(
+    results: Results, job_id: str
+) -> None:
+    run = run_token(0, 1)
+    await results.set_jobs({job_id: record("queued")})
+    assert not await results.set_progress(job_id, b"early", run=run)  # not processing
+    await results.start_job(job_id, JobRecord(status="processing", data=b"p", run=run))
+    assert not await results.set_progress(job_id, b"stale", run="0.1.other")
+    assert await results.set_progress(job_id, b"half", run=run)
+    assert (await results.get_job(job_id)).progress == b"half"
+    # kept by the writes that are not a new enqueue or a new run
+    await results.request_cancel(job_id)
+    assert (await results.get_job(job_id)).progress == b"half"
+    ended = JobRecord(status="cancelled", data=b"c", run=run)
+    assert await results.update_job(job_id, ended, expect=["processing"], run=run)
+    assert (await results.get_job(job_id)).progress == b"half"
+    # a new enqueue clears it
+    await results.set_jobs({job_id: record("queued")})
+    assert (await results.get_job(job_id)).progress is None
+    with pytest.raises(InvalidInputError):
+        await results.set_progress(job_id, b"x" * (MAX_PROGRESS_SIZE + 1), run=run)
+    assert not await results.set_progress(f"{job_id}-missing", b"x", run=run)
+
+
+async def test_a_new_run_clears_the_progress(results: Results, job_id: str) -> None:
+    first, second = run_token(0, 1), run_token(0, 2)
+    await results.set_jobs({job_id: record("queued")})
+    await results.start_job(job_id, JobRecord(status="processing", data=b"p", run=first))
+    assert await results.set_progress(job_id, b"first run", run=first)
+    # a redelivery of the job starts again
+    await results.start_job(job_id, JobRecord(status="processing", data=b"p", run=second))
+    assert (await results.get_job(job_id)).progress is None
+
+
+async def test_count_ended_after_a_known_mix(results: Results, job_id: str) -> None:
+    before = await results.count_ended()
+    ids = [f"{job_id}-{i}" for i in range(5)]
+    await results.set_jobs({i: record("processing") for i in ids})
+    for i, status in zip(ids, ["successful", "successful", "failed", "cancelled", "failed"], strict=True):
+        assert await results.update_job(i, record(status), expect=["processing"])
+    after = await results.count_ended()
+    assert after.successful - before.successful == 2
+    assert after.failed - before.failed == 2
+    await results.delete_job(ids[0])
+    assert (await results.count_ended()).successful - before.successful == 1

@@ -32,6 +32,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import LeaseLostError
+from .._jobs import validate_queue
 from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
 
 __all__ = ["MemoryBroker", "MemoryDelivery"]
@@ -405,8 +406,9 @@ class MemoryBroker(Broker):
 
         :param queue: the queue
         :return: the counts (zeros for an unknown queue)
+        :raises InvalidInputError: ``queue`` is not a valid queue name
         """
-        q = self._queues.get(queue)
+        q = self._queues.get(validate_queue(queue))
         if q is None:
             return QueueCounts(pending=0, scheduled=0, in_flight=0, dead=0)
         self._refresh(q)

@@ -182,11 +182,14 @@ class MemoryResults(Results):
         if current is not None and record.progress != current.progress:
             record = attrs.evolve(record, progress=current.progress)
         self._jobs.set(job_id, record)
-        if record.status == "successful":
+        self._write_listing(job_id, record.status)
+
+    def _write_listing(self, job_id: str, status: str) -> None:
+        if status == "successful":
             self._failed.pop(job_id, None)
             self._success.pop(job_id, None)
             self._success[job_id] = None
-        elif record.status == "failed":
+        elif status == "failed":
             self._success.pop(job_id, None)
             self._failed.pop(job_id, None)
             self._failed[job_id] = None
@@ -235,7 +238,9 @@ class MemoryResults(Results):
         current = self._jobs.get(job_id)
         if not may_start(current, record):
             return current
-        self._write(job_id, record, current)
+        # a new run reports its own progress
+        self._jobs.set(job_id, record if record.progress is None else attrs.evolve(record, progress=None))
+        self._write_listing(job_id, record.status)
         return None
 
     async def update_job(

@@ -8,7 +8,8 @@ character set by :func:`~tasqueue_anyio._nats_backend.encode_token` (letters, di
 ``_`` and ``-`` kept, every other byte as ``=XX``: ``job:1`` → ``job=3A1``), so ids with
 ``:``, ``@``, ``+``, ``/``, ``.`` or any other character are safe::
 
-    j.<id>    job state: msgpack {s: status, d: message, c: cancel requested, r: run};
+    j.<id>    job state: msgpack {s: status, d: message, c: cancel requested, r: run,
+              p: progress (when reported)};
               header ``Tasqueue-Status`` (the status again, for the listings)
     r.<id>    the job's saved result (the bytes as they are)
     g.<id>    the job's gate: empty, written before its state first becomes final,
@@ -112,7 +113,17 @@ from .._nats_backend import (
     translate_errors,
     validate_name,
 )
-from ..abc import FINAL_STATUSES, JobRecord, ParentRecord, Results, ScheduleRecord, may_start
+from ..abc import (
+    FINAL_STATUSES,
+    JobRecord,
+    ParentRecord,
+    ResultCounts,
+    Results,
+    ScheduleRecord,
+    check_progress,
+    may_start,
+    refuse_result,
+)
 
 __all__ = ["NatsResults"]
 
@@ -160,9 +171,10 @@ def _pack(value: dict[str, Any]) -> bytes:
 
 
 def _encode_job(record: JobRecord) -> bytes:
-    return _pack(
-        {"s": record.status, "d": record.data, "c": record.cancel_requested, "r": record.run}
-    )
+    value = {"s": record.status, "d": record.data, "c": record.cancel_requested, "r": record.run}
+    if record.progress is not None:
+        value["p"] = record.progress
+    return _pack(value)
 
 
 def _decode_job(data: bytes) -> JobRecord:
@@ -173,6 +185,7 @@ def _decode_job(data: bytes) -> JobRecord:
             data=bytes(value.get("d") or b""),
             cancel_requested=bool(value.get("c", False)),
             run=str(value.get("r") or ""),
+            progress=None if value.get("p") is None else bytes(value["p"]),
         )
     except Exception as exc:
         raise BrokerError(f"unreadable job state in the results bucket: {exc}") from None
@@ -623,8 +636,13 @@ class NatsResults(NatsBackend, Results):
 
         :param records: records by job id
         """
+        refuse_result(records.values(), "set_jobs")
         if not records:
             return
+        records = {
+            job_id: r if r.progress is None else attrs.evolve(r, progress=None)
+            for job_id, r in records.items()
+        }
         keys = [self._job_key(job_id) for job_id in records]
         requests: list[Request] = []
         states: list[tuple[int, str, JobRecord]] = []  # (index in requests, key, record)
@@ -648,6 +666,7 @@ class NatsResults(NatsBackend, Results):
         :param records: records by job id
         :return: the ids whose state this call created
         """
+        refuse_result(records.values(), "create_jobs")
         if not records:
             return set()
         ids = list(records)
@@ -701,6 +720,10 @@ class NatsResults(NatsBackend, Results):
         :return: ``None`` when ``record`` was written, else the current (unchanged) record
         """
 
+        refuse_result((record,), "start_job")
+        if record.progress is not None:
+            record = attrs.evolve(record, progress=None)
+
         def step(current: JobRecord | None) -> tuple[Any, JobRecord | None]:
             if not may_start(current, record):
                 return _NO_WRITE, current
@@ -744,15 +767,27 @@ class NatsResults(NatsBackend, Results):
             return False
         expected = frozenset(expect)
 
+        result = record.result
+        stored = record if result is None else attrs.evolve(record, result=None)
+
         def step(current: JobRecord | None) -> tuple[Any, bool]:
             if current is None or current.status not in expected:
                 return _NO_WRITE, False
             if run is not None and current.run != run:
                 return _NO_WRITE, False
-            if record.cancel_requested != current.cancel_requested:
-                return attrs.evolve(record, cancel_requested=current.cancel_requested), True
-            return record, True
+            if (
+                stored.cancel_requested != current.cancel_requested
+                or stored.progress != current.progress
+            ):
+                changed = attrs.evolve(
+                    stored, cancel_requested=current.cancel_requested, progress=current.progress
+                )
+                return changed, True
+            return stored, True
 
+        if result is not None:
+            with translate_errors("ending a job"):
+                return await self._update_with_result(job_id, step, result)
         with translate_errors("updating a job"):
             return await self._cas(
                 self._job_key(job_id),
@@ -762,6 +797,112 @@ class NatsResults(NatsBackend, Results):
                 "updating a job",
                 gate=self._closes,
             )
+
+    async def _update_with_result(
+        self, job_id: str, step: Callable[[Any | None], tuple[Any, bool]], result: bytes
+    ) -> bool:
+        """:meth:`update_job` of a record carrying a result: the result and the record in
+        one round trip, pipelined on one connection: the result first, published with an
+        expectation on the state key's revision (``Nats-Expected-Last-Subject-Sequence``
+        on the state's subject; nats-server 2.11+), then the record with the same
+        expectation. The server stores them in that order, so a final record never
+        exists without its result: both are stored, or (the state moved meanwhile)
+        neither, and the decision is made again on a fresh read. On an older server the
+        result is stored unconditionally first (a run fenced out meanwhile may leave its
+        result, which the run that owns the job replaces when it ends).
+        """
+        key = self._job_key(job_id)
+        result_subject = self._subject(self._result_key(job_id))
+        result_headers = self._headers(self.result_ttl)
+        async with self._locks.hold(key):
+            cached = self._cache_get(key)
+            fresh = cached is None
+            if cached is None:
+                revision, raw = await self._read(key)
+                value = None if raw is None else _decode_job(raw)
+            else:
+                revision, value = cached
+            for attempt in range(self.max_conflicts):
+                new, written = step(value)
+                if new is _NO_WRITE:
+                    if fresh:
+                        return written
+                else:
+                    payload, headers = self._job_value(new)
+                    requests: list[Request] = []
+                    if self._closes(new):
+                        requests.append(self._gate_request(key))
+                    fence = [("Nats-Expected-Last-Subject-Sequence", str(revision))]
+                    if self._fenced_results:
+                        fence.append(
+                            ("Nats-Expected-Last-Subject-Sequence-Subject", self._subject(key))
+                        )
+                        requests.append((result_subject, result, [*result_headers, *fence]))
+                    else:
+                        requests.append((result_subject, result, result_headers))
+                    requests.append(
+                        (
+                            self._subject(key),
+                            payload,
+                            [*headers, ("Nats-Expected-Last-Subject-Sequence", str(revision))],
+                        )
+                    )
+                    replies = await self.publish_many(requests)
+                    state_reply, result_reply = replies[-1], replies[-2]
+                    if isinstance(state_reply, WrongLastSequenceError):
+                        self._cache.pop(key, None)
+                        if attempt:
+                            await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                    elif isinstance(state_reply, NatsError):
+                        raise state_reply
+                    else:
+                        self._cache_put(key, state_reply.seq, new)
+                        if isinstance(result_reply, NatsError):
+                            raise BrokerError(
+                                f"job {job_id!r}: its final state was stored but its result "
+                                f"was refused: {result_reply}"
+                            )
+                        return True
+                revision, raw = await self._read(key)
+                value = None if raw is None else _decode_job(raw)
+                fresh = True
+        raise BrokerError(
+            f"gave up ending job {job_id!r} after {self.max_conflicts} conflicting writes"
+        )
+
+    async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
+        """Store a running job's progress in its state (compare-and-set: one round trip
+        when the state's revision is remembered, as it is by the worker that started it).
+
+        :param job_id: the job id
+        :param data: the progress (at most :data:`~tasqueue_anyio.abc.MAX_PROGRESS_SIZE`)
+        :param run: store only while the job is ``processing`` under this run
+        :return: whether it was stored
+        """
+        check_progress(data)
+
+        def step(current: JobRecord | None) -> tuple[Any, bool]:
+            if current is None or current.status != "processing" or current.run != run:
+                return _NO_WRITE, False
+            return attrs.evolve(current, progress=data), True
+
+        with translate_errors("storing progress"):
+            return await self._cas(
+                self._job_key(job_id), _decode_job, step, self._job_value, "storing progress"
+            )
+
+    async def count_ended(self) -> ResultCounts:
+        """The lengths of the success and failed listings. The listings are the status
+        headers of the job keys (see the module's Listings), so this reads the last
+        header of every stored job, as ``get_success`` does: a few round trips and about
+        100 bytes per stored job, not a counter. Bound it with ``job_ttl``.
+        """
+        with translate_errors("counting the listings"):
+            entries = await self._scan(self.kv, "j.>", headers_only=True)
+        statuses = [header_value(msg.headers, H_STATUS) for msg in entries]
+        return ResultCounts(
+            successful=statuses.count("successful"), failed=statuses.count("failed")
+        )
 
     async def request_cancel(self, job_id: str) -> JobRecord:
         """Ask a job to stop (compare-and-set).

@@ -126,7 +126,7 @@ end
 """
 
 # KEYS: state, success, failed, seq. ARGV: id, status, data, cancel, ttl ms, run token.
-# Returns 0 when written, else the current {st, d, c, r, p}. The progress is kept.
+# Returns 0 when written, else the current {st, d, c, r, p}. A new run clears the progress.
 _LUA_START = r"""
 local cur = redis.call('HMGET', KEYS[1], 'st', 'd', 'c', 'r', 'p')
 if cur[1] then
@@ -138,6 +138,7 @@ if cur[1] then
     return cur
   end
 end
+redis.call('HDEL', KEYS[1], 'p')
 redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'c', ARGV[4], 'r', ARGV[6])
 expire(tonumber(ARGV[5]), KEYS[1])
 list_end(ARGV[2], ARGV[1])
