@@ -21,54 +21,57 @@ import sys
 
 import anyio
 
-from tasqueue_anyio import Job, JobContext, Server
+from tasqueue_anyio import Server, current_job
+
+server = Server()
+runs: dict[str, int] = {}  # handler runs, by job id
+stopped: dict[str, int] = {}  # handler runs that were stopped from outside
+started = anyio.Event()
+
+
+@server.task(queue="single", concurrency=1)
+async def block() -> None:
+    job_id = current_job().job_id
+    runs[job_id] = runs.get(job_id, 0) + 1
+    started.set()
+    try:
+        await anyio.sleep_forever()
+    except anyio.get_cancelled_exc_class():  # the job's cancel scope was cancelled
+        stopped[job_id] = stopped.get(job_id, 0) + 1
+        raise
+
+
+@server.task()
+async def slow() -> None:
+    job_id = current_job().job_id
+    runs[job_id] = runs.get(job_id, 0) + 1
+    try:
+        await anyio.sleep(10)
+    except anyio.get_cancelled_exc_class():
+        stopped[job_id] = stopped.get(job_id, 0) + 1
+        raise
 
 
 async def main() -> None:
-    runs: dict[str, int] = {}  # handler runs, by job id
-    stopped: dict[str, int] = {}  # handler runs that were stopped from outside
-    started = anyio.Event()
-
-    async with Server() as server, anyio.create_task_group() as tg:
-
-        @server.task("block", queue="single", concurrency=1, raw=True)
-        async def block(payload: bytes, ctx: JobContext) -> None:
-            runs[ctx.job_id] = runs.get(ctx.job_id, 0) + 1
-            started.set()
-            try:
-                await anyio.sleep_forever()
-            except anyio.get_cancelled_exc_class():
-                stopped[ctx.job_id] = stopped.get(ctx.job_id, 0) + 1
-                raise
-
-        @server.task("slow", raw=True)
-        async def slow(payload: bytes, ctx: JobContext) -> None:
-            runs[ctx.job_id] = runs.get(ctx.job_id, 0) + 1
-            try:
-                await anyio.sleep(10)
-            except anyio.get_cancelled_exc_class():
-                stopped[ctx.job_id] = stopped.get(ctx.job_id, 0) + 1
-                raise
-
+    async with server, anyio.create_task_group() as tg:
         jobs = [
-            Job("block", queue="single", id="cancelled-while-running", max_retries=3),
-            Job("block", queue="single", id="cancelled-while-queued"),
-            Job("slow", id="timed-out", timeout=0.2, max_retries=1),
+            await block.options(id="cancelled-while-running", max_retries=3).enqueue(),
+            await block.options(id="cancelled-while-queued").enqueue(),
+            await slow.options(id="timed-out", timeout=0.2, max_retries=1).enqueue(),
         ]
-        await server.enqueue_many(jobs)
         await tg.start(server.run)
 
         # The first job runs on the queue's only processor; the second waits behind it.
         await started.wait()
-        for job_id in ("cancelled-while-queued", "cancelled-while-running"):
+        for job in (jobs[1], jobs[0]):
             # queued: cancelled at once; running: still processing until its worker ends it
-            print(f"cancel({job_id}) -> {await server.cancel(job_id)}")
+            print(f"cancel({job}) -> {await job.cancel()}")
 
         for job in jobs:
-            msg = await server.wait(job.id, timeout=10)
+            msg = await job.wait(timeout=10)
             print(
-                f"{job.id:<24} {msg.status.value:<10} runs={runs.get(job.id, 0)} "
-                f"stopped={stopped.get(job.id, 0)} retried={msg.meta.retried} "
+                f"{job:<24} {msg.status.value:<10} runs={runs.get(job, 0)} "
+                f"stopped={stopped.get(job, 0)} retried={msg.meta.retried} "
                 f"prev_error={msg.meta.prev_error}"
             )
         tg.cancel_scope.cancel()

@@ -1,15 +1,15 @@
-"""A chain: fetch → transform → store, one after another, each link receiving the
-result the previous one saved as ``ctx.meta.prev_job_result``.
+"""A chain: fetch → transform → store, one after another; a link made with ``.link()``
+receives the previous link's result as its first argument.
 
 Run it with ``python3 examples/chain.py`` (asyncio) or ``python3 examples/chain.py trio``.
-It finishes in well under a second and prints the chain's status, each link with what it
-received, and the final result::
+It finishes in well under a second and prints the chain's status, each link's status,
+and the last link's result::
 
     chain pipeline successful
-    fetch successful received=None
-    transform successful received=b'hello, chains'
-    store successful received=b'HELLO, CHAINS'
-    final result: stored 13 bytes under greeting
+    fetch successful
+    transform successful
+    store successful
+    final result: stored 13 characters under 'greeting'
 """
 
 from __future__ import annotations
@@ -18,46 +18,46 @@ import sys
 
 import anyio
 
-from tasqueue_anyio import Chain, Job, JobContext, Server
+from tasqueue_anyio import Chain, Server
+
+server = Server()
+database: dict[str, str] = {}  # where the last link stores its input
+
+
+@server.task()
+async def fetch(name: str) -> str:
+    return f"hello, {name}"  # pretend to download something
+
+
+@server.task()
+async def transform(text: str) -> str:
+    return text.upper()
+
+
+@server.task()
+async def store(text: str, key: str) -> str:
+    database[key] = text
+    return f"stored {len(text)} characters under {key!r}"
 
 
 async def main() -> None:
-    database: dict[str, bytes] = {}  # where the last link stores its input
-    received: dict[str, bytes | None] = {}  # what each link got from the previous one
-
-    async with Server() as server, anyio.create_task_group() as tg:
-
-        @server.task("fetch", raw=True)
-        async def fetch(payload: bytes, ctx: JobContext) -> None:
-            received[ctx.job_id] = ctx.meta.prev_job_result  # None: the first link
-            await ctx.save(b"hello, " + payload)  # pretend to download something
-
-        @server.task("transform", raw=True)
-        async def transform(payload: bytes, ctx: JobContext) -> None:
-            received[ctx.job_id] = ctx.meta.prev_job_result
-            await ctx.save((ctx.meta.prev_job_result or b"").upper())
-
-        @server.task("store", raw=True)
-        async def store(payload: bytes, ctx: JobContext) -> None:
-            received[ctx.job_id] = data = ctx.meta.prev_job_result or b""
-            key = payload.decode()
-            database[key] = data
-            await ctx.save(f"stored {len(data)} bytes under {key}".encode())
-
+    async with server, anyio.create_task_group() as tg:
         await tg.start(server.run)
 
         links = [
-            Job("fetch", b"chains", id="fetch"),
-            Job("transform", id="transform"),
-            Job("store", b"greeting", id="store"),
+            fetch.options(id="fetch").job("chains"),
+            transform.options(id="transform").link(),  # gets fetch's result
+            store.options(id="store").link(key="greeting"),  # gets transform's, then key
         ]
-        chain_id = await server.enqueue_chain(Chain(links, id="pipeline"))
-        chain = await server.wait_chain(chain_id, timeout=10)
+        chain = await server.enqueue_chain(Chain(links, id="pipeline"))
+        final = await chain.result(timeout=10)  # the last link's result
 
-        print(f"chain {chain.id} {chain.status}")
-        for job_id, status in chain.jobs.items():
-            print(f"{job_id} {status} received={received.get(job_id)!r}")
-        print(f"final result: {(await server.get_result(chain.current_job)).decode()}")
+        info = await chain.info()
+        print(f"chain {info.id} {info.status}")
+        for job_id, status in info.jobs.items():
+            print(f"{job_id} {status}")
+        print(f"final result: {final}")
+        assert database == {"greeting": "HELLO, CHAINS"}
         tg.cancel_scope.cancel()
 
 

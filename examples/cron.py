@@ -13,23 +13,26 @@ from itertools import pairwise
 
 import anyio
 
-from tasqueue_anyio import Job, JobContext, Server
+from tasqueue_anyio import Server, current_job
+
+server = Server()
+fired: list[float] = []
+three = anyio.Event()
+
+
+@server.task()
+async def heartbeat(source: str) -> None:
+    fired.append(current_job().meta.created_at)  # when this fire time's run was enqueued
+    if len(fired) == 3:
+        three.set()
 
 
 async def main() -> None:
-    fired: list[float] = []
-    three = anyio.Event()
-
-    async with Server() as server, anyio.create_task_group() as tg:
-
-        @server.task("heartbeat", raw=True)
-        async def heartbeat(payload: bytes, ctx: JobContext) -> None:
-            fired.append(ctx.meta.created_at)
-            if len(fired) == 3:
-                three.set()
-
+    async with server, anyio.create_task_group() as tg:
         await tg.start(server.run)
-        schedule_id = await server.enqueue(Job("heartbeat", schedule="* * * * * *"))
+        # a schedule: every fire time enqueues heartbeat("cron") (a 6-field expression:
+        # seconds last)
+        schedule_id = await heartbeat.options(schedule="* * * * * *").enqueue("cron")
         [schedule] = await server.get_schedules()
         print(f"schedule {schedule.id == schedule_id} cron={schedule.cron!r}")
         with anyio.fail_after(10):

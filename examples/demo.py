@@ -1,68 +1,79 @@
-"""The demo: a server on the in-memory backend runs a few jobs and prints how they ended.
+"""The demo: typed tasks on the in-memory backends run a few jobs and say how they ended.
 
 Run it with ``python3 examples/demo.py`` (asyncio) or ``python3 examples/demo.py trio``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 import anyio
 
-from tasqueue_anyio import Backoff, Job, JobContext, Server
+from tasqueue_anyio import Backoff, Job, JobFailedError, JobHandle, Server, current_job
+
+server = Server()  # the in-memory broker and results store
+
+
+@server.task(concurrency=4)
+async def add(*numbers: int) -> int:
+    return sum(numbers)
+
+
+@server.task()
+def shout(text: str) -> str:  # a plain def runs in a worker thread
+    return text.upper()
+
+
+attempts: dict[str, int] = {}
+
+
+@server.task(max_retries=3, backoff=Backoff(initial=0.05, jitter=False))
+async def flaky() -> str:
+    job_id = current_job().job_id  # the running job's context, no parameter needed
+    attempts[job_id] = attempts.get(job_id, 0) + 1
+    if attempts[job_id] < 3:
+        raise ConnectionError("the remote end is having a bad day")
+    return f"worked on attempt {attempts[job_id]}"
+
+
+@server.task(timeout=0.2)
+async def slow() -> None:
+    await anyio.sleep(60)  # stopped by its timeout: the job fails with JobTimeoutError
+
+
+@server.task()
+async def crunch(steps: int) -> int:
+    job = current_job()
+    for step in range(1, steps + 1):
+        await job.set_progress(step / steps, f"step {step} of {steps}")  # rate-limited
+        await anyio.sleep(0)
+    return steps
 
 
 async def main() -> None:
-    attempts: dict[str, int] = {}
-
-    async with Server() as server, anyio.create_task_group() as tg:
-
-        @server.task("add", concurrency=4, raw=True)
-        async def add(payload: bytes, ctx: JobContext) -> None:
-            numbers = json.loads(payload)
-            await ctx.save(json.dumps(sum(numbers)).encode())
-
-        @server.task("flaky", raw=True)
-        async def flaky(payload: bytes, ctx: JobContext) -> None:
-            attempts[ctx.job_id] = attempts.get(ctx.job_id, 0) + 1
-            if attempts[ctx.job_id] < 3:
-                raise ConnectionError("the remote end is having a bad day")
-            await ctx.save(b"worked on attempt %d" % attempts[ctx.job_id])
-
-        @server.task("slow", raw=True)
-        async def slow(payload: bytes, ctx: JobContext) -> None:
-            await anyio.sleep(60)
-
-        def blocking_upper(
-            payload: bytes, ctx: JobContext
-        ) -> None:  # a sync handler: runs in a thread
-            anyio.from_thread.run(ctx.save, payload.upper())
-
-        server.register_task("upper", blocking_upper, raw=True)
-
-        await tg.start(server.run)
-        jobs = [
-            Job("add", b"[1, 2, 3]"),
-            Job("add", b"[40, 2]"),
-            Job("upper", b"hello from a thread"),
-            Job("flaky", max_retries=3, backoff=Backoff(initial=0.05, jitter=False)),
-            Job("slow", timeout=0.2),
-            Job("missing-task"),
-        ]
-        ids = await server.enqueue_many(jobs)
-        for job, job_id in zip(jobs, ids, strict=True):
-            msg = await server.wait(job_id, timeout=10)
+    async with server, anyio.create_task_group() as tg:
+        await tg.start(server.run)  # the workers, in this task group
+        jobs: dict[str, JobHandle[object]] = {
+            "add": await add.enqueue(1, 2, 3),
+            "add again": await add.enqueue(40, 2),
+            "shout": await shout.enqueue("hello from a thread"),
+            "flaky": await flaky.enqueue(),
+            "slow": await slow.enqueue(),
+            "crunch": await crunch.enqueue(1000),
+            # the bytes-level API: a Job naming a task no worker has
+            "missing-task": await server.enqueue(Job("missing-task")),
+        }
+        for name, job in jobs.items():
             try:
-                result = (await server.get_result(job_id)).decode()
-            except LookupError:
-                result = "-"
-            line = (
-                f"{job.task:<13} {msg.status.value:<11} retried={msg.meta.retried} result={result}"
-            )
-            if msg.meta.prev_error:
-                line += f"  error={msg.meta.prev_error}"
-            print(line)
+                result = repr(await job.result(timeout=10))
+                error = ""
+            except JobFailedError as exc:
+                result, error = "-", f"  error={exc.error}"
+            info = await job.info()
+            line = f"{name:<12} {info.status.value:<10} retried={info.meta.retried} result={result}"
+            if info.progress is not None:
+                line += f" progress={info.progress.message!r}"
+            print(line + error)
         tg.cancel_scope.cancel()
 
 

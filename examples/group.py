@@ -2,12 +2,13 @@
 
 Run it with ``python3 examples/group.py`` (asyncio) or ``python3 examples/group.py trio``.
 It finishes in well under a second and prints the group's status, then one line per
-member, in the group's order, with its status and saved result::
+member, in the group's order, then the members' results as one list::
 
     group squares successful
-    square-2 successful result=4
-    square-3 successful result=9
-    square-4 successful result=16
+    square-2 successful
+    square-3 successful
+    square-4 successful
+    results: [4, 9, 16]
 """
 
 from __future__ import annotations
@@ -16,27 +17,30 @@ import sys
 
 import anyio
 
-from tasqueue_anyio import Group, Job, JobContext, Server
+from tasqueue_anyio import Group, Server
+
+server = Server()
+
+
+@server.task(concurrency=3)
+async def square(n: int) -> int:
+    return n * n
 
 
 async def main() -> None:
-    async with Server() as server, anyio.create_task_group() as tg:
-
-        @server.task("square", concurrency=3, raw=True)
-        async def square(payload: bytes, ctx: JobContext) -> None:
-            n = int(payload)
-            await ctx.save(str(n * n).encode())
-
+    async with server, anyio.create_task_group() as tg:
         await tg.start(server.run)
 
-        jobs = [Job("square", str(n).encode(), id=f"square-{n}") for n in (2, 3, 4)]
-        group_id = await server.enqueue_group(Group(jobs, id="squares"))
-        group = await server.wait_group(group_id, timeout=10)
+        # square.job(n) builds the Job of a call; options() sets its id (and any option)
+        jobs = [square.options(id=f"square-{n}").job(n) for n in (2, 3, 4)]
+        group = await server.enqueue_group(Group(jobs, id="squares"))
+        results = await group.result(timeout=10)  # the members' results, in order
 
-        print(f"group {group.id} {group.status}")
-        for job_id, status in group.jobs.items():
-            result = (await server.get_result(job_id)).decode()
-            print(f"{job_id} {status} result={result}")
+        info = await group.info()
+        print(f"group {info.id} {info.status}")
+        for job_id, status in info.jobs.items():
+            print(f"{job_id} {status}")
+        print(f"results: {results}")
         tg.cancel_scope.cancel()
 
 

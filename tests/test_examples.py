@@ -12,22 +12,24 @@ from examples_support import EXAMPLES, run_example
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_demo(backend: str) -> None:
     lines = run_example("demo.py", backend)
-    assert len(lines) == 6, lines
-    statuses = [line.split()[:2] for line in lines]
+    assert len(lines) == 7, lines
+    statuses = [line[:12].strip() + " " + line[13:].split()[0] for line in lines]
     assert statuses == [
-        ["add", "successful"],
-        ["add", "successful"],
-        ["upper", "successful"],
-        ["flaky", "successful"],
-        ["slow", "failed"],
-        ["missing-task", "failed"],
+        "add successful",
+        "add again successful",
+        "shout successful",
+        "flaky successful",
+        "slow failed",
+        "crunch successful",
+        "missing-task failed",
     ]
     assert "result=6" in lines[0]
     assert "result=42" in lines[1]
-    assert "result=HELLO FROM A THREAD" in lines[2]
-    assert "retried=2" in lines[3]
-    assert "JobTimeoutError" in lines[4]
-    assert "UnknownTaskError" in lines[5]
+    assert "result='HELLO FROM A THREAD'" in lines[2]
+    assert "retried=2 result='worked on attempt 3'" in lines[3]
+    assert "result=-  error=JobTimeoutError: " in lines[4]
+    assert lines[5].endswith("result=1000 progress='step 1000 of 1000'")
+    assert "error=UnknownTaskError: task 'missing-task'" in lines[6]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -55,7 +55,6 @@ def test_producer_worker(backend: str) -> None:
     lines = run_example("producer_worker.py", backend)
     assert lines == [
         "worker tasks: ['count_words']",
-        "producer tasks: []",
         "words-1 successful words=4",
         "words-2 successful words=2",
         "words-3 failed error=ValueError: nothing to count",
