@@ -46,7 +46,7 @@ async def crunch(steps: int) -> int:
     job = current_job()
     for step in range(1, steps + 1):
         await job.set_progress(step / steps, f"step {step} of {steps}")  # rate-limited
-        await anyio.sleep(0)
+        await anyio.sleep(0.002)  # some work
     return steps
 
 
@@ -59,7 +59,7 @@ async def main() -> None:
             "shout": await shout.enqueue("hello from a thread"),
             "flaky": await flaky.enqueue(),
             "slow": await slow.enqueue(),
-            "crunch": await crunch.enqueue(1000),
+            "crunch": await crunch.enqueue(100),
             # the bytes-level API: a Job naming a task no worker has
             "missing-task": await server.enqueue(Job("missing-task")),
         }

@@ -28,7 +28,7 @@ def test_demo(backend: str) -> None:
     assert "result='HELLO FROM A THREAD'" in lines[2]
     assert "retried=2 result='worked on attempt 3'" in lines[3]
     assert "result=-  error=JobTimeoutError: " in lines[4]
-    assert lines[5].endswith("result=1000 progress='step 1000 of 1000'")
+    assert lines[5].endswith("result=100 progress='step 100 of 100'")
     assert "error=UnknownTaskError: task 'missing-task'" in lines[6]
 
 
