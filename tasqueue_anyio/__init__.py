@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from contextlib import suppress as _suppress
 
+from ._blocking import BlockingChainHandle as BlockingChainHandle
+from ._blocking import BlockingClient as BlockingClient
+from ._blocking import BlockingGroupHandle as BlockingGroupHandle
+from ._blocking import BlockingJobHandle as BlockingJobHandle
 from ._client import ChainHandle as ChainHandle
 from ._client import Client as Client
 from ._client import Counts as Counts
@@ -53,6 +57,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_QUEUE",
     "Backoff",
+    "BlockingChainHandle",
+    "BlockingClient",
+    "BlockingGroupHandle",
+    "BlockingJobHandle",
     "BrokerError",
     "Chain",
     "ChainHandle",
