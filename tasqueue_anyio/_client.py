@@ -1077,7 +1077,12 @@ class Client:
         job after :data:`RECHECK_FIRST` seconds without one, then at doubling intervals up
         to :data:`RECHECK_MAX`. Needs an open server (``async with server:``).
 
-        :raises TimeoutError: the job did not end within ``timeout`` seconds
+        :raises TimeoutError: the job did not end within ``timeout`` seconds: the
+            built-in error, about this *wait* (the job goes on, nothing about it
+            changed). Not :class:`~tasqueue_anyio.JobTimeoutError`, which is a job's
+            own ``timeout`` passing: the run is stopped and fails with it (the job is
+            retried if retries remain), and the final message's ``meta.prev_error``
+            says so
         :raises JobNotFoundError: no job is stored under ``job_id``
         """
         if self._exit_stack is None:
