@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 
-from ._codec import DEFAULT_MAX_MESSAGE_SIZE, unpack, why
+from ._codec import DEFAULT_MAX_MESSAGE_SIZE, _ext_refused, unpack, why
 from ._exceptions import DecodeError, InvalidInputError
 
 __all__ = ["Codec", "JsonCodec", "MsgpackCodec", "decode_args", "encode_args"]
@@ -72,6 +72,15 @@ class MsgpackCodec:
             ) from None
 
     def decode(self, data: bytes) -> Any:
+        if type(data) is bytes and len(data) <= self.max_size:
+            try:  # the hot path: unpack's own checks, inline
+                return msgpack.unpackb(
+                    data, raw=False, strict_map_key=False, ext_hook=_ext_refused
+                )
+            except DecodeError:
+                raise
+            except Exception:
+                pass  # unpack says why
         return unpack(data, self.max_size, "msgpack value", strict_map_key=False)
 
 
@@ -122,15 +131,22 @@ def decode_args(codec: Codec, payload: bytes) -> tuple[list[Any], dict[str, Any]
         true]``) in ``codec``
     """
     value = codec.decode(payload)
-    if (
+    # the common shape first, by exact types (the hot path of every typed job)
+    if type(value) is list and len(value) == 2:
+        args, kwargs = value
+        if type(args) is list and type(kwargs) is dict and (
+            not kwargs or all(type(k) is str for k in kwargs)
+        ):
+            return args, kwargs, False
+    elif (
         isinstance(value, list)
-        and len(value) in (2, 3)
+        and len(value) == 3
         and isinstance(value[0], list)
         and isinstance(value[1], dict)
         and all(isinstance(k, str) for k in value[1])
-        and (len(value) == 2 or value[2] is True)
+        and value[2] is True
     ):
-        return value[0], value[1], len(value) == 3
+        return value[0], value[1], True
     raise DecodeError(
         f"a typed task's payload must be {codec!r}-encoded [args, kwargs] "
         f"(or [args, kwargs, true] for a chain link taking the previous result), "

@@ -176,11 +176,17 @@ class MemoryResults(Results):
 
     def _write(self, job_id: str, record: JobRecord, current: JobRecord | None = None) -> None:
         """Store ``record`` (keeping ``current``'s progress, storing its result apart)."""
-        if record.result is not None:
-            self._results.set(job_id, record.result)
-            record = attrs.evolve(record, result=None)
-        if current is not None and record.progress != current.progress:
-            record = attrs.evolve(record, progress=current.progress)
+        progress = record.progress if current is None else current.progress
+        if record.result is not None or record.progress is not progress:
+            if record.result is not None:
+                self._results.set(job_id, record.result)
+            record = JobRecord(  # not attrs.evolve: this is every job's end
+                status=record.status,
+                data=record.data,
+                cancel_requested=record.cancel_requested,
+                run=record.run,
+                progress=progress,
+            )
         self._jobs.set(job_id, record)
         self._write_listing(job_id, record.status)
 
