@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from tasqueue_anyio import JobContext, Server
+from tasqueue_anyio import JobContext, Server, current_job
 from tasqueue_anyio.brokers.redis import RedisBroker
 from tasqueue_anyio.results.redis import RedisResults
 
@@ -41,7 +41,14 @@ def make_server(url: str | None = None, prefix: str | None = None) -> Server:
     server.register_task("quick", quick, queue=FAST, concurrency=4, raw=True)
     server.register_task("failing", failing, queue=FAST, raw=True)
     server.register_task("slow", slow, queue=SLOW, concurrency=2, raw=True)
+    server.register_task("halfway", halfway, queue=FAST)
     return server
+
+
+async def halfway(note: str) -> str:
+    """A typed task that reports progress, then returns ``note``."""
+    await current_job().set_progress(0.5, f"half of {note}")
+    return note
 
 
 async def quick(payload: bytes, ctx: JobContext) -> None:

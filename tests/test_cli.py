@@ -324,15 +324,26 @@ async def test_job_human_and_json(app: App) -> None:
     async with app.server() as server:
         ok = await server.enqueue(quick(b"1"))
         bad = await server.enqueue(Job("failing", queue=cli_app.FAST))
+        halfway = await server.enqueue(
+            Job("halfway", server.codec.encode([["x"], {}]), queue=cli_app.FAST)
+        )
         async with running(server):
             await server.wait(ok, timeout=STEP)
             await server.wait(bad, timeout=STEP)
-    human, as_json, missing = await app.run_all(
+            await server.wait(halfway, timeout=STEP)
+    human, as_json, missing, progress = await app.run_all(
         ["job", ok, "--app", "cli_app:server"],
         # the factory form, on Trio
         ["job", bad, "--app", "cli_app:make_server", "--json", "--backend", "trio"],
         ["job", "nosuchjob", "--app", "cli_app:server"],
+        ["job", halfway, "--app", "cli_app:server", "--json"],
     )
+    assert progress.status == 0, progress
+    reported = progress.json()
+    assert isinstance(reported, dict)
+    assert reported["status"] == "successful"
+    assert reported["progress"]["fraction"] == 0.5
+    assert reported["progress"]["message"] == "half of x"
     assert human.status == 0, human
     assert re.search(r"^status\s+successful$", human.stdout, re.MULTILINE), human
     assert re.search(rf"^id\s+{ok}$", human.stdout, re.MULTILINE), human
@@ -349,6 +360,7 @@ async def test_job_human_and_json(app: App) -> None:
     )
     assert data["meta"]["attempt"] == 1
     assert "failing on purpose" in data["meta"]["prev_error"]
+    assert data["progress"] is None
     assert "nosuchjob" in missing.assert_one_error_line()
 
 
