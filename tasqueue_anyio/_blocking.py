@@ -9,6 +9,7 @@ are safe from many threads at once.
 from __future__ import annotations
 
 import functools
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -19,7 +20,15 @@ from anyio import TASK_STATUS_IGNORED, CancelScope
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._client import ChainHandle, Client, Counts, GroupHandle, JobHandle, TaskFunction
+from ._client import (
+    ChainHandle,
+    Client,
+    Counts,
+    GroupHandle,
+    JobHandle,
+    TaskFunction,
+    _ParentHandle,
+)
 from ._codecs import Codec
 from ._exceptions import InvalidInputError
 from ._groups import Chain, ChainMessage, Group, GroupMessage
@@ -34,6 +43,7 @@ R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
 _H = TypeVar("_H", bound="_BlockingHandle")
+_M = TypeVar("_M", GroupMessage, ChainMessage)
 
 
 class BlockingClient:
@@ -307,25 +317,38 @@ class BlockingJobHandle(_BlockingHandle, Generic[R_co]):
         return status
 
 
-class BlockingGroupHandle(_BlockingHandle):
+class _BlockingParentHandle(_BlockingHandle, Generic[_M], metaclass=ABCMeta):
+    """What blocking group and chain handles share."""
+
+    @abstractmethod
+    def _async(self) -> _ParentHandle[_M]:
+        """The async handle this one calls."""
+
+    def info(self) -> _M:
+        """The state and the members'."""
+        msg: _M = self._client._call(self._async().info)
+        return msg
+
+    def status(self) -> Status:
+        """The current status."""
+        return self.info().status
+
+    def wait(self, *, timeout: float | None = None) -> _M:
+        """Block until it ends (``TimeoutError`` after ``timeout`` seconds)."""
+        msg: _M = self._client._call(self._async().wait, timeout=timeout)
+        return msg
+
+    def cancel(self) -> Status:
+        """Cancel it and its unfinished members."""
+        status: Status = self._client._call(self._async().cancel)
+        return status
+
+
+class BlockingGroupHandle(_BlockingParentHandle[GroupMessage]):
     """:class:`~tasqueue_anyio.GroupHandle`, blocking."""
 
     def _async(self) -> GroupHandle:
         return self._client.client.group(self.id)
-
-    def info(self) -> GroupMessage:
-        """The group's state and its members'."""
-        msg: GroupMessage = self._client._call(self._async().info)
-        return msg
-
-    def status(self) -> Status:
-        """The group's current status."""
-        return self.info().status
-
-    def wait(self, *, timeout: float | None = None) -> GroupMessage:
-        """Block until the group ends."""
-        msg: GroupMessage = self._client._call(self._async().wait, timeout=timeout)
-        return msg
 
     def result(self, *, timeout: float | None = None) -> list[Any]:
         """Block until the group ends; its members' results in order (raises as
@@ -333,38 +356,14 @@ class BlockingGroupHandle(_BlockingHandle):
         values: list[Any] = self._client._call(self._async().result, timeout=timeout)
         return values
 
-    def cancel(self) -> Status:
-        """Cancel the group and its unfinished members."""
-        status: Status = self._client._call(self._async().cancel)
-        return status
 
-
-class BlockingChainHandle(_BlockingHandle):
+class BlockingChainHandle(_BlockingParentHandle[ChainMessage]):
     """:class:`~tasqueue_anyio.ChainHandle`, blocking."""
 
     def _async(self) -> ChainHandle:
         return self._client.client.chain(self.id)
 
-    def info(self) -> ChainMessage:
-        """The chain's state and its links'."""
-        msg: ChainMessage = self._client._call(self._async().info)
-        return msg
-
-    def status(self) -> Status:
-        """The chain's current status."""
-        return self.info().status
-
-    def wait(self, *, timeout: float | None = None) -> ChainMessage:
-        """Block until the chain ends."""
-        msg: ChainMessage = self._client._call(self._async().wait, timeout=timeout)
-        return msg
-
     def result(self, *, timeout: float | None = None) -> Any:
         """Block until the chain ends; its last link's result (raises as
         :meth:`ChainHandle.result`)."""
         return self._client._call(self._async().result, timeout=timeout)
-
-    def cancel(self) -> Status:
-        """Cancel the chain and its running link."""
-        status: Status = self._client._call(self._async().cancel)
-        return status

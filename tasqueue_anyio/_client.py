@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import time
+from abc import ABCMeta, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime
@@ -1192,6 +1193,7 @@ P2 = ParamSpec("P2")
 R = TypeVar("R")
 R2 = TypeVar("R2")
 R_co = TypeVar("R_co", covariant=True)
+_M = TypeVar("_M", GroupMessage, ChainMessage)
 
 
 @attrs.frozen(kw_only=True)
@@ -1454,30 +1456,60 @@ class JobHandle(_Handle, Generic[R_co]):
         return await self._client.cancel(self)
 
 
-class GroupHandle(_Handle):
-    """A group enqueued by a client: its id (a ``str``) and the ways to follow it."""
+class _ParentHandle(_Handle, Generic[_M], metaclass=ABCMeta):
+    """What group and chain handles share: their record is a ``_M``."""
 
-    async def info(self) -> GroupMessage:
-        """The group's state and its members' (``Client.get_group``)."""
-        return await self._client.get_group(self)
+    @abstractmethod
+    async def _read(self) -> _M:
+        """The record (each kind reads its own)."""
+
+    @abstractmethod
+    async def _wait(self, timeout: float | None) -> _M:
+        """Wait for the end; the final record."""
+
+    async def info(self) -> _M:
+        """The state and the members' (``Client.get_group`` / ``get_chain``)."""
+        return await self._read()
 
     async def status(self) -> Status:
-        """The group's current status."""
-        return (await self._client.get_group(self)).status
+        """The current status."""
+        return (await self._read()).status
+
+    async def wait(self, *, timeout: float | None = None) -> _M:
+        """Wait for the end; see :meth:`Client.wait_group` / :meth:`Client.wait_chain`.
+
+        :raises TimeoutError: it did not end within ``timeout`` seconds
+        """
+        return await self._wait(timeout)
+
+    async def _succeeded(self, timeout: float | None) -> _M:
+        """Wait for the end; raise the failure of a failed member (the first, in order),
+        else of the group or chain itself, unless it succeeded."""
+        info = await self._wait(timeout)
+        if info.status is not Status.SUCCESSFUL:
+            await _raise_member_failure(self._client, info.jobs, info.status, info.id, info.error)
+        return info
+
+    async def cancel(self) -> Status:
+        """Cancel it and its unfinished members; return its status after."""
+        return await self._client.cancel(self)
+
+
+class GroupHandle(_ParentHandle[GroupMessage]):
+    """A group enqueued by a client: its id (a ``str``) and the ways to follow it."""
+
+    _members: tuple[JobHandle[Any], ...] = ()
+
+    async def _read(self) -> GroupMessage:
+        return await self._client.get_group(self)
+
+    async def _wait(self, timeout: float | None) -> GroupMessage:
+        return await self._client.wait_group(self, timeout=timeout)
 
     @property
     def jobs(self) -> list[JobHandle[Any]]:
         """Handles of the members, in the group's order (known from the enqueue)."""
         return list(self._members)
-
-    _members: tuple[JobHandle[Any], ...] = ()
-
-    async def wait(self, *, timeout: float | None = None) -> GroupMessage:
-        """Wait for the group's end; see :meth:`Client.wait_group`.
-
-        :raises TimeoutError: it did not end within ``timeout`` seconds
-        """
-        return await self._client.wait_group(self, timeout=timeout)
 
     async def result(self, *, timeout: float | None = None) -> list[Any]:
         """Wait for the group's end; return its members' results (decoded by the codec),
@@ -1488,33 +1520,18 @@ class GroupHandle(_Handle):
         :raises JobCancelledError: the group was cancelled
         :raises TimeoutError: it did not end within ``timeout`` seconds
         """
-        info = await self._client.wait_group(self, timeout=timeout)
-        if info.status is not Status.SUCCESSFUL:
-            await _raise_member_failure(self._client, info.jobs, info.status, info.id, info.error)
+        info = await self._succeeded(timeout)
         codec = self._client.codec
         return [codec.decode(await self._client.get_result(job_id)) for job_id in info.jobs]
 
-    async def cancel(self) -> Status:
-        """Cancel the group and its unfinished members; return its status after."""
-        return await self._client.cancel(self)
 
-
-class ChainHandle(_Handle):
+class ChainHandle(_ParentHandle[ChainMessage]):
     """A chain enqueued by a client: its id (a ``str``) and the ways to follow it."""
 
-    async def info(self) -> ChainMessage:
-        """The chain's state and its links' (``Client.get_chain``)."""
+    async def _read(self) -> ChainMessage:
         return await self._client.get_chain(self)
 
-    async def status(self) -> Status:
-        """The chain's current status."""
-        return (await self._client.get_chain(self)).status
-
-    async def wait(self, *, timeout: float | None = None) -> ChainMessage:
-        """Wait for the chain's end; see :meth:`Client.wait_chain`.
-
-        :raises TimeoutError: it did not end within ``timeout`` seconds
-        """
+    async def _wait(self, timeout: float | None) -> ChainMessage:
         return await self._client.wait_chain(self, timeout=timeout)
 
     async def result(self, *, timeout: float | None = None) -> Any:
@@ -1525,14 +1542,8 @@ class ChainHandle(_Handle):
         :raises JobCancelledError: the chain was cancelled
         :raises TimeoutError: it did not end within ``timeout`` seconds
         """
-        info = await self._client.wait_chain(self, timeout=timeout)
-        if info.status is not Status.SUCCESSFUL:
-            await _raise_member_failure(self._client, info.jobs, info.status, info.id, info.error)
+        info = await self._succeeded(timeout)
         return self._client.codec.decode(await self._client.get_result(info.current_job))
-
-    async def cancel(self) -> Status:
-        """Cancel the chain and its running link; return its status after."""
-        return await self._client.cancel(self)
 
 
 async def _raise_member_failure(

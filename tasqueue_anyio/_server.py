@@ -168,21 +168,7 @@ class Server(Client):
     ) -> None: ...
 
     def register_task(
-        self,
-        name: str,
-        handler: Callable[..., Any],
-        *,
-        raw: bool = False,
-        queue: str = DEFAULT_QUEUE,
-        concurrency: int | None = None,
-        max_retries: int | None = None,
-        backoff: Backoff | None = None,
-        timeout: float | None = None,
-        on_processing: Callback | None = None,
-        on_success: Callback | None = None,
-        on_retrying: ErrorCallback | None = None,
-        on_failed: ErrorCallback | None = None,
-        abandon_on_cancel: bool = False,
+        self, name: str, handler: Callable[..., Any], **options: Any
     ) -> TaskFunction[Any, Any] | None:
         """Register ``handler`` as the task ``name`` on ``queue``.
 
@@ -190,8 +176,8 @@ class Server(Client):
         ``async def f(a: int, b: int) -> int`` or a plain ``def``. A job's payload is the
         codec's ``[args, kwargs]``; the return value, encoded by the codec, is the job's
         result, written in the same step as its final state. The job's context is
-        :func:`~tasqueue_anyio.current_job`. A chain link after the first receives the
-        previous link's result as its first positional argument. Returns a
+        :func:`~tasqueue_anyio.current_job`. A chain link made with ``.link()`` receives
+        the previous link's result as its first positional argument. Returns a
         :class:`~tasqueue_anyio.TaskFunction` that keeps the signature for type checkers.
 
         **Bytes-level** (``raw=True``): ``handler(payload: bytes, ctx: JobContext)``
@@ -219,21 +205,7 @@ class Server(Client):
         :raises QueueConcurrencyError: ``queue`` already has another concurrency
         :raises InvalidInputError: bad name, queue, handler or option
         """
-        return self._register(
-            name,
-            handler,
-            raw=raw,
-            queue=queue,
-            concurrency=concurrency,
-            max_retries=max_retries,
-            backoff=backoff,
-            timeout=timeout,
-            on_processing=on_processing,
-            on_success=on_success,
-            on_retrying=on_retrying,
-            on_failed=on_failed,
-            abandon_on_cancel=abandon_on_cancel,
-        )
+        return self._register(name, handler, **options)
 
     def _register(
         self,
