@@ -73,6 +73,7 @@ from ._jobs import (
     decode_progress,
     validate_id,
     validate_queue,
+    with_time_zone,
 )
 from ._schedule import Schedule, decode_template, encode_template, next_fire, run_id
 from ._tracing import Metrics, Tracing
@@ -1290,6 +1291,7 @@ class TaskFunction(Generic[P, R_co]):
         eta: datetime | None = None,
         delay: float | None = None,
         schedule: str | None = None,
+        timezone: str | None = None,
         on_success: Sequence[Job] = (),
         on_error: Sequence[Job] = (),
     ) -> TaskFunction[P, R_co]:
@@ -1297,8 +1299,16 @@ class TaskFunction(Generic[P, R_co]):
         for each; ``None`` keeps the task's default). Checked when a job is built.
 
         ``schedule`` (a cron expression) makes :meth:`enqueue` create a cron schedule
-        whose runs call the function with the given arguments.
+        whose runs call the function with the given arguments; ``timezone`` (an IANA
+        name) is the time zone it is evaluated in (default UTC), the same as a
+        ``"CRON_TZ=Europe/Paris ..."`` prefix.
+
+        :raises InvalidInputError: ``timezone`` without ``schedule``, or an unknown zone
         """
+        if timezone is not None:
+            if schedule is None:
+                raise InvalidInputError("timezone= goes with schedule=")
+            schedule = with_time_zone(schedule, timezone)
         o = self._options
         options = _Options(
             id=o.id if id is None else id,

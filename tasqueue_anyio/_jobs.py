@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import attrs
@@ -255,34 +256,92 @@ def check_schedule(value: object) -> None:
         return
     if not isinstance(value, str):
         raise InvalidInputError(f"schedule must be a cron expression string, got {value!r}")
+    _, expression = split_time_zone(value)
     try:
-        croniter(value)
+        croniter(expression)
     except _CRON_ERRORS as exc:
         raise InvalidInputError(f"invalid cron schedule {value!r}: {exc}") from exc
 
 
+#: The prefixes that give a cron expression its time zone: ``"CRON_TZ=Europe/Paris 0 6 * * *"``
+#: (as cronie and Go's robfig/cron read it; ``TZ=`` is accepted too).
+TIME_ZONE_PREFIXES = ("CRON_TZ=", "TZ=")
+
+
+def split_time_zone(value: str) -> tuple[ZoneInfo | None, str]:
+    """The time zone of a cron expression (``None``: UTC) and the expression without it.
+
+    :raises InvalidInputError: the prefix names no IANA time zone this system knows
+    """
+    head, _, rest = value.lstrip().partition(" ")
+    for prefix in TIME_ZONE_PREFIXES:
+        if head.startswith(prefix):
+            name = head[len(prefix) :]
+            try:
+                return ZoneInfo(name), rest.strip()
+            except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+                raise InvalidInputError(
+                    f"invalid cron schedule {value!r}: {name!r} is not an IANA time zone "
+                    f"this system knows ({type(exc).__name__})"
+                ) from None
+    return None, value
+
+
+def with_time_zone(expression: str, zone: str | None) -> str:
+    """``expression`` in time zone ``zone`` (an IANA name; ``None``: as it is)."""
+    if zone is None:
+        return expression
+    if split_time_zone(expression)[0] is not None:
+        raise InvalidInputError(f"schedule {expression!r} already names a time zone")
+    result = f"CRON_TZ={zone} {expression}"
+    split_time_zone(result)  # the zone must exist
+    return result
+
+
 def cron_next_fire(expression: str, after: float) -> float:
-    """The first fire time of ``expression`` strictly after POSIX time ``after`` (UTC).
+    """The first fire time of ``expression`` strictly after POSIX time ``after``.
+
+    The expression is evaluated in UTC, or in the IANA time zone of a ``CRON_TZ=Zone``
+    prefix, with daylight saving time handled as cron does: a fire time in the hour the
+    clocks skip (spring) fires once, at the first instant after the gap; a fire time in
+    the hour the clocks repeat (autumn) fires once, at its first occurrence, unless the
+    expression's hour field is a wildcard (``*``, ``*/2``): then it fires in both passes,
+    as its fire times really recur.
 
     :raises InvalidInputError: ``expression`` is not a cron expression, it has no fire
         time after ``after`` (croniter looks up to 50 years ahead: the 31st of February,
-        a year gone), or ``after`` is out of range
+        a year gone), ``after`` is out of range, or its time zone is unknown
     """
+    zone, bare = split_time_zone(expression)
     try:
-        start = datetime.fromtimestamp(after, timezone.utc)
+        start = datetime.fromtimestamp(after, zone or timezone.utc)
     except _CRON_ERRORS as exc:
         raise InvalidInputError(
             f"invalid cron schedule {expression!r}: no fire time after {after!r} ({exc})"
         ) from exc
     try:
-        return float(croniter(expression, start).get_next(float))
+        fires = croniter(bare, start)
+        if zone is None:
+            return float(fires.get_next(float))
+        fields = bare.split()
+        hourly = len(fields) < 2 or fields[1].startswith("*")
+        while True:
+            fire: datetime = fires.get_next(datetime)
+            if hourly or not _repeated(fire):
+                return fire.timestamp()
     except CroniterBadDateError as exc:
         raise InvalidInputError(
             f"invalid cron schedule {expression!r}: it has no fire time after "
-            f"{start:%Y-%m-%d %H:%M:%S} UTC in the 50 years croniter searches ({exc})"
+            f"{start:%Y-%m-%d %H:%M:%S} {start.tzname()} in the 50 years croniter searches "
+            f"({exc})"
         ) from exc
     except _CRON_ERRORS as exc:
         raise InvalidInputError(f"invalid cron schedule {expression!r}: {exc}") from exc
+
+
+def _repeated(local: datetime) -> bool:
+    """Whether ``local`` is the second occurrence of a wall-clock time the clocks repeat."""
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
 def _check_schedule(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -328,7 +387,9 @@ class Job:
     :param delay: seconds from enqueue before the job runs (instead of ``eta``); > 0 and
         at most :data:`MAX_SECONDS`
     :param schedule: a cron expression (at most 256 characters): the job runs again at
-        each fire time
+        each fire time. Evaluated in UTC, or in an IANA time zone given as a prefix:
+        ``"CRON_TZ=Europe/Paris 0 6 * * *"`` (daylight saving time as cron handles it:
+        see :func:`cron_next_fire`)
     :param on_success: jobs to enqueue once this job has succeeded
     :param on_error: jobs to enqueue once this job has finally failed
     """

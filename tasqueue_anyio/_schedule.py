@@ -39,7 +39,8 @@ class Schedule:
     """A cron schedule, as :meth:`Server.get_schedules` lists it.
 
     :ivar id: the schedule id (the id of the job given to ``enqueue``)
-    :ivar cron: the cron expression (evaluated in UTC)
+    :ivar cron: the cron expression (evaluated in UTC, or in the time zone of its
+        ``CRON_TZ=Zone`` prefix)
     :ivar job: the job each run copies (each run gets the id ``"<id>@<fire time in ms>"``)
     :ivar next_fire: POSIX time of the next run not enqueued yet; ``math.inf`` when the
         schedule has no fire time left and the scheduler disabled it (remove it)
