@@ -488,8 +488,13 @@ class Client:
                 self._new_message(job, now=now, group_id=group.id, deadline=deadline)
                 for job in group.jobs
             ]
-            await self._create_parent(GROUP, group.id, group.jobs, now, deadline, prepared)
+            if group.then is not None:
+                self._new_message(group.then, now=now)  # checked now: sizes, not when due
+            await self._create_parent(
+                GROUP, group.id, group.jobs, now, deadline, prepared, group.then
+            )
         handle = GroupHandle(group.id, self)
+        handle._then = None if group.then is None else JobHandle(group.then.id, self)
         handle._members = tuple(JobHandle(job.id, self) for job in group.jobs)
         return handle
 
@@ -520,6 +525,7 @@ class Client:
         now: float,
         deadline: float | None,
         prepared: Sequence[tuple[JobMessage, bytes]],
+        then: Job | None = None,
     ) -> None:
         """Record a new group or chain (every member ``queued``), then enqueue ``prepared``."""
         info = ParentInfo(
@@ -528,7 +534,11 @@ class Client:
             created_at=now,
             deadline=deadline,
             job_ids=tuple(job.id for job in jobs),
-            links=tuple(job_to_wire(job) for job in jobs) if kind == CHAIN else (),
+            links=(
+                tuple(job_to_wire(job) for job in jobs)
+                if kind == CHAIN
+                else tuple(job_to_wire(job) for job in (then,) if job is not None)
+            ),
         )
         await self.results.set_parent(
             parent_id,
@@ -639,7 +649,62 @@ class Client:
         elif new is not None:
             reason = None if new is Status.SUCCESSFUL else f"job {msg.id} {status.value}: {error}"
             await self._end_parent(parent_id, new, reason, ended=ended)
+            if kind == GROUP and new is Status.SUCCESSFUL:
+                # also when the group had ended already (a redelivery of its last member):
+                # the then job is created once (create_jobs), enqueued at least once
+                return await self._then_message(parent_id, msg, trace)
         return []
+
+    async def _then_message(
+        self, group_id: str, msg: JobMessage, trace: dict[str, str] | None
+    ) -> list[tuple[JobMessage, bytes]]:
+        """The message of a succeeded group's ``then`` job (none when it has none), with
+        the members' results as its previous result, to be enqueued with the ack of the
+        member that ended the group."""
+        record = await self.results.get_parent(group_id)
+        if record.status != Status.SUCCESSFUL.value:
+            return []
+        try:
+            info = decode_parent(record.data)
+            then = job_from_wire(info.links[0]) if info.links else None
+        except DecodeError as exc:
+            self.log.error("group %s: its record does not decode: %s", group_id, exc)
+            return []
+        if then is None:
+            return []
+        codec = self.codec
+        values: list[Any] = []
+        for member_id in info.job_ids:
+            try:
+                data = await self.results.get_result(member_id)
+            except NotFoundError:
+                values.append(None)
+                continue
+            try:
+                values.append(codec.decode(data))
+            except DecodeError:
+                values.append(data)  # a bytes-level member's result, as it is
+        trace = msg.meta.trace if trace is None else trace
+        try:
+            return [self._new_message(then, prev_job_result=codec.encode(values), trace=trace)]
+        except (PayloadTooLargeError, InvalidInputError) as exc:
+            # it cannot carry the results: it fails, saying why (its state is created
+            # failed; nothing runs)
+            failed, data = self._new_message(then, trace=trace)
+            failed = JobMessage(
+                meta=attrs.evolve(
+                    failed.meta,
+                    status=Status.FAILED,
+                    prev_error=f"{type(exc).__name__}: its group's results: {exc}",
+                ),
+                job=then,
+            )
+            data = self._encode(failed)
+            if await self.results.create_jobs(
+                {then.id: JobRecord(status=Status.FAILED.value, data=data)}
+            ):
+                await self._publish_finished(then.id, Status.FAILED)
+            return []
 
     async def _end_parent(
         self,
@@ -1509,6 +1574,35 @@ class GroupHandle(_ParentHandle[GroupMessage]):
     """A group enqueued by a client: its id (a ``str``) and the ways to follow it."""
 
     _members: tuple[JobHandle[Any], ...] = ()
+    _then: JobHandle[Any] | None = None
+
+    @property
+    def then(self) -> JobHandle[Any] | None:
+        """The handle of the group's ``then`` job (known from the enqueue), if it has
+        one. Its state exists once the group succeeded: use :meth:`then_result`."""
+        return self._then
+
+    async def then_result(self, *, timeout: float | None = None) -> Any:
+        """Wait for the group's end, then for its ``then`` job's; return that job's
+        result (decoded by the codec).
+
+        :raises JobFailedError: a member failed (the group's ``then`` does not run), or
+            the ``then`` job failed
+        :raises JobCancelledError: the group, or the ``then`` job, was cancelled
+        :raises TimeoutError: not all of it ended within ``timeout`` seconds
+        :raises InvalidInputError: the group has no ``then`` job (this handle does not
+            know one: a handle rebuilt from an id)
+        """
+        then = self._then
+        if then is None:
+            raise InvalidInputError(f"group {self.id} has no then job (that this handle knows)")
+        with anyio.fail_after(timeout):
+            await self._succeeded(None)
+            while True:  # created with the last member's ack, just after the group's end
+                try:
+                    return await then.result()
+                except JobNotFoundError:
+                    await anyio.sleep(0.01)
 
     async def _read(self) -> GroupMessage:
         return await self._client.get_group(self)

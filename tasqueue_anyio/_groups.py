@@ -64,6 +64,11 @@ class Group:
     :param timeout: seconds from enqueue after which no member runs on: running members
         are stopped, queued ones never start (``cancelled``), and the group ``failed``
         (> 0 and at most 1e10)
+    :param then: a job to run once every member succeeded (fan-in, Celery's chord): it
+        receives the members' results, in the group's order, as a list: as its first
+        argument when made with ``task.link(...)``, and as
+        ``ctx.meta.prev_job_result`` (the codec's encoding of the list) in any case. When
+        the group fails or is cancelled, it does not run (it gets no state)
     """
 
     jobs: tuple[Job, ...] = attrs.field(converter=_to_jobs, validator=_check_group_jobs)
@@ -71,6 +76,18 @@ class Group:
         factory=new_id, kw_only=True, validator=lambda i, a, v: validate_id(v, "group id")
     )
     timeout: float | None = attrs.field(default=None, kw_only=True, validator=_check_timeout)
+    then: Job | None = attrs.field(default=None, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        then = self.then
+        if then is None:
+            return
+        if not isinstance(then, Job):
+            raise InvalidInputError(f"then must be a Job, got {then!r}")
+        if then.schedule is not None:
+            raise InvalidInputError("a cron job cannot be a group's then job")
+        if any(job.id == then.id for job in self.jobs):
+            raise InvalidInputError(f"the then job's id {then.id!r} is a member's id")
 
 
 @attrs.frozen
@@ -137,7 +154,8 @@ class ParentInfo:
     created_at: float
     deadline: float | None
     job_ids: tuple[str, ...]
-    #: the encoded links of a chain (what the next link is built from); empty for groups
+    #: the encoded links of a chain (what the next link is built from); for a group, its
+    #: ``then`` job (one element) or nothing
     links: tuple[Any, ...] = ()
 
 
@@ -192,11 +210,12 @@ def decode_parent(data: bytes) -> ParentInfo:
             check_time(deadline, "deadline")
     except InvalidInputError as exc:
         raise DecodeError(f"malformed group/chain record: {exc}") from exc
-    if kind == CHAIN:  # each link becomes a message: check it now, not when it is due
-        if len(links) != len(job_ids):
-            raise DecodeError("malformed chain record: links and job ids differ")
-        for link in links:
-            job_from_wire(link)
+    if kind == CHAIN and len(links) != len(job_ids):
+        raise DecodeError("malformed chain record: links and job ids differ")
+    if kind == GROUP and len(links) > 1:
+        raise DecodeError("malformed group record: more than one then job")
+    for link in links:  # each becomes a message: check it now, not when it is due
+        job_from_wire(link)
     return ParentInfo(
         kind=kind,
         id=parent_id,
