@@ -852,6 +852,59 @@ class Client:
         """Forget a job's state and result (a queued message still runs if not cancelled)."""
         await self.results.delete_job(validate_id(job_id))
 
+    async def retry(self, job_id: str) -> JobHandle[Any]:
+        """Run a ``failed`` or ``cancelled`` job again: a new attempt, queued at once.
+
+        The job keeps its id, payload and options; its ``meta.retried`` counts one more
+        (so a failure of this attempt is retried only if ``max_retries`` still allows
+        it) and its ``meta.prev_error`` keeps the error it ended with until this attempt
+        ends. Its follow-ups run again according to how this attempt ends. It stays in
+        the failed listing until this attempt ends (then it is listed by its new end).
+
+        :return: the job's handle
+        :raises JobNotFoundError: no job is stored under ``job_id``
+        :raises InvalidInputError: the job is not ``failed`` or ``cancelled``, or it is a
+            member of a group or chain (retry the group's jobs by enqueueing a new group)
+        """
+        record = await self.results.get_job(validate_id(job_id))
+        if record.status not in (Status.FAILED.value, Status.CANCELLED.value):
+            raise InvalidInputError(
+                f"job {job_id} is {record.status}: only a failed or cancelled job can be retried"
+            )
+        msg = self._decode_record(record)
+        meta = msg.meta
+        parent = meta.group_id or meta.chain_id
+        if parent is not None:
+            raise InvalidInputError(
+                f"job {job_id} is a member of {parent}: a member cannot be retried alone"
+            )
+        again = JobMessage(
+            meta=attrs.evolve(
+                meta,
+                status=Status.QUEUED,
+                retried=meta.retried + 1,
+                eta=None,
+                attempt=0,
+                processed_at=None,
+                trace=self.tracing.carrier(),
+            ),
+            job=msg.job,
+        )
+        data = self._encode(again)
+        self._check_fits(again, data)
+        # a new state (cancel_requested cleared: a cancelled job may have one), then its
+        # message; a retry repeated concurrently enqueues the same message id (deduplicated)
+        await self.results.set_jobs({job_id: JobRecord(status=Status.QUEUED.value, data=data)})
+        try:
+            await self.broker.enqueue_many([envelope(again, data)])
+        except BaseException:
+            with self._finishing():  # the job is as it was: not queued with no message
+                await self.results.set_jobs(
+                    {job_id: JobRecord(status=record.status, data=record.data)}
+                )
+            raise
+        return JobHandle(job_id, self)
+
     async def get_group(self, group_id: str) -> GroupMessage:
         """The state of a group: its status and each member's, kept up to date as members
         end (one read, however large the group).

@@ -338,6 +338,9 @@ async def inspect_command(args: argparse.Namespace) -> None:
         elif cmd == "cancel":
             status = await server.cancel(args.id)
             _print({"id": args.id, "status": status.value}, args.json)
+        elif cmd == "retry":
+            again = await server.retry(args.id)
+            _print({"id": str(again), "status": (await again.status()).value}, args.json)
         elif cmd == "delete":
             await server.delete_job(args.id)
             _print({"id": args.id, "deleted": True}, args.json)
@@ -413,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspector("schedules", "list the cron schedules")
     inspector("cancel", "cancel a job, group or chain", ("id", "job, group or chain id"))
     inspector("delete", "forget a job's state and result", ("id", "job id"))
+    inspector("retry", "run a failed or cancelled job again", ("id", "job id"))
     return parser
 
 

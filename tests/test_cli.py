@@ -493,6 +493,14 @@ async def test_cancel_and_delete(app: App) -> None:
         assert re.search(r"^deleted\s+True$", delete.stdout, re.MULTILINE), delete
         with pytest.raises(JobNotFoundError):
             await server.get_job(ok)
+        # the cancelled job runs again once retried
+        retry = await app.run("retry", queued, "--app", "cli_app:server", "--json")
+        refused = await app.run("retry", queued, "--app", "cli_app:server")  # queued now
+        assert retry.status == 0, retry
+        assert retry.json() == {"id": queued, "status": "queued"}
+        assert "only a failed or cancelled job" in refused.assert_one_error_line()
+        async with running(server):
+            assert (await server.wait(queued, timeout=STEP)).status is Status.SUCCESSFUL
 
 
 async def test_broker_and_results_urls(app: App) -> None:
