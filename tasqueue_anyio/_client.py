@@ -6,6 +6,7 @@ uses one); :class:`~tasqueue_anyio.Server` is a client that also runs workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -35,6 +36,7 @@ from ._codec import (
     finished_event,
     job_from_wire,
     job_to_wire,
+    peek_message,
     with_status,
 )
 from ._codecs import Codec, MsgpackCodec, encode_args
@@ -839,6 +841,65 @@ class Client:
     async def get_dead_letters(self, queue: str = DEFAULT_QUEUE) -> list[DeadLetter]:
         """Messages of ``queue`` that could not be decoded and were set aside."""
         return await self.broker.get_dead_letters(validate_queue(queue))
+
+    async def replay_dead_letters(
+        self, queue: str = DEFAULT_QUEUE, ids: Collection[str] | None = None
+    ) -> list[JobHandle[Any]]:
+        """Put dead letters of ``queue`` back on it (those of ``ids``, or all): after a
+        fix that makes them decode (a newer version, say).
+
+        Each dead letter whose message decodes now is recorded ``queued`` again (the
+        job its dead-lettering failed runs anew) and enqueued, then removed from the dead
+        letters; one that still does not decode stays a dead letter (as does one an
+        older version stored without an id: remove those with
+        ``broker.remove_dead_letters(queue)``). Enqueueing comes
+        first, with a message id made of the job and the dead letter's ids, so a replay
+        repeated (or run twice at once) enqueues each once while it waits, and a crash in
+        between leaves the dead letter to replay again.
+
+        :return: the handles of the jobs put back
+        """
+        queue = validate_queue(queue)
+        wanted = None if ids is None else set(ids)
+        prepared: list[tuple[DeadLetter, JobMessage, bytes]] = []
+        for letter in await self.broker.get_dead_letters(queue):
+            if not letter.id or (wanted is not None and letter.id not in wanted):
+                continue  # one stored without an id cannot be removed alone: left
+            try:
+                msg = decode_message(letter.data, max_size=self.max_message_size)
+            except DecodeError:
+                continue  # still undecodable: it stays where it is
+            again = with_status(msg, Status.QUEUED)
+            prepared.append((letter, again, self._encode(again)))
+        if not prepared:
+            return []
+        await self.results.set_jobs(
+            {msg.id: JobRecord(status=Status.QUEUED.value, data=data) for _, msg, data in prepared}
+        )
+        await self.broker.enqueue_many(
+            [
+                Envelope(queue=queue, data=data, id=f"{msg.id}/replay:{letter.id}")
+                for letter, msg, data in prepared
+            ]
+        )
+        await self.broker.remove_dead_letters(queue, [letter.id for letter, _, _ in prepared])
+        return [JobHandle(msg.id, self) for _, msg, _ in prepared]
+
+    async def purge(self, queue: str = DEFAULT_QUEUE) -> int:
+        """Remove every job waiting on ``queue`` (due, or waiting for an ETA or a retry's
+        backoff; running jobs go on) and record each ``cancelled``, as :meth:`cancel`
+        does (its group or chain hears of it; waiters wake).
+
+        :return: how many messages were removed
+        """
+        removed = await self.broker.purge(validate_queue(queue))
+        for data in removed:
+            job_id = peek_message(data, self.max_message_size).id
+            if job_id is None:
+                continue  # not readable: nothing to record
+            with contextlib.suppress(JobNotFoundError):
+                await self.cancel(job_id)
+        return len(removed)
 
     async def get_success(self) -> list[str]:
         """Ids of jobs that ended ``successful``."""

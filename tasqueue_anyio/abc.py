@@ -74,12 +74,18 @@ class Envelope:
 
 @attrs.frozen(kw_only=True)
 class DeadLetter:
-    """A message a worker could not process (it did not decode) and set aside."""
+    """A message a worker could not process (it did not decode) and set aside.
+
+    :ivar id: identifies it among its queue's dead letters (for
+        :meth:`Broker.remove_dead_letters`): the message's id, or the broker's own
+        (NATS: the stream sequence); empty for one a version without ids stored
+    """
 
     queue: str
     data: bytes
     reason: str
     at: float
+    id: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -388,6 +394,24 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
     @abstractmethod
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
         """Messages of ``queue`` set aside with :meth:`Delivery.dead_letter`, oldest first."""
+
+    @abstractmethod
+    async def purge(self, queue: str) -> list[bytes]:
+        """Remove every message of ``queue`` that no worker holds (due ones and ones
+        waiting for their ETA) and return their data (due ones first, then waiting ones
+        in ETA order). Messages held by workers stay: their workers settle them.
+        ``Client.purge`` records the purged messages' jobs ``cancelled``.
+        """
+
+    @abstractmethod
+    async def remove_dead_letters(
+        self, queue: str, ids: Collection[str] | None = None
+    ) -> list[DeadLetter]:
+        """Remove the dead letters of ``queue`` whose :attr:`DeadLetter.id` is in ``ids``
+        (all of them when ``ids`` is ``None``) and return them, oldest first. Ids not
+        found are ignored (another caller removed them). ``Client.replay_dead_letters``
+        puts them back on their queue.
+        """
 
     @abstractmethod
     async def count(self, queue: str) -> QueueCounts:

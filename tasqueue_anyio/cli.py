@@ -338,6 +338,14 @@ async def inspect_command(args: argparse.Namespace) -> None:
         elif cmd == "cancel":
             status = await server.cancel(args.id)
             _print({"id": args.id, "status": status.value}, args.json)
+        elif cmd == "purge":
+            purged = await server.purge(validate_queue(args.queue))
+            _print({"queue": args.queue, "purged": purged}, args.json)
+        elif cmd == "replay":
+            replayed = await server.replay_dead_letters(
+                validate_queue(args.queue), args.id or None
+            )
+            _print([str(h) for h in replayed], args.json)
         elif cmd == "retry":
             again = await server.retry(args.id)
             _print({"id": str(again), "status": (await again.status()).value}, args.json)
@@ -382,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGINT/SIGTERM, how long running jobs may take before they are handed back",
     )
 
-    def inspector(name: str, help: str, *positional: tuple[str, str]) -> None:
+    def inspector(
+        name: str, help: str, *positional: tuple[str, str]
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, parents=[common])
         for arg, arg_help in positional:
             sub.add_argument(arg, help=arg_help)
@@ -392,11 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--prefix",
             metavar="PREFIX",
-            help="of --broker/--results URLs: the Redis key prefix; on NATS the broker's "
-            "prefix (stream and subjects) and the results bucket (default: tasqueue)",
+            help="of --broker/--results URLs: the Redis key prefix; on NATS the prefix of "
+            "the broker (stream and subjects) and of the results store (default: tasqueue)",
         )
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+        return sub
 
     inspector("job", "show a job", ("id", "job id"))
     inspector("group", "show a group", ("id", "group id"))
@@ -417,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspector("cancel", "cancel a job, group or chain", ("id", "job, group or chain id"))
     inspector("delete", "forget a job's state and result", ("id", "job id"))
     inspector("retry", "run a failed or cancelled job again", ("id", "job id"))
+    inspector(
+        "purge",
+        "remove the jobs waiting on a queue (they end cancelled)",
+        ("queue", "queue name"),
+    )
+    replay = inspector(
+        "replay",
+        "put a queue's dead letters that decode now back on it (--id to choose)",
+        ("queue", "queue name"),
+    )
+    replay.add_argument(
+        "--id", action="append", metavar="ID", help="a dead letter's id (repeatable; default: all)"
+    )
     return parser
 
 

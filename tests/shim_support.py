@@ -10,7 +10,7 @@ repeats.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 
@@ -111,6 +111,14 @@ class ShimBroker(Broker):
 
     async def count(self, queue: str) -> QueueCounts:
         return await self.inner.count(queue)
+
+    async def purge(self, queue: str) -> list[bytes]:
+        return await self.inner.purge(queue)
+
+    async def remove_dead_letters(
+        self, queue: str, ids: Collection[str] | None = None
+    ) -> list[DeadLetter]:
+        return await self.inner.remove_dead_letters(queue, ids)
 
     async def publish(self, channel: str, data: bytes) -> None:
         await self.inner.publish(channel, data)

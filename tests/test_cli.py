@@ -597,3 +597,18 @@ async def test_errors_are_one_line(app: App) -> None:
     assert "Traceback (most recent call last)" in debug.stderr, debug
     assert "ModuleNotFoundError: No module named 'nope'" in debug.stderr, debug
     assert debug.stderr.strip().splitlines()[-1].startswith("tasqueue: error: "), debug
+
+
+async def test_purge_and_replay(app: App) -> None:
+    async with app.server() as server:
+        waiting = [await server.enqueue(quick(b"%d" % i)) for i in range(2)]
+        purge, replay = await app.run_all(
+            ["purge", cli_app.FAST, "--app", "cli_app:server", "--json"],
+            ["replay", cli_app.SLOW, "--app", "cli_app:server", "--json", "--id", "x"],
+        )
+        assert purge.status == 0, purge
+        assert purge.json() == {"queue": cli_app.FAST, "purged": 2}
+        for job_id in waiting:
+            assert (await server.get_job(job_id)).status is Status.CANCELLED
+        assert replay.status == 0, replay
+        assert replay.json() == []

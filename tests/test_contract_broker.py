@@ -434,3 +434,60 @@ async def test_count_of_an_unknown_queue_and_a_bad_name(broker: Broker, queue_na
     assert (counts.pending, counts.scheduled, counts.in_flight, counts.dead) == (0, 0, 0, 0)
     with pytest.raises(InvalidInputError):
         await broker.count("bad queue name")
+
+
+async def test_purge_removes_what_no_worker_holds(broker: Broker, queue_name: str) -> None:
+    assert await broker.purge(queue_name) == []
+    later = time.time() + 3600
+    await broker.enqueue_many([envelope(queue_name, b"held"), envelope(queue_name, b"due1")])
+    await broker.enqueue_many(
+        [
+            envelope(queue_name, b"eta2", eta=later + 2),
+            envelope(queue_name, b"eta1", eta=later + 1),
+        ]
+    )
+    async with consuming(broker, queue_name) as stream:
+        held = await receive(stream)
+        assert held.data == b"held"
+        # a consumer may have fetched due1 ahead: then it goes back when consuming ends
+        await held.ack()
+    await broker.enqueue(envelope(queue_name, b"due2"))
+    purged = await broker.purge(queue_name)
+    assert purged == [b"due1", b"due2", b"eta1", b"eta2"]
+    counts = await broker.count(queue_name)
+    assert (counts.pending, counts.scheduled, counts.in_flight) == (0, 0, 0)
+    assert await broker.get_pending(queue_name) == []
+    assert await broker.get_scheduled(queue_name) == []
+    assert await broker.purge(queue_name) == []
+    # the queue works on: a purged message's id may be enqueued again
+    await broker.enqueue(envelope(queue_name, b"after"))
+    assert await broker.get_pending(queue_name) == [b"after"]
+
+
+async def test_purge_leaves_held_messages(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(envelope(queue_name, b"held"))
+    async with consuming(broker, queue_name) as stream:
+        held = await receive(stream)
+        assert await broker.purge(queue_name) == []
+        await held.ack()  # its worker settles it: no error
+    assert await broker.get_pending(queue_name) == []
+
+
+async def test_remove_dead_letters_by_id_and_all(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue_many([envelope(queue_name, b"bad%d" % i) for i in range(3)])
+    async with consuming(broker, queue_name) as stream:
+        for _ in range(3):
+            delivery = await receive(stream)
+            await delivery.dead_letter("does not decode")
+    letters = await broker.get_dead_letters(queue_name)
+    assert [d.data for d in letters] == [b"bad0", b"bad1", b"bad2"]
+    assert all(d.id for d in letters)
+    assert len({d.id for d in letters}) == 3
+    removed = await broker.remove_dead_letters(queue_name, [letters[1].id, "no-such-id"])
+    assert [d.data for d in removed] == [b"bad1"]
+    assert [d.data for d in await broker.get_dead_letters(queue_name)] == [b"bad0", b"bad2"]
+    assert await broker.remove_dead_letters(queue_name, [letters[1].id]) == []  # gone
+    rest = await broker.remove_dead_letters(queue_name)
+    assert [d.data for d in rest] == [b"bad0", b"bad2"]
+    assert await broker.get_dead_letters(queue_name) == []
+    assert (await broker.count(queue_name)).dead == 0

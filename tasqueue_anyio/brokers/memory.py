@@ -25,7 +25,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -225,6 +225,7 @@ class MemoryDelivery(Delivery):
                     data=self._message.data,
                     reason=reason,
                     at=self._broker._clock(),
+                    id=self._message.id,
                 )
             )
 
@@ -400,6 +401,43 @@ class MemoryBroker(Broker):
             return []
         self._refresh(q)
         return [(eta, m.data) for eta, _, m in sorted(q.scheduled)]
+
+    async def purge(self, queue: str) -> list[bytes]:
+        """Remove the messages of ``queue`` no worker holds; return their data.
+
+        :param queue: the queue
+        :return: the due messages' data (oldest first), then the waiting ones' (ETA order)
+        """
+        q = self._queues.get(validate_queue(queue))
+        if q is None:
+            return []
+        self._refresh(q)
+        removed = [*q.ready, *(m for _, _, m in sorted(q.scheduled))]
+        q.ready.clear()
+        q.scheduled.clear()
+        for message in removed:
+            q.ids.discard(message.id)
+        return [message.data for message in removed]
+
+    async def remove_dead_letters(
+        self, queue: str, ids: Collection[str] | None = None
+    ) -> list[DeadLetter]:
+        """Remove dead letters of ``queue`` (those of ``ids``, or all); return them.
+
+        :param queue: the queue
+        :param ids: the dead letters' ids (``None``: all)
+        :return: the removed dead letters, oldest first
+        """
+        q = self._queues.get(validate_queue(queue))
+        if q is None:
+            return []
+        if ids is None:
+            removed, q.dead = q.dead, []
+            return removed
+        wanted = set(ids)
+        removed = [d for d in q.dead if d.id in wanted]
+        q.dead = [d for d in q.dead if d.id not in wanted]
+        return removed
 
     async def count(self, queue: str) -> QueueCounts:
         """How many messages ``queue`` holds: lengths, no copies.

@@ -151,7 +151,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Literal
@@ -175,6 +175,7 @@ from .._nats.jetstream import (
     StoredMsg,
     StreamConfig,
     StreamNotFoundError,
+    _api_reply,
     format_timestamp,
     parse_timestamp,
 )
@@ -1195,11 +1196,15 @@ class NatsBroker(NatsBackend, Broker):
         return [(eta, data) for eta, _, data in entries]
 
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
-        """Messages of ``queue`` set aside with :meth:`NatsDelivery.dead_letter`.
+        """Messages of ``queue`` set aside with :meth:`NatsDelivery.dead_letter`; each one's
+        id is its stream sequence.
 
         :param queue: the queue
         :return: the dead letters, oldest first
         """
+        return [letter for letter, _ in await self._dead_entries(queue)]
+
+    async def _dead_entries(self, queue: str) -> list[tuple[DeadLetter, int]]:
         q = self._queue(queue)
         with translate_errors(f"reading the dead letters of queue {q.name!r}"):
             messages = await self.read_range(self.stream, q.dead)
@@ -1209,17 +1214,87 @@ class NatsBroker(NatsBackend, Broker):
                 data, reason, at = msgpack.unpackb(message.payload, raw=False, use_list=True)
                 if not isinstance(data, bytes):
                     raise TypeError("data is not bytes")
-                out.append(DeadLetter(queue=q.name, data=data, reason=str(reason), at=float(at)))
-            except Exception:
-                out.append(
-                    DeadLetter(
-                        queue=q.name,
-                        data=message.payload,
-                        reason="unreadable entry",
-                        at=message.time.timestamp(),
-                    )
+                letter = DeadLetter(
+                    queue=q.name, data=data, reason=str(reason), at=float(at), id=str(message.seq)
                 )
+            except Exception:
+                letter = DeadLetter(
+                    queue=q.name,
+                    data=message.payload,
+                    reason="unreadable entry",
+                    at=message.time.timestamp(),
+                    id=str(message.seq),
+                )
+            out.append((letter, message.seq))
         return out
+
+    async def _delete(self, sequences: Sequence[int], what: str) -> list[bool]:
+        """Delete stream messages by sequence, pipelined (one round trip); per message,
+        whether this call deleted it (``False``: it was gone already)."""
+        subject = f"{self.js.prefix}.STREAM.MSG.DELETE.{self.stream}"
+        requests: list[Request] = [
+            (subject, json.dumps({"seq": seq, "no_erase": True}).encode(), ())
+            for seq in sequences
+        ]
+        deleted = []
+        with translate_errors(what):
+            for reply in await self.request_many(requests):
+                if isinstance(reply, NatsError):
+                    raise reply
+                try:
+                    deleted.append(bool(_api_reply(reply, subject).get("success")))
+                except JetStreamAPIError:
+                    deleted.append(False)  # not found: another caller deleted it
+        return deleted
+
+    async def remove_dead_letters(
+        self, queue: str, ids: Collection[str] | None = None
+    ) -> list[DeadLetter]:
+        """Remove dead letters of ``queue`` (those of ``ids``, stream sequences, or all);
+        return those this call removed. Reads them, then deletes them by sequence,
+        pipelined.
+
+        :param queue: the queue
+        :param ids: the dead letters' ids (``None``: all)
+        :return: the removed dead letters, oldest first
+        """
+        wanted = None if ids is None else set(ids)
+        chosen = [
+            (letter, seq)
+            for letter, seq in await self._dead_entries(queue)
+            if wanted is None or letter.id in wanted
+        ]
+        if not chosen:
+            return []
+        deleted = await self._delete([seq for _, seq in chosen], "removing dead letters")
+        return [letter for (letter, _), ok in zip(chosen, deleted, strict=True) if ok]
+
+    async def purge(self, queue: str) -> list[bytes]:
+        """Remove the messages of ``queue`` not delivered to a worker (due ones after the
+        queue consumer's delivered sequence, and waiting ones) and return their data:
+        read as :meth:`get_pending` and :meth:`get_scheduled` read them, then deleted by
+        stream sequence, pipelined. Messages delivered and not acked stay. A message
+        deleted by someone else meanwhile is not returned.
+
+        :param queue: the queue
+        :return: the due messages' data (oldest first), then the waiting ones' (ETA order)
+        """
+        q = self._queue(queue)
+        with translate_errors(f"reading queue {q.name!r}"):
+            start = 1
+            try:
+                info = await self.js.consumer_info(self.stream, q.consumer)
+                start = int(info.raw.get("delivered", {}).get("stream_seq", 0)) + 1
+            except ConsumerNotFoundError:
+                pass
+            due = await self.read_range(self.stream, q.subject, start)
+            waiting = await self.read_range(self.stream, f"{q.scheduled}.*")
+        waiting.sort(key=lambda m: (_eta(m), m.seq))
+        messages = [*due, *waiting]
+        if not messages:
+            return []
+        deleted = await self._delete([m.seq for m in messages], f"purging queue {q.name!r}")
+        return [m.payload for m, ok in zip(messages, deleted, strict=True) if ok]
 
     # -- events -----------------------------------------------------------------------------
 

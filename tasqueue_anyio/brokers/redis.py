@@ -74,7 +74,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -382,6 +382,39 @@ return {
 }
 """
 
+# Removes the messages no worker holds (due and waiting, after the refresh a fetch
+# makes) and returns their data: due ones first, then waiting ones in ETA order.
+_LUA_PURGE = r"""
+local now, now_ms = clock()
+refresh(now, now_ms)
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local waiting = redis.call('ZRANGE', KEYS[4], 0, -1)
+for _, id in ipairs(waiting) do
+  ids[#ids + 1] = id
+end
+local out = {}
+for i = 1, #ids, 1000 do
+  local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+  local datas = redis.call('HMGET', KEYS[2], unpack(chunk))
+  for j = 1, #chunk do
+    out[#out + 1] = datas[j] or ''
+  end
+  redis.call('HDEL', KEYS[2], unpack(chunk))
+  redis.call('HDEL', KEYS[3], unpack(chunk))
+end
+redis.call('DEL', KEYS[1], KEYS[4])
+return out
+"""
+
+# Removes the given dead-letter entries (each once). ARGV: entries. Returns how many.
+_LUA_REMOVE_DEAD = r"""
+local n = 0
+for i = 1, #ARGV do
+  n = n + redis.call('LREM', KEYS[9], 1, ARGV[i])
+end
+return n
+"""
+
 # Redis Cluster only: PUBLISH routed by the channel name given as a key, so that every
 # message of a channel goes through one node (the cluster keeps each node's order, not
 # an order across nodes). ARGV: message.
@@ -400,6 +433,8 @@ _SCRIPTS = {
     "renew": _LUA_COMMON + _LUA_RENEW,
     "inspect": _LUA_COMMON + _LUA_INSPECT,
     "count": _LUA_COMMON + _LUA_COUNT,
+    "purge": _LUA_COMMON + _LUA_PURGE,
+    "remove_dead": _LUA_REMOVE_DEAD,
 }
 
 # -- Python ---------------------------------------------------------------------------------
@@ -628,7 +663,10 @@ class RedisDelivery(Delivery):
                 raise self._lost("dead-letter")
             return
         self._stop_renewing()
-        entry = msgpack.packb([self._data, str(reason), time.time()], use_bin_type=True)
+        entry = msgpack.packb(
+            [self._data, str(reason), time.time(), self._id.decode(errors="replace")],
+            use_bin_type=True,
+        )
         with translate_errors("dead-lettering a message"):
             done = await self._broker._cmds.script(
                 "dead", self._q.keys, (self._id, self._token, entry)
@@ -1002,21 +1040,68 @@ class RedisBroker(RedisBackend, Broker):
         :param queue: the queue
         :return: the dead letters, oldest first
         """
+        return [letter for letter, _ in await self._dead_entries(queue)]
+
+    async def _dead_entries(self, queue: str) -> list[tuple[DeadLetter, bytes]]:
         q = self._queue(queue)
         with translate_errors(f"reading the dead letters of queue {q.name!r}"):
             entries = await self._cmds.submit(lambda client: client.lrange(q.keys[8], 0, -1))
         out = []
         for entry in entries:
             try:
-                data, reason, at = msgpack.unpackb(entry, raw=False, use_list=True)
+                data, reason, at, *rest = msgpack.unpackb(entry, raw=False, use_list=True)
                 if not isinstance(data, bytes):
                     raise TypeError("data is not bytes")
-                out.append(DeadLetter(queue=q.name, data=data, reason=str(reason), at=float(at)))
-            except Exception:
-                out.append(
-                    DeadLetter(queue=q.name, data=bytes(entry), reason="unreadable entry", at=0.0)
+                letter_id = str(rest[0]) if rest else ""
+                letter = DeadLetter(
+                    queue=q.name, data=data, reason=str(reason), at=float(at), id=letter_id
                 )
+            except Exception:
+                letter = DeadLetter(
+                    queue=q.name, data=bytes(entry), reason="unreadable entry", at=0.0
+                )
+            out.append((letter, bytes(entry)))
         return out
+
+    async def remove_dead_letters(
+        self, queue: str, ids: Collection[str] | None = None
+    ) -> list[DeadLetter]:
+        """Remove dead letters of ``queue`` (those of ``ids``, or all); return them. Reads
+        the dead letters, then removes the chosen entries in one script (``LREM`` each:
+        an entry another caller removed meanwhile is not returned).
+
+        :param queue: the queue
+        :param ids: the dead letters' ids (``None``: all)
+        :return: the removed dead letters, oldest first
+        """
+        q = self._queue(queue)
+        wanted = None if ids is None else set(ids)
+        chosen = [
+            (letter, entry)
+            for letter, entry in await self._dead_entries(queue)
+            if wanted is None or letter.id in wanted
+        ]
+        if not chosen:
+            return []
+        with translate_errors(f"removing dead letters of queue {q.name!r}"):
+            removed = await self._cmds.script(
+                "remove_dead", q.keys, [entry for _, entry in chosen]
+            )
+        if int(removed) == len(chosen):
+            return [letter for letter, _ in chosen]
+        # another caller removed some meanwhile: return those still there before, gone now
+        left = {entry for _, entry in await self._dead_entries(queue)}
+        return [letter for letter, entry in chosen if entry not in left]
+
+    async def purge(self, queue: str) -> list[bytes]:
+        """Remove the messages of ``queue`` no worker holds (one script); return their data.
+
+        :param queue: the queue
+        :return: the due messages' data (oldest first), then the waiting ones' (ETA order)
+        """
+        q = self._queue(queue)
+        with translate_errors(f"purging queue {q.name!r}"):
+            return [bytes(d) for d in await self._cmds.script("purge", q.keys, ())]
 
     # -- pub/sub ----------------------------------------------------------------------------
 
