@@ -1142,7 +1142,10 @@ class NatsBroker(NatsBackend, Broker):
         :param queue: the queue
         :return: the messages' data
         """
-        q = self._queue(queue)
+        return [m.payload for m in await self._undelivered(self._queue(queue))]
+
+    async def _undelivered(self, q: _Queue) -> list[StoredMsg]:
+        """The due messages of ``q`` its consumer has not delivered yet, oldest first."""
         with translate_errors(f"reading queue {q.name!r}"):
             start = 1
             try:
@@ -1150,8 +1153,7 @@ class NatsBroker(NatsBackend, Broker):
                 start = int(info.raw.get("delivered", {}).get("stream_seq", 0)) + 1
             except ConsumerNotFoundError:
                 pass
-            messages = await self.read_range(self.stream, q.subject, start)
-        return [m.payload for m in messages]
+            return await self.read_range(self.stream, q.subject, start)
 
     async def count(self, queue: str) -> QueueCounts:
         """How many messages ``queue`` holds, from the server's counters, no message
@@ -1280,14 +1282,8 @@ class NatsBroker(NatsBackend, Broker):
         :return: the due messages' data (oldest first), then the waiting ones' (ETA order)
         """
         q = self._queue(queue)
-        with translate_errors(f"reading queue {q.name!r}"):
-            start = 1
-            try:
-                info = await self.js.consumer_info(self.stream, q.consumer)
-                start = int(info.raw.get("delivered", {}).get("stream_seq", 0)) + 1
-            except ConsumerNotFoundError:
-                pass
-            due = await self.read_range(self.stream, q.subject, start)
+        due = await self._undelivered(q)
+        with translate_errors(f"reading the schedules of queue {q.name!r}"):
             waiting = await self.read_range(self.stream, f"{q.scheduled}.*")
         waiting.sort(key=lambda m: (_eta(m), m.seq))
         messages = [*due, *waiting]
