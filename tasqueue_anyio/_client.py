@@ -878,7 +878,12 @@ class Client:
         )
         await self.broker.enqueue_many(
             [
-                Envelope(queue=queue, data=data, id=f"{msg.id}/replay:{letter.id}")
+                Envelope(
+                    queue=queue,
+                    data=data,
+                    id=f"{msg.id}/replay:{letter.id}",
+                    priority=msg.job.priority,
+                )
                 for letter, msg, data in prepared
             ]
         )
@@ -1361,7 +1366,11 @@ _P = TypeVar("_P", GroupMessage, ChainMessage)
 def envelope(msg: JobMessage, data: bytes) -> Envelope:
     """The queue envelope of an encoded job message (its id names the job and run)."""
     return Envelope(
-        queue=msg.meta.queue, data=data, id=f"{msg.id}/{msg.meta.retried}", eta=msg.meta.eta
+        queue=msg.meta.queue,
+        data=data,
+        id=f"{msg.id}/{msg.meta.retried}",
+        eta=msg.meta.eta,
+        priority=msg.job.priority,
     )
 
 
@@ -1418,6 +1427,7 @@ class _Options:
     schedule: str | None = None
     on_success: tuple[Job, ...] = ()
     on_error: tuple[Job, ...] = ()
+    priority: int | None = None
 
 
 class TaskFunction(Generic[P, R_co]):
@@ -1473,6 +1483,7 @@ class TaskFunction(Generic[P, R_co]):
         timezone: str | None = None,
         on_success: Sequence[Job] = (),
         on_error: Sequence[Job] = (),
+        priority: int | None = None,
     ) -> TaskFunction[P, R_co]:
         """A copy of this task function whose jobs carry these options (see :class:`Job`
         for each; ``None`` keeps the task's default). Checked when a job is built.
@@ -1500,6 +1511,7 @@ class TaskFunction(Generic[P, R_co]):
             schedule=o.schedule if schedule is None else schedule,
             on_success=tuple(on_success) or o.on_success,
             on_error=tuple(on_error) or o.on_error,
+            priority=o.priority if priority is None else priority,
         )
         return TaskFunction(self._client, self.name, self.queue, self.fn, options)
 
@@ -1527,6 +1539,7 @@ class TaskFunction(Generic[P, R_co]):
             schedule=o.schedule,
             on_success=o.on_success,
             on_error=o.on_error,
+            priority=o.priority or 0,
             **extra,
         )
 

@@ -26,6 +26,7 @@ from ._jobs import (
     Status,
     check_count,
     check_cron,
+    check_priority,
     check_seconds,
     check_task,
     check_time,
@@ -169,6 +170,7 @@ _JOB_FIELDS: _Fields = (
     ("on_success", (list,), None),
     ("on_error", (list,), None),
 )
+_N_JOB_FIELDS = len(_JOB_FIELDS)
 #: (name, allowed types, rule) of each position of a meta's array.
 _META_FIELDS: _Fields = (
     ("id", (str,), _id),
@@ -192,12 +194,42 @@ _META_FIELDS: _Fields = (
 )
 
 
-def _check(values: Any, fields: _Fields, what: str) -> list[Any]:
+#: A job's optional options, in a map after its fixed fields (present only when one of
+#: them is not its default, so a plain job's message is what it was before they came):
+#: key -> (allowed types, rule).
+_JOB_OPTIONS: dict[str, tuple[tuple[type, ...], _Rule]] = {
+    "priority": (_INT, check_priority),
+}
+
+
+def _check_options(value: Any) -> dict[str, Any]:
+    """A job's options map, checked key by key (an unknown key is refused: it is an option
+    of a newer version that this worker cannot honour)."""
+    if type(value) is not dict:
+        raise DecodeError(f"job options are a {type(value).__name__}, not a map")
+    for key, option in value.items():
+        known = _JOB_OPTIONS.get(key)
+        if known is None:
+            raise DecodeError(f"job option {str(key)[:64]!r} is unknown to this version")
+        types, rule = known
+        if type(option) not in types:
+            raise DecodeError(f"job option {key!r} has type {type(option).__name__}")
+        try:
+            rule(option, key)
+        except InvalidInputError as exc:
+            raise DecodeError(f"job option {key!r} is invalid: {exc}") from None
+    return value
+
+
+def _check(values: Any, fields: _Fields, what: str, *, extra: bool = False) -> list[Any]:
     """``values`` if it is an array of ``fields``, each of an allowed type (exactly: a
-    bool is not an int here) and passing its rule; else raise :class:`DecodeError`."""
-    if type(values) is not list or len(values) != len(fields):
+    bool is not an int here) and passing its rule; else raise :class:`DecodeError`.
+    With ``extra``, one more value may follow the fields (it is not checked here)."""
+    if type(values) is not list or (
+        len(values) != len(fields) and not (extra and len(values) == len(fields) + 1)
+    ):
         raise DecodeError(f"{what} is not an array of {len(fields)} fields")
-    for value, (name, types, rule) in zip(values, fields, strict=True):
+    for value, (name, types, rule) in zip(values, fields, strict=False):
         if type(value) not in types:
             raise DecodeError(f"{what} field {name!r} has type {type(value).__name__}")
         if rule is not None and value is not None:
@@ -233,7 +265,7 @@ def _backoff_from_wire(v: Any) -> Backoff | None:
 
 def _job_to_wire(job: Job) -> list[Any]:
     eta = None if job.eta is None else job.eta.timestamp()
-    return [
+    wire = [
         job.task,
         job.payload,
         job.id,
@@ -247,6 +279,9 @@ def _job_to_wire(job: Job) -> list[Any]:
         [_job_to_wire(j) for j in job.on_success],
         [_job_to_wire(j) for j in job.on_error],
     ]
+    if job.priority:
+        wire.append({"priority": job.priority})
+    return wire
 
 
 _new_job = Job.__new__
@@ -257,8 +292,13 @@ _set = object.__setattr__
 def _job_from_wire(d: Any, depth: int = 0) -> Job:
     if depth > MAX_DEPTH:
         raise DecodeError(f"follow-up jobs nested deeper than {MAX_DEPTH}")
+    fields = _check(d, _JOB_FIELDS, "job", extra=True)
+    options = None
+    if len(fields) > _N_JOB_FIELDS:
+        options = _check_options(fields[_N_JOB_FIELDS])
+        fields = fields[:_N_JOB_FIELDS]
     task, payload, job_id, queue, max_retries, backoff, timeout, eta, delay, schedule, ok, err = (
-        _check(d, _JOB_FIELDS, "job")
+        fields
     )
     # the rules of Job() that span fields
     if eta is not None and delay is not None:
@@ -283,6 +323,7 @@ def _job_from_wire(d: Any, depth: int = 0) -> Job:
     _set(job, "schedule", schedule)
     _set(job, "on_success", tuple([_job_from_wire(j, depth + 1) for j in ok]))
     _set(job, "on_error", tuple([_job_from_wire(j, depth + 1) for j in err]))
+    _set(job, "priority", 0 if options is None else options.get("priority", 0))
     return job
 
 
@@ -420,7 +461,10 @@ def peek_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Peek:
             value = unpacker.unpack()
             if type(value) is str:
                 _peeked(found, name, value, _META_FIELDS[index][2])
-        if length == len(_META_FIELDS) and unpacker.read_array_header() == len(_JOB_FIELDS):
+        if length == len(_META_FIELDS) and unpacker.read_array_header() in (
+            _N_JOB_FIELDS,
+            _N_JOB_FIELDS + 1,
+        ):
             value = unpacker.unpack()
             if type(value) is str:
                 _peeked(found, "task", value, check_task)

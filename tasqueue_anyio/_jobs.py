@@ -49,6 +49,8 @@ MIN_TIME = -62135596800.0
 MAX_TIME = 253402300799.0
 #: The longest cron expression.
 MAX_SCHEDULE_LENGTH = 256
+#: The highest job priority (:attr:`Job.priority` runs from 0, the default, to this).
+MAX_PRIORITY = 9
 
 _QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@+=/-]{1,255}")
@@ -124,6 +126,13 @@ def check_count(value: object, name: str) -> None:
         raise InvalidInputError(f"{name} must be an int from 0 to {MAX_COUNT}, got {value!r}")
 
 
+def check_priority(value: object, name: str = "priority") -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is an int from 0 to
+    :data:`MAX_PRIORITY`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
+        raise InvalidInputError(f"{name} must be an int from 0 to {MAX_PRIORITY}, got {value!r}")
+
+
 def check_seconds(value: object, name: str) -> None:
     """Raise :class:`InvalidInputError` unless ``value`` is a number > 0 and at most
     :data:`MAX_SECONDS` (so not NaN or infinite)."""
@@ -163,6 +172,10 @@ def check_cron(value: object, name: str = "schedule") -> None:
 
 def _check_non_negative_int(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     check_count(value, attribute.name)
+
+
+def _check_priority(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_priority(value, attribute.name)
 
 
 def _check_positive(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -392,6 +405,9 @@ class Job:
         see :func:`cron_next_fire`)
     :param on_success: jobs to enqueue once this job has succeeded
     :param on_error: jobs to enqueue once this job has finally failed
+    :param priority: 0 (the default) to :data:`MAX_PRIORITY` (9): among the due messages
+        of its queue, one of a higher priority is always fetched before one of a lower
+        priority; FIFO within a priority. Retries keep it; follow-up jobs carry their own
     """
 
     task: str = attrs.field(validator=_check_task)
@@ -410,6 +426,7 @@ class Job:
     schedule: str | None = attrs.field(default=None, kw_only=True, validator=_check_schedule)
     on_success: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
     on_error: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
+    priority: int = attrs.field(default=0, kw_only=True, validator=_check_priority)
 
     def __attrs_post_init__(self) -> None:
         if self.eta is not None and self.delay is not None:

@@ -16,7 +16,14 @@ from ._client import Client, TaskFunction, _Options
 from ._codec import DEFAULT_MAX_MESSAGE_SIZE
 from ._codecs import Codec
 from ._exceptions import InvalidInputError, QueueConcurrencyError
-from ._jobs import DEFAULT_QUEUE, Backoff, check_count, check_seconds, validate_queue
+from ._jobs import (
+    DEFAULT_QUEUE,
+    Backoff,
+    check_count,
+    check_priority,
+    check_seconds,
+    validate_queue,
+)
 from ._tasks import Callback, ErrorCallback, Handler, Task, is_async_callable, typed_handler
 from ._worker import BURST_INTERVAL, Worker
 from .abc import Broker, Results
@@ -122,6 +129,7 @@ class Server(Client):
         max_retries: int | None = None,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
         on_processing: Callback | None = None,
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
@@ -141,6 +149,7 @@ class Server(Client):
         max_retries: int | None = None,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
         on_processing: Callback | None = None,
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
@@ -160,6 +169,7 @@ class Server(Client):
         max_retries: int | None = None,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
         on_processing: Callback | None = None,
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
@@ -196,7 +206,8 @@ class Server(Client):
         :param concurrency: processors for ``queue``; the first task registered on a
             queue fixes it (default: the server's ``default_concurrency``)
         :param max_retries: a typed task's jobs' default ``max_retries`` (see
-            :class:`~tasqueue_anyio.Job`); likewise ``backoff`` and ``timeout``
+            :class:`~tasqueue_anyio.Job`); likewise ``backoff``, ``timeout`` and
+            ``priority``
         :param abandon_on_cancel: for a sync handler: stop waiting for its thread as soon
             as its run is stopped, and record the run's end at once. The thread runs on
             unseen (its ``ctx.save`` is refused with ``LeaseLostError`` once the end is
@@ -218,6 +229,7 @@ class Server(Client):
         max_retries: int | None = None,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
         on_processing: Callback | None = None,
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
@@ -239,11 +251,18 @@ class Server(Client):
             check_count(max_retries, "max_retries")
         if timeout is not None:
             check_seconds(timeout, "timeout")
+        if priority is not None:
+            check_priority(priority)
         if backoff is not None and not isinstance(backoff, Backoff):
             raise InvalidInputError(f"backoff must be a Backoff, got {backoff!r}")
-        if raw and (max_retries is not None or backoff is not None or timeout is not None):
+        if raw and (
+            max_retries is not None
+            or backoff is not None
+            or timeout is not None
+            or priority is not None
+        ):
             raise InvalidInputError(
-                "max_retries, backoff and timeout are job defaults of a typed task; "
+                "max_retries, backoff, timeout and priority are job defaults of a typed task; "
                 "a bytes-level task's jobs carry them in their Job"
             )
         existing = self._queues.get(queue)
@@ -273,7 +292,9 @@ class Server(Client):
         )
         if raw:
             return None
-        options = _Options(max_retries=max_retries, backoff=backoff, timeout=timeout)
+        options = _Options(
+            max_retries=max_retries, backoff=backoff, timeout=timeout, priority=priority
+        )
         return TaskFunction(self, name, queue, handler, options)
 
     @overload
@@ -287,6 +308,7 @@ class Server(Client):
         max_retries: int | None = None,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
         on_processing: Callback | None = None,
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
@@ -319,6 +341,7 @@ class Server(Client):
         max_retries: int | None = None,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
         on_processing: Callback | None = None,
         on_success: Callback | None = None,
         on_retrying: ErrorCallback | None = None,
@@ -346,6 +369,7 @@ class Server(Client):
                 max_retries=max_retries,
                 backoff=backoff,
                 timeout=timeout,
+                priority=priority,
                 on_processing=on_processing,
                 on_success=on_success,
                 on_retrying=on_retrying,

@@ -22,6 +22,8 @@ from typing import TypeVar
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
+from ._jobs import check_priority
+
 __all__ = [
     "FINAL_STATUSES",
     "MAX_PROGRESS_SIZE",
@@ -64,12 +66,16 @@ class Envelope:
         repeated enqueue of the same message is harmless (see
         :meth:`Broker.enqueue_many`)
     :param eta: POSIX time before which the message must not be delivered, or ``None``
+    :param priority: 0 to 9: a due message of a higher priority is delivered before every
+        due message of a lower one on its queue; FIFO within a priority. It stays with
+        the message when it is put back or comes back after a lost lease
     """
 
     queue: str
     data: bytes
     id: str
     eta: float | None = None
+    priority: int = attrs.field(default=0, validator=lambda i, a, v: check_priority(v))
 
 
 @attrs.frozen(kw_only=True)

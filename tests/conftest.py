@@ -122,7 +122,12 @@ RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]]
 #: ``tests/test_nats_old_server.py`` on the old NATS server (``nats-2.10``: nats-server
 #: 2.10, without message schedules, per-key TTLs or batched direct gets)
 CONTRACT_ONLY = {"redis-cluster", "nats-2.10"}
-_CONTRACT_MODULES = {"test_contract_broker", "test_contract_end_job", "test_contract_results"}
+_CONTRACT_MODULES = {
+    "test_contract_broker",
+    "test_contract_end_job",
+    "test_contract_priority",
+    "test_contract_results",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

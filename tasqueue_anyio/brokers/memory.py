@@ -1,7 +1,10 @@
 """The in-process broker: zero set-up, for tests and single-process applications.
 
 Every queue is a first-in-first-out :class:`~collections.deque` of due messages plus a
-heap of scheduled ones ordered by ``(eta, enqueue sequence)``. Consumers of one queue
+heap of scheduled ones ordered by ``(eta, enqueue sequence)``. Due messages of a priority
+above 0 wait in a heap of their own ordered by ``(-priority, enqueue sequence)``, which a
+consumer empties before it looks at the deque (a queue that never sees a priority never
+touches it). Consumers of one queue
 share it: each message goes to exactly one of them. Everything runs on one event loop,
 so the code between two ``await`` points is atomic and needs no lock.
 
@@ -46,26 +49,41 @@ _WITHDRAWN = 2  # consume() put the message back after a hand-over that may have
 
 
 class _Message:
-    """One message in a queue: its id, and how many times it has been delivered."""
+    """One message in a queue: its id, and how many times it has been delivered; a
+    message of a priority above 0 also has its priority and its enqueue sequence."""
 
-    __slots__ = ("data", "deliveries", "id")
+    __slots__ = ("data", "deliveries", "id", "priority", "seq")
 
-    def __init__(self, id: str, data: bytes) -> None:
+    def __init__(self, id: str, data: bytes, priority: int = 0, seq: int = 0) -> None:
         self.id = id
         self.data = data
         self.deliveries = 0
+        self.priority = priority
+        self.seq = seq
 
 
 class _Queue:
     """The plain data of one queue (touched by finalizers, so no event-loop objects but
     ``wakeup``, which only the event loop touches)."""
 
-    __slots__ = ("abandoned", "dead", "held", "ids", "name", "ready", "scheduled", "wakeup")
+    __slots__ = (
+        "abandoned",
+        "dead",
+        "held",
+        "ids",
+        "name",
+        "ready",
+        "scheduled",
+        "urgent",
+        "wakeup",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
-        #: due messages, oldest first
+        #: due messages of priority 0, oldest first
         self.ready: deque[_Message] = deque()
+        #: heap of (-priority, sequence number, message) of due messages of priority > 0
+        self.urgent: list[tuple[int, int, _Message]] = []
         #: heap of (eta, sequence number, message)
         self.scheduled: list[tuple[float, int, _Message]] = []
         #: dead letters, oldest first
@@ -80,6 +98,40 @@ class _Queue:
         self.ids: set[str] = set()
         #: set to wake idle consumers, then replaced; created lazily by a waiting consumer
         self.wakeup: anyio.Event | None = None
+
+
+def _make_due(q: _Queue, message: _Message, *, front: bool = False) -> None:
+    """Put a message with the due ones: at the back of the deque (the front with
+    ``front``: it was the oldest when it was taken), or in the heap of its priority at
+    its first place (a message of priority > 0 keeps its enqueue sequence)."""
+    if message.priority:
+        heapq.heappush(q.urgent, (-message.priority, message.seq, message))
+    elif front:
+        q.ready.appendleft(message)
+    else:
+        q.ready.append(message)
+
+
+def _remove_due(q: _Queue, message: _Message) -> bool:
+    """Take a message out of the due ones; whether it was there."""
+    if not message.priority:
+        try:
+            q.ready.remove(message)
+        except ValueError:
+            return False
+        return True
+    for index, entry in enumerate(q.urgent):
+        if entry[2] is message:
+            q.urgent[index] = q.urgent[-1]
+            q.urgent.pop()
+            heapq.heapify(q.urgent)
+            return True
+    return False
+
+
+def _due(q: _Queue) -> list[_Message]:
+    """The due messages in delivery order."""
+    return [*(m for _, _, m in sorted(q.urgent)), *q.ready]
 
 
 def _abandon(queue: _Queue, message: _Message) -> None:
@@ -146,9 +198,7 @@ class MemoryDelivery(Delivery):
         # _WITHDRAWN: the hand-over raised, yet the receiver got this delivery (a
         # cancellation racing a completed hand-over). The message went back to the front of
         # the queue; reclaim it if it is still there, else another delivery owns it now.
-        try:
-            self._q.ready.remove(self._message)
-        except ValueError:
+        if not _remove_due(self._q, self._message):
             raise LeaseLostError(
                 f"the message on queue {self._q.name!r} was given back by its consumer and "
                 f"delivered again; that delivery now owns it"
@@ -163,7 +213,7 @@ class MemoryDelivery(Delivery):
         self._finalizer.detach()
         self._q.held -= 1
         self._message.deliveries -= 1
-        self._q.ready.appendleft(self._message)
+        _make_due(self._q, self._message, front=True)
         self._broker._wake(self._q)
 
     async def ack(
@@ -208,7 +258,7 @@ class MemoryDelivery(Delivery):
                 self._q.scheduled, (broker._clock() + delay, next(broker._seq), self._message)
             )
         else:
-            self._q.ready.appendleft(self._message)
+            _make_due(self._q, self._message, front=True)
         broker._wake(self._q)
 
     async def dead_letter(self, reason: str) -> None:
@@ -287,9 +337,12 @@ class MemoryBroker(Broker):
             if env.id in q.ids:
                 continue
             q.ids.add(env.id)
-            message = _Message(env.id, env.data)
+            if env.priority:
+                message = _Message(env.id, env.data, env.priority, next(self._seq))
+            else:
+                message = _Message(env.id, env.data)
             if env.eta is None or env.eta <= now:
-                q.ready.append(message)
+                _make_due(q, message)
             else:
                 heapq.heappush(q.scheduled, (env.eta, next(self._seq), message))
         for q in touched.values():
@@ -303,12 +356,13 @@ class MemoryBroker(Broker):
             while abandoned:
                 reclaimed.append(abandoned.popleft())
             q.held -= len(reclaimed)
-            q.ready.extendleft(reversed(reclaimed))
+            for message in reversed(reclaimed):
+                _make_due(q, message, front=True)
         scheduled = q.scheduled
         if scheduled:
             now = self._clock()
             while scheduled and scheduled[0][0] <= now:
-                q.ready.append(heapq.heappop(scheduled)[2])
+                _make_due(q, heapq.heappop(scheduled)[2])
 
     async def _wait_for_work(self, q: _Queue) -> None:
         timeout = math.inf
@@ -356,13 +410,17 @@ class MemoryBroker(Broker):
 
     async def _feed(self, q: _Queue, send_stream: MemoryObjectSendStream[Delivery]) -> None:
         ready = q.ready
+        urgent = q.urgent
         while True:
             if q.abandoned or q.scheduled:
                 self._refresh(q)
-            if not ready:
+            if urgent:
+                message = heapq.heappop(urgent)[2]
+            elif ready:
+                message = ready.popleft()
+            else:
                 await self._wait_for_work(q)
                 continue
-            message = ready.popleft()
             message.deliveries += 1
             q.held += 1
             delivery = MemoryDelivery(self, q, message)
@@ -379,7 +437,8 @@ class MemoryBroker(Broker):
             del delivery
 
     async def get_pending(self, queue: str) -> list[bytes]:
-        """Messages on ``queue`` that are due and not held by a worker, oldest first.
+        """Messages on ``queue`` that are due and not held by a worker, in delivery order
+        (higher priorities first, oldest first within a priority).
 
         :param queue: the queue
         :return: the messages' data
@@ -388,7 +447,7 @@ class MemoryBroker(Broker):
         if q is None:
             return []
         self._refresh(q)
-        return [m.data for m in q.ready]
+        return [m.data for m in _due(q)]
 
     async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
         """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order.
@@ -412,8 +471,9 @@ class MemoryBroker(Broker):
         if q is None:
             return []
         self._refresh(q)
-        removed = [*q.ready, *(m for _, _, m in sorted(q.scheduled))]
+        removed = [*_due(q), *(m for _, _, m in sorted(q.scheduled))]
         q.ready.clear()
+        q.urgent.clear()
         q.scheduled.clear()
         for message in removed:
             q.ids.discard(message.id)
@@ -451,7 +511,7 @@ class MemoryBroker(Broker):
             return QueueCounts(pending=0, scheduled=0, in_flight=0, dead=0)
         self._refresh(q)
         return QueueCounts(
-            pending=len(q.ready),
+            pending=len(q.ready) + len(q.urgent),
             scheduled=len(q.scheduled),
             in_flight=max(0, q.held - len(q.abandoned)),
             dead=len(q.dead),

@@ -148,17 +148,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from functools import partial
 from typing import Literal
 
 import anyio
 import msgpack
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
@@ -206,6 +208,12 @@ _MAX_BATCH_SIZE = 1000
 H_DELIVERED = "Tasqueue-Delivered"
 #: The ETA of a scheduled message, ``repr(float)`` of POSIX seconds.
 H_ETA = "Tasqueue-Eta"
+#: The priority (1 to 9) of a message of priority above 0: it names the subject the
+#: message is due on, wherever it goes (a schedule's target, a copy put back).
+H_PRIORITY = "Tasqueue-Priority"
+#: How often (seconds) a consumer looks for due messages of priorities above 0 on its
+#: queue that it was not told of (see NatsBroker.consume).
+_LEVEL_CHECK = 1.0
 
 # Within this many seconds before an ETA a message is published as due, not scheduled
 # (and the schedule relay takes a message as due).
@@ -248,13 +256,20 @@ class _Queue:
 
     __slots__ = (
         "adopted",
+        "checked",
         "consumer",
         "dead",
+        "level_ready",
+        "levels",
+        "look_at",
         "name",
+        "poll",
+        "prefix",
         "ready",
         "relay",
         "relay_ready",
         "scheduled",
+        "seen",
         "subject",
     )
 
@@ -269,6 +284,44 @@ class _Queue:
         self.ready = False  # the consumer was ensured since the broker opened
         self.relay_ready = False  # the relay consumer was ensured since the broker opened
         self.adopted = False  # relay-style schedules were adopted since the broker opened
+        self.prefix = prefix
+        #: priorities above 0 that may have due messages (fetched first, highest first)
+        self.levels: set[int] = set()
+        #: the priorities whose consumer was ensured since the broker opened
+        self.level_ready: set[int] = set()
+        #: whether a priority above 0 was ever seen on this queue
+        self.seen = False
+        #: when (anyio clock) the consumer last looked for priorities it was not told of
+        self.checked = -math.inf
+        #: the earliest ETA (POSIX time) of a message of priority above 0 that this broker
+        #: scheduled: its consumer looks for priorities then, not a _LEVEL_CHECK later
+        self.look_at = math.inf
+        #: the scope of a waiting pull request, cancelled when a priority message comes
+        self.poll: anyio.CancelScope | None = None
+
+    def subject_of(self, priority: int) -> str:
+        """The subject of the due messages of ``priority``."""
+        return self.subject if not priority else f"{self.prefix}.p.{self.name}.{priority}"
+
+    def consumer_of(self, priority: int) -> str:
+        """The durable consumer of the due messages of ``priority`` (above 0)."""
+        return f"{self.name}{_RELAY_MARK}p{priority}"
+
+    @property
+    def levels_filter(self) -> str:
+        """The subjects of the due messages of priorities above 0."""
+        return f"{self.prefix}.p.{self.name}.*"
+
+    @property
+    def channel(self) -> str:
+        """The event channel that tells consumers of a message of priority above 0."""
+        return f"{_RELAY_MARK}prio:{self.name}"
+
+
+def _priority(headers: Headers | None) -> int:
+    """The priority a message's headers give (0 when none or not 1 to 9)."""
+    value = header_value(headers, H_PRIORITY, "")
+    return int(value) if len(value) == 1 and value in "123456789" else 0
 
 
 class _Channel:
@@ -311,7 +364,18 @@ def _relayed_copy(q: _Queue, msg: JsMsg) -> Request:
     (within the stream's duplicate window)."""
     # all but the server's headers, so its Tasqueue-Delivered carries on
     headers = [*_kept_headers(msg.headers), ("Nats-Msg-Id", f"relay:{msg.metadata.stream_seq}")]
-    return (q.subject, msg.payload, headers)
+    priority = _priority(msg.headers)
+    if priority:  # this process's consumer fetches it first; others look for it
+        q.levels.add(priority)
+    return (q.subject_of(priority), msg.payload, headers)
+
+
+def _priority_of(headers: Sequence[tuple[str, str]]) -> int:
+    """The priority in a list of headers being built (0 when none)."""
+    for name, value in headers:
+        if name == H_PRIORITY and len(value) == 1 and value in "123456789":
+            return int(value)
+    return 0
 
 
 def _fired(msg: JsMsg) -> bool:
@@ -626,6 +690,7 @@ class NatsBroker(NatsBackend, Broker):
         self._channel_lock = anyio.Lock()
         for q in self._queues.values():
             q.ready = q.relay_ready = q.adopted = False
+            q.level_ready.clear()
         self._schedules = self.server_at_least((2, 12, 0))
         await self._ensure_stream()
         p = self.prefix  # the subjects of queues and of events
@@ -636,7 +701,7 @@ class NatsBroker(NatsBackend, Broker):
         await self.js.ensure_stream(
             StreamConfig(
                 name=self.stream,
-                subjects=[f"{p}.q.*", f"{p}.s.*.*", f"{p}.d.*"],
+                subjects=[f"{p}.q.*", f"{p}.p.*.*", f"{p}.s.*.*", f"{p}.d.*"],
                 retention="workqueue",
                 storage=self.storage,
                 num_replicas=self.replicas,
@@ -682,6 +747,22 @@ class NatsBroker(NatsBackend, Broker):
         )
         q.ready = True
 
+    async def _ensure_level(self, q: _Queue, priority: int) -> None:
+        if priority in q.level_ready:
+            return
+        await self._create_consumer(
+            ConsumerConfig(
+                durable_name=q.consumer_of(priority),
+                ack_policy="explicit",
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                filter_subject=q.subject_of(priority),
+                deliver_policy="all",
+                description=f"tasqueue queue {q.name}, priority {priority}",
+            )
+        )
+        q.level_ready.add(priority)
+
     async def _ensure_relay(self, q: _Queue) -> None:
         if q.relay_ready:
             return
@@ -718,9 +799,11 @@ class NatsBroker(NatsBackend, Broker):
         if not isinstance(env.id, str) or not env.id:
             raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
         headers: list[tuple[str, str]] = [("Nats-Msg-Id", env.id)]
+        if env.priority:
+            headers.append((H_PRIORITY, str(env.priority)))
         eta = env.eta
         if eta is None or eta <= now + _ETA_SLACK:
-            return (q.subject, env.data, headers)
+            return (q.subject_of(env.priority), env.data, headers)
         return self._schedule(q, "i" + encode_token(env.id), env.data, float(eta), headers)
 
     def _schedule(
@@ -728,13 +811,19 @@ class NatsBroker(NatsBackend, Broker):
     ) -> Request:
         """The publication of a message waiting for ``eta`` on ``P.s.Q.<token>``: a native
         message schedule, or (server without message schedules) a message the schedule
-        relay moves to the queue at its ETA."""
+        relay moves to the queue at its ETA. Its target is the subject of its priority
+        (its ``Tasqueue-Priority`` header)."""
+        priority = _priority_of(headers)
+        if priority:
+            q.look_at = min(q.look_at, eta)
+            q.seen = True
+        target = q.subject_of(priority)
         headers = [*headers, (H_ETA, repr(eta))]
         if self._schedules:
             at = datetime.fromtimestamp(eta, tz=timezone.utc)
             headers += [
                 ("Nats-Schedule", f"@at {format_timestamp(at)}"),
-                ("Nats-Schedule-Target", q.subject),
+                ("Nats-Schedule-Target", target),
             ]
         return (f"{q.scheduled}.{token}", data, headers)
 
@@ -775,6 +864,16 @@ class NatsBroker(NatsBackend, Broker):
                     again.append((subject, data, [h for h in headers if h[0] != "Nats-Msg-Id"]))
             if again:
                 await self.publish_all(again, "enqueueing")
+            # tell the consumers of a priority above 0 at once (best effort: they look
+            # for such messages every _LEVEL_CHECK seconds too)
+            told: set[tuple[str, int]] = set()
+            for env in messages:
+                if env.priority and (env.queue, env.priority) not in told:
+                    told.add((env.queue, env.priority))
+                    channel = self._queue(env.queue).channel
+                    await self.client.publish(
+                        self._event_subject(channel), str(env.priority).encode()
+                    )
 
     async def _copied(self, env: Envelope, seq: int) -> bool:
         """Whether a copy of ``env``'s message stored after ``seq`` (its first copy) is
@@ -787,7 +886,7 @@ class NatsBroker(NatsBackend, Broker):
         duplicate of a message that is gone pays it.
         """
         q = self._queue(env.queue)
-        for subject in (q.subject, f"{q.scheduled}.*"):
+        for subject in (q.subject_of(env.priority), f"{q.scheduled}.*"):
             for message in await self.read_range(self.stream, subject, seq + 1):
                 if message.payload != env.data:
                     continue
@@ -829,15 +928,17 @@ class NatsBroker(NatsBackend, Broker):
         """
         q = self._queue(queue)
         self._require_open()
+        q.checked = -math.inf  # look for priorities above 0 at the first fetch
         local: deque[NatsDelivery] = deque()
         with send_stream:
             try:
                 async with anyio.create_task_group() as tg:
                     if not self._schedules:
-                        tg.start_soon(self._relay, q, name=f"{self!r} ETA relay of {q.name!r}")
+                        await tg.start(self._relay, q, name=f"{self!r} ETA relay of {q.name!r}")
                     elif not q.adopted:
                         tg.start_soon(self._adopt, q, name=f"{self!r} ETA adoption {q.name!r}")
-                    await self._feed(q, send_stream, local)
+                    async with self.subscribe(q.channel, partial(self._told, q)):
+                        await self._feed(q, send_stream, local)
                     tg.cancel_scope.cancel()
             finally:
                 if local:
@@ -858,15 +959,14 @@ class NatsBroker(NatsBackend, Broker):
                 try:
                     with translate_errors(f"fetching from queue {q.name!r}"):
                         await self._ensure_consumer(q)
-                        batch = await self._fetch(q, want)
+                        await self._fetch(q, want, local)
                 except BrokerError as exc:
                     if isinstance(exc.__cause__, (ConsumerNotFoundError, FetchError)):
                         q.ready = False  # deleted under us: create it again
+                        q.level_ready.clear()
                     await retry.failed(exc)
                     continue
                 retry.succeeded()
-                local.extend(batch)
-                del batch  # only `local` may hold them (see NatsDelivery: abandoned ones)
                 if not local:
                     continue
             delivery = local[0]
@@ -880,29 +980,86 @@ class NatsBroker(NatsBackend, Broker):
             local.popleft()
             del delivery
 
-    async def _fetch(self, q: _Queue, want: int) -> list[NatsDelivery]:
+    @staticmethod
+    def _told(q: _Queue, data: bytes) -> None:
+        """A producer enqueued a message of a priority above 0 on ``q``: fetch it first,
+        and stop waiting on the queue's pull request (the one waiting for priority 0)."""
+        if len(data) == 1 and data in b"123456789":
+            q.levels.add(int(data))
+            q.seen = True
+            if q.poll is not None:
+                q.poll.cancel()
+
+    async def _look_for_levels(self, q: _Queue) -> None:
+        """Find the priorities above 0 with messages on ``q`` (one stream info; its reply
+        names each such subject): those a consumer was not told of (fired schedules, the
+        relay's copies, another process's put-backs, a lost notice)."""
+        found = await self._levels(q)
+        if found:
+            q.levels.update(found)
+            q.seen = True
+        q.checked = anyio.current_time()
+
+    async def _fetch(self, q: _Queue, want: int, local: deque[NatsDelivery]) -> None:
+        """Fetch up to ``want`` messages of ``q`` into ``local``: from the consumers of the
+        priorities above 0 that may have some, highest first, then from the queue's; when
+        none came, wait for one in a pull request.
+
+        The no-wait pull requests are shielded (one round trip each) and their messages
+        go into ``local`` before the next checkpoint, so a consumer cancelled meanwhile
+        gives them back instead of stranding them until their ack wait.
+        """
         js = self.js
-        base = anyio.current_time()
-        msgs = await js.fetch(self.stream, q.consumer, want, no_wait=True)
-        if not msgs:
+        start = len(local)
+
+        async def take(consumer: str, n: int) -> int:
             base = anyio.current_time()
-            msgs = await js.fetch(self.stream, q.consumer, 1, expires=self.poll_interval)
-        if any(_fired(msg) for msg in msgs):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
+                msgs = await js.fetch(self.stream, consumer, n, no_wait=True)
+                local.extend([NatsDelivery(self, q, msg, base) for msg in msgs])
+                return len(msgs)
+            return 0
+
+        if anyio.current_time() - q.checked >= _LEVEL_CHECK or time.time() >= q.look_at:
+            q.look_at = math.inf
+            await self._look_for_levels(q)
+        # higher priorities first; a priority found empty is dropped until told again
+        for level in sorted(q.levels, reverse=True):
+            await self._ensure_level(q, level)
+            if not await take(q.consumer_of(level), want - (len(local) - start)):
+                q.levels.discard(level)
+            if len(local) - start >= want:
+                break
+        if len(local) - start < want:
+            await take(q.consumer, want - (len(local) - start))
+        if len(local) == start:
+            base = anyio.current_time()
+            # a notice of a priority message cancels the wait (a message the server was
+            # delivering at that moment comes back after its ack wait, as for a stopped
+            # consumer); a queue that has priorities waits at most _LEVEL_CHECK
+            expires = min(self.poll_interval, _LEVEL_CHECK) if q.seen else self.poll_interval
+            expires = max(0.05, min(expires, q.look_at - time.time()))
+            with anyio.CancelScope() as q.poll:
+                msgs = await js.fetch(self.stream, q.consumer, 1, expires=expires)
+                local.extend([NatsDelivery(self, q, msg, base) for msg in msgs])
+            q.poll = None
+        if any(_fired(local[index]._msg) for index in range(start, len(local))):
             # A scheduler run stores its messages in publishing order: let the run land,
             # take the rest of it, and hand its messages out in ETA order.
             await anyio.sleep(_RUN_SETTLE)
-            if len(msgs) < self.batch_size:
-                msgs += await js.fetch(
-                    self.stream, q.consumer, self.batch_size - len(msgs), no_wait=True
-                )
-            slots = [index for index, msg in enumerate(msgs) if _fired(msg)]
+            if len(local) - start < self.batch_size:
+                await take(q.consumer, self.batch_size - (len(local) - start))
+            slots = [index for index in range(start, len(local)) if _fired(local[index]._msg)]
             fired = sorted(
-                (msgs[index] for index in slots),
-                key=lambda msg: (_msg_eta(msg), msg.metadata.stream_seq),
+                (local[index] for index in slots),
+                key=lambda d: (
+                    -_priority(d._msg.headers),
+                    _msg_eta(d._msg),
+                    d._msg.metadata.stream_seq,
+                ),
             )
-            for index, msg in zip(slots, fired, strict=True):
-                msgs[index] = msg
-        return [NatsDelivery(self, q, msg, base) for msg in msgs]
+            for index, delivery in zip(slots, fired, strict=True):
+                local[index] = delivery
 
     async def _give_back(self, q: _Queue, deliveries: Iterable[NatsDelivery]) -> None:
         back: list[tuple[NatsDelivery, bool]] = []
@@ -945,7 +1102,10 @@ class NatsBroker(NatsBackend, Broker):
                 token = f"n{meta.stream_seq}-{meta.num_delivered}"
                 requests.append(self._schedule(delivery._q, token, msg.payload, eta, headers))
             else:
-                requests.append((delivery._q.subject, msg.payload, headers))
+                priority = _priority(msg.headers)
+                if priority:
+                    delivery._q.levels.add(priority)
+                requests.append((delivery._q.subject_of(priority), msg.payload, headers))
         await self.publish_all(requests, "giving messages back")
         await self._settle(
             [d._msg.reply for d, _ in deliveries], b"+ACK", "acking given-back messages"
@@ -967,18 +1127,23 @@ class NatsBroker(NatsBackend, Broker):
 
     # -- the schedule relay (servers without message schedules) -----------------------------
 
-    async def _relay(self, q: _Queue) -> None:
+    async def _relay(
+        self, q: _Queue, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Move ``q``'s waiting messages to the queue at their ETAs, until cancelled.
 
-        Server errors are logged and retried with a bounded backoff; a relay consumer
-        deleted under it is created again.
+        Reports itself started after a first pass over the messages waiting now (or its
+        failure), so that the consumer's first fetch finds the ones that came due while
+        nothing relayed, each under its priority. Server errors are logged and retried
+        with a bounded backoff; a relay consumer deleted under it is created again.
         """
         retry = RetryBackoff(logger, f"relaying the ETAs of queue {q.name!r}", {"queue": q.name})
+        first = True
         while True:
             try:
                 with translate_errors(f"relaying the ETAs of queue {q.name!r}"):
                     await self._ensure_relay(q)
-                    msgs = await self._fetch_waiting(q)
+                    msgs = await self._fetch_waiting(q, wait=not first)
                     if msgs:
                         # settle what was fetched even if consume() is being cancelled:
                         # a message left held comes back only after the ack wait
@@ -987,19 +1152,31 @@ class NatsBroker(NatsBackend, Broker):
             except BrokerError as exc:
                 if isinstance(exc.__cause__, (ConsumerNotFoundError, FetchError)):
                     q.relay_ready = False  # deleted under us: create it again
+                if first:
+                    first = False
+                    task_status.started()
                 await retry.failed(exc)
                 continue
+            if first:
+                first = False
+                task_status.started()
             retry.succeeded()
 
-    async def _fetch_waiting(self, q: _Queue) -> list[JsMsg]:
+    async def _fetch_waiting(self, q: _Queue, *, wait: bool = True) -> list[JsMsg]:
         """Messages of ``q`` waiting for an ETA that the relay consumer has now: new ones,
-        and ones put aside whose delay ran out. Waits up to ``poll_interval`` for one."""
+        and ones put aside whose delay ran out. Waits up to ``poll_interval`` for one
+        (unless not ``wait``)."""
         js = self.js
-        msgs = await js.fetch(self.stream, q.relay, _RELAY_BATCH, no_wait=True)
-        if not msgs:
+        # the no-wait pull requests are shielded (one round trip), and the caller relays
+        # what they return shielded too: a relay stopped meanwhile strands nothing
+        msgs: list[JsMsg] = []
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
+            msgs = await js.fetch(self.stream, q.relay, _RELAY_BATCH, no_wait=True)
+        if not msgs and wait:
             msgs = await js.fetch(self.stream, q.relay, 1, expires=self.poll_interval)
             if msgs:  # and whatever came due with it
-                msgs += await js.fetch(self.stream, q.relay, _RELAY_BATCH - 1, no_wait=True)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
+                    msgs += await js.fetch(self.stream, q.relay, _RELAY_BATCH - 1, no_wait=True)
         return msgs
 
     async def _relay_batch(self, q: _Queue, msgs: Sequence[JsMsg]) -> None:
@@ -1064,7 +1241,8 @@ class NatsBroker(NatsBackend, Broker):
                 ("Nats-Msg-Id", f"relay:{seq}"),
             ]
             if eta <= now + _ETA_SLACK:
-                requests.append((q.subject, message.payload, [*headers, (H_ETA, repr(eta))]))
+                target = q.subject_of(_priority(message.headers))
+                requests.append((target, message.payload, [*headers, (H_ETA, repr(eta))]))
             else:
                 requests.append(self._schedule(q, f"r{seq}", message.payload, eta, headers))
         if requests:
@@ -1133,10 +1311,11 @@ class NatsBroker(NatsBackend, Broker):
     # -- inspection -------------------------------------------------------------------------
 
     async def get_pending(self, queue: str) -> list[bytes]:
-        """Messages on ``queue`` not delivered yet, oldest first.
+        """Messages on ``queue`` not delivered yet, in delivery order (higher priorities
+        first, oldest first within a priority).
 
-        One round trip for the consumer's delivered sequence, then one per 256 messages
-        (batched direct gets past it). A message held by a worker that died is not
+        One round trip for the priorities in use, one for each consumer's delivered
+        sequence, then one per 256 messages (batched direct gets past it). A message held by a worker that died is not
         listed until JetStream delivers it again.
 
         :param queue: the queue
@@ -1144,21 +1323,39 @@ class NatsBroker(NatsBackend, Broker):
         """
         return [m.payload for m in await self._undelivered(self._queue(queue))]
 
+    async def _levels(self, q: _Queue) -> dict[int, int]:
+        """The priorities above 0 with messages on ``q`` (due, held or not), and how many
+        each has: one stream info, highest priority first."""
+        info = await self.js.stream_info(self.stream, subjects_filter=q.levels_filter)
+        found = {}
+        for subject, n in info.subjects.items():
+            level = subject.rpartition(".")[2]
+            if n and len(level) == 1 and level in "123456789":
+                found[int(level)] = n
+        return dict(sorted(found.items(), reverse=True))
+
     async def _undelivered(self, q: _Queue) -> list[StoredMsg]:
-        """The due messages of ``q`` its consumer has not delivered yet, oldest first."""
+        """The due messages of ``q`` its consumers have not delivered yet, in delivery
+        order: higher priorities first, oldest first within a priority."""
         with translate_errors(f"reading queue {q.name!r}"):
-            start = 1
-            try:
-                info = await self.js.consumer_info(self.stream, q.consumer)
-                start = int(info.raw.get("delivered", {}).get("stream_seq", 0)) + 1
-            except ConsumerNotFoundError:
-                pass
-            return await self.read_range(self.stream, q.subject, start)
+            out: list[StoredMsg] = []
+            for level in [*await self._levels(q), 0]:
+                start = 1
+                try:
+                    info = await self.js.consumer_info(
+                        self.stream, q.consumer_of(level) if level else q.consumer
+                    )
+                    start = int(info.raw.get("delivered", {}).get("stream_seq", 0)) + 1
+                except ConsumerNotFoundError:
+                    pass
+                out += await self.read_range(self.stream, q.subject_of(level), start)
+            return out
 
     async def count(self, queue: str) -> QueueCounts:
         """How many messages ``queue`` holds, from the server's counters, no message
         read: the queue consumer's info (``num_pending``: pending; ``num_ack_pending``: in
-        flight, fetched by a worker and not acked) and two stream infos with a subject
+        flight, fetched by a worker and not acked), and the same of each priority above 0
+        that has messages (found by a third stream info), and two stream infos with a subject
         filter (dead letters, ``P.*.Q``; waiting messages, ``P.s.Q.*``, whose reply names
         each waiting message's subject, about 40 bytes each: the one part that grows with
         the queue). Three requests, one round trip each. On a server without message
@@ -1182,6 +1379,14 @@ class NatsBroker(NatsBackend, Broker):
                 pending, in_flight = due, 0
             else:
                 pending, in_flight = info.num_pending, info.num_ack_pending
+            for level, n in (await self._levels(q)).items():
+                try:
+                    info = await js.consumer_info(self.stream, q.consumer_of(level))
+                except ConsumerNotFoundError:
+                    pending += n
+                else:
+                    pending += info.num_pending
+                    in_flight += info.num_ack_pending
         return QueueCounts(pending=pending, scheduled=scheduled, in_flight=in_flight, dead=dead)
 
     async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:

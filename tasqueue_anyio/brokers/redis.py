@@ -8,9 +8,11 @@ Keys
 Every key starts with the prefix (default ``tasqueue``). The keys of queue ``Q`` share
 the hash tag ``{q:Q}``, so every script of a queue touches one Redis Cluster slot::
 
-    P:{q:Q}:ready    list    ids of due messages, oldest first (RPUSH, LPOP: FIFO)
+    P:{q:Q}:ready    list    ids of due messages of priority 0, oldest first (RPUSH, LPOP)
+    P:{q:Q}:prio     zset    ids of due messages of priority 1-9, by (10 - priority) * 2**40
+                             + enqueue sequence (ZPOPMIN: higher priority first, FIFO within)
     P:{q:Q}:msg      hash    id -> message bytes (the message exists while this does)
-    P:{q:Q}:att      hash    id -> deliveries so far
+    P:{q:Q}:att      hash    id -> deliveries so far; '~p' id -> its prio score (priority > 0)
     P:{q:Q}:sched    zset    id scored by ETA (POSIX seconds)
     P:{q:Q}:lease    zset    id of a held message scored by its lease expiry (ms, Redis clock)
     P:{q:Q}:held     hash    id of a held message -> its delivery's fencing token
@@ -38,8 +40,9 @@ through the node of the channel name's slot (a script given the name as its key)
 Delivery
 --------
 One Lua script (``fetch``) returns messages whose lease expired to the front of the
-ready list, moves *every* due scheduled message to the back of it in ETA order, then pops
-up to N ids and leases them: each gets ``attempt`` (its delivery count) and a fresh
+ready list, moves *every* due scheduled message to the back of it in ETA order (a message
+of priority > 0 goes back to ``prio`` under its first score instead), then pops up to N
+ids, from ``prio`` first and then from the ready list, and leases them: each gets ``attempt`` (its delivery count) and a fresh
 fencing *token* from the queue's counter, recorded in ``held``. Ack, nack and
 dead-letter are scripts that act only while ``held`` still has the delivery's token; a
 worker whose lease was lost (it was paused past the lease, and the message was swept and
@@ -101,13 +104,13 @@ DEFAULT_BATCH_SIZE = 32
 _MAX_BATCH_SIZE = 1000
 
 # The keys of one queue, in the order every script receives them.
-_SUFFIXES = ("ready", "msg", "att", "sched", "lease", "held", "notify", "seq", "dead")
+_SUFFIXES = ("ready", "msg", "att", "sched", "lease", "held", "notify", "seq", "dead", "prio")
 _NKEYS = len(_SUFFIXES)
 
 # -- Lua ------------------------------------------------------------------------------------
-# KEYS come in groups of nine per queue (see _SUFFIXES): with k the group's offset,
+# KEYS come in groups of ten per queue (see _SUFFIXES): with k the group's offset,
 # KEYS[k+1] ready, k+2 msg, k+3 att, k+4 sched, k+5 lease, k+6 held, k+7 notify, k+8 seq,
-# k+9 dead.
+# k+9 dead, k+10 prio.
 
 _LUA_COMMON = r"""
 -- End a delivery's hold if its token still matches; false when the lease was lost.
@@ -136,6 +139,44 @@ local function push_all(cmd, key, items)
   end
 end
 
+-- Put ids with the due messages of queue group 0: those of priority > 0 (their score is
+-- in the att hash under '~p' .. id) in the prio zset at their first place, the others at
+-- the back of the ready list (at its front with front, keeping their order).
+local function make_due(ids, front)
+  local plain, urgent = {}, {}
+  for i = 1, #ids, 1000 do
+    local j = math.min(i + 999, #ids)
+    local fields = {}
+    for n = i, j do
+      fields[#fields + 1] = '~p' .. ids[n]
+    end
+    local scores = redis.call('HMGET', KEYS[3], unpack(fields))
+    for n = i, j do
+      local score = scores[n - i + 1]
+      if score then
+        urgent[#urgent + 1] = score
+        urgent[#urgent + 1] = ids[n]
+      else
+        plain[#plain + 1] = ids[n]
+      end
+    end
+  end
+  if #urgent > 0 then
+    push_all('ZADD', KEYS[10], urgent)
+  end
+  if #plain > 0 then
+    if front then
+      local reversed = {}
+      for i = #plain, 1, -1 do
+        reversed[#reversed + 1] = plain[i]
+      end
+      push_all('LPUSH', KEYS[1], reversed)
+    else
+      push_all('RPUSH', KEYS[1], plain)
+    end
+  end
+end
+
 -- wake idle consumers of the queue (they wait for this on pub/sub)
 local function notify(key)
   redis.call('PUBLISH', key, '')
@@ -149,16 +190,27 @@ local function schedule(key, eta, id, notify_key)
   end
 end
 
--- Messages as quadruples (queue group index from 0, id, data, eta or '') from ARGV[abase+1].
+-- Messages as quintuples (queue group index from 0, id, data, eta or '', priority) from
+-- ARGV[abase+1].
 local function enqueue(abase, now)
   local ready = {}
-  for i = abase + 1, #ARGV, 4 do
-    local k = tonumber(ARGV[i]) * 9
+  for i = abase + 1, #ARGV, 5 do
+    local k = tonumber(ARGV[i]) * 10
     local id = ARGV[i + 1]
     if redis.call('HSETNX', KEYS[k + 2], id, ARGV[i + 2]) == 1 then
       local eta = ARGV[i + 3]
+      local priority = tonumber(ARGV[i + 4])
+      local score = nil
+      if priority > 0 then
+        score = string.format(
+          '%.17g', (10 - priority) * 1099511627776 + redis.call('INCR', KEYS[k + 8]))
+        redis.call('HSET', KEYS[k + 3], '~p' .. id, score)
+      end
       if eta ~= '' and tonumber(eta) > now then
         schedule(KEYS[k + 4], eta, id, KEYS[k + 7])
+      elseif score then
+        redis.call('ZADD', KEYS[k + 10], score, id)
+        notify(KEYS[k + 7])
       else
         local list = ready[k]
         if not list then
@@ -186,17 +238,13 @@ local function refresh(now, now_ms)
   if #expired > 0 then
     push_all('ZREM', KEYS[5], expired)
     push_all('HDEL', KEYS[6], expired)
-    local front = {}
-    for i = #expired, 1, -1 do
-      front[#front + 1] = expired[i]
-    end
-    push_all('LPUSH', KEYS[1], front)
+    make_due(expired, true)
     moved = true
   end
   local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.17g', now))
   if #due > 0 then
     push_all('ZREM', KEYS[4], due)
-    push_all('RPUSH', KEYS[1], due)
+    make_due(due, false)
     moved = true
   end
   return moved
@@ -208,7 +256,25 @@ _LUA_FETCH = r"""
 local now, now_ms = clock()
 refresh(now, now_ms)
 local out = {}
-local ids = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+local want = tonumber(ARGV[1])
+local ids = false
+local urgent = redis.call('ZPOPMIN', KEYS[10], want)
+if #urgent > 0 then
+  ids = {}
+  for i = 1, #urgent, 2 do
+    ids[#ids + 1] = urgent[i]
+  end
+  if #ids < want then
+    local rest = redis.call('LPOP', KEYS[1], want - #ids)
+    if rest then
+      for i = 1, #rest do
+        ids[#ids + 1] = rest[i]
+      end
+    end
+  end
+else
+  ids = redis.call('LPOP', KEYS[1], want)
+end
 if ids then
   local lease_until = now_ms + tonumber(ARGV[2])
   local token = redis.call('INCRBY', KEYS[8], #ids) - #ids
@@ -236,7 +302,7 @@ if ids then
   end
   redis.call('ZADD', KEYS[5], unpack(leases))
   redis.call('HSET', KEYS[6], unpack(held))
-  if redis.call('LLEN', KEYS[1]) > 0 then
+  if redis.call('LLEN', KEYS[1]) > 0 or redis.call('ZCARD', KEYS[10]) > 0 then
     notify(KEYS[7])  -- more to do: wake another consumer
   end
 end
@@ -248,14 +314,14 @@ end
 return {wait, out}
 """
 
-# ARGV: quadruples (see enqueue). Returns 1.
+# ARGV: quintuples (see enqueue). Returns 1.
 _LUA_ENQUEUE = r"""
 local now = clock()
 enqueue(0, now)
 return 1
 """
 
-# ARGV: id, token, n, then n (channel, message) pairs to publish, then quadruples to
+# ARGV: id, token, n, then n (channel, message) pairs to publish, then quintuples to
 # enqueue. Returns 1, or 0 when the lease was lost.
 _LUA_ACK = r"""
 local id = ARGV[1]
@@ -263,7 +329,7 @@ if not release(id, ARGV[2]) then
   return 0
 end
 redis.call('HDEL', KEYS[2], id)
-redis.call('HDEL', KEYS[3], id)
+redis.call('HDEL', KEYS[3], id, '~p' .. id)
 local first = 4 + 2 * tonumber(ARGV[3])
 if #ARGV >= first then
   local now = clock()
@@ -286,9 +352,8 @@ if delay > 0 then
   local now = clock()
   schedule(KEYS[4], string.format('%.17g', now + delay), id, KEYS[7])
 else
-  if redis.call('LPUSH', KEYS[1], id) == 1 then
-    notify(KEYS[7])
-  end
+  make_due({id}, true)
+  notify(KEYS[7])
 end
 return 1
 """
@@ -300,7 +365,7 @@ if not release(id, ARGV[2]) then
   return 0
 end
 redis.call('HDEL', KEYS[2], id)
-redis.call('HDEL', KEYS[3], id)
+redis.call('HDEL', KEYS[3], id, '~p' .. id)
 redis.call('RPUSH', KEYS[9], ARGV[3])
 return 1
 """
@@ -319,7 +384,11 @@ for i = #ARGV - 1, 1, -2 do
   end
 end
 if #back > 0 then
-  push_all('LPUSH', KEYS[1], back)
+  local in_order = {}
+  for i = #back, 1, -1 do
+    in_order[#in_order + 1] = back[i]
+  end
+  make_due(in_order, true)
   notify(KEYS[7])
 end
 return #back
@@ -349,7 +418,10 @@ if refresh(now, now_ms) then
 end
 local out = {}
 if ARGV[1] == 'pending' then
-  local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+  local ids = redis.call('ZRANGE', KEYS[10], 0, -1)
+  for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+    ids[#ids + 1] = id
+  end
   for i = 1, #ids, 1000 do
     local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
     local datas = redis.call('HMGET', KEYS[2], unpack(chunk))
@@ -375,7 +447,7 @@ if refresh(now, now_ms) then
   notify(KEYS[7])
 end
 return {
-  redis.call('LLEN', KEYS[1]),
+  redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[10]),
   redis.call('ZCARD', KEYS[4]),
   redis.call('ZCARD', KEYS[5]),
   redis.call('LLEN', KEYS[9]),
@@ -387,9 +459,11 @@ return {
 _LUA_PURGE = r"""
 local now, now_ms = clock()
 refresh(now, now_ms)
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local waiting = redis.call('ZRANGE', KEYS[4], 0, -1)
-for _, id in ipairs(waiting) do
+local ids = redis.call('ZRANGE', KEYS[10], 0, -1)
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  ids[#ids + 1] = id
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
   ids[#ids + 1] = id
 end
 local out = {}
@@ -401,8 +475,12 @@ for i = 1, #ids, 1000 do
   end
   redis.call('HDEL', KEYS[2], unpack(chunk))
   redis.call('HDEL', KEYS[3], unpack(chunk))
+  for j = 1, #chunk do
+    chunk[j] = '~p' .. chunk[j]
+  end
+  redis.call('HDEL', KEYS[3], unpack(chunk))
 end
-redis.call('DEL', KEYS[1], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[10])
 return out
 """
 
@@ -768,7 +846,7 @@ class RedisBroker(RedisBackend, Broker):
     def _enqueue_call(
         self, messages: Sequence[Envelope], first: _Queue | None = None
     ) -> tuple[list[bytes], list[Any]]:
-        """KEYS and the message quadruples of ARGV for the ``enqueue`` Lua function."""
+        """KEYS and the message quintuples of ARGV for the ``enqueue`` Lua function."""
         groups: dict[str, int] = {}
         keys: list[bytes] = []
         if first is not None:
@@ -784,7 +862,13 @@ class RedisBroker(RedisBackend, Broker):
             if not isinstance(env.id, str) or not env.id:
                 raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
             eta = env.eta
-            args += (index, env.id, env.data, "" if eta is None else repr(float(eta)))
+            args += (
+                index,
+                env.id,
+                env.data,
+                "" if eta is None else repr(float(eta)),
+                env.priority,
+            )
         return keys, args
 
     async def enqueue_many(self, messages: Sequence[Envelope]) -> None:
