@@ -195,6 +195,7 @@ def job_to_dict(msg: JobMessage) -> dict[str, Any]:
         "task": msg.job.task,
         "status": msg.status.value,
         "queue": msg.meta.queue,
+        "priority": msg.job.priority,
         "payload": _plain(msg.job.payload),
         "progress": _plain(msg.progress),
         "meta": meta,

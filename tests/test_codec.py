@@ -42,6 +42,7 @@ from tasqueue_anyio._codec import (
     decode_message,
     encode_event,
     encode_message,
+    job_from_wire,
     job_to_wire,
     peek_message,
 )
@@ -1156,3 +1157,36 @@ def test_fuzz_events() -> None:
         for data_ in (bytes(data), rng.randbytes(rng.randrange(0, 40))):
             with contextlib.suppress(DecodeError):
                 decode_event(data_)
+
+
+# -- job options (a map after the fixed fields) ------------------------------------------------
+
+
+def test_a_plain_job_has_no_options_map_and_a_priority_round_trips() -> None:
+    plain = job_to_wire(Job("t", b"x", id="j1"))
+    assert len(plain) == 12  # byte for byte what a job was before options existed
+    urgent = Job("t", b"x", id="j2", priority=7, on_success=[Job("f", priority=2)])
+    wire = job_to_wire(urgent)
+    assert wire[12] == {"priority": 7}
+    back = job_from_wire(wire)
+    assert back == urgent
+    assert back.on_success[0].priority == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"priority": 10}, "priority"),
+        ({"priority": -1}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"priority": 1.0}, "priority"),
+        ({"rate": 3}, "unknown"),
+        ([7], "not a map"),
+    ],
+)
+def test_bad_job_options_are_refused(options: Any, reason: str) -> None:
+    wire = [*job_to_wire(Job("t", b"x", id="j")), options]
+    with pytest.raises(DecodeError, match=reason):
+        job_from_wire(wire)
+    with pytest.raises(DecodeError):
+        job_from_wire([*wire, {}])  # 14 fields

@@ -870,9 +870,10 @@ class NatsBroker(NatsBackend, Broker):
             for env in messages:
                 if env.priority and (env.queue, env.priority) not in told:
                     told.add((env.queue, env.priority))
-                    channel = self._queue(env.queue).channel
+                    q = self._queue(env.queue)
+                    self._told(q, str(env.priority).encode())  # this process's at once
                     await self.client.publish(
-                        self._event_subject(channel), str(env.priority).encode()
+                        self._event_subject(q.channel), str(env.priority).encode()
                     )
 
     async def _copied(self, env: Envelope, seq: int) -> bool:
