@@ -42,6 +42,7 @@ COMMANDS = [
     *("+zrem", "+publish", "+subscribe", "+unsubscribe", "+ping", "+del", "+hdel", "+hget"),
     *("+hgetall", "+hincrby", "+hset", "+hsetnx", "+incr", "+incrby", "+llen", "+lpop"),
     *("+lpush", "+pexpire", "+rpush", "+time", "+zadd", "+zcard", "+zrangebyscore", "+zscore"),
+    "+zpopmin",
 ]
 
 
