@@ -22,8 +22,6 @@ from typing import TypeVar
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ._jobs import check_priority
-
 __all__ = [
     "FINAL_STATUSES",
     "MAX_PROGRESS_SIZE",
@@ -68,14 +66,15 @@ class Envelope:
     :param eta: POSIX time before which the message must not be delivered, or ``None``
     :param priority: 0 to 9: a due message of a higher priority is delivered before every
         due message of a lower one on its queue; FIFO within a priority. It stays with
-        the message when it is put back or comes back after a lost lease
+        the message when it is put back or comes back after a lost lease. Brokers check
+        a priority other than 0 (:class:`~tasqueue_anyio.InvalidInputError`)
     """
 
     queue: str
     data: bytes
     id: str
     eta: float | None = None
-    priority: int = attrs.field(default=0, validator=lambda i, a, v: check_priority(v))
+    priority: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -61,9 +61,11 @@ async def test_higher_priorities_first_fifo_within(broker: Broker, queue_name: s
 
 
 async def test_priority_is_checked(broker: Broker, queue_name: str) -> None:
-    for bad in (-1, 10, True, 2.0):
-        with pytest.raises(InvalidInputError):
-            Envelope(queue=queue_name, data=b"x", id="a", priority=bad)  # type: ignore[arg-type]
+    for bad in (-1, 10, True, 2.5):
+        env = Envelope(queue=queue_name, data=b"x", id="a", priority=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="priority"):
+            await broker.enqueue(env)
+    assert await broker.get_pending(queue_name) == []  # nothing stored
 
 
 async def test_a_late_high_priority_message_is_not_starved(

@@ -35,7 +35,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import LeaseLostError
-from .._jobs import validate_queue
+from .._jobs import check_priority, validate_queue
 from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
 
 __all__ = ["MemoryBroker", "MemoryDelivery"]
@@ -328,6 +328,9 @@ class MemoryBroker(Broker):
     def _put_many(self, messages: Iterable[Envelope]) -> None:
         """Store the messages, but those whose id a message of their queue has (due,
         scheduled or held): an enqueue repeated while the first copy exists stores nothing."""
+        for env in messages:  # all or nothing
+            if env.priority:
+                check_priority(env.priority)
         now = self._clock()
         touched: dict[str, _Queue] = {}
         for env in messages:

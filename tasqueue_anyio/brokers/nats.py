@@ -164,7 +164,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
-from .._jobs import validate_channel, validate_queue
+from .._jobs import check_priority, validate_channel, validate_queue
 from .._nats.client import Client, ConnectionClosedError, SlowConsumerError, Subscription
 from .._nats.jetstream import (
     ERR_NO_MESSAGE_FOUND,
@@ -800,6 +800,7 @@ class NatsBroker(NatsBackend, Broker):
             raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
         headers: list[tuple[str, str]] = [("Nats-Msg-Id", env.id)]
         if env.priority:
+            check_priority(env.priority)
             headers.append((H_PRIORITY, str(env.priority)))
         eta = env.eta
         if eta is None or eta <= now + _ETA_SLACK:

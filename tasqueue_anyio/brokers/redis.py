@@ -88,7 +88,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from coredis.patterns.pubsub import BasePubSub
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
-from .._jobs import validate_channel, validate_queue
+from .._jobs import check_priority, validate_channel, validate_queue
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from .._retry import RetryBackoff
 from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
@@ -862,12 +862,14 @@ class RedisBroker(RedisBackend, Broker):
             if not isinstance(env.id, str) or not env.id:
                 raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
             eta = env.eta
+            if env.priority:
+                check_priority(env.priority)
             args += (
                 index,
                 env.id,
                 env.data,
                 "" if eta is None else repr(float(eta)),
-                env.priority,
+                env.priority or 0,
             )
         return keys, args
 
