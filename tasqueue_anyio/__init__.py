@@ -23,6 +23,7 @@ from ._codecs import JsonCodec as JsonCodec
 from ._codecs import MsgpackCodec as MsgpackCodec
 from ._exceptions import BrokerError as BrokerError
 from ._exceptions import DecodeError as DecodeError
+from ._exceptions import DuplicateJobError as DuplicateJobError
 from ._exceptions import InvalidInputError as InvalidInputError
 from ._exceptions import JobCancelledError as JobCancelledError
 from ._exceptions import JobFailedError as JobFailedError
@@ -69,6 +70,7 @@ __all__ = [
     "Codec",
     "Counts",
     "DecodeError",
+    "DuplicateJobError",
     "Group",
     "GroupHandle",
     "GroupMessage",

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from abc import ABCMeta, abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime
 from types import TracebackType
@@ -42,6 +42,7 @@ from ._codec import (
 from ._codecs import Codec, MsgpackCodec, encode_args
 from ._exceptions import (
     DecodeError,
+    DuplicateJobError,
     InvalidInputError,
     JobCancelledError,
     JobFailedError,
@@ -428,34 +429,71 @@ class Client:
             await self._put_messages(prepared)
         return [JobHandle(job_id, self) for job_id in ids]
 
-    async def _put_messages(self, prepared: Sequence[tuple[JobMessage, bytes]]) -> None:
-        """Record the state of prepared messages, then put them on their queues.
+    async def _put_messages(
+        self, prepared: Sequence[tuple[JobMessage, bytes]], *, strict: bool = False
+    ) -> set[str]:
+        """Record the state of prepared messages whose job id is free, then put those on
+        their queues; return their ids.
+
+        An id is free unless a live job has it (queued, scheduled, running, or ended and
+        held by its ``unique_for``: :meth:`~tasqueue_anyio.abc.Results.claim_jobs`): the
+        message of a taken id is dropped, and the live job stays as it is. With
+        ``strict`` (a group's or chain's members) a taken id raises
+        :class:`DuplicateJobError` instead, once the others' records are deleted again.
 
         The records come first, so a worker never finds a message whose job has no state
-        yet. When either step fails (or is cancelled), the batch's records are deleted
-        again (shielded, within :data:`_FORGET_TIMEOUT` seconds) before the error goes
-        on: no job is left ``queued`` with no message to run it. A message that did reach
-        its queue still runs (a job with no state may start).
+        yet. When either step fails (or is cancelled), the records this call stored are
+        deleted again (shielded, within :data:`_FORGET_TIMEOUT` seconds) before the error
+        goes on: no job is left ``queued`` with no message to run it. A message that did
+        reach its queue still runs (a job with no state may start).
         """
         records = {
             msg.id: JobRecord(status=msg.meta.status.value, data=data) for msg, data in prepared
         }
+        claimed: set[str] | None = None
         try:
-            await self.results.set_jobs(records)
-            await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
+            claimed = await self.results.claim_jobs(records)
+            if len(claimed) < len(records):
+                taken = [job_id for job_id in records if job_id not in claimed]
+                if strict:
+                    raise DuplicateJobError(taken)
+                self.log.debug(
+                    "%d jobs not enqueued: their ids name live jobs: %s",
+                    len(taken),
+                    ", ".join(taken[:20]),
+                )
+                prepared = [(msg, data) for msg, data in prepared if msg.id in claimed]
+            if prepared:
+                await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
         except BaseException:
-            await self._forget(records)
+            if claimed is None:  # the claim failed: which ids it stored is unknown
+                await self._forget(records, ours=records)
+            else:
+                await self._forget(claimed)
             raise
+        return claimed
 
-    async def _forget(self, job_ids: Collection[str]) -> None:
+    async def _forget(
+        self, job_ids: Collection[str], *, ours: Mapping[str, JobRecord] | None = None
+    ) -> None:
         """Delete the state of jobs whose enqueue failed (shielded, bounded; one at a time,
         stopping at the first failure: a store that refuses one refuses the rest too; the
-        ones left are logged)."""
+        ones left are logged). With ``ours``, only a state that is still the one given
+        there (the same message bytes) is deleted: another job's is left."""
         ids = list(job_ids)
         done = 0
         with anyio.CancelScope(shield=True), anyio.move_on_after(_FORGET_TIMEOUT):
             for job_id in ids:
                 try:
+                    if ours is not None:
+                        try:
+                            current = await self.results.get_job(job_id)
+                        except NotFoundError:
+                            done += 1
+                            continue
+                        if current.data != ours[job_id].data:
+                            done += 1
+                            continue
                     await self.results.delete_job(job_id)
                 except Exception as exc:
                     self.log.warning(  # the text only: a record keeps no traceback alive
@@ -552,7 +590,7 @@ class Client:
             ),
         )
         try:
-            await self._put_messages(prepared)
+            await self._put_messages(prepared, strict=True)
         except BaseException as exc:
             # put_messages forgot the members' records again: the group or chain must not
             # wait for them for ever, so it ends failed, saying why
@@ -1428,6 +1466,7 @@ class _Options:
     on_success: tuple[Job, ...] = ()
     on_error: tuple[Job, ...] = ()
     priority: int | None = None
+    unique_for: float | None = None
 
 
 class TaskFunction(Generic[P, R_co]):
@@ -1484,6 +1523,7 @@ class TaskFunction(Generic[P, R_co]):
         on_success: Sequence[Job] = (),
         on_error: Sequence[Job] = (),
         priority: int | None = None,
+        unique_for: float | None = None,
     ) -> TaskFunction[P, R_co]:
         """A copy of this task function whose jobs carry these options (see :class:`Job`
         for each; ``None`` keeps the task's default). Checked when a job is built.
@@ -1492,6 +1532,12 @@ class TaskFunction(Generic[P, R_co]):
         whose runs call the function with the given arguments; ``timezone`` (an IANA
         name) is the time zone it is evaluated in (default UTC), the same as a
         ``"CRON_TZ=Europe/Paris ..."`` prefix.
+
+        ``id`` is also the job's dedupe key: while a job with that id is queued,
+        scheduled or running (and for ``unique_for`` seconds after it ended), enqueueing
+        it again stores nothing and returns the live job's handle::
+
+            await report.options(id=f"report:{day}", unique_for=3600).enqueue(day)
 
         :raises InvalidInputError: ``timezone`` without ``schedule``, or an unknown zone
         """
@@ -1512,6 +1558,7 @@ class TaskFunction(Generic[P, R_co]):
             on_success=tuple(on_success) or o.on_success,
             on_error=tuple(on_error) or o.on_error,
             priority=o.priority if priority is None else priority,
+            unique_for=o.unique_for if unique_for is None else unique_for,
         )
         return TaskFunction(self._client, self.name, self.queue, self.fn, options)
 
@@ -1540,6 +1587,7 @@ class TaskFunction(Generic[P, R_co]):
             on_success=o.on_success,
             on_error=o.on_error,
             priority=o.priority or 0,
+            unique_for=o.unique_for,
             **extra,
         )
 

@@ -199,6 +199,7 @@ _META_FIELDS: _Fields = (
 #: key -> (allowed types, rule).
 _JOB_OPTIONS: dict[str, tuple[tuple[type, ...], _Rule]] = {
     "priority": (_INT, check_priority),
+    "unique_for": (_NUM, check_seconds),
 }
 
 
@@ -279,8 +280,13 @@ def _job_to_wire(job: Job) -> list[Any]:
         [_job_to_wire(j) for j in job.on_success],
         [_job_to_wire(j) for j in job.on_error],
     ]
-    if job.priority:
-        wire.append({"priority": job.priority})
+    if job.priority or job.unique_for is not None:
+        options: dict[str, Any] = {}
+        if job.priority:
+            options["priority"] = job.priority
+        if job.unique_for is not None:
+            options["unique_for"] = job.unique_for
+        wire.append(options)
     return wire
 
 
@@ -323,7 +329,12 @@ def _job_from_wire(d: Any, depth: int = 0) -> Job:
     _set(job, "schedule", schedule)
     _set(job, "on_success", tuple([_job_from_wire(j, depth + 1) for j in ok]))
     _set(job, "on_error", tuple([_job_from_wire(j, depth + 1) for j in err]))
-    _set(job, "priority", 0 if options is None else options.get("priority", 0))
+    if options is None:
+        _set(job, "priority", 0)
+        _set(job, "unique_for", None)
+    else:
+        _set(job, "priority", options.get("priority", 0))
+        _set(job, "unique_for", options.get("unique_for"))
     return job
 
 

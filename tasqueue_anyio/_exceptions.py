@@ -94,3 +94,22 @@ class JobFailedError(TasqueueError):
         self.job_id = job_id
         self.error = error
         self.job = job
+
+
+class DuplicateJobError(TasqueueError):
+    """A group or chain was enqueued with a member whose id names a live job (queued,
+    scheduled, running, or held by its ``unique_for``). Nothing of the group or chain
+    runs: its record ends ``failed`` saying so, and the live jobs are left as they are.
+    (A plain :meth:`~tasqueue_anyio.Client.enqueue` of such an id is not an error: it
+    returns the live job's handle.)
+
+    :ivar job_ids: the ids that were taken
+    """
+
+    def __init__(self, job_ids: Any) -> None:
+        self.job_ids = sorted(job_ids)
+        shown = ", ".join(self.job_ids[:10]) + (" ..." if len(self.job_ids) > 10 else "")
+        super().__init__(
+            f"job ids already taken by live jobs: {shown}; give the members other ids, or "
+            f"wait for those jobs to end"
+        )

@@ -408,6 +408,10 @@ class Job:
     :param priority: 0 (the default) to :data:`MAX_PRIORITY` (9): among the due messages
         of its queue, one of a higher priority is always fetched before one of a lower
         priority; FIFO within a priority. Retries keep it; follow-up jobs carry their own
+    :param unique_for: seconds after the job ended ``successful`` or ``failed`` during
+        which its id stays taken: an enqueue of a job with this id stores nothing and
+        returns the existing job's handle (while the job is queued, scheduled or running
+        its id is taken anyway). > 0 and at most :data:`MAX_SECONDS`
     """
 
     task: str = attrs.field(validator=_check_task)
@@ -427,6 +431,9 @@ class Job:
     on_success: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
     on_error: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
     priority: int = attrs.field(default=0, kw_only=True, validator=_check_priority)
+    unique_for: float | None = attrs.field(
+        default=None, kw_only=True, validator=_check_positive_or_none
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.eta is not None and self.delay is not None:

@@ -636,7 +636,13 @@ class Worker:
     ) -> None:
         # The stored status is authoritative over the one inside ``data``, so the
         # processing message's bytes serve the final record as they are.
-        record = JobRecord(status="successful", data=data, run=run.token, result=ctx.result)
+        record = JobRecord(
+            status="successful",
+            data=data,
+            run=run.token,
+            result=ctx.result,
+            hold_for=msg.job.unique_for or 0.0,
+        )
         meta = msg.meta
         if _alone(msg, task.on_success if task else None, msg.job.on_success):
             await self._end_alone(delivery, msg, record, Status.SUCCESSFUL, run)
@@ -711,7 +717,7 @@ class Worker:
             description,
             extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
         )
-        record = self._record(failed, run.token)
+        record = self._record(failed, run.token, hold_for=failed.job.unique_for or 0.0)
         if _alone(msg, task.on_failed if task else None, msg.job.on_error):
             await self._end_alone(delivery, msg, record, Status.FAILED, run)
             return
@@ -803,8 +809,13 @@ class Worker:
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:
         return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)
 
-    def _record(self, msg: JobMessage, run: str = "") -> JobRecord:
-        return JobRecord(status=msg.meta.status.value, data=self.server._encode(msg), run=run)
+    def _record(self, msg: JobMessage, run: str = "", hold_for: float = 0.0) -> JobRecord:
+        return JobRecord(
+            status=msg.meta.status.value,
+            data=self.server._encode(msg),
+            run=run,
+            hold_for=hold_for,
+        )
 
     async def _callback(self, callback: Any, *args: Any) -> None:
         if callback is None:

@@ -137,6 +137,11 @@ class JobRecord:
         record, only if the record is written; never stored inside the record, and
         ``None`` in what :meth:`Results.get_job` returns. ``set_jobs``, ``create_jobs``
         and ``start_job`` refuse a record carrying one
+    :param hold_for: write-only: seconds, after :meth:`Results.update_job` (or
+        :meth:`Results.end_job`) wrote this record with a final status, during which the
+        job's id stays taken (:meth:`Results.claim_jobs` does not give it to a new job;
+        ``Job.unique_for``). 0: free at once. Never read back (0 in what
+        :meth:`Results.get_job` returns)
     :param progress: the job's last progress (:meth:`Results.set_progress`; opaque
         bytes), as read. ``update_job``, ``end_job`` and ``request_cancel`` keep the
         stored one (so a job's last progress stays after it ended); ``set_jobs`` (a new
@@ -149,6 +154,7 @@ class JobRecord:
     run: str = ""
     result: bytes | None = None
     progress: bytes | None = None
+    hold_for: float = 0.0
 
 
 def refuse_result(records: Iterable[JobRecord], method: str) -> None:
@@ -492,6 +498,32 @@ class Results(_MessageLimit, metaclass=ABCMeta):
         if created:
             await self.set_jobs(created)
         return set(created)
+
+    async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs whose id is free; leave the others as they are.
+
+        An id is free when it has no state, or its job ended (a final status) and the
+        ``hold_for`` of the record that ended it has passed (by the store's clock). Used
+        on enqueue, so a job id names one live job: enqueueing the id of a job that is
+        queued, scheduled, running or held stores nothing. Atomic per id. The default
+        reads then writes and keeps no holds; the library's stores are atomic and keep
+        them.
+
+        :return: the ids whose state this call stored
+        """
+        refuse_result(records.values(), "claim_jobs")
+        free: dict[str, JobRecord] = {}
+        for job_id, record in records.items():
+            try:
+                current = await self.get_job(job_id)
+            except LookupError:
+                free[job_id] = record
+                continue
+            if current.status in FINAL_STATUSES:
+                free[job_id] = record
+        if free:
+            await self.set_jobs(free)
+        return set(free)
 
     @abstractmethod
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:

@@ -124,6 +124,7 @@ RESULTS_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[Results]]]
 CONTRACT_ONLY = {"redis-cluster", "nats-2.10"}
 _CONTRACT_MODULES = {
     "test_contract_broker",
+    "test_contract_claim",
     "test_contract_end_job",
     "test_contract_priority",
     "test_contract_results",

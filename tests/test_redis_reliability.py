@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import shutil
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -202,6 +203,91 @@ async def test_sigkilled_worker_job_completes_on_another_after_the_lease(
             assert await server.get_success() == [job_id]
             await f.wait_drained(client)
             assert other.alive, other.log
+
+
+async def test_a_unique_job_held_by_a_killed_worker_stays_one_and_frees_its_id(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The id of a job whose worker was SIGKILLed mid-run stays taken (an enqueue of it
+    adds nothing) until the job came back through the lease and ended on another
+    worker; then it is free, and an enqueue runs it again."""
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(redis_server.url, tmp_path) as f:
+        await f.start("asyncio")
+        await f.start("trio")
+        async with opened(f) as (server, client):
+            await f.wait_consuming(client, 2)
+            key = "unique:nightly"
+            job_id = await server.enqueue(Job("hold", b"30,0.05", id=key, queue=QUEUE))
+            owner = await first_run(client, f, job_id)
+            (other,) = [w for w in f.workers if w is not owner]
+            owner.kill()
+            # the dead worker's job holds its id: nothing new is stored
+            assert await server.enqueue(Job("hold", b"0.05", id=key, queue=QUEUE)) == key
+            assert (await f.queue_state(client))["msg"] == 1
+            held = await server.get_job(key)  # the dead run's state, not reset to queued
+            assert (held.status, held.job.payload) == (Status.PROCESSING, b"30,0.05")
+            msg = await server.wait(job_id, timeout=STEP)
+            assert msg.status is Status.SUCCESSFUL, f.logs()
+            assert await started_runs(client, f, key) == [f"{owner.pid}:1", f"{other.pid}:2"]
+            # ended: the id is free again, and a new run of it happens
+            again = await server.enqueue(Job("hold", b"0.05", id=key, queue=QUEUE))
+            assert (await server.wait(again, timeout=STEP)).status is Status.SUCCESSFUL
+            runs = await started_runs(client, f, key)
+            assert runs[:2] == [f"{owner.pid}:1", f"{other.pid}:2"]
+            assert len(runs) == 3
+            assert runs[2].endswith(":1")
+            await f.wait_drained(client)
+
+
+#: A program that enqueues the same ids as its siblings (several processes at once), in
+#: an order of its own, each id held for a minute after its job ended.
+_PRODUCER = """
+import random, sys, anyio, reliability_app
+from tasqueue_anyio import Job
+
+async def main() -> None:
+    url, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    order = list(range(count))
+    random.shuffle(order)
+    async with reliability_app.make_server(url, prefix, 1.5) as server:
+        for n in order:
+            await server.enqueue(
+                Job("effect", b"0", id=f"same-{n}", queue=reliability_app.QUEUE, unique_for=60)
+            )
+
+anyio.run(main)
+"""
+
+
+async def test_several_processes_enqueueing_the_same_ids_make_one_job_each(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """4 processes enqueue the same 200 ids, each in its own order, while 2 workers run
+    them: every id runs once (a job queued, running, or ended within its unique_for
+    holds its id)."""
+    count = 200
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(redis_server.url, tmp_path) as f:
+        await f.start("asyncio")
+        await f.start("trio")
+        async with opened(f) as (server, client):
+            await f.wait_consuming(client, 2)
+            producers = [
+                await anyio.open_process(
+                    [sys.executable, "-c", _PRODUCER, f.url, f.prefix, str(count)],
+                    env=worker_env({}),
+                    cwd=str(Path(__file__).parent),
+                )
+                for _ in range(4)
+            ]
+            for process in producers:
+                assert await process.wait() == 0
+            for n in range(count):
+                assert (await server.wait(f"same-{n}", timeout=STEP)).status is Status.SUCCESSFUL
+            await f.wait_drained(client)
+            executions = await client.hgetall(f.keys.executions)
+            assert {k.decode(): int(v) for k, v in executions.items()} == {
+                f"same-{n}": 1 for n in range(count)
+            }
 
 
 #: The kill storm: jobs, the seconds each sleeps, processors per worker, seconds between kills.

@@ -33,6 +33,15 @@ __all__ = ["MemoryResults"]
 _T = TypeVar("_T")
 
 _CANCELLABLE_AT_ONCE = frozenset({"queued", "retrying"})
+#: the final statuses after which a job's id may stay held (JobRecord.hold_for)
+_ENDED = frozenset({"successful", "failed"})
+
+
+def _new_state(record: JobRecord) -> JobRecord:
+    """A new job state as stored: no progress of an earlier one, no hold."""
+    if record.progress is None and not record.hold_for:
+        return record
+    return attrs.evolve(record, progress=None, hold_for=0.0)
 
 
 class _ExpiringDict(Generic[_T]):
@@ -167,6 +176,9 @@ class MemoryResults(Results):
         self._results: _ExpiringDict[bytes] = _ExpiringDict(result_ttl, clock)
         self._parents: _ExpiringDict[_Parent] = _ExpiringDict(job_ttl, clock)
         self._schedules: dict[str, ScheduleRecord] = {}
+        self._clock = clock
+        #: job id -> until when (clock) the id of its ended job stays taken
+        self._holds: dict[str, float] = {}
         # insertion-ordered sets of job ids
         self._success: dict[str, None] = {}
         self._failed: dict[str, None] = {}
@@ -177,7 +189,11 @@ class MemoryResults(Results):
     def _write(self, job_id: str, record: JobRecord, current: JobRecord | None = None) -> None:
         """Store ``record`` (keeping ``current``'s progress, storing its result apart)."""
         progress = record.progress if current is None else current.progress
-        if record.result is not None or record.progress is not progress:
+        if record.hold_for and record.status in _ENDED:
+            self._holds[job_id] = self._clock() + record.hold_for
+        elif self._holds:
+            self._holds.pop(job_id, None)
+        if record.result is not None or record.progress is not progress or record.hold_for:
             if record.result is not None:
                 self._results.set(job_id, record.result)
             record = JobRecord(  # not attrs.evolve: this is every job's end
@@ -227,11 +243,36 @@ class MemoryResults(Results):
         """
         refuse_result(records.values(), "set_jobs")
         jobs = self._jobs
+        holds = self._holds
         for job_id, record in records.items():
-            jobs.set(
-                job_id,
-                record if record.progress is None else attrs.evolve(record, progress=None),
-            )
+            jobs.set(job_id, _new_state(record))
+            if holds:
+                holds.pop(job_id, None)
+
+    async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs whose id is free (no state, or ended and not held:
+        see :meth:`~tasqueue_anyio.abc.Results.claim_jobs`); leave the others.
+
+        :param records: records by job id
+        :return: the ids stored
+        """
+        refuse_result(records.values(), "claim_jobs")
+        jobs = self._jobs
+        holds = self._holds
+        claimed: set[str] = set()
+        for job_id, record in records.items():
+            current = jobs.get(job_id)
+            if current is not None:
+                if current.status not in FINAL_STATUSES:
+                    continue
+                until = holds.get(job_id)
+                if until is not None:
+                    if until > self._clock():
+                        continue
+                    del holds[job_id]
+            jobs.set(job_id, _new_state(record))
+            claimed.add(job_id)
+        return claimed
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
         """Move a job to ``record`` if it may start (:func:`~tasqueue_anyio.abc.may_start`).
@@ -353,6 +394,7 @@ class MemoryResults(Results):
         """
         self._jobs.discard(job_id)
         self._results.discard(job_id)
+        self._holds.pop(job_id, None)
         self._success.pop(job_id, None)
         self._failed.pop(job_id, None)
 

@@ -77,6 +77,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -174,7 +175,27 @@ def _encode_job(record: JobRecord) -> bytes:
     value = {"s": record.status, "d": record.data, "c": record.cancel_requested, "r": record.run}
     if record.progress is not None:
         value["p"] = record.progress
+    if record.hold_for and record.status in _ENDED:
+        # until when (POSIX time, this client's clock) the ended job's id stays taken
+        value["u"] = time.time() + record.hold_for
     return _pack(value)
+
+
+#: the final statuses after which a job's id may stay held (JobRecord.hold_for)
+_ENDED = frozenset({"successful", "failed"})
+
+
+def _free(raw: bytes) -> bool:
+    """Whether the stored job state ``raw`` leaves its id free for a new job: it ended
+    and its hold (if any) passed."""
+    try:
+        value = msgpack.unpackb(raw, raw=False)
+        if str(value["s"]) not in FINAL_STATUSES:
+            return False
+        until = value.get("u")
+        return until is None or float(until) <= time.time()
+    except Exception:
+        return False  # unreadable: not ours to overwrite
 
 
 def _decode_job(data: bytes) -> JobRecord:
@@ -667,6 +688,21 @@ class NatsResults(NatsBackend, Results):
         :return: the ids whose state this call created
         """
         refuse_result(records.values(), "create_jobs")
+        return await self._create(records, replace_ended=False)
+
+    async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs whose id is free (no state, or ended and its hold
+        passed: :meth:`~tasqueue_anyio.abc.Results.claim_jobs`): a create-if-absent
+        publish each, all pipelined (one round trip); an id whose state exists is read
+        and, if free, replaced by compare-and-set on its revision. Leaves the others.
+
+        :param records: records by job id
+        :return: the ids stored
+        """
+        refuse_result(records.values(), "claim_jobs")
+        return await self._create(records, replace_ended=True)
+
+    async def _create(self, records: Mapping[str, JobRecord], *, replace_ended: bool) -> set[str]:
         if not records:
             return set()
         ids = list(records)
@@ -691,8 +727,9 @@ class NatsResults(NatsBackend, Results):
                 record = records[job_id]
                 if isinstance(ack, WrongLastSequenceError):
                     # set, or a delete marker left by another KV client: create on top
+                    # (claim: also on top of an ended job's state whose hold passed)
                     revision, raw = await self._read(key)
-                    if raw is not None or not revision:
+                    if not revision or (raw is not None and not (replace_ended and _free(raw))):
                         continue
                     payload, headers = self._job_value(record)
                     try:

@@ -147,8 +147,9 @@ return 0
 
 # KEYS: state, result, success, failed, seq. ARGV: id, status, data, ttl ms, run token
 # to check ('' for none), run token to write, has result ('1' or '0'), result, result
-# ttl ms, expected statuses... The result is stored in the same step, only if written;
-# the progress is kept.
+# ttl ms, hold ms, expected statuses... The result is stored in the same step, only if
+# written; the progress is kept. A successful or failed status with a hold keeps the
+# job's id taken until then (field 'u', Redis clock in ms; see claim_jobs).
 _LUA_UPDATE = r"""
 local cur = redis.call('HMGET', KEYS[1], 'st', 'r')
 local st = cur[1]
@@ -159,7 +160,7 @@ if ARGV[5] ~= '' and cur[2] ~= ARGV[5] then
   return 0
 end
 local ok = false
-for i = 10, #ARGV do
+for i = 11, #ARGV do
   if ARGV[i] == st then
     ok = true
     break
@@ -169,6 +170,11 @@ if not ok then
   return 0
 end
 redis.call('HSET', KEYS[1], 'st', ARGV[2], 'd', ARGV[3], 'r', ARGV[6])
+local hold = tonumber(ARGV[10])
+if hold > 0 and (ARGV[2] == 'successful' or ARGV[2] == 'failed') then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'u', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + hold)
+end
 expire(tonumber(ARGV[4]), KEYS[1])
 if ARGV[7] == '1' then
   local rttl = tonumber(ARGV[9])
@@ -238,7 +244,7 @@ _LUA_SET_JOBS = r"""
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
   local a = 2 + (i - 1) * 4
-  redis.call('HDEL', KEYS[i], 'p')
+  redis.call('HDEL', KEYS[i], 'p', 'u')
   redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', ARGV[a + 3])
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[i], ttl)
@@ -263,6 +269,41 @@ for i = 1, #KEYS do
   end
 end
 return created
+"""
+
+# KEYS: state keys. ARGV: ttl ms, then status, data, cancel, run token per key. Writes
+# the states whose id is free: no state, or a final one whose hold ('u', ms) passed.
+# Returns the (1-based) indexes of those it wrote.
+_LUA_CLAIM_JOBS = r"""
+local ttl = tonumber(ARGV[1])
+local claimed = {}
+local now_ms = nil
+for i = 1, #KEYS do
+  local cur = redis.call('HMGET', KEYS[i], 'st', 'u')
+  local free = not cur[1]
+  if not free and FINAL[cur[1]] then
+    free = true
+    if cur[2] then
+      if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      free = tonumber(cur[2]) <= now_ms
+    end
+  end
+  if free then
+    local a = 2 + (i - 1) * 4
+    if cur[1] then
+      redis.call('HDEL', KEYS[i], 'p', 'u')
+    end
+    redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', ARGV[a + 3])
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    end
+    claimed[#claimed + 1] = i
+  end
+end
+return claimed
 """
 
 # KEYS: state, result, success, failed (no listings on Redis Cluster). ARGV: id.
@@ -463,6 +504,7 @@ _SCRIPTS = {
         "cancel": _LUA_CANCEL,
         "set_jobs": _LUA_SET_JOBS,
         "create_jobs": _LUA_CREATE_JOBS,
+        "claim_jobs": _LUA_CLAIM_JOBS,
         "delete": _LUA_DELETE,
         "list": _LUA_LIST,
         "unlist_gone": _LUA_UNLIST_GONE,
@@ -667,6 +709,29 @@ class RedisResults(RedisBackend, Results):
             created = await self._cmds.script("create_jobs", *self._jobs_call(records))
         return {ids[index - 1] for index in created}
 
+    async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
+        """Store the state of the jobs whose id is free (no state, or ended and its hold
+        passed: :meth:`~tasqueue_anyio.abc.Results.claim_jobs`), atomically in one script
+        (Redis Cluster: one per slot, pipelined); leave the others as they are.
+
+        :param records: records by job id
+        :return: the ids stored
+        """
+        refuse_result(records.values(), "claim_jobs")
+        if not records:
+            return set()
+        if self.cluster:
+            groups, replies = await self._per_slot("claim_jobs", records, "storing job state")
+            return {
+                list(group)[index - 1]
+                for group, claimed in zip(groups, replies, strict=True)
+                for index in claimed
+            }
+        ids = list(records)
+        with translate_errors("storing job state"):
+            claimed = await self._cmds.script("claim_jobs", *self._jobs_call(records))
+        return {ids[index - 1] for index in claimed}
+
     async def _per_slot(
         self, script: str, records: Mapping[str, JobRecord], what: str
     ) -> tuple[list[dict[str, JobRecord]], list[Any]]:
@@ -746,6 +811,7 @@ class RedisResults(RedisBackend, Results):
             b"0" if record.result is None else b"1",
             b"" if record.result is None else record.result,
             self._result_ttl,
+            int(record.hold_for * 1000) if record.hold_for else 0,
             *expect,
         ]
 
