@@ -352,6 +352,8 @@ class Client:
         size = len(job.payload)
         if size > self.max_payload_size:
             raise PayloadTooLargeError(f"job {job.id}'s payload", size, self.max_payload_size)
+        if job.successful_ttl is not None or job.failed_ttl is not None:
+            self.results.check_job_ttl()
         for follow_up in (*job.on_success, *job.on_error):
             self._check_payloads(follow_up)
 
@@ -371,6 +373,10 @@ class Client:
         A job with a ``schedule`` is not run now: it becomes a cron schedule whose id is
         the job id, first firing at the job's ``eta``/``delay`` if it has one, else at the
         expression's next fire time (see :meth:`get_schedules`).
+
+        A job id names one live job: when a job with this id is queued, waiting, running
+        or held by its ``unique_for``, nothing is stored and its handle is returned (see
+        :meth:`~tasqueue_anyio.abc.Results.claim_jobs`).
 
         :return: the job's handle, a ``str`` holding the job id (or schedule id)
         :raises PayloadTooLargeError: the payload is over ``max_payload_size`` (no I/O done)
@@ -397,6 +403,9 @@ class Client:
 
     async def enqueue_many(self, jobs: Iterable[Job]) -> list[JobHandle[Any]]:
         """Enqueue many jobs with one results call and one broker call.
+
+        A job whose id names a live job is not stored (that job's handle is returned for
+        it), as in :meth:`enqueue`.
 
         :return: the jobs' handles (``str`` subclasses: the job ids), in order
         :raises InvalidInputError: a job is invalid or two jobs share an id (no I/O done)
@@ -518,6 +527,8 @@ class Client:
 
         :return: the group's handle (a ``str``: the group id); ``await
             handle.result()`` gives the members' results as a list
+        :raises DuplicateJobError: a member's id names a live job (the group is recorded
+            ``failed``, none of its jobs is left queued, the live job goes on)
         """
         if not isinstance(group, Group):
             raise InvalidInputError(f"expected a Group, got {group!r}")
@@ -543,6 +554,8 @@ class Client:
 
         :return: the chain's handle (a ``str``: the chain id); ``await handle.result()``
             gives the last link's result
+        :raises DuplicateJobError: the first link's id names a live job (the chain is
+            recorded ``failed``; the live job goes on)
         """
         if not isinstance(chain, Chain):
             raise InvalidInputError(f"expected a Chain, got {chain!r}")
@@ -1467,6 +1480,8 @@ class _Options:
     on_error: tuple[Job, ...] = ()
     priority: int | None = None
     unique_for: float | None = None
+    successful_ttl: float | None = None
+    failed_ttl: float | None = None
 
 
 class TaskFunction(Generic[P, R_co]):
@@ -1524,6 +1539,8 @@ class TaskFunction(Generic[P, R_co]):
         on_error: Sequence[Job] = (),
         priority: int | None = None,
         unique_for: float | None = None,
+        successful_ttl: float | None = None,
+        failed_ttl: float | None = None,
     ) -> TaskFunction[P, R_co]:
         """A copy of this task function whose jobs carry these options (see :class:`Job`
         for each; ``None`` keeps the task's default). Checked when a job is built.
@@ -1559,6 +1576,8 @@ class TaskFunction(Generic[P, R_co]):
             on_error=tuple(on_error) or o.on_error,
             priority=o.priority if priority is None else priority,
             unique_for=o.unique_for if unique_for is None else unique_for,
+            successful_ttl=o.successful_ttl if successful_ttl is None else successful_ttl,
+            failed_ttl=o.failed_ttl if failed_ttl is None else failed_ttl,
         )
         return TaskFunction(self._client, self.name, self.queue, self.fn, options)
 
@@ -1588,6 +1607,8 @@ class TaskFunction(Generic[P, R_co]):
             on_error=o.on_error,
             priority=o.priority or 0,
             unique_for=o.unique_for,
+            successful_ttl=o.successful_ttl,
+            failed_ttl=o.failed_ttl,
             **extra,
         )
 

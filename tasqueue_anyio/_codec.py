@@ -200,6 +200,8 @@ _META_FIELDS: _Fields = (
 _JOB_OPTIONS: dict[str, tuple[tuple[type, ...], _Rule]] = {
     "priority": (_INT, check_priority),
     "unique_for": (_NUM, check_seconds),
+    "successful_ttl": (_NUM, check_seconds),
+    "failed_ttl": (_NUM, check_seconds),
 }
 
 
@@ -280,14 +282,25 @@ def _job_to_wire(job: Job) -> list[Any]:
         [_job_to_wire(j) for j in job.on_success],
         [_job_to_wire(j) for j in job.on_error],
     ]
-    if job.priority or job.unique_for is not None:
+    if (
+        job.priority
+        or job.unique_for is not None
+        or job.successful_ttl is not None
+        or job.failed_ttl is not None
+    ):
         options: dict[str, Any] = {}
         if job.priority:
             options["priority"] = job.priority
-        if job.unique_for is not None:
-            options["unique_for"] = job.unique_for
+        for name in _OPTIONAL_SECONDS:
+            value = getattr(job, name)
+            if value is not None:
+                options[name] = value
         wire.append(options)
     return wire
+
+
+#: the job options that are seconds or ``None``
+_OPTIONAL_SECONDS = ("unique_for", "successful_ttl", "failed_ttl")
 
 
 _new_job = Job.__new__
@@ -331,10 +344,12 @@ def _job_from_wire(d: Any, depth: int = 0) -> Job:
     _set(job, "on_error", tuple([_job_from_wire(j, depth + 1) for j in err]))
     if options is None:
         _set(job, "priority", 0)
-        _set(job, "unique_for", None)
+        for name in _OPTIONAL_SECONDS:
+            _set(job, name, None)
     else:
         _set(job, "priority", options.get("priority", 0))
-        _set(job, "unique_for", options.get("unique_for"))
+        for name in _OPTIONAL_SECONDS:
+            _set(job, name, options.get(name))
     return job
 
 

@@ -412,6 +412,10 @@ class Job:
         which its id stays taken: an enqueue of a job with this id stores nothing and
         returns the existing job's handle (while the job is queued, scheduled or running
         its id is taken anyway). > 0 and at most :data:`MAX_SECONDS`
+    :param successful_ttl: seconds the job's state and result are kept once it ended
+        ``successful``, instead of the results store's ``job_ttl`` and ``result_ttl``
+        (> 0, at most :data:`MAX_SECONDS`)
+    :param failed_ttl: the same for a job that ended ``failed``
     """
 
     task: str = attrs.field(validator=_check_task)
@@ -432,6 +436,12 @@ class Job:
     on_error: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
     priority: int = attrs.field(default=0, kw_only=True, validator=_check_priority)
     unique_for: float | None = attrs.field(
+        default=None, kw_only=True, validator=_check_positive_or_none
+    )
+    successful_ttl: float | None = attrs.field(
+        default=None, kw_only=True, validator=_check_positive_or_none
+    )
+    failed_ttl: float | None = attrs.field(
         default=None, kw_only=True, validator=_check_positive_or_none
     )
 

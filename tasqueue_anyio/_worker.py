@@ -642,6 +642,7 @@ class Worker:
             run=run.token,
             result=ctx.result,
             hold_for=msg.job.unique_for or 0.0,
+            ttl=msg.job.successful_ttl,
         )
         meta = msg.meta
         if _alone(msg, task.on_success if task else None, msg.job.on_success):
@@ -717,7 +718,9 @@ class Worker:
             description,
             extra={"job_id": msg.id, "task": msg.job.task, "queue": meta.queue},
         )
-        record = self._record(failed, run.token, hold_for=failed.job.unique_for or 0.0)
+        record = self._record(
+            failed, run.token, hold_for=failed.job.unique_for or 0.0, ttl=failed.job.failed_ttl
+        )
         if _alone(msg, task.on_failed if task else None, msg.job.on_error):
             await self._end_alone(delivery, msg, record, Status.FAILED, run)
             return
@@ -809,12 +812,15 @@ class Worker:
     def _evolve(self, msg: JobMessage, status: Status, **changes: Any) -> JobMessage:
         return JobMessage(meta=attrs.evolve(msg.meta, status=status, **changes), job=msg.job)
 
-    def _record(self, msg: JobMessage, run: str = "", hold_for: float = 0.0) -> JobRecord:
+    def _record(
+        self, msg: JobMessage, run: str = "", hold_for: float = 0.0, ttl: float | None = None
+    ) -> JobRecord:
         return JobRecord(
             status=msg.meta.status.value,
             data=self.server._encode(msg),
             run=run,
             hold_for=hold_for,
+            ttl=ttl,
         )
 
     async def _callback(self, callback: Any, *args: Any) -> None:

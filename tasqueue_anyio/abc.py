@@ -142,6 +142,12 @@ class JobRecord:
         job's id stays taken (:meth:`Results.claim_jobs` does not give it to a new job;
         ``Job.unique_for``). 0: free at once. Never read back (0 in what
         :meth:`Results.get_job` returns)
+    :param ttl: write-only: with a final status written by :meth:`Results.update_job` (or
+        :meth:`Results.end_job`), the seconds the job's state and its result (one
+        written in the same step included) are kept, instead of the store's defaults
+        (``Job.successful_ttl``, ``Job.failed_ttl``); ``None`` in what
+        :meth:`Results.get_job` returns. A store that cannot keep a TTL per job refuses
+        such jobs when they are enqueued (:meth:`Results.check_job_ttl`)
     :param progress: the job's last progress (:meth:`Results.set_progress`; opaque
         bytes), as read. ``update_job``, ``end_job`` and ``request_cancel`` keep the
         stored one (so a job's last progress stays after it ended); ``set_jobs`` (a new
@@ -155,6 +161,7 @@ class JobRecord:
     result: bytes | None = None
     progress: bytes | None = None
     hold_for: float = 0.0
+    ttl: float | None = None
 
 
 def refuse_result(records: Iterable[JobRecord], method: str) -> None:
@@ -498,6 +505,11 @@ class Results(_MessageLimit, metaclass=ABCMeta):
         if created:
             await self.set_jobs(created)
         return set(created)
+
+    def check_job_ttl(self) -> None:
+        """Raise :class:`~tasqueue_anyio.InvalidInputError` (saying why) if this store
+        cannot keep a TTL per job (:attr:`JobRecord.ttl`). Called when a job that carries
+        one is enqueued, so it is refused then rather than failing at its end."""
 
     async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
         """Store the state of the jobs whose id is free; leave the others as they are.

@@ -28,7 +28,15 @@ from nats_support import broker_on, drained, eventually, name, results_on, take_
 from server_support import TIMEOUT, running
 from shim_support import run_with_a_failed_retry_ack
 
-from tasqueue_anyio import Backoff, InvalidInputError, Job, JobContext, Server, Status
+from tasqueue_anyio import (
+    Backoff,
+    InvalidInputError,
+    Job,
+    JobContext,
+    JobNotFoundError,
+    Server,
+    Status,
+)
 from tasqueue_anyio._jobs import validate_queue
 from tasqueue_anyio._nats.jetstream import ConsumerNotFoundError
 from tasqueue_anyio.brokers.nats import NatsBroker, _Queue, _relayed_copy
@@ -299,3 +307,20 @@ async def test_a_retry_whose_ack_failed_still_runs_through_the_relay(
     assert len(failed) == 1
     assert done.status is Status.SUCCESSFUL
     assert runs == [0, 1]
+
+
+async def test_a_job_ttl_is_refused_before_anything_is_stored(
+    old_nats_server: NatsServer,
+) -> None:
+    """Per-job TTLs need per-key TTLs (nats-server 2.11+): on 2.10 the enqueue says so."""
+    async with server_on(old_nats_server) as server:
+        server.register_task("t", lambda payload, ctx: None, queue="ttl", raw=True)
+        job = Job("t", queue="ttl", successful_ttl=60)
+        with pytest.raises(InvalidInputError, match=r"2\.11"):
+            await server.enqueue(job)
+        with pytest.raises(JobNotFoundError):
+            await server.get_job(job.id)
+        assert await server.get_pending("ttl") == []
+        follow_up = Job("t", queue="ttl", on_success=[Job("t", failed_ttl=5)])
+        with pytest.raises(InvalidInputError, match="failed_ttl"):
+            await server.enqueue(follow_up)

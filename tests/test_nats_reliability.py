@@ -134,6 +134,41 @@ async def test_sigkilled_worker_job_ends_on_another_after_the_ack_wait(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_a_unique_job_held_by_a_killed_worker_stays_one_and_frees_its_id(
+    nats_server: NatsServer, tmp_path: Path, backend: str
+) -> None:
+    """The id of a job whose worker was SIGKILLed mid-run stays taken (an enqueue of it
+    adds nothing) until the job came back after the ack wait and ended; then it is free,
+    and an enqueue runs it again."""
+    name = f"rel{uuid4().hex[:10]}"
+    key = "unique:nightly"
+    async with local_server(nats_server.url, name) as server:
+        stream = server.broker.stream  # type: ignore[attr-defined]
+        await server.enqueue(Job("hold", b"60,0", id=key, queue=QUEUE))
+        with worker(nats_server.url, name, backend, tmp_path / "worker.log") as process:
+            await wait_status(server, key, Status.PROCESSING)
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+        assert await server.enqueue(Job("hold", b"0", id=key, queue=QUEUE)) == key
+        held = await server.get_job(key)  # the dead run's state, not reset to queued
+        assert (held.status, held.job.payload) == (Status.PROCESSING, b"60,0")
+        info = await server.broker.js.stream_info(stream)  # type: ignore[attr-defined]
+        assert info.messages == 1
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            done = await server.wait(key, timeout=STEP)
+            assert (done.status, done.meta.attempt) == (Status.SUCCESSFUL, 2)
+            again = await server.enqueue(Job("hold", b"0", id=key, queue=QUEUE))
+            with anyio.fail_after(STEP):
+                while (await server.get_job(again)).job.payload != b"0":  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            rerun = await server.wait(again, timeout=STEP)
+            tg.cancel_scope.cancel()
+        assert (rerun.status, rerun.meta.attempt) == (Status.SUCCESSFUL, 1)
+        assert await server.get_result(key) == f"{os.getpid()}:1".encode()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 async def test_zombie_owner_resumed_after_its_ack_wait_cannot_write(
     nats_server: NatsServer, tmp_path: Path, backend: str
 ) -> None:

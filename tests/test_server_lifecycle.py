@@ -568,9 +568,9 @@ async def test_enqueue_many_that_raises_leaves_no_queued_job_behind(
         await type(broker).enqueue_many(broker, messages[:1])
         raise BrokerError("injected: the broker failed after one message")
 
-    async def half_set(records: Any) -> None:  # stores the first record, then fails
+    async def half_claim(records: Any) -> None:  # stores the first record, then fails
         first = next(iter(records))
-        await type(results).set_jobs(results, {first: records[first]})
+        await type(results).claim_jobs(results, {first: records[first]})
         raise BrokerError("injected: the store failed after one record")
 
     async with Server(broker=broker, results=results) as server:
@@ -583,7 +583,7 @@ async def test_enqueue_many_that_raises_leaves_no_queued_job_behind(
         if failing == "broker":
             monkeypatch.setattr(broker, "enqueue_many", half_enqueue)
         else:
-            monkeypatch.setattr(results, "set_jobs", half_set)
+            monkeypatch.setattr(results, "claim_jobs", half_claim)
         with pytest.raises(BrokerError, match="injected"):
             await server.enqueue_many(jobs)
         monkeypatch.undo()

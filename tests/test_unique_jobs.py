@@ -160,3 +160,35 @@ async def test_unique_for_is_checked(broker: Broker, results: Results, queue_nam
             report.options(id="x", unique_for=bad).job("d")
         with pytest.raises(InvalidInputError, match="unique_for"):
             Job("report", unique_for=bad)
+
+
+async def test_a_failed_enqueue_never_deletes_a_live_jobs_state(
+    broker: Broker, results: Results, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the store fails mid-claim, the client deletes only the states it wrote (it
+    cannot tell which ids it claimed): a live job named in the batch keeps its state."""
+    from typing import Any
+
+    from tasqueue_anyio import BrokerError
+
+    server, runs = make_server(broker, results, queue_name)
+    report = server.report  # type: ignore[attr-defined]
+    key = f"live:{queue_name}"
+    async with server:
+        live = await report.options(id=key).enqueue("live")
+
+        async def half_claim(records: Any) -> None:  # claims what is free, then fails
+            await type(results).claim_jobs(results, records)
+            raise BrokerError("injected: the store failed")
+
+        monkeypatch.setattr(results, "claim_jobs", half_claim)
+        fresh = report.job("fresh")
+        with pytest.raises(BrokerError, match="injected"):
+            await server.enqueue_many([report.options(id=key).job("dup"), fresh])
+        monkeypatch.undo()
+        assert (await live.info()).status is Status.QUEUED  # still there, still its own
+        with pytest.raises(JobNotFoundError):
+            await server.get_job(fresh.id)  # the one this call wrote: deleted again
+        async with running(server):
+            assert await live.result(timeout=TIMEOUT) == "report live"
+    assert runs == ["live"]

@@ -8,6 +8,8 @@ conditional ones included, is atomic.
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
@@ -38,40 +40,49 @@ _ENDED = frozenset({"successful", "failed"})
 
 
 def _new_state(record: JobRecord) -> JobRecord:
-    """A new job state as stored: no progress of an earlier one, no hold."""
-    if record.progress is None and not record.hold_for:
+    """A new job state as stored: no progress of an earlier one, no hold, no own TTL."""
+    if record.progress is None and not record.hold_for and record.ttl is None:
         return record
-    return attrs.evolve(record, progress=None, hold_for=0.0)
+    return attrs.evolve(record, progress=None, hold_for=0.0, ttl=None)
 
 
 class _ExpiringDict(Generic[_T]):
-    """A dictionary whose entries expire ``ttl`` seconds after their last write.
+    """A dictionary whose entries expire ``ttl`` seconds after their last write, or after
+    the TTL given with that write.
 
-    Expired entries read as missing. Because the time to live is fixed and the clock only
-    moves forward, expiry times are in write order: a FIFO of ``(expires_at, key)`` lets
-    every operation purge what expired in amortised constant time, so entries nobody reads
-    again do not accumulate.
+    Expired entries read as missing. Because the default time to live is fixed and the
+    clock only moves forward, the default expiry times are in write order: a FIFO of
+    ``(expires_at, key)`` lets every operation purge what expired in amortised constant
+    time, so entries nobody reads again do not accumulate. Entries written with a TTL of
+    their own go into a heap instead (a write costs O(log n) there, only for them).
     """
 
-    __slots__ = ("_clock", "_data", "_expiries", "_ttl")
+    __slots__ = ("_clock", "_data", "_expiries", "_own", "_ttl")
 
     def __init__(self, ttl: float | None, clock: Callable[[], float]) -> None:
         self._ttl = ttl
         self._clock = clock
+        #: key -> (value, expires_at or inf)
         self._data: dict[str, tuple[_T, float]] = {}
         self._expiries: deque[tuple[float, str]] = deque()
+        self._own: list[tuple[float, str]] = []
 
     def purge(self) -> None:
         """Drop every expired entry."""
-        if self._ttl is None:
+        expiries, own = self._expiries, self._own
+        if not expiries and not own:
             return
         now = self._clock()
-        expiries = self._expiries
         data = self._data
         while expiries and expiries[0][0] <= now:
             _, key = expiries.popleft()
             entry = data.get(key)
             # the key may have been rewritten (later expiry) or deleted since
+            if entry is not None and entry[1] <= now:
+                del data[key]
+        while own and own[0][0] <= now:
+            _, key = heapq.heappop(own)
+            entry = data.get(key)
             if entry is not None and entry[1] <= now:
                 del data[key]
 
@@ -84,9 +95,16 @@ class _ExpiringDict(Generic[_T]):
         self.purge()
         return key in self._data
 
-    def set(self, key: str, value: _T) -> None:
+    def set(self, key: str, value: _T, ttl: float | None = None) -> None:
+        """Store ``value``; it expires after ``ttl`` seconds (default: the dict's)."""
+        if ttl is not None:
+            self.purge()
+            expires_at = self._clock() + ttl
+            self._data[key] = (value, expires_at)
+            heapq.heappush(self._own, (expires_at, key))
+            return
         if self._ttl is None:
-            self._data[key] = (value, 0.0)
+            self._data[key] = (value, math.inf)
             return
         self.purge()
         expires_at = self._clock() + self._ttl
@@ -193,9 +211,19 @@ class MemoryResults(Results):
             self._holds[job_id] = self._clock() + record.hold_for
         elif self._holds:
             self._holds.pop(job_id, None)
-        if record.result is not None or record.progress is not progress or record.hold_for:
+        ttl = record.ttl if record.status in FINAL_STATUSES else None
+        if (
+            record.result is not None
+            or record.progress is not progress
+            or record.hold_for
+            or record.ttl is not None
+        ):
             if record.result is not None:
-                self._results.set(job_id, record.result)
+                self._results.set(job_id, record.result, ttl)
+            elif ttl is not None and job_id in self._results:
+                result = self._results.get(job_id)
+                if result is not None:
+                    self._results.set(job_id, result, ttl)
             record = JobRecord(  # not attrs.evolve: this is every job's end
                 status=record.status,
                 data=record.data,
@@ -203,7 +231,7 @@ class MemoryResults(Results):
                 run=record.run,
                 progress=progress,
             )
-        self._jobs.set(job_id, record)
+        self._jobs.set(job_id, record, ttl)
         self._write_listing(job_id, record.status)
 
     def _write_listing(self, job_id: str, status: str) -> None:

@@ -185,6 +185,13 @@ def _encode_job(record: JobRecord) -> bytes:
 _ENDED = frozenset({"successful", "failed"})
 
 
+def _ttl_of(record: JobRecord, default: float | None) -> float | None:
+    """The TTL a write of ``record`` carries: its own (a final one), else ``default``."""
+    if record.ttl is not None and record.status in FINAL_STATUSES:
+        return record.ttl
+    return default
+
+
 def _free(raw: bytes) -> bool:
     """Whether the stored job state ``raw`` leaves its id free for a new job: it ended
     and its hold (if any) passed."""
@@ -619,7 +626,22 @@ class NatsResults(NatsBackend, Results):
         return "c." + encode_token(_check_id(schedule_id, "schedule id"))
 
     def _job_value(self, record: JobRecord) -> tuple[bytes, list[tuple[str, str]]]:
-        return _encode_job(record), self._headers(self.job_ttl, [(H_STATUS, record.status)])
+        return _encode_job(record), self._headers(_ttl_of(record, self.job_ttl), [(H_STATUS, record.status)])
+
+    def check_job_ttl(self) -> None:
+        """Refuse per-job TTLs unless this store keeps per-key TTLs (nats-server 2.11+,
+        ``per_key_ttl`` not ``False``): a bucket's ``max_age`` is one for all.
+
+        :raises InvalidInputError: it does not
+        """
+        self._require_open()
+        if not self._ttls:
+            raise InvalidInputError(
+                "a job's successful_ttl or failed_ttl needs per-key TTLs in the NATS results "
+                "store: nats-server 2.11 or newer, and per_key_ttl not False (this server is "
+                + ".".join(map(str, self.client.server_version))
+                + "); set the store's job_ttl and result_ttl instead"
+            )
 
     @staticmethod
     def _closes(record: JobRecord) -> bool:
@@ -824,9 +846,11 @@ class NatsResults(NatsBackend, Results):
 
         if result is not None:
             with translate_errors("ending a job"):
-                return await self._update_with_result(job_id, step, result)
+                return await self._update_with_result(
+                    job_id, step, result, _ttl_of(record, self.result_ttl)
+                )
         with translate_errors("updating a job"):
-            return await self._cas(
+            written = await self._cas(
                 self._job_key(job_id),
                 _decode_job,
                 step,
@@ -834,9 +858,26 @@ class NatsResults(NatsBackend, Results):
                 "updating a job",
                 gate=self._closes,
             )
+            if written and record.ttl is not None and record.status in FINAL_STATUSES:
+                # a result saved earlier (ctx.save) takes the job's own TTL too: written
+                # again with it (two round trips, only for jobs that have one)
+                revision, raw = await self._read(self._result_key(job_id))
+                if raw is not None:
+                    with contextlib.suppress(WrongLastSequenceError):
+                        await self._write(
+                            self._result_key(job_id),
+                            raw,
+                            self._headers(record.ttl),
+                            expect=revision,
+                        )
+            return written
 
     async def _update_with_result(
-        self, job_id: str, step: Callable[[Any | None], tuple[Any, bool]], result: bytes
+        self,
+        job_id: str,
+        step: Callable[[Any | None], tuple[Any, bool]],
+        result: bytes,
+        result_ttl: float | None,
     ) -> bool:
         """:meth:`update_job` of a record carrying a result: the result and the record in
         one round trip, pipelined on one connection: the result first, published with an
@@ -850,7 +891,7 @@ class NatsResults(NatsBackend, Results):
         """
         key = self._job_key(job_id)
         result_subject = self._subject(self._result_key(job_id))
-        result_headers = self._headers(self.result_ttl)
+        result_headers = self._headers(result_ttl)
         async with self._locks.hold(key):
             cached = self._cache_get(key)
             fresh = cached is None

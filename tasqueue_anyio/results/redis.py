@@ -63,6 +63,7 @@ from coredis.typing import Key
 from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from ..abc import (
+    FINAL_STATUSES,
     Delivery,
     JobRecord,
     ParentRecord,
@@ -147,7 +148,8 @@ return 0
 
 # KEYS: state, result, success, failed, seq. ARGV: id, status, data, ttl ms, run token
 # to check ('' for none), run token to write, has result ('1' or '0'), result, result
-# ttl ms, hold ms, expected statuses... The result is stored in the same step, only if
+# ttl ms, hold ms, own ttl ('1': the ttls are the job's own, applied to a result saved
+# earlier too), expected statuses... The result is stored in the same step, only if
 # written; the progress is kept. A successful or failed status with a hold keeps the
 # job's id taken until then (field 'u', Redis clock in ms; see claim_jobs).
 _LUA_UPDATE = r"""
@@ -160,7 +162,7 @@ if ARGV[5] ~= '' and cur[2] ~= ARGV[5] then
   return 0
 end
 local ok = false
-for i = 11, #ARGV do
+for i = 12, #ARGV do
   if ARGV[i] == st then
     ok = true
     break
@@ -183,6 +185,8 @@ if ARGV[7] == '1' then
   else
     redis.call('SET', KEYS[2], ARGV[8])
   end
+elseif ARGV[11] == '1' then
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
 end
 list_end(ARGV[2], ARGV[1], 3)
 return 1
@@ -801,17 +805,20 @@ class RedisResults(RedisBackend, Results):
         self, job_id: str, record: JobRecord, expect: Collection[str], run: str | None
     ) -> list[Any]:
         """ARGV of the update script (see ``_LUA_UPDATE``)."""
+        own = record.ttl is not None and record.status in FINAL_STATUSES
+        ttl_ms = max(1, int(record.ttl * 1000)) if own and record.ttl is not None else 0
         return [
             job_id,
             record.status,
             record.data,
-            self._job_ttl_arg,
+            ttl_ms if own else self._job_ttl_arg,
             "" if run is None else run,
             record.run,
             b"0" if record.result is None else b"1",
             b"" if record.result is None else record.result,
-            self._result_ttl,
+            ttl_ms if own else self._result_ttl,
             int(record.hold_for * 1000) if record.hold_for else 0,
+            b"1" if own else b"0",
             *expect,
         ]
 
