@@ -26,7 +26,7 @@ from ._jobs import (
 )
 from ._tasks import Callback, ErrorCallback, Handler, Task, is_async_callable, typed_handler
 from ._worker import BURST_INTERVAL, Worker
-from .abc import Broker, Results
+from .abc import Broker, QueueLimits, Results
 
 __all__ = ["BURST_INTERVAL", "Server", "Task"]
 
@@ -111,6 +111,7 @@ class Server(Client):
         self.default_concurrency = default_concurrency
         self._tasks: dict[str, Task] = {}
         self._queues: dict[str, int] = {}
+        self._limits: dict[str, QueueLimits] = {}
         self._worker: Worker | None = None
         #: the grace of a stop() made while no run() was going on (the next run() uses it)
         self._pending_stop: float | None = None
@@ -400,6 +401,43 @@ class Server(Client):
             if task.queue == queue:
                 self._tasks[name] = attrs.evolve(task, concurrency=concurrency)
 
+    def limit_queue(
+        self,
+        queue: str,
+        *,
+        runs: int | None = None,
+        per: float = 1.0,
+        running: int | None = None,
+    ) -> None:
+        """Limit the jobs of ``queue`` over every worker of this broker's backend: at
+        most ``runs`` start in any ``per`` seconds (a sliding window), at most
+        ``running`` run at once. Every worker process must set the same limits (a
+        deployment setting, like concurrency); ``None`` leaves a limit out, and both
+        ``None`` removes the queue's limits.
+
+        A job over a limit is not failed, retried or put back: the processor that took
+        it waits, asleep, for the time the broker names (the window's next free start)
+        or for a running slot's release, announced on the broadcast channel, then starts
+        it. So a worker holds at most its processors' jobs (plus what its consumer
+        fetched ahead) of a limited queue while they wait. A worker that dies frees its
+        running slots after :data:`~tasqueue_anyio._limits.PERMIT_LEASE` seconds.
+
+        :raises InvalidInputError: a bad number
+        """
+        limits = QueueLimits(runs=runs, per=per, running=running)
+        validate_queue(queue)
+        if self._worker is not None:
+            raise RuntimeError("limit queues before Server.run() starts")
+        if runs is None and running is None:
+            self._limits.pop(queue, None)
+        else:
+            self._limits[queue] = limits
+
+    @property
+    def limits(self) -> dict[str, QueueLimits]:
+        """Queue name → its limits (:meth:`limit_queue`)."""
+        return dict(self._limits)
+
     def get_tasks(self) -> list[str]:
         """Names of the registered tasks."""
         return list(self._tasks)
@@ -440,7 +478,9 @@ class Server(Client):
             return
         if self._worker is not None:
             raise RuntimeError("Server.run() is already running")
-        worker = self._worker = Worker(self, self._tasks, self._queues, burst=burst)
+        worker = self._worker = Worker(
+            self, self._tasks, self._queues, burst=burst, limits=self._limits
+        )
         grace, self._pending_stop = self._pending_stop, None
         if grace is not None:
             worker.stop(grace)  # stop() came before run(): it applies from the start

@@ -53,8 +53,9 @@ from ._jobs import (
     Meta,
     Status,
 )
+from ._limits import Limiter
 from ._scheduler import Scheduler
-from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord, run_token
+from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord, QueueLimits, run_token
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -135,6 +136,7 @@ class Worker:
         queues: Mapping[str, int],
         *,
         burst: bool = False,
+        limits: Mapping[str, QueueLimits] | None = None,
     ) -> None:
         self.server = client
         self.tasks = tasks
@@ -152,12 +154,20 @@ class Worker:
         #: (``finalize_timeout`` after it began; never before a shutdown)
         self.hard_stop = math.inf
         self._thread_waits: set[anyio.CancelScope] = set()
+        #: the limited queues' permits (queue -> limiter)
+        self.limiters = {
+            queue: Limiter(self.broker, queue, queue_limits, self.log)
+            for queue, queue_limits in (limits or {}).items()
+            if queue in self.queues
+        }
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch, name="tasqueue shutdown watcher")
             with anyio.CancelScope(shield=True) as self._shield:
                 async with anyio.create_task_group() as self._control:
+                    for limiter in self.limiters.values():
+                        await self._control.start(limiter.run)
                     # consumers end first (stop/shutdown), then processors drain
                     async with (
                         anyio.create_task_group() as processors,
@@ -300,23 +310,35 @@ class Worker:
                 # the chain was cancelled (or failed) while this link was being enqueued
                 await self._skip(delivery, msg, "its chain ended before it started")
                 return
-            msg = JobMessage(meta=_run_meta(msg.meta, now, delivery.attempt), job=msg.job)
-            data = server._encode(msg)
-            run = _RunInfo(run_token(msg.meta.retried, delivery.attempt))
-            refused = await self.results.start_job(
-                job_id, JobRecord(status="processing", data=data, run=run.token)
-            )
-            if refused is not None:
-                await self._not_started(delivery, msg, refused)
-                return
-            if msg.meta.group_id is not None or msg.meta.chain_id is not None:
-                await server._member_changed(msg, Status.PROCESSING)
-            await self._run(delivery, msg, data, active, run)
+            limiter = self.limiters.get(delivery.queue)
+            if limiter is None:
+                await self._start_run(delivery, msg, active)
+            else:
+                async with limiter.permit():
+                    await self._start_run(delivery, msg, active)
         finally:
             jobs = registry[job_id]
             jobs.remove(active)
             if not jobs:
                 del registry[job_id]
+
+    async def _start_run(self, delivery: Delivery, msg: JobMessage, active: ActiveJob) -> None:
+        """Record the run's start (if the job may start) and run it."""
+        server = self.server
+        msg = JobMessage(
+            meta=_run_meta(msg.meta, server.clock(), delivery.attempt), job=msg.job
+        )
+        data = server._encode(msg)
+        run = _RunInfo(run_token(msg.meta.retried, delivery.attempt))
+        refused = await self.results.start_job(
+            msg.id, JobRecord(status="processing", data=data, run=run.token)
+        )
+        if refused is not None:
+            await self._not_started(delivery, msg, refused)
+            return
+        if msg.meta.group_id is not None or msg.meta.chain_id is not None:
+            await server._member_changed(msg, Status.PROCESSING)
+        await self._run(delivery, msg, data, active, run)
 
     async def _undecodable(self, delivery: Delivery, error: DecodeError) -> None:
         """Dead-letter a message that does not decode, first ending its job ``failed``

@@ -32,10 +32,12 @@ __all__ = [
     "JobRecord",
     "ParentRecord",
     "QueueCounts",
+    "QueueLimits",
     "ResultCounts",
     "Results",
     "ScheduleRecord",
     "check_progress",
+    "limit_channel",
     "may_start",
     "refuse_result",
     "run_retry",
@@ -109,6 +111,43 @@ class QueueCounts:
     dead: int
 
 
+def _check_limit(inst: object, attribute: attrs.Attribute[int | None], value: object) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000
+    ):
+        from ._exceptions import InvalidInputError
+
+        raise InvalidInputError(
+            f"{attribute.name} must be None or an int from 1 to 1000000, got {value!r}"
+        )
+
+
+def _check_per(inst: object, attribute: attrs.Attribute[float], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.001 <= value <= 86400 * 366
+    ):
+        from ._exceptions import InvalidInputError
+
+        raise InvalidInputError(f"per must be seconds from 0.001 to a year, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class QueueLimits:
+    """Limits on the jobs of one queue, shared by every worker of a backend
+    (:meth:`Broker.acquire_permit`).
+
+    :param runs: at most this many jobs start in any ``per`` seconds (a sliding window)
+    :param per: the window of ``runs``, in seconds
+    :param running: at most this many jobs run at once
+    """
+
+    runs: int | None = attrs.field(default=None, validator=_check_limit)
+    per: float = attrs.field(default=1.0, validator=_check_per)
+    running: int | None = attrs.field(default=None, validator=_check_limit)
+
+
 @attrs.frozen(kw_only=True)
 class ResultCounts:
     """How many jobs ended each way (:meth:`Results.count_ended`): the lengths of the
@@ -162,6 +201,12 @@ class JobRecord:
     progress: bytes | None = None
     hold_for: float = 0.0
     ttl: float | None = None
+
+
+def limit_channel(queue: str) -> str:
+    """The broadcast channel on which a broker announces that a ``running`` slot of
+    ``queue`` was released (:meth:`Broker.release_permit`)."""
+    return f"~limit:{queue}"
 
 
 def refuse_result(records: Iterable[JobRecord], method: str) -> None:
@@ -438,6 +483,32 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
         cost). The numbers agree with :meth:`get_pending`, :meth:`get_scheduled` and
         :meth:`get_dead_letters` at a quiet moment; an unknown queue counts zeros.
         """
+
+    async def acquire_permit(
+        self, queue: str, limits: QueueLimits, token: str, lease: float
+    ) -> float:
+        """Take a permit to start one job of ``queue`` under ``limits``, counted over every
+        worker of this backend, all or nothing: one of the ``runs`` starts of the sliding
+        window of ``per`` seconds (kept for ever), and one of the ``running`` slots, held
+        by ``token`` until :meth:`release_permit`, or until ``lease`` seconds pass
+        without :meth:`renew_permits` (a worker that died frees its slots).
+
+        :return: 0 when the permit was taken; else how many seconds until one may be
+            free (exact for ``runs``; for ``running`` the earliest lease expiry, at most
+            1 s: a release is announced on :func:`limit_channel` before then)
+        :raises InvalidInputError: the broker keeps no limits (the library's all do)
+        """
+        from ._exceptions import InvalidInputError
+
+        raise InvalidInputError(f"{type(self).__name__} does not keep queue limits")
+
+    async def release_permit(self, queue: str, token: str) -> None:
+        """Free the ``running`` slot ``token`` holds (nothing if it holds none) and
+        announce it on :func:`limit_channel`."""
+
+    async def renew_permits(self, queue: str, tokens: Collection[str], lease: float) -> None:
+        """Extend the leases of the ``running`` slots held by ``tokens`` to ``lease``
+        seconds from now (a token whose slot expired stays free)."""
 
     @abstractmethod
     async def publish(self, channel: str, data: bytes) -> None:

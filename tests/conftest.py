@@ -127,6 +127,7 @@ _CONTRACT_MODULES = {
     "test_contract_claim",
     "test_contract_end_job",
     "test_contract_job_ttl",
+    "test_contract_limits",
     "test_contract_priority",
     "test_contract_results",
 }

@@ -8,6 +8,8 @@ Configured by the environment, so that each process gets a short lease:
 - ``RELIABILITY_PREFIX``: the key prefix, one per test (default ``tasqueue-reliability``)
 - ``RELIABILITY_LEASE``: the broker's lease in seconds (default 1.5)
 - ``RELIABILITY_CONCURRENCY``: processors of :data:`QUEUE` (default 4)
+- ``RELIABILITY_LIMITS``: ``runs,per,running`` limits of :data:`QUEUE` (empty parts: no
+  such limit; unset: none)
 
 The tasks leave their traces in Redis, under ``PREFIX:t:`` (a part of the key space the
 library does not use), so the test process reads them whatever worker wrote them:
@@ -22,6 +24,9 @@ library does not use), so the test process reads them whatever worker wrote them
   PREFIX:t:effects <job id> 1``.
 - ``nap`` (payload: seconds to sleep) only sleeps: it never touches Redis itself, so a
   Redis outage reaches nothing but the library.
+- ``stamp`` (payload: seconds to sleep): counts itself running in ``PREFIX:t:running``
+  (the most at once in ``PREFIX:t:most``) and pushes its start time (the Redis clock, in
+  ms) onto ``PREFIX:t:starts``, sleeps, then counts itself out.
 - ``flaky`` (payload: seconds): its first try pushes ``"<pid>:<attempt>"`` onto
   ``PREFIX:t:started:<job id>``, sleeps that long and fails; a retry does what ``effect``
   does (no sleep).
@@ -59,6 +64,18 @@ return 0
 """
 
 
+# KEYS: running counter, most, starts. Returns 1.
+_STAMP_IN = """
+local now = redis.call('TIME')
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then
+  redis.call('SET', KEYS[2], n)
+end
+redis.call('RPUSH', KEYS[3], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+return 1
+"""
+
+
 class Keys:
     """The keys of the tasks' traces under one prefix."""
 
@@ -75,6 +92,11 @@ class Keys:
 
     def effect(self, job_id: str) -> str:
         return f"{self.base}effect:{job_id}"
+
+    @property
+    def stamps(self) -> list[str]:
+        """The keys of ``stamp``: running counter, most at once, start times."""
+        return [self.base + "running", self.base + "most", self.base + "starts"]
 
 
 def make_server(
@@ -125,5 +147,23 @@ def make_server(
     server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency, raw=True)
     server.register_task("effect", effect, queue=QUEUE, raw=True)
     server.register_task("nap", nap, queue=QUEUE, raw=True)
+    async def stamp(payload: bytes, ctx: JobContext) -> None:
+        await broker.client.eval(_STAMP_IN, keys.stamps, [])
+        try:
+            await anyio.sleep(float(payload or b"0"))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await broker.client.decr(keys.stamps[0])
+
     server.register_task("flaky", flaky, queue=QUEUE, raw=True)
+    server.register_task("stamp", stamp, queue=QUEUE, raw=True)
+    limits = os.environ.get("RELIABILITY_LIMITS")
+    if limits:
+        runs, per, running = limits.split(",")
+        server.limit_queue(
+            QUEUE,
+            runs=int(runs) if runs else None,
+            per=float(per or 1),
+            running=int(running) if running else None,
+        )
     return server

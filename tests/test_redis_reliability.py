@@ -81,7 +81,13 @@ class Fleet(WorkerFleet):
     ``reliability_app``, each with a lease of :data:`LEASE` seconds."""
 
     def __init__(
-        self, url: str, directory: Path, *, concurrency: int = 4, forked: bool = False
+        self,
+        url: str,
+        directory: Path,
+        *,
+        concurrency: int = 4,
+        forked: bool = False,
+        limits: str = "",
     ) -> None:
         self.url = url
         self.prefix = f"rel{uuid4().hex[:10]}"
@@ -92,6 +98,7 @@ class Fleet(WorkerFleet):
                 "RELIABILITY_PREFIX": self.prefix,
                 "RELIABILITY_LEASE": repr(LEASE),
                 "RELIABILITY_CONCURRENCY": str(concurrency),
+                "RELIABILITY_LIMITS": limits,
             }
         )
         super().__init__(APP, directory, env, forked=forked, step=STEP)
@@ -237,6 +244,41 @@ async def test_a_unique_job_held_by_a_killed_worker_stays_one_and_frees_its_id(
             assert len(runs) == 3
             assert runs[2].endswith(":1")
             await f.wait_drained(client)
+
+
+async def test_queue_limits_hold_over_three_worker_processes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """3 worker processes (asyncio, Trio, asyncio; 4 processors each) share the queue's
+    limits: at most 10 starts per second and 3 jobs running at once. 30 jobs of 0.2 s:
+    the measured rate stays within the window, the most running at once is 3, and the
+    jobs over a limit wait: none fails, is retried or is run twice."""
+    jobs = 30
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(redis_server.url, tmp_path, limits="10,1,3") as f:
+        for backend in ("asyncio", "trio", "asyncio"):
+            await f.start(backend)
+        async with opened(f) as (server, client):
+            await f.wait_consuming(client, 3)
+            handles = await server.enqueue_many(
+                [Job("stamp", b"0.2", queue=QUEUE) for _ in range(jobs)]
+            )
+            for handle in handles:
+                done = await server.wait(handle, timeout=STEP)
+                assert (done.status, done.meta.retried) == (Status.SUCCESSFUL, 0), f.logs()
+            running_key, most_key, starts_key = f.keys.stamps
+            assert int(await client.get(running_key) or 0) == 0  # every run counted out
+            starts = sorted(int(t) for t in await client.lrange(starts_key, 0, -1))
+            assert len(starts) == jobs  # each ran once
+            assert int(await client.get(most_key) or 0) == 3, f.logs()
+            # at most 10 starts in any second (the Redis clock stamps them as the runs
+            # begin, a few ms after their permits: 50 ms of slack)
+            for i in range(len(starts) - 10):
+                assert starts[i + 10] - starts[i] >= 1000 - 50, starts
+            # so 30 starts span at least 2 s (the 11th and the 21st each wait a window)
+            assert starts[-1] - starts[0] >= 2000 - 100, starts
+            await f.wait_drained(client)
+            # the workers' processes all took part
+            assert all(w.alive for w in f.workers), f.logs()
 
 
 #: A program that enqueues the same ids as its siblings (several processes at once), in

@@ -36,7 +36,16 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import LeaseLostError
 from .._jobs import check_priority, validate_queue
-from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
+from .._limits import Permits, permit_wait
+from ..abc import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    QueueCounts,
+    QueueLimits,
+    limit_channel,
+)
 
 __all__ = ["MemoryBroker", "MemoryDelivery"]
 
@@ -306,6 +315,7 @@ class MemoryBroker(Broker):
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
         self._subscribers: dict[str, list[Callable[[bytes], None]]] = {}
+        self._limits: dict[str, Permits] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryBroker queues={len(self._queues)}>"
@@ -540,6 +550,35 @@ class MemoryBroker(Broker):
         queues = self._queues.values() if queue is None else [self._queue(queue)]
         for q in queues:
             self._wake(q)
+
+    async def acquire_permit(
+        self, queue: str, limits: QueueLimits, token: str, lease: float
+    ) -> float:
+        """Take a permit to start a job of ``queue`` under ``limits`` (see
+        :meth:`~tasqueue_anyio.abc.Broker.acquire_permit`); this broker's clock.
+
+        :return: 0 when taken, else the seconds until one may be free
+        """
+        state = self._limits.get(validate_queue(queue))
+        if state is None:
+            state = self._limits[queue] = Permits()
+        return permit_wait(state, limits, token, lease, self._clock())
+
+    async def release_permit(self, queue: str, token: str) -> None:
+        """Free the running slot ``token`` holds and announce it."""
+        state = self._limits.get(queue)
+        if state is not None and state.running.pop(token, None) is not None:
+            await self.publish(limit_channel(queue), b"")
+
+    async def renew_permits(self, queue: str, tokens: Collection[str], lease: float) -> None:
+        """Extend the leases of the running slots ``tokens`` hold."""
+        state = self._limits.get(queue)
+        if state is None:
+            return
+        until = self._clock() + lease
+        for token in tokens:
+            if token in state.running:
+                state.running[token] = until
 
     async def publish(self, channel: str, data: bytes) -> None:
         """Call every current subscriber of ``channel`` with ``data``, inline; never waits.

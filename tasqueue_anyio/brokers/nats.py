@@ -149,6 +149,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 import weakref
 from collections import deque
@@ -165,6 +166,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import check_priority, validate_channel, validate_queue
+from .._limits import Permits, permit_wait
 from .._nats.client import Client, ConnectionClosedError, SlowConsumerError, Subscription
 from .._nats.jetstream import (
     ERR_NO_MESSAGE_FOUND,
@@ -174,9 +176,13 @@ from .._nats.jetstream import (
     FetchError,
     JetStreamAPIError,
     JsMsg,
+    KeyExistsError,
+    KeyNotFoundError,
+    KeyValue,
     StoredMsg,
     StreamConfig,
     StreamNotFoundError,
+    WrongRevisionError,
     _api_reply,
     format_timestamp,
     parse_timestamp,
@@ -192,7 +198,15 @@ from .._nats_backend import (
     validate_name,
 )
 from .._retry import RetryBackoff
-from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
+from ..abc import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    QueueCounts,
+    QueueLimits,
+    limit_channel,
+)
 
 __all__ = ["NatsBroker", "NatsDelivery"]
 
@@ -368,6 +382,27 @@ def _relayed_copy(q: _Queue, msg: JsMsg) -> Request:
     if priority:  # this process's consumer fetches it first; others look for it
         q.levels.add(priority)
     return (q.subject_of(priority), msg.payload, headers)
+
+
+#: Compare-and-set attempts of one change of a queue's permits.
+_LIMIT_CONFLICTS = 200
+
+
+def _pack_limits(state: Permits) -> bytes:
+    packed: bytes = msgpack.packb({"w": list(state.starts), "r": state.running})
+    return packed
+
+
+def _unpack_limits(data: bytes) -> Permits:
+    state = Permits()
+    try:
+        value = msgpack.unpackb(data, raw=False)
+        state.starts.extend(float(t) for t in value.get("w", ()))
+        state.running.update({str(k): float(v) for k, v in value.get("r", {}).items()})
+    except Exception:  # unreadable: start over (a permit or two may be given twice)
+        logger.warning("the stored permits of a queue were unreadable; they start over")
+        return Permits()
+    return state
 
 
 def _priority_of(headers: Sequence[tuple[str, str]]) -> int:
@@ -679,6 +714,7 @@ class NatsBroker(NatsBackend, Broker):
         self._channels: dict[str, _Channel] = {}
         self._channel_lock: anyio.Lock | None = None
         self._schedules = False
+        self._limits_kv: KeyValue | None = None
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -715,6 +751,7 @@ class NatsBroker(NatsBackend, Broker):
         tg.start_soon(self._renew_forever, name=f"{self!r} lease renewal")
 
     def _closing(self) -> None:
+        self._limits_kv = None
         self._channels.clear()
         self._leases.clear()
         self._abandoned.clear()
@@ -1352,6 +1389,87 @@ class NatsBroker(NatsBackend, Broker):
                     pass
                 out += await self.read_range(self.stream, q.subject_of(level), start)
             return out
+
+    # -- queue limits -------------------------------------------------------------------------
+
+    async def _change_limits(
+        self, queue: str, change: Callable[[Permits], tuple[float, bool]]
+    ) -> float:
+        """Apply ``change`` to ``queue``'s permits, stored in the KV bucket
+        ``<prefix>_limits`` (created on first use) under the queue's name, by
+        compare-and-set on the key's revision, again on a conflict. ``change`` returns
+        its answer and whether it changed the permits."""
+        validate_queue(queue)
+        if self._limits_kv is None:
+            self._limits_kv = await self.js.create_key_value(
+                f"{self.prefix}_limits", storage=self.storage, replicas=self.replicas
+            )
+        kv = self._limits_kv
+        for _ in range(_LIMIT_CONFLICTS):
+            revision = 0
+            state = Permits()
+            try:
+                entry = await kv.get(queue)
+            except KeyNotFoundError:
+                pass
+            else:
+                revision = entry.revision
+                state = _unpack_limits(entry.value)
+            answer, changed = change(state)
+            if not changed:
+                return answer
+            try:
+                if revision:
+                    await kv.update(queue, _pack_limits(state), revision)
+                else:
+                    await kv.create(queue, _pack_limits(state))
+            except (WrongRevisionError, KeyExistsError):
+                await anyio.sleep(random.uniform(0, 0.005))  # another worker got there first
+                continue
+            return answer
+        raise BrokerError(f"the permits of queue {queue!r} kept changing under this broker")
+
+    async def acquire_permit(
+        self, queue: str, limits: QueueLimits, token: str, lease: float
+    ) -> float:
+        """Take a permit to start a job of ``queue`` under ``limits`` (see
+        :meth:`~tasqueue_anyio.abc.Broker.acquire_permit`): the permits are one value of
+        the KV bucket ``<prefix>_limits``, changed by compare-and-set (two round trips;
+        more when workers race); this client's clock.
+
+        :return: 0 when taken, else the seconds until one may be free
+        """
+
+        def take(state: Permits) -> tuple[float, bool]:
+            before = (len(state.starts), len(state.running))
+            wait = permit_wait(state, limits, token, lease, time.time())
+            return wait, wait <= 0 or (len(state.starts), len(state.running)) != before
+
+        with translate_errors(f"taking a permit of queue {queue!r}"):
+            return await self._change_limits(queue, take)
+
+    async def release_permit(self, queue: str, token: str) -> None:
+        """Free the running slot ``token`` holds, and announce it."""
+
+        def release(state: Permits) -> tuple[float, bool]:
+            return 0.0, state.running.pop(token, None) is not None
+
+        with translate_errors(f"releasing a permit of queue {queue!r}"):
+            await self._change_limits(queue, release)
+        await self.publish(limit_channel(queue), b"")
+
+    async def renew_permits(self, queue: str, tokens: Collection[str], lease: float) -> None:
+        """Extend the leases of the running slots ``tokens`` hold."""
+
+        def renew(state: Permits) -> tuple[float, bool]:
+            until = time.time() + lease
+            held = [token for token in tokens if token in state.running]
+            for token in held:
+                state.running[token] = until
+            return 0.0, bool(held)
+
+        with translate_errors(f"renewing the permits of queue {queue!r}"):
+            await self._change_limits(queue, renew)
 
     async def count(self, queue: str) -> QueueCounts:
         """How many messages ``queue`` holds, from the server's counters, no message

@@ -91,7 +91,15 @@ from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
 from .._jobs import check_priority, validate_channel, validate_queue
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from .._retry import RetryBackoff
-from ..abc import Broker, DeadLetter, Delivery, Envelope, QueueCounts
+from ..abc import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    QueueCounts,
+    QueueLimits,
+    limit_channel,
+)
 
 __all__ = ["RedisBroker", "RedisDelivery"]
 
@@ -500,7 +508,72 @@ _LUA_PUBLISH = r"""
 return redis.call('PUBLISH', KEYS[1], ARGV[1])
 """
 
+# Queue limits. KEYS: the window (zset of start ids by time, ms), the running slots (zset
+# of tokens by lease expiry, ms). ARGV: runs ('' for none), per ms, running ('' for
+# none), token, lease ms. Takes a start and a slot, or neither; returns 0 when taken,
+# else the ms until one may be free (at least 1; for a slot at most 1000).
+_LUA_ACQUIRE = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local runs, per, running = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local token = ARGV[4]
+local wait = 0
+if runs then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - per, 'LIMIT', 0, 1000)
+  if #old > 0 then
+    redis.call('ZREM', KEYS[1], unpack(old))
+  end
+  if redis.call('ZCARD', KEYS[1]) >= runs then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    wait = math.max(1, tonumber(first[2]) + per - now)
+  end
+end
+if running then
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+  if #dead > 0 then
+    redis.call('ZREM', KEYS[2], unpack(dead))
+  end
+  if not redis.call('ZSCORE', KEYS[2], token) and redis.call('ZCARD', KEYS[2]) >= running then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    wait = math.max(wait, math.max(1, math.min(1000, tonumber(first[2]) - now)))
+  end
+end
+if wait > 0 then
+  return wait
+end
+if runs then
+  redis.call('ZADD', KEYS[1], now, token .. ':' .. now)
+  redis.call('PEXPIRE', KEYS[1], per + 1000)
+end
+if running then
+  local lease = tonumber(ARGV[5])
+  redis.call('ZADD', KEYS[2], now + lease, token)
+  redis.call('PEXPIRE', KEYS[2], lease * 2)
+end
+return 0
+"""
+
+# KEYS: the running slots. ARGV: token. Returns 1 when it held one.
+_LUA_RELEASE = r"""
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+# KEYS: the running slots. ARGV: lease ms, tokens... Extends the slots still held.
+_LUA_RENEW_PERMITS = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+return 1
+"""
+
 _SCRIPTS = {
+    "acquire": _LUA_ACQUIRE,
+    "release": _LUA_RELEASE,
+    "renew_permits": _LUA_RENEW_PERMITS,
     "publish": _LUA_PUBLISH,
     "fetch": _LUA_COMMON + _LUA_FETCH,
     "enqueue": _LUA_COMMON + _LUA_ENQUEUE,
@@ -1104,6 +1177,50 @@ class RedisBroker(RedisBackend, Broker):
         with translate_errors(f"reading queue {q.name!r}"):
             flat = await self._cmds.script("inspect", q.keys, ("scheduled",))
         return [(float(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def _limit_keys(self, queue: str) -> list[bytes]:
+        """The window and running-slot keys of ``queue``'s limits (its hash tag)."""
+        base = f"{self.prefix}:{{q:{validate_queue(queue)}}}:"
+        return [(base + "lwin").encode(), (base + "lrun").encode()]
+
+    async def acquire_permit(
+        self, queue: str, limits: QueueLimits, token: str, lease: float
+    ) -> float:
+        """Take a permit to start a job of ``queue`` under ``limits`` (see
+        :meth:`~tasqueue_anyio.abc.Broker.acquire_permit`): one script on two sorted
+        sets of the queue's hash tag (starts in the window, running slots by lease
+        expiry), the Redis clock.
+
+        :return: 0 when taken, else the seconds until one may be free
+        """
+        args = (
+            "" if limits.runs is None else limits.runs,
+            max(1, int(limits.per * 1000)),
+            "" if limits.running is None else limits.running,
+            token,
+            max(1, int(lease * 1000)),
+        )
+        with translate_errors(f"taking a permit of queue {queue!r}"):
+            wait = await self._cmds.script("acquire", self._limit_keys(queue), args)
+        return int(wait) / 1000
+
+    async def release_permit(self, queue: str, token: str) -> None:
+        """Free the running slot ``token`` holds, and announce it."""
+        with translate_errors(f"releasing a permit of queue {queue!r}"):
+            released = await self._cmds.script("release", self._limit_keys(queue)[1:], (token,))
+        if released:
+            await self.publish(limit_channel(queue), b"")
+
+    async def renew_permits(self, queue: str, tokens: Collection[str], lease: float) -> None:
+        """Extend the leases of the running slots ``tokens`` hold (one script)."""
+        if not tokens:
+            return
+        with translate_errors(f"renewing the permits of queue {queue!r}"):
+            await self._cmds.script(
+                "renew_permits",
+                self._limit_keys(queue)[1:],
+                (max(1, int(lease * 1000)), *tokens),
+            )
 
     async def count(self, queue: str) -> QueueCounts:
         """How many messages ``queue`` holds: one script (``LLEN``/``ZCARD`` of the
