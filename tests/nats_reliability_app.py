@@ -8,6 +8,8 @@ Configured by the environment:
 - ``NATS_RELIABILITY_NAME``: the broker prefix and results bucket, one per test
 - ``NATS_RELIABILITY_ACK_WAIT``: the broker's ack wait in seconds (default 1.5)
 - ``NATS_RELIABILITY_CONCURRENCY``: processors of :data:`QUEUE` (default 2)
+- ``NATS_RELIABILITY_LIMITS``: ``runs,per,running`` limits of :data:`QUEUE` (empty parts:
+  no such limit; unset: none)
 
 The tasks:
 
@@ -22,6 +24,9 @@ The tasks:
   only while that subject is empty (a later run's copy is refused, and ignored).
 - ``nap`` (payload: seconds to sleep) only sleeps: it never touches NATS itself, so a
   server outage reaches nothing but the library.
+- ``stamp`` (payload: seconds to sleep): publishes ``in`` on ``<NAME>_fx.s.<job id>``,
+  sleeps, then publishes ``out`` there (the stream's order and times tell how many ran
+  at once and when each started).
 - ``flaky`` (payload: seconds): its first try sleeps that long and fails; a retry does
   what ``effect`` does (no sleep).
 
@@ -64,6 +69,13 @@ class Effects:
 
     def effect(self, job_id: str) -> str:
         return f"{self.stream}.e.{encode_token(job_id)}"
+
+    @property
+    def stamps(self) -> str:
+        return f"{self.stream}.s.*"
+
+    def stamp(self, job_id: str) -> str:
+        return f"{self.stream}.s.{encode_token(job_id)}"
 
     def job_id(self, subject: str) -> str:
         """The job id of a trace's subject (the reverse of :meth:`executed`, :meth:`effect`)."""
@@ -125,5 +137,23 @@ def make_server(
     server.register_task("hold", hold, queue=QUEUE, concurrency=concurrency, raw=True)
     server.register_task("effect", effect, queue=QUEUE, raw=True)
     server.register_task("nap", nap, queue=QUEUE, raw=True)
+    async def stamp(payload: bytes, ctx: JobContext) -> None:
+        await broker.js.publish(effects.stamp(ctx.job_id), b"in")
+        try:
+            await anyio.sleep(float(payload or b"0"))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await broker.js.publish(effects.stamp(ctx.job_id), b"out")
+
     server.register_task("flaky", flaky, queue=QUEUE, raw=True)
+    server.register_task("stamp", stamp, queue=QUEUE, raw=True)
+    limits = os.environ.get("NATS_RELIABILITY_LIMITS")
+    if limits:
+        runs, per, running = limits.split(",")
+        server.limit_queue(
+            QUEUE,
+            runs=int(runs) if runs else None,
+            per=float(per or 1),
+            running=int(running) if running else None,
+        )
     return server

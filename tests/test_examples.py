@@ -53,3 +53,12 @@ def test_memory_benchmark_runs() -> None:
     ).stdout
     rows = [line.split()[0] for line in out.splitlines()[2:4]]
     assert rows == ["asyncio", "trio"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_priorities_and_limits(backend: str) -> None:
+    assert run_example("priorities_and_limits.py", backend) == [
+        "order: urgent, normal-1, normal-2, bulk-1, bulk-2",
+        "same handle: True, runs of report:monday: 1",
+        "6 pings, at most 3 in any half second: True",
+    ]

@@ -215,7 +215,13 @@ class Fleet(WorkerFleet):
     :data:`ACK_WAIT` seconds."""
 
     def __init__(
-        self, url: str, directory: Path, *, concurrency: int = 4, forked: bool = False
+        self,
+        url: str,
+        directory: Path,
+        *,
+        concurrency: int = 4,
+        forked: bool = False,
+        limits: str = "",
     ) -> None:
         self.url = url
         self.name = f"rel{uuid4().hex[:10]}"
@@ -226,6 +232,7 @@ class Fleet(WorkerFleet):
                 "NATS_RELIABILITY_NAME": self.name,
                 "NATS_RELIABILITY_ACK_WAIT": repr(ACK_WAIT),
                 "NATS_RELIABILITY_CONCURRENCY": str(concurrency),
+                "NATS_RELIABILITY_LIMITS": limits,
             }
         )
         super().__init__(APP, directory, env, forked=forked, step=STEP)
@@ -283,7 +290,9 @@ async def opened(f: Fleet) -> AsyncIterator[Server]:
         async with server:
             broker = nats_broker(server)
             await broker.js.ensure_stream(
-                StreamConfig(name=f.effects.stream, subjects=[f"{f.effects.stream}.>"])
+                StreamConfig(
+                    name=f.effects.stream, subjects=[f"{f.effects.stream}.>"], allow_direct=True
+                )
             )
             try:
                 yield server
@@ -579,3 +588,39 @@ async def test_nats_server_killed_and_restarted_mid_load_loses_no_acknowledged_j
                 )
     finally:
         nats.stop()  # its store and log stay in tmp_path
+
+
+async def test_queue_limits_hold_over_three_worker_processes(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """3 worker processes (asyncio, Trio, asyncio; 4 processors each) share the queue's
+    limits: at most 10 starts per second and 3 jobs running at once. 30 jobs of 0.2 s
+    each run once, never more than 3 at once (by the order of their stamps in a stream)
+    and never more than 10 starting in a second (by the server's times)."""
+    jobs = 30
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(nats_server.url, tmp_path, limits="10,1,3") as f:
+        for backend in ("asyncio", "trio", "asyncio"):
+            await f.start(backend)
+        async with opened(f) as server:
+            await f.wait_consuming(server, 3)
+            handles = await server.enqueue_many(
+                [Job("stamp", b"0.2", queue=QUEUE) for _ in range(jobs)]
+            )
+            for handle in handles:
+                done = await server.wait(handle, timeout=STEP)
+                assert (done.status, done.meta.retried) == (Status.SUCCESSFUL, 0), f.logs()
+            stamps = await nats_broker(server).read_range(f.effects.stream, f.effects.stamps)
+            now, most, starts = 0, 0, []
+            for stamp in stamps:  # in the stream's order
+                if stamp.payload == b"in":
+                    now += 1
+                    most = max(most, now)
+                    starts.append(stamp.time.timestamp())
+                else:
+                    now -= 1
+            assert len(starts) == jobs  # each ran once
+            assert most == 3, f.logs()
+            for i in range(len(starts) - 10):
+                assert starts[i + 10] - starts[i] >= 1.0 - 0.05, starts
+            assert starts[-1] - starts[0] >= 2.0 - 0.1
+            await f.wait_drained(server)
