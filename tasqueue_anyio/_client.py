@@ -74,6 +74,7 @@ from ._jobs import (
     Progress,
     Status,
     decode_progress,
+    error_history,
     validate_id,
     validate_queue,
     with_time_zone,
@@ -975,7 +976,9 @@ class Client:
         The job keeps its id, payload and options; its ``meta.retried`` counts one more
         (so a failure of this attempt is retried only if ``max_retries`` still allows
         it) and its ``meta.prev_error`` keeps the error it ended with until this attempt
-        ends. Its follow-ups run again according to how this attempt ends. It stays in
+        ends; that error is also added to ``meta.errors``, the job's history of the
+        errors it ended with before each retry (the last
+        :data:`~tasqueue_anyio._jobs.MAX_ERROR_HISTORY`, 4096 bytes at most together). Its follow-ups run again according to how this attempt ends. It stays in
         the failed listing until this attempt ends (then it is listed by its new end).
 
         :return: the job's handle
@@ -995,6 +998,7 @@ class Client:
             raise InvalidInputError(
                 f"job {job_id} is a member of {parent}: a member cannot be retried alone"
             )
+        ended_with = meta.prev_error or f"{record.status} (no error recorded)"
         again = JobMessage(
             meta=attrs.evolve(
                 meta,
@@ -1004,6 +1008,7 @@ class Client:
                 attempt=0,
                 processed_at=None,
                 trace=self.tracing.carrier(),
+                errors=error_history(meta.errors, ended_with),
             ),
             job=msg.job,
         )

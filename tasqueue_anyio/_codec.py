@@ -19,6 +19,8 @@ import msgpack
 
 from ._exceptions import DecodeError, InvalidInputError, PayloadTooLargeError
 from ._jobs import (
+    MAX_ERROR_HISTORY,
+    MAX_ERROR_HISTORY_SIZE,
     Backoff,
     Job,
     JobMessage,
@@ -192,6 +194,7 @@ _META_FIELDS: _Fields = (
     ("deadline", _OPT_NUM, check_time),
     ("trace", (dict,), _trace),
 )
+_N_META_FIELDS = len(_META_FIELDS)
 
 
 #: A job's optional options, in a map after its fixed fields (present only when one of
@@ -367,7 +370,7 @@ def job_from_wire(value: Any) -> Job:
 
 
 def _meta_to_wire(m: Meta) -> list[Any]:
-    return [
+    wire = [
         m.id,
         m.status.value,
         m.queue,
@@ -387,10 +390,26 @@ def _meta_to_wire(m: Meta) -> list[Any]:
         m.deadline,
         m.trace,
     ]
+    if m.errors:
+        wire.append(list(m.errors))
+    return wire
+
+
+def _check_errors(value: Any) -> tuple[str, ...]:
+    """A meta's error history, checked (a list of at most MAX_ERROR_HISTORY str of at most
+    MAX_ERROR_HISTORY_SIZE UTF-8 bytes together)."""
+    if type(value) is not list or not value or len(value) > MAX_ERROR_HISTORY:
+        raise DecodeError(f"meta errors must be a list of 1 to {MAX_ERROR_HISTORY} str")
+    if not all(type(e) is str for e in value):
+        raise DecodeError("meta errors must be str")
+    if sum(len(e.encode("utf-8", "surrogatepass")) for e in value) > MAX_ERROR_HISTORY_SIZE:
+        raise DecodeError(f"meta errors are over {MAX_ERROR_HISTORY_SIZE} bytes together")
+    return tuple(value)
 
 
 def _meta_from_wire(d: Any) -> Meta:
-    values = _check(d, _META_FIELDS, "meta")
+    values = _check(d, _META_FIELDS, "meta", extra=True)
+    errors = _check_errors(values[_N_META_FIELDS]) if len(values) > _N_META_FIELDS else ()
     return Meta(
         id=values[0],
         status=_STATUSES[values[1]],
@@ -410,6 +429,7 @@ def _meta_from_wire(d: Any) -> Meta:
         chain_id=values[15],
         deadline=values[16],
         trace=values[17],
+        errors=errors,
     )
 
 
@@ -479,7 +499,8 @@ def peek_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Peek:
         if type(version) is not int or version != SCHEMA_VERSION:
             return Peek()
         length = unpacker.read_array_header()
-        for index in range(length if length == len(_META_FIELDS) else min(length, 1)):
+        full = length in (_N_META_FIELDS, _N_META_FIELDS + 1)
+        for index in range(length if full else min(length, 1)):
             name = _PEEKED_META.get(index)
             if name is None:
                 unpacker.skip()
@@ -487,7 +508,7 @@ def peek_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Peek:
             value = unpacker.unpack()
             if type(value) is str:
                 _peeked(found, name, value, _META_FIELDS[index][2])
-        if length == len(_META_FIELDS) and unpacker.read_array_header() in (
+        if full and unpacker.read_array_header() in (
             _N_JOB_FIELDS,
             _N_JOB_FIELDS + 1,
         ):

@@ -49,6 +49,10 @@ MIN_TIME = -62135596800.0
 MAX_TIME = 253402300799.0
 #: The longest cron expression.
 MAX_SCHEDULE_LENGTH = 256
+#: The most entries of a job's error history (:attr:`Meta.errors`), and their most UTF-8
+#: bytes together.
+MAX_ERROR_HISTORY = 8
+MAX_ERROR_HISTORY_SIZE = 4096
 #: The highest job priority (:attr:`Job.priority` runs from 0, the default, to this).
 MAX_PRIORITY = 9
 
@@ -492,6 +496,10 @@ class Meta:
     deadline: float | None = None
     #: W3C trace context of the producer
     trace: dict[str, str] = attrs.field(factory=dict)
+    #: the errors the job ended with before each :meth:`Client.retry` of it, oldest first
+    #: (at most :data:`MAX_ERROR_HISTORY` entries of :data:`MAX_ERROR_HISTORY_SIZE` bytes
+    #: together: older ones give way)
+    errors: tuple[str, ...] = ()
 
 
 #: Seconds between two progress writes of one run: calls in between keep only the
@@ -663,6 +671,26 @@ class JobContext:
         if not isinstance(result, bytes):
             raise InvalidInputError(f"result must be bytes, got {type(result).__name__}")
         await self._save(self.meta.id, result)
+
+
+def error_history(errors: tuple[str, ...], error: str) -> tuple[str, ...]:
+    """``errors`` with ``error`` added last, keeping the newest entries that fit
+    :data:`MAX_ERROR_HISTORY` and :data:`MAX_ERROR_HISTORY_SIZE` (one too long alone is
+    cut to fit)."""
+    kept: list[str] = []
+    room = MAX_ERROR_HISTORY_SIZE
+    for entry in reversed((*errors, error)):
+        size = len(entry.encode("utf-8", "surrogatepass"))
+        if size > room:
+            if not kept:  # the newest alone is too long: its start, cut to fit
+                kept.append(entry.encode("utf-8", "surrogatepass")[: room - 16].decode(
+                    "utf-8", "ignore") + " ...[truncated]")
+            break
+        kept.append(entry)
+        room -= size
+        if len(kept) == MAX_ERROR_HISTORY:
+            break
+    return tuple(reversed(kept))
 
 
 #: Why a job's scope was cancelled.

@@ -1190,3 +1190,16 @@ def test_bad_job_options_are_refused(options: Any, reason: str) -> None:
         job_from_wire(wire)
     with pytest.raises(DecodeError):
         job_from_wire([*wire, {}])  # 14 fields
+
+
+def test_an_error_history_round_trips_and_bad_ones_are_refused() -> None:
+    msg = full_message()
+    plain = tree_of(msg)
+    assert len(plain[1]) == 18  # no history: the meta as it was before histories existed
+    with_history = JobMessage(meta=attrs.evolve(msg.meta, errors=("E1", "E2")), job=msg.job)
+    tree = tree_of(with_history)
+    assert tree[1][18] == ["E1", "E2"]
+    assert decode_message(pack(tree)) == with_history
+    assert peek_message(pack(tree)).task == msg.job.task  # a peek reads past it
+    for bad in ([], ["x"] * 9, [1], "E1", ["x" * 4097]):
+        assert_refused(pack([tree[0], [*plain[1], bad], tree[2]]))

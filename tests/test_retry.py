@@ -29,23 +29,45 @@ async def test_a_failed_job_retried_ends_successful(
     @server.task(queue=queue_name)
     async def flaky(x: int) -> int:
         runs.append(x)
-        if len(runs) == 1:
-            raise RuntimeError("the first run fails")
+        if len(runs) <= 2:
+            raise RuntimeError(f"run {len(runs)} fails")
         return x * 10
 
     async with server, running(server):
         job = await flaky.enqueue(4)
-        with pytest.raises(JobFailedError, match="the first run fails"):
+        with pytest.raises(JobFailedError, match="run 1 fails"):
             await job.result(timeout=TIMEOUT)
+        assert (await job.info()).meta.errors == ()
         again = await server.retry(job)
         assert again == job
+        with pytest.raises(JobFailedError, match="run 2 fails"):
+            await again.result(timeout=TIMEOUT)
+        # each retry keeps the error the job ended with in its history
+        assert (await job.info()).meta.errors == ("RuntimeError: run 1 fails",)
+        await server.retry(job)
         assert await again.result(timeout=TIMEOUT) == 40
         info = await again.info()
-        assert info.meta.retried == 1
+        assert info.meta.retried == 2
         assert info.status is Status.SUCCESSFUL
+        assert info.meta.errors == ("RuntimeError: run 1 fails", "RuntimeError: run 2 fails")
         assert job.id in await server.get_success()
         assert job.id not in await server.get_failed()
-    assert runs == [4, 4]
+    assert runs == [4, 4, 4]
+
+
+def test_the_error_history_keeps_the_newest_that_fit() -> None:
+    from tasqueue_anyio._jobs import MAX_ERROR_HISTORY, MAX_ERROR_HISTORY_SIZE, error_history
+
+    history: tuple[str, ...] = ()
+    for n in range(12):
+        history = error_history(history, f"E{n}")
+    assert history == tuple(f"E{n}" for n in range(12 - MAX_ERROR_HISTORY, 12))
+    big = "x" * 3000
+    assert error_history(("a", big), big) == (big,)  # two would not fit together
+    huge = error_history((), "é" * 5000)  # one too long alone: cut to fit
+    assert len(huge) == 1
+    assert len(huge[0].encode()) <= MAX_ERROR_HISTORY_SIZE
+    assert huge[0].endswith("...[truncated]")
 
 
 async def test_cancelled_jobs_retried_run(broker: Broker, results: Results, queue_name: str) -> None:
