@@ -40,6 +40,7 @@ import logging
 import os
 
 import anyio
+from process_support import limit_from_env
 
 from tasqueue_anyio import JobContext, LeaseLostError, Server
 from tasqueue_anyio._nats.jetstream import WrongLastSequenceError
@@ -147,13 +148,5 @@ def make_server(
 
     server.register_task("flaky", flaky, queue=QUEUE, raw=True)
     server.register_task("stamp", stamp, queue=QUEUE, raw=True)
-    limits = os.environ.get("NATS_RELIABILITY_LIMITS")
-    if limits:
-        runs, per, running = limits.split(",")
-        server.limit_queue(
-            QUEUE,
-            runs=int(runs) if runs else None,
-            per=float(per or 1),
-            running=int(running) if running else None,
-        )
+    limit_from_env(server, QUEUE, os.environ.get("NATS_RELIABILITY_LIMITS"))
     return server

@@ -4,9 +4,12 @@ a test module itself)."""
 from __future__ import annotations
 
 import subprocess
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["end_process"]
+if TYPE_CHECKING:
+    from tasqueue_anyio import Server
+
+__all__ = ["end_process", "limit_from_env"]
 
 
 def end_process(
@@ -29,3 +32,17 @@ def end_process(
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+def limit_from_env(server: Server, queue: str, value: str | None) -> None:
+    """Limit ``queue`` as an app's environment says: ``runs,per,running`` (an empty part
+    leaves that limit out; no value, no limits)."""
+    if not value:
+        return
+    runs, per, running = value.split(",")
+    server.limit_queue(
+        queue,
+        runs=int(runs) if runs else None,
+        per=float(per or 1),
+        running=int(running) if running else None,
+    )

@@ -699,19 +699,26 @@ class RedisResults(RedisBackend, Results):
         :return: the ids whose state this call created
         """
         refuse_result(records.values(), "create_jobs")
+        return await self._store_some("create_jobs", records, "creating job state")
+
+    async def _store_some(
+        self, script: str, records: Mapping[str, JobRecord], what: str
+    ) -> set[str]:
+        """Run ``script`` (``create_jobs`` or ``claim_jobs``: it returns the 1-based
+        indexes of the records it wrote) on ``records``; the ids it wrote."""
         if not records:
             return set()
         if self.cluster:
-            groups, replies = await self._per_slot("create_jobs", records, "creating job state")
+            groups, replies = await self._per_slot(script, records, what)
             return {
                 list(group)[index - 1]
-                for group, created in zip(groups, replies, strict=True)
-                for index in created
+                for group, written in zip(groups, replies, strict=True)
+                for index in written
             }
         ids = list(records)
-        with translate_errors("creating job state"):
-            created = await self._cmds.script("create_jobs", *self._jobs_call(records))
-        return {ids[index - 1] for index in created}
+        with translate_errors(what):
+            written = await self._cmds.script(script, *self._jobs_call(records))
+        return {ids[index - 1] for index in written}
 
     async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
         """Store the state of the jobs whose id is free (no state, or ended and its hold
@@ -722,24 +729,12 @@ class RedisResults(RedisBackend, Results):
         :return: the ids stored
         """
         refuse_result(records.values(), "claim_jobs")
-        if not records:
-            return set()
-        if self.cluster:
-            groups, replies = await self._per_slot("claim_jobs", records, "storing job state")
-            return {
-                list(group)[index - 1]
-                for group, claimed in zip(groups, replies, strict=True)
-                for index in claimed
-            }
-        ids = list(records)
-        with translate_errors("storing job state"):
-            claimed = await self._cmds.script("claim_jobs", *self._jobs_call(records))
-        return {ids[index - 1] for index in claimed}
+        return await self._store_some("claim_jobs", records, "storing job state")
 
     async def _per_slot(
         self, script: str, records: Mapping[str, JobRecord], what: str
     ) -> tuple[list[dict[str, JobRecord]], list[Any]]:
-        """Redis Cluster: run ``script`` (``set_jobs`` or ``create_jobs``) once per slot
+        """Redis Cluster: run ``script`` (``set_jobs``, ``create_jobs``, ``claim_jobs``) once per slot
         among the jobs' state keys, pipelined; return the groups and their replies."""
         by_slot: dict[int, dict[str, JobRecord]] = {}
         for job_id, record in records.items():
