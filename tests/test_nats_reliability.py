@@ -26,6 +26,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -624,3 +625,54 @@ async def test_queue_limits_hold_over_three_worker_processes(
                 assert starts[i + 10] - starts[i] >= 1.0 - 0.05, starts
             assert starts[-1] - starts[0] >= 2.0 - 0.1
             await f.wait_drained(server)
+
+
+#: A program that enqueues the same ids as its siblings (several processes at once), in
+#: an order of its own, each id held for a minute after its job ended.
+_PRODUCER = """
+import random, sys, anyio, nats_reliability_app
+from tasqueue_anyio import Job
+
+async def main() -> None:
+    url, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    order = list(range(count))
+    random.shuffle(order)
+    async with nats_reliability_app.make_server(url, name, 1.5) as server:
+        for n in order:
+            await server.enqueue(
+                Job("effect", b"0", id=f"same-{n}", queue=nats_reliability_app.QUEUE,
+                    unique_for=60)
+            )
+
+anyio.run(main)
+"""
+
+
+async def test_several_processes_enqueueing_the_same_ids_make_one_job_each(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """4 processes enqueue the same 200 ids, each in its own order, while 2 workers run
+    them: every id runs once (a job queued, running, or ended within its unique_for
+    holds its id)."""
+    count = 200
+    with anyio.fail_after(TEST_TIMEOUT), Fleet(nats_server.url, tmp_path) as f:
+        await f.start("asyncio")
+        await f.start("trio")
+        async with opened(f) as server:
+            await f.wait_consuming(server, 2)
+            producers = [
+                await anyio.open_process(
+                    [sys.executable, "-c", _PRODUCER, f.url, f.name, str(count)],
+                    env=worker_env({}),
+                    cwd=str(Path(__file__).parent),
+                )
+                for _ in range(4)
+            ]
+            for process in producers:
+                assert await process.wait() == 0
+            for n in range(count):
+                assert (await server.wait(f"same-{n}", timeout=STEP)).status is Status.SUCCESSFUL
+            await f.wait_drained(server)
+            assert await traces(server, f.effects.executions, f) == {
+                f"same-{n}": 1 for n in range(count)
+            }
