@@ -1421,13 +1421,17 @@ _P = TypeVar("_P", GroupMessage, ChainMessage)
 
 def envelope(msg: JobMessage, data: bytes) -> Envelope:
     """The queue envelope of an encoded job message (its id names the job and run)."""
-    return Envelope(
-        queue=msg.meta.queue,
-        data=data,
-        id=f"{msg.id}/{msg.meta.retried}",
-        eta=msg.meta.eta,
-        priority=msg.job.priority,
-    )
+    meta = msg.meta
+    priority = msg.job.priority
+    if priority:
+        return Envelope(
+            queue=meta.queue,
+            data=data,
+            id=f"{msg.id}/{meta.retried}",
+            eta=meta.eta,
+            priority=priority,
+        )
+    return Envelope(queue=meta.queue, data=data, id=f"{msg.id}/{meta.retried}", eta=meta.eta)
 
 
 

@@ -347,8 +347,9 @@ def _job_from_wire(d: Any, depth: int = 0) -> Job:
     _set(job, "on_error", tuple([_job_from_wire(j, depth + 1) for j in err]))
     if options is None:
         _set(job, "priority", 0)
-        for name in _OPTIONAL_SECONDS:
-            _set(job, name, None)
+        _set(job, "unique_for", None)
+        _set(job, "successful_ttl", None)
+        _set(job, "failed_ttl", None)
     else:
         _set(job, "priority", options.get("priority", 0))
         for name in _OPTIONAL_SECONDS:

@@ -438,22 +438,29 @@ class Job:
     schedule: str | None = attrs.field(default=None, kw_only=True, validator=_check_schedule)
     on_success: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
     on_error: tuple[Job, ...] = attrs.field(default=(), kw_only=True, converter=_to_jobs)
-    priority: int = attrs.field(default=0, kw_only=True, validator=_check_priority)
-    unique_for: float | None = attrs.field(
-        default=None, kw_only=True, validator=_check_positive_or_none
-    )
-    successful_ttl: float | None = attrs.field(
-        default=None, kw_only=True, validator=_check_positive_or_none
-    )
-    failed_ttl: float | None = attrs.field(
-        default=None, kw_only=True, validator=_check_positive_or_none
-    )
+    # (checked in __attrs_post_init__: one test for a job that uses none of them)
+    priority: int = attrs.field(default=0, kw_only=True)
+    unique_for: float | None = attrs.field(default=None, kw_only=True)
+    successful_ttl: float | None = attrs.field(default=None, kw_only=True)
+    failed_ttl: float | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.eta is not None and self.delay is not None:
             raise InvalidInputError("pass eta or delay, not both")
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise InvalidInputError(f"backoff must be a Backoff, got {self.backoff!r}")
+        if (
+            self.priority
+            or type(self.priority) is not int
+            or self.unique_for is not None
+            or self.successful_ttl is not None
+            or self.failed_ttl is not None
+        ):
+            check_priority(self.priority)
+            for name in ("unique_for", "successful_ttl", "failed_ttl"):
+                value = getattr(self, name)
+                if value is not None:
+                    check_seconds(value, name)
 
     def eta_timestamp(self, now: float | None = None) -> float | None:
         """The POSIX time the job is due, or ``None`` if it is due now."""

@@ -198,16 +198,17 @@ local function schedule(key, eta, id, notify_key)
   end
 end
 
--- Messages as quintuples (queue group index from 0, id, data, eta or '', priority) from
--- ARGV[abase+1].
+-- Messages as quadruples (queue group index from 0 times 10 plus the priority, id, data,
+-- eta or '') from ARGV[abase+1].
 local function enqueue(abase, now)
   local ready = {}
-  for i = abase + 1, #ARGV, 5 do
-    local k = tonumber(ARGV[i]) * 10
+  for i = abase + 1, #ARGV, 4 do
+    local group_priority = tonumber(ARGV[i])
+    local priority = group_priority % 10
+    local k = group_priority - priority  -- the group index times 10 keys
     local id = ARGV[i + 1]
     if redis.call('HSETNX', KEYS[k + 2], id, ARGV[i + 2]) == 1 then
       local eta = ARGV[i + 3]
-      local priority = tonumber(ARGV[i + 4])
       local score = nil
       if priority > 0 then
         score = string.format(
@@ -322,14 +323,14 @@ end
 return {wait, out}
 """
 
-# ARGV: quintuples (see enqueue). Returns 1.
+# ARGV: quadruples (see enqueue). Returns 1.
 _LUA_ENQUEUE = r"""
 local now = clock()
 enqueue(0, now)
 return 1
 """
 
-# ARGV: id, token, n, then n (channel, message) pairs to publish, then quintuples to
+# ARGV: id, token, n, then n (channel, message) pairs to publish, then quadruples to
 # enqueue. Returns 1, or 0 when the lease was lost.
 _LUA_ACK = r"""
 local id = ARGV[1]
@@ -919,7 +920,8 @@ class RedisBroker(RedisBackend, Broker):
     def _enqueue_call(
         self, messages: Sequence[Envelope], first: _Queue | None = None
     ) -> tuple[list[bytes], list[Any]]:
-        """KEYS and the message quintuples of ARGV for the ``enqueue`` Lua function."""
+        """KEYS and the message quadruples of ARGV for the ``enqueue`` Lua function (the
+        first of each is the queue's group index times 10 plus the priority)."""
         groups: dict[str, int] = {}
         keys: list[bytes] = []
         if first is not None:
@@ -935,15 +937,13 @@ class RedisBroker(RedisBackend, Broker):
             if not isinstance(env.id, str) or not env.id:
                 raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
             eta = env.eta
-            if env.priority:
-                check_priority(env.priority)
-            args += (
-                index,
-                env.id,
-                env.data,
-                "" if eta is None else repr(float(eta)),
-                env.priority or 0,
-            )
+            priority = env.priority
+            if priority:
+                check_priority(priority)
+                index_priority = index * 10 + priority
+            else:
+                index_priority = index * 10
+            args += (index_priority, env.id, env.data, "" if eta is None else repr(float(eta)))
         return keys, args
 
     async def enqueue_many(self, messages: Sequence[Envelope]) -> None:

@@ -277,37 +277,42 @@ return created
 
 # KEYS: state keys. ARGV: ttl ms, then status, data, cancel, run token per key. Writes
 # the states whose id is free: no state, or a final one whose hold ('u', ms) passed.
-# Returns the (1-based) indexes of those it wrote.
+# Returns the (1-based) indexes of those it did NOT write (usually none: a short reply).
 _LUA_CLAIM_JOBS = r"""
 local ttl = tonumber(ARGV[1])
-local claimed = {}
+local taken = {}
 local now_ms = nil
 for i = 1, #KEYS do
-  local cur = redis.call('HMGET', KEYS[i], 'st', 'u')
-  local free = not cur[1]
-  if not free and FINAL[cur[1]] then
-    free = true
-    if cur[2] then
-      if not now_ms then
-        local t = redis.call('TIME')
-        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- a new id (the usual case) costs one EXISTS, as create_jobs
+  local exists = redis.call('EXISTS', KEYS[i]) == 1
+  local free = not exists
+  if exists then
+    local cur = redis.call('HMGET', KEYS[i], 'st', 'u')
+    if FINAL[cur[1]] then
+      free = true
+      if cur[2] then
+        if not now_ms then
+          local t = redis.call('TIME')
+          now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
+        free = tonumber(cur[2]) <= now_ms
       end
-      free = tonumber(cur[2]) <= now_ms
     end
   end
   if free then
     local a = 2 + (i - 1) * 4
-    if cur[1] then
+    if exists then
       redis.call('HDEL', KEYS[i], 'p', 'u')
     end
     redis.call('HSET', KEYS[i], 'st', ARGV[a], 'd', ARGV[a + 1], 'c', ARGV[a + 2], 'r', ARGV[a + 3])
     if ttl > 0 then
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
-    claimed[#claimed + 1] = i
+  else
+    taken[#taken + 1] = i
   end
 end
-return claimed
+return taken
 """
 
 # KEYS: state, result, success, failed (no listings on Redis Cluster). ARGV: id.
@@ -702,23 +707,30 @@ class RedisResults(RedisBackend, Results):
         return await self._store_some("create_jobs", records, "creating job state")
 
     async def _store_some(
-        self, script: str, records: Mapping[str, JobRecord], what: str
+        self, script: str, records: Mapping[str, JobRecord], what: str, *, skipped: bool = False
     ) -> set[str]:
-        """Run ``script`` (``create_jobs`` or ``claim_jobs``: it returns the 1-based
-        indexes of the records it wrote) on ``records``; the ids it wrote."""
+        """Run ``script`` (``create_jobs``: it returns the 1-based indexes of the records
+        it wrote; ``claim_jobs``, ``skipped``: of those it did not) on ``records``; the
+        ids it wrote."""
         if not records:
             return set()
+        groups: list[Mapping[str, JobRecord]]
         if self.cluster:
-            groups, replies = await self._per_slot(script, records, what)
-            return {
-                list(group)[index - 1]
-                for group, written in zip(groups, replies, strict=True)
-                for index in written
-            }
-        ids = list(records)
-        with translate_errors(what):
-            written = await self._cmds.script(script, *self._jobs_call(records))
-        return {ids[index - 1] for index in written}
+            slots, replies = await self._per_slot(script, records, what)
+            groups = list(slots)
+        else:
+            groups = [records]
+            with translate_errors(what):
+                replies = [await self._cmds.script(script, *self._jobs_call(records))]
+        stored: set[str] = set()
+        for group, indexes in zip(groups, replies, strict=True):
+            ids = list(group)
+            if skipped:
+                stored.update(ids)
+                stored.difference_update(ids[index - 1] for index in indexes)
+            else:
+                stored.update(ids[index - 1] for index in indexes)
+        return stored
 
     async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
         """Store the state of the jobs whose id is free (no state, or ended and its hold
@@ -729,7 +741,7 @@ class RedisResults(RedisBackend, Results):
         :return: the ids stored
         """
         refuse_result(records.values(), "claim_jobs")
-        return await self._store_some("claim_jobs", records, "storing job state")
+        return await self._store_some("claim_jobs", records, "storing job state", skipped=True)
 
     async def _per_slot(
         self, script: str, records: Mapping[str, JobRecord], what: str
