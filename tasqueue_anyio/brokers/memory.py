@@ -30,6 +30,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
+from operator import attrgetter
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -48,6 +49,8 @@ from ..abc import (
 )
 
 __all__ = ["MemoryBroker", "MemoryDelivery"]
+
+_PRIORITY = attrgetter("priority")
 
 logger = logging.getLogger(__name__)
 
@@ -338,9 +341,10 @@ class MemoryBroker(Broker):
     def _put_many(self, messages: Iterable[Envelope]) -> None:
         """Store the messages, but those whose id a message of their queue has (due,
         scheduled or held): an enqueue repeated while the first copy exists stores nothing."""
-        for env in messages:  # all or nothing
-            if env.priority:
-                check_priority(env.priority)
+        if any(map(_PRIORITY, messages)):  # all or nothing
+            for env in messages:
+                if env.priority:
+                    check_priority(env.priority)
         now = self._clock()
         touched: dict[str, _Queue] = {}
         for env in messages:

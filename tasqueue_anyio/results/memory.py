@@ -91,6 +91,14 @@ class _ExpiringDict(Generic[_T]):
         entry = self._data.get(key)
         return None if entry is None else entry[0]
 
+    def peek(self, key: str) -> _T | None:
+        """The value of ``key`` as :meth:`get`, without purging first: an entry that
+        expired since the last purge still reads as missing."""
+        entry = self._data.get(key)
+        if entry is None or (entry[1] != math.inf and entry[1] <= self._clock()):
+            return None
+        return entry[0]
+
     def __contains__(self, key: str) -> bool:
         self.purge()
         return key in self._data
@@ -286,20 +294,28 @@ class MemoryResults(Results):
         """
         refuse_result(records.values(), "claim_jobs")
         jobs = self._jobs
+        jobs.purge()  # once: peek() below reads without purging
+        stored = jobs._data
         holds = self._holds
-        claimed: set[str] = set()
+        taken: list[str] = []
         for job_id, record in records.items():
-            current = jobs.get(job_id)
-            if current is not None:
-                if current.status not in FINAL_STATUSES:
-                    continue
-                until = holds.get(job_id)
-                if until is not None:
-                    if until > self._clock():
+            if job_id in stored:  # (a new id, the usual case, costs this test)
+                current = jobs.peek(job_id)
+                if current is not None:
+                    if current.status not in FINAL_STATUSES:
+                        taken.append(job_id)
                         continue
-                    del holds[job_id]
-            jobs.set(job_id, _new_state(record))
-            claimed.add(job_id)
+                    until = holds.get(job_id)
+                    if until is not None:
+                        if until > self._clock():
+                            taken.append(job_id)
+                            continue
+                        del holds[job_id]
+            if record.progress is not None or record.hold_for or record.ttl is not None:
+                record = _new_state(record)
+            jobs.set(job_id, record)
+        claimed = set(records)
+        claimed.difference_update(taken)
         return claimed
 
     async def start_job(self, job_id: str, record: JobRecord) -> JobRecord | None:
