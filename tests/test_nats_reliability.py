@@ -26,7 +26,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -40,6 +39,7 @@ import pytest
 from nats_server import NatsServer, start_nats_server
 from worker_fleet import (
     WorkerFleet,
+    enqueue_from_processes,
     get_jobs,
     ran_since,
     spawn_worker,
@@ -627,27 +627,6 @@ async def test_queue_limits_hold_over_three_worker_processes(
             await f.wait_drained(server)
 
 
-#: A program that enqueues the same ids as its siblings (several processes at once), in
-#: an order of its own, each id held for a minute after its job ended.
-_PRODUCER = """
-import random, sys, anyio, nats_reliability_app
-from tasqueue_anyio import Job
-
-async def main() -> None:
-    url, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    order = list(range(count))
-    random.shuffle(order)
-    async with nats_reliability_app.make_server(url, name, 1.5) as server:
-        for n in order:
-            await server.enqueue(
-                Job("effect", b"0", id=f"same-{n}", queue=nats_reliability_app.QUEUE,
-                    unique_for=60)
-            )
-
-anyio.run(main)
-"""
-
-
 async def test_several_processes_enqueueing_the_same_ids_make_one_job_each(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -660,16 +639,7 @@ async def test_several_processes_enqueueing_the_same_ids_make_one_job_each(
         await f.start("trio")
         async with opened(f) as server:
             await f.wait_consuming(server, 2)
-            producers = [
-                await anyio.open_process(
-                    [sys.executable, "-c", _PRODUCER, f.url, f.name, str(count)],
-                    env=worker_env({}),
-                    cwd=str(Path(__file__).parent),
-                )
-                for _ in range(4)
-            ]
-            for process in producers:
-                assert await process.wait() == 0
+            await enqueue_from_processes("nats_reliability_app", f.url, f.name, count, 4)
             for n in range(count):
                 assert (await server.wait(f"same-{n}", timeout=STEP)).status is Status.SUCCESSFUL
             await f.wait_drained(server)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import shutil
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +42,7 @@ from redis_server import RedisServer, restart_redis_server, start_redis_server
 from worker_fleet import (
     WorkerFleet,
     WorkerProcess,
+    enqueue_from_processes,
     get_jobs,
     ran_since,
     unwrapped_groups,
@@ -281,26 +281,6 @@ async def test_queue_limits_hold_over_three_worker_processes(
             assert all(w.alive for w in f.workers), f.logs()
 
 
-#: A program that enqueues the same ids as its siblings (several processes at once), in
-#: an order of its own, each id held for a minute after its job ended.
-_PRODUCER = """
-import random, sys, anyio, reliability_app
-from tasqueue_anyio import Job
-
-async def main() -> None:
-    url, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    order = list(range(count))
-    random.shuffle(order)
-    async with reliability_app.make_server(url, prefix, 1.5) as server:
-        for n in order:
-            await server.enqueue(
-                Job("effect", b"0", id=f"same-{n}", queue=reliability_app.QUEUE, unique_for=60)
-            )
-
-anyio.run(main)
-"""
-
-
 async def test_several_processes_enqueueing_the_same_ids_make_one_job_each(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -313,16 +293,7 @@ async def test_several_processes_enqueueing_the_same_ids_make_one_job_each(
         await f.start("trio")
         async with opened(f) as (server, client):
             await f.wait_consuming(client, 2)
-            producers = [
-                await anyio.open_process(
-                    [sys.executable, "-c", _PRODUCER, f.url, f.prefix, str(count)],
-                    env=worker_env({}),
-                    cwd=str(Path(__file__).parent),
-                )
-                for _ in range(4)
-            ]
-            for process in producers:
-                assert await process.wait() == 0
+            await enqueue_from_processes("reliability_app", f.url, f.prefix, count, 4)
             for n in range(count):
                 assert (await server.wait(f"same-{n}", timeout=STEP)).status is Status.SUCCESSFUL
             await f.wait_drained(client)

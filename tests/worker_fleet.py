@@ -46,6 +46,7 @@ __all__ = [
     "ForkServer",
     "WorkerFleet",
     "WorkerProcess",
+    "enqueue_from_processes",
     "fork_server",
     "get_jobs",
     "ran_since",
@@ -376,3 +377,40 @@ def unwrapped_groups() -> Iterator[None]:
         if leaf is group:
             raise
         raise leaf from None
+
+
+#: A program that enqueues ``effect`` jobs under the ids ``same-0`` .. ``same-<count-1>``,
+#: in an order of its own, each held for a minute after its job ended. argv: the app's
+#: module (its ``make_server(url, name, lease)`` and ``QUEUE``), url, name, count.
+_PRODUCER = """
+import importlib, random, sys, anyio
+from tasqueue_anyio import Job
+
+async def main() -> None:
+    app = importlib.import_module(sys.argv[1])
+    url, name, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    order = list(range(count))
+    random.shuffle(order)
+    async with app.make_server(url, name, 1.5) as server:
+        for n in order:
+            await server.enqueue(
+                Job("effect", b"0", id=f"same-{n}", queue=app.QUEUE, unique_for=60)
+            )
+
+anyio.run(main)
+"""
+
+
+async def enqueue_from_processes(app: str, url: str, name: str, count: int, processes: int) -> None:
+    """Run ``processes`` producer processes at once, each enqueueing the same ``count``
+    ids (see ``_PRODUCER``), and wait until all exited (each with status 0)."""
+    producers = [
+        await anyio.open_process(
+            [sys.executable, "-c", _PRODUCER, app, url, name, str(count)],
+            env=worker_env({}),
+            cwd=str(TESTS),
+        )
+        for _ in range(processes)
+    ]
+    for process in producers:
+        assert await process.wait() == 0
