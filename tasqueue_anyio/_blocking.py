@@ -237,7 +237,7 @@ class BlockingClient:
         return status
 
     def counts(self, queue: str = DEFAULT_QUEUE) -> Counts:
-        """A queue's counts (:meth:`Client.counts`)."""
+        """A queue's counts (:meth:`~tasqueue_anyio.Client.counts`)."""
         counts: Counts = self._call(self.client.counts, queue)
         return counts
 

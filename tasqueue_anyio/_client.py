@@ -1,4 +1,4 @@
-"""The :class:`Client`: enqueue jobs, wait for them, inspect and cancel them.
+"""The :class:`~tasqueue_anyio.Client`: enqueue jobs, wait for them, inspect and cancel them.
 
 A client registers no handlers and runs no workers (a web app that only produces jobs
 uses one); :class:`~tasqueue_anyio.Server` is a client that also runs workers.
@@ -112,7 +112,7 @@ EVENTS_CHANNEL = "events"
 #: Seconds a wait (:meth:`Client.wait`, ``wait_group``, ``wait_chain``) goes without an
 #: event before it re-reads the state itself: events are best effort (a broker may drop
 #: them; the NATS broker does on a slow consumer). Each re-read that finds nothing new
-#: doubles the pause, up to :data:`RECHECK_MAX`.
+#: doubles the pause, up to ``RECHECK_MAX``.
 RECHECK_FIRST = 2.0
 #: The longest pause between two re-reads of a wait (seconds).
 RECHECK_MAX = 30.0
@@ -978,7 +978,7 @@ class Client:
         it) and its ``meta.prev_error`` keeps the error it ended with until this attempt
         ends; that error is also added to ``meta.errors``, the job's history of the
         errors it ended with before each retry (the last
-        :data:`~tasqueue_anyio._jobs.MAX_ERROR_HISTORY`, 4096 bytes at most together). Its follow-ups run again according to how this attempt ends. It stays in
+        ``MAX_ERROR_HISTORY`` (8), 4096 bytes at most together). Its follow-ups run again according to how this attempt ends. It stays in
         the failed listing until this attempt ends (then it is listed by its new end).
 
         :return: the job's handle
@@ -1092,7 +1092,7 @@ class Client:
         Woken by the group's end event; without one it re-reads the group as
         :meth:`wait` does, and then also passes on member ends the group missed (a
         process stopped between recording a member's end and telling the group; see
-        :data:`RECHECK_FIRST`). :meth:`get_group` shows the group as stored.
+        ``RECHECK_FIRST``). :meth:`get_group` shows the group as stored.
 
         :raises TimeoutError: it did not end within ``timeout`` seconds
         :raises NotFoundError: no group is stored under ``group_id``
@@ -1316,8 +1316,8 @@ class Client:
         """Wait until the job is ``successful``, ``failed`` or ``cancelled``; return it.
 
         Woken by the job's end event; events are best effort, so it also re-reads the
-        job after :data:`RECHECK_FIRST` seconds without one, then at doubling intervals up
-        to :data:`RECHECK_MAX`. Needs an open server (``async with server:``).
+        job after ``RECHECK_FIRST`` seconds without one, then at doubling intervals up
+        to ``RECHECK_MAX``. Needs an open server (``async with server:``).
 
         :raises TimeoutError: the job did not end within ``timeout`` seconds: the
             built-in error, about this *wait* (the job goes on, nothing about it
@@ -1447,7 +1447,7 @@ _M = TypeVar("_M", GroupMessage, ChainMessage)
 
 @attrs.frozen(kw_only=True)
 class Counts:
-    """How many jobs a queue holds, and how many jobs ended (:meth:`Client.counts`).
+    """How many jobs a queue holds, and how many jobs ended (:meth:`~tasqueue_anyio.Client.counts`).
 
     :ivar pending: due and waiting for a worker
     :ivar scheduled: waiting for their ETA (a delay, or a retry's backoff)
@@ -1504,7 +1504,7 @@ class TaskFunction(Generic[P, R_co]):
         job = await add.options(delay=5, max_retries=3).enqueue(40, 2)
 
     Calling the task function calls the function itself, here and now (handy in unit
-    tests); :attr:`fn` is the function.
+    tests); ``fn`` is the function.
 
     :ivar name: the registered task name
     :ivar queue: the task's queue

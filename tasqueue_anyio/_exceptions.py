@@ -76,7 +76,7 @@ class JobTimeoutError(TasqueueError, TimeoutError):
 
 
 class JobCancelledError(TasqueueError):
-    """A job was cancelled by :meth:`Server.cancel`; also what
+    """A job was cancelled by :meth:`~tasqueue_anyio.Client.cancel`; also what
     :meth:`JobContext.check_cancelled` raises in a run told to stop."""
 
 

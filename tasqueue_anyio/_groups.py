@@ -110,7 +110,7 @@ class Chain:
 
 @attrs.frozen(kw_only=True)
 class GroupMessage:
-    """The state of a group, as :meth:`Server.get_group` returns it.
+    """The state of a group, as :meth:`~tasqueue_anyio.Client.get_group` returns it.
 
     :ivar jobs: member job id → its status, in the group's order
     :ivar error: why the group failed or was cancelled
@@ -127,7 +127,7 @@ class GroupMessage:
 
 @attrs.frozen(kw_only=True)
 class ChainMessage:
-    """The state of a chain, as :meth:`Server.get_chain` returns it.
+    """The state of a chain, as :meth:`~tasqueue_anyio.Client.get_chain` returns it.
 
     :ivar current_job: the link running or next to run; once the chain ended, the last
         link if it succeeded, else the link that failed or was cancelled

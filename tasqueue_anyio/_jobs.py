@@ -125,21 +125,21 @@ class Status(str, enum.Enum):
 
 
 def check_count(value: object, name: str) -> None:
-    """Raise :class:`InvalidInputError` unless ``value`` is an int from 0 to :data:`MAX_COUNT`."""
+    """Raise :class:`InvalidInputError` unless ``value`` is an int from 0 to ``MAX_COUNT``."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
         raise InvalidInputError(f"{name} must be an int from 0 to {MAX_COUNT}, got {value!r}")
 
 
 def check_priority(value: object, name: str = "priority") -> None:
     """Raise :class:`InvalidInputError` unless ``value`` is an int from 0 to
-    :data:`MAX_PRIORITY`."""
+    ``MAX_PRIORITY``."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
         raise InvalidInputError(f"{name} must be an int from 0 to {MAX_PRIORITY}, got {value!r}")
 
 
 def check_seconds(value: object, name: str) -> None:
     """Raise :class:`InvalidInputError` unless ``value`` is a number > 0 and at most
-    :data:`MAX_SECONDS` (so not NaN or infinite)."""
+    ``MAX_SECONDS`` (so not NaN or infinite)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -203,7 +203,7 @@ class Backoff:
     The n-th retry (``n`` from 0) waits ``min(maximum, initial * factor ** n)`` seconds;
     with ``jitter`` a random delay between half of that and all of it ("equal jitter"),
     so retries of many jobs that failed together spread out. ``initial``, ``factor`` and
-    ``maximum`` are numbers > 0 and at most :data:`MAX_SECONDS` (1e10).
+    ``maximum`` are numbers > 0 and at most ``MAX_SECONDS`` (1e10).
     """
 
     initial: float = attrs.field(default=1.0, validator=_check_positive)
@@ -267,7 +267,7 @@ def check_schedule(value: object) -> None:
 
     Syntax only: a stored schedule whose expression has no fire time left still decodes
     (the scheduler disables it); :class:`Job` and ``enqueue`` also require a fire time
-    (:func:`cron_next_fire`).
+    (``cron_next_fire``).
     """
     if value is None:
         return
@@ -392,33 +392,33 @@ class Job:
     :param task: the name of a registered task
     :param payload: bytes handed to the task's handler (for a typed task: its codec's
         encoding of ``[args, kwargs]``)
-    :param id: the job id (default: a random one); validated like :func:`validate_id`
+    :param id: the job id (default: a random one); validated like ``validate_id``
     :param queue: the queue to put the job on
     :param max_retries: how many times to run the handler again after a failure (0 to
-        :data:`MAX_COUNT`, 2**31 - 1)
+        ``MAX_COUNT``, 2**31 - 1)
     :param backoff: wait between retries (default: retry at once, as in the Go original)
     :param timeout: seconds the handler may run before it is stopped (a failure); > 0 and
-        at most :data:`MAX_SECONDS` (1e10)
+        at most ``MAX_SECONDS`` (1e10)
     :param eta: a timezone-aware time before which the job does not run (in years 1 to
         9999 once converted to UTC)
     :param delay: seconds from enqueue before the job runs (instead of ``eta``); > 0 and
-        at most :data:`MAX_SECONDS`
+        at most ``MAX_SECONDS``
     :param schedule: a cron expression (at most 256 characters): the job runs again at
         each fire time. Evaluated in UTC, or in an IANA time zone given as a prefix:
         ``"CRON_TZ=Europe/Paris 0 6 * * *"`` (daylight saving time as cron handles it:
-        see :func:`cron_next_fire`)
+        see ``cron_next_fire``)
     :param on_success: jobs to enqueue once this job has succeeded
     :param on_error: jobs to enqueue once this job has finally failed
-    :param priority: 0 (the default) to :data:`MAX_PRIORITY` (9): among the due messages
+    :param priority: 0 (the default) to ``MAX_PRIORITY`` (9): among the due messages
         of its queue, one of a higher priority is always fetched before one of a lower
         priority; FIFO within a priority. Retries keep it; follow-up jobs carry their own
     :param unique_for: seconds after the job ended ``successful`` or ``failed`` during
         which its id stays taken: an enqueue of a job with this id stores nothing and
         returns the existing job's handle (while the job is queued, scheduled or running
-        its id is taken anyway). > 0 and at most :data:`MAX_SECONDS`
+        its id is taken anyway). > 0 and at most ``MAX_SECONDS``
     :param successful_ttl: seconds the job's state and result are kept once it ended
         ``successful``, instead of the results store's ``job_ttl`` and ``result_ttl``
-        (> 0, at most :data:`MAX_SECONDS`)
+        (> 0, at most ``MAX_SECONDS``)
     :param failed_ttl: the same for a job that ended ``failed``
     """
 
@@ -521,7 +521,7 @@ class Progress:
     """How far a running job says it is (:meth:`JobContext.set_progress`).
 
     :ivar fraction: from 0.0 to 1.0, or ``None`` when the job gave only a message
-    :ivar message: free text (at most :data:`MAX_PROGRESS_MESSAGE` characters)
+    :ivar message: free text (at most ``MAX_PROGRESS_MESSAGE`` characters)
     :ivar at: the POSIX time the job reported it
     """
 
@@ -635,13 +635,13 @@ class JobContext:
         """Report how far the job is: stored on the job's record (``get_job``, a handle's
         ``progress()``, ``tasqueue job``) and announced as an event.
 
-        Rate-limited: at most one write per :data:`PROGRESS_INTERVAL` seconds; a call in
+        Rate-limited: at most one write per ``PROGRESS_INTERVAL`` seconds; a call in
         between keeps only its value, written once the interval has passed (by a later
         call) or when the run ends, so a tight loop may call it every iteration.
         From a sync handler's thread: ``anyio.from_thread.run(ctx.set_progress, 0.5)``.
 
         :param fraction: from 0.0 to 1.0 (or ``None`` for a message alone)
-        :param message: free text; cut to :data:`MAX_PROGRESS_MESSAGE` characters
+        :param message: free text; cut to ``MAX_PROGRESS_MESSAGE`` characters
         :raises InvalidInputError: a fraction outside 0..1, or not a number
         """
         if fraction is not None:
@@ -670,7 +670,7 @@ class JobContext:
             await self._store_progress(encode_progress(self._progress))
 
     async def save(self, result: bytes) -> None:
-        """Store ``result`` as the job's result (:meth:`Server.get_result` reads it).
+        """Store ``result`` as the job's result (:meth:`~tasqueue_anyio.Client.get_result` reads it).
 
         A sync handler running in a worker thread calls it as
         ``anyio.from_thread.run(ctx.save, result)``.

@@ -132,7 +132,7 @@ _PROBE_STREAM = "tasqueue.permission.probe"
 
 @contextlib.contextmanager
 def translate_errors(what: str) -> Iterator[None]:
-    """Turn NATS client errors raised inside the block into :class:`BrokerError` with
+    """Turn NATS client errors raised inside the block into :class:`~tasqueue_anyio.BrokerError` with
     context (invalid input and lost leases pass through unchanged)."""
     try:
         yield
@@ -286,7 +286,7 @@ class NatsBackend(CountedLifetime):
         :attr:`~Client.last_error` when it came before the flush's ``PING`` went out).
 
         :raises PermissionViolationError: a subject was refused (the opening error
-            translation makes it a :class:`BrokerError` with the server's message)
+            translation makes it a :class:`~tasqueue_anyio.BrokerError` with the server's message)
         """
         client = self.client
         before = client.last_error

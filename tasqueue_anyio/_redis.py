@@ -256,7 +256,7 @@ def server_identity(url: str) -> tuple[Any, ...]:
 
 @contextmanager
 def translate_errors(what: str) -> Iterator[None]:
-    """Turn coredis errors raised inside the block into :class:`BrokerError` (see
+    """Turn coredis errors raised inside the block into :class:`~tasqueue_anyio.BrokerError` (see
     :func:`describe_error` for the message)."""
     try:
         yield

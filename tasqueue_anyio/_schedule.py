@@ -36,7 +36,7 @@ def run_id(schedule_id: str, fire: float) -> str:
 
 @attrs.frozen(kw_only=True)
 class Schedule:
-    """A cron schedule, as :meth:`Server.get_schedules` lists it.
+    """A cron schedule, as :meth:`~tasqueue_anyio.Client.get_schedules` lists it.
 
     :ivar id: the schedule id (the id of the job given to ``enqueue``)
     :ivar cron: the cron expression (evaluated in UTC, or in the time zone of its

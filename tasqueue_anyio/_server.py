@@ -1,4 +1,4 @@
-"""The :class:`Server`: a :class:`~tasqueue_anyio.Client` that registers tasks and
+"""The :class:`~tasqueue_anyio.Server`: a :class:`~tasqueue_anyio.Client` that registers tasks and
 runs workers (``run()``)."""
 
 from __future__ import annotations
@@ -420,7 +420,7 @@ class Server(Client):
         or for a running slot's release, announced on the broadcast channel, then starts
         it. So a worker holds at most its processors' jobs (plus what its consumer
         fetched ahead) of a limited queue while they wait. A worker that dies frees its
-        running slots after :data:`~tasqueue_anyio._limits.PERMIT_LEASE` seconds.
+        running slots after ``PERMIT_LEASE`` (15 s) seconds.
 
         :raises InvalidInputError: a bad number
         """
@@ -468,7 +468,7 @@ class Server(Client):
 
         :param burst: return once every queue of this server is empty: nothing pending,
             scheduled (waiting for an ETA or a retry's backoff) or in flight on it, as
-            the broker's ``count`` says (checked every :data:`BURST_INTERVAL` seconds,
+            the broker's ``count`` says (checked every ``BURST_INTERVAL`` seconds,
             twice in a row), and no job running here. For scripts, batch jobs and tests;
             a job with an ETA far ahead keeps it running until then.
         """

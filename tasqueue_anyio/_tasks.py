@@ -30,7 +30,7 @@ class Task:
     """A registered task: a handler, its queue and its lifecycle callbacks.
 
     :ivar handler: what the worker calls with ``(payload, ctx)``: the bytes-level
-        handler itself, or for a typed task the adapter around :attr:`function`
+        handler itself, or for a typed task the adapter around ``function``
     :ivar function: the typed task's own function (``None`` for a bytes-level handler)
     :ivar abandon_on_cancel: a sync handler's thread is left to finish on its own when
         its run is stopped, instead of being waited for (see ``Server.register_task``)

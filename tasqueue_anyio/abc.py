@@ -420,7 +420,7 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
         """Put messages on their queues in one call (one round trip where possible).
 
         Either all messages are stored or the call raises; messages due now are
-        delivered in the given order. A message whose :attr:`Envelope.id` a message on
+        delivered in the given order. A message whose ``Envelope.id`` a message on
         the broker still has (it was enqueued and is not acked nor dead-lettered yet,
         whether due, waiting for its ETA, held or put back) is not stored again: the
         worker relies on it to re-enqueue a retry that it cannot tell exists. (A broker
@@ -437,7 +437,7 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
         A message taken from the queue but not handed over when the call is cancelled goes
         back to the queue; nothing is dropped. A hand-over cancelled at the very moment
         the receiver took the message may leave it both given back and received: the
-        receiver's later settle then raises :class:`BrokerError` (as for a lost lease) or
+        receiver's later settle then raises :class:`~tasqueue_anyio.BrokerError` (as for a lost lease) or
         the message is delivered twice, which at-least-once delivery allows.
         """
 
@@ -446,7 +446,7 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
         """Messages on ``queue`` that are due and not held by a worker, oldest first.
 
         A broker knows nothing of job state: the message of a job cancelled while queued
-        is listed until a worker drops it (:meth:`Server.get_pending` adds each job's
+        is listed until a worker drops it (:meth:`~tasqueue_anyio.Client.get_pending` adds each job's
         stored status).
         """
 
@@ -470,7 +470,7 @@ class Broker(_MessageLimit, metaclass=ABCMeta):
     async def remove_dead_letters(
         self, queue: str, ids: Collection[str] | None = None
     ) -> list[DeadLetter]:
-        """Remove the dead letters of ``queue`` whose :attr:`DeadLetter.id` is in ``ids``
+        """Remove the dead letters of ``queue`` whose ``DeadLetter.id`` is in ``ids``
         (all of them when ``ids`` is ``None``) and return them, oldest first. Ids not
         found are ignored (another caller removed them). ``Client.replay_dead_letters``
         puts them back on their queue.
@@ -579,7 +579,7 @@ class Results(_MessageLimit, metaclass=ABCMeta):
 
     def check_job_ttl(self) -> None:
         """Raise :class:`~tasqueue_anyio.InvalidInputError` (saying why) if this store
-        cannot keep a TTL per job (:attr:`JobRecord.ttl`). Called when a job that carries
+        cannot keep a TTL per job (``JobRecord.ttl``). Called when a job that carries
         one is enqueued, so it is refused then rather than failing at its end."""
 
     async def claim_jobs(self, records: Mapping[str, JobRecord]) -> set[str]:
@@ -688,7 +688,7 @@ class Results(_MessageLimit, metaclass=ABCMeta):
 
     @abstractmethod
     async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
-        """Atomically store ``data`` as the job's progress (:attr:`JobRecord.progress`)
+        """Atomically store ``data`` as the job's progress (``JobRecord.progress``)
         while the job is ``processing`` under ``run``; one round trip.
 
         :return: whether it was stored

@@ -55,7 +55,7 @@ class CLIError(Exception):
 
 
 def load_server(spec: str) -> Server:
-    """The :class:`Server` named by ``MODULE:ATTR`` (or returned by calling it).
+    """The :class:`~tasqueue_anyio.Server` named by ``MODULE:ATTR`` (or returned by calling it).
 
     :raises CLIError: the module or attribute is missing, or is not a server
     """

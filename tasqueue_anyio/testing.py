@@ -61,11 +61,11 @@ async def drain(
     server: Server | Client, *, queues: Iterable[str] | None = None, timeout: float = 10.0
 ) -> None:
     """Run every job on the queues to its end, then return: the queues are empty
-    (nothing pending, scheduled or in flight; :meth:`Client.counts`).
+    (nothing pending, scheduled or in flight; :meth:`~tasqueue_anyio.Client.counts`).
 
-    Given a :class:`Server` whose workers are not running, it runs them
+    Given a :class:`~tasqueue_anyio.Server` whose workers are not running, it runs them
     (``run(burst=True)``) until the queues are empty; when they are running already
-    (inside :func:`worker`), or given a plain :class:`Client` (another process runs the
+    (inside :func:`worker`), or given a plain :class:`~tasqueue_anyio.Client` (another process runs the
     workers), it waits until the queues are empty, looking at their counts every few
     milliseconds. A job with an ETA is waited for; a cron schedule's future runs are
     not (they are not enqueued yet).

@@ -1,6 +1,6 @@
 """An AnyIO NATS client: one connection, its reader, writer and keepalive tasks, reconnects.
 
-:class:`Client` is an async context manager. Entering it connects (or raises); inside, a task
+:class:`~tasqueue_anyio.Client` is an async context manager. Entering it connects (or raises); inside, a task
 group owned by the client runs one *connection manager* task, which for each live connection
 runs three tasks in a task group of the connection's own:
 

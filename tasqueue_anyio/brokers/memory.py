@@ -8,7 +8,7 @@ touches it). Consumers of one queue
 share it: each message goes to exactly one of them. Everything runs on one event loop,
 so the code between two ``await`` points is atomic and needs no lock.
 
-A message's id (:attr:`Envelope.id <tasqueue_anyio.abc.Envelope.id>`) is remembered
+A message's id (``Envelope.id``) is remembered
 while the message exists (due, scheduled or held by a worker): enqueueing the id again
 meanwhile stores nothing, as on the other brokers.
 

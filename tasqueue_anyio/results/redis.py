@@ -844,7 +844,7 @@ class RedisResults(RedisBackend, Results):
         delivery: Delivery,
         announce: Sequence[tuple[str, bytes]] = (),
     ) -> bool:
-        """Record the end of a run and ack its delivery: with a :class:`RedisBroker`'s
+        """Record the end of a run and ack its delivery: with a :class:`~tasqueue_anyio.brokers.redis.RedisBroker`'s
         delivery on the same server (the same client, or URLs naming the same server,
         port, db and user; not Redis Cluster), in one script, so no crash can come
         between the record and the ack; otherwise :meth:`update_job` then the ack. As
