@@ -332,10 +332,14 @@ class _Queue:
         return f"{_RELAY_MARK}prio:{self.name}"
 
 
+def _level(value: str) -> int:
+    """The priority a ``Tasqueue-Priority`` header's value gives (0 unless 1 to 9)."""
+    return int(value) if len(value) == 1 and value in "123456789" else 0
+
+
 def _priority(headers: Headers | None) -> int:
     """The priority a message's headers give (0 when none or not 1 to 9)."""
-    value = header_value(headers, H_PRIORITY, "")
-    return int(value) if len(value) == 1 and value in "123456789" else 0
+    return _level(header_value(headers, H_PRIORITY, ""))
 
 
 class _Channel:
@@ -407,10 +411,7 @@ def _unpack_limits(data: bytes) -> Permits:
 
 def _priority_of(headers: Sequence[tuple[str, str]]) -> int:
     """The priority in a list of headers being built (0 when none)."""
-    for name, value in headers:
-        if name == H_PRIORITY and len(value) == 1 and value in "123456789":
-            return int(value)
-    return 0
+    return next((_level(value) for name, value in headers if name == H_PRIORITY), 0)
 
 
 def _fired(msg: JsMsg) -> bool:
@@ -1441,9 +1442,10 @@ class NatsBroker(NatsBackend, Broker):
         """
 
         def take(state: Permits) -> tuple[float, bool]:
-            before = (len(state.starts), len(state.running))
+            # written only when taken: a refusal costs no write (what it pruned from the
+            # window and the slots is pruned again by the next take)
             wait = permit_wait(state, limits, token, lease, time.time())
-            return wait, wait <= 0 or (len(state.starts), len(state.running)) != before
+            return wait, wait <= 0
 
         with translate_errors(f"taking a permit of queue {queue!r}"):
             return await self._change_limits(queue, take)
@@ -1452,11 +1454,13 @@ class NatsBroker(NatsBackend, Broker):
         """Free the running slot ``token`` holds, and announce it."""
 
         def release(state: Permits) -> tuple[float, bool]:
-            return 0.0, state.running.pop(token, None) is not None
+            released = state.running.pop(token, None) is not None
+            return float(released), released
 
         with translate_errors(f"releasing a permit of queue {queue!r}"):
-            await self._change_limits(queue, release)
-        await self.publish(limit_channel(queue), b"")
+            released = await self._change_limits(queue, release)
+        if released:  # as the other brokers: only a slot freed is announced
+            await self.publish(limit_channel(queue), b"")
 
     async def renew_permits(self, queue: str, tokens: Collection[str], lease: float) -> None:
         """Extend the leases of the running slots ``tokens`` hold."""

@@ -228,8 +228,8 @@ class MemoryResults(Results):
         ):
             if record.result is not None:
                 self._results.set(job_id, record.result, ttl)
-            elif ttl is not None and job_id in self._results:
-                result = self._results.get(job_id)
+            elif ttl is not None:
+                result = self._results.get(job_id)  # saved earlier: it takes the TTL too
                 if result is not None:
                     self._results.set(job_id, result, ttl)
             record = JobRecord(  # not attrs.evolve: this is every job's end
