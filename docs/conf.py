@@ -4,6 +4,7 @@ from __future__ import annotations
 
 project = "tasqueue_anyio"
 author = "the tasqueue_anyio authors"
+copyright = "2026, the tasqueue_anyio authors"
 extensions = ["myst_parser", "sphinx.ext.autodoc"]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
