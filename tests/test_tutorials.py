@@ -21,8 +21,13 @@ from tutorial_support import (
     pages,
 )
 
-#: Scripts the console blocks do not run, with the test that plays them instead.
-PLAYED_ELSEWHERE: dict[str, str] = {}
+#: Scripts whose console blocks need workers running beside them: not run by
+#: ``test_console_block`` but played, in the page's order, by the test named.
+PLAYED_WITH_WORKERS = {
+    "producer.py": "test_production_with_redis",
+    "report.py": "test_production_with_redis",
+    "nats_producer.py": "test_production_with_nats",
+}
 
 #: The Redis database the tutorials' scripts use on the session's server (emptied per run).
 TUTORIAL_DB = 9
@@ -32,6 +37,8 @@ def _all_runs() -> list[tuple[ConsoleRun, str]]:
     cases: list[tuple[ConsoleRun, str]] = []
     for page in pages():
         for run in console_runs(page):
+            if run.script is not None and run.script.name in PLAYED_WITH_WORKERS:
+                continue
             cases.append((run, "asyncio"))
             if run.takes_backend:
                 cases.append((run, "trio"))
@@ -88,7 +95,6 @@ def test_every_file_is_shown_and_run() -> None:
     files = {path.resolve() for path in CODE.glob("*.py")}
     assert files - included == set(), "files no page shows"
     run = {r.script.resolve() for page in pages() for r in console_runs(page) if r.script}
-    run |= {(CODE / name).resolve() for name in PLAYED_ELSEWHERE}
     pytests = {p.resolve() for p in CODE.glob("test_*.py")}
     scripts = {p for p in files if 'if __name__ == "__main__":' in p.read_text()}
     assert scripts - run == set(), "scripts that no console block runs"
