@@ -22,20 +22,65 @@ enqueued to the end with :func:`drain` (no sleeping, no polling in your test)::
 
 They work with any backends; a test suite usually builds its ``Server`` on the in-memory
 ones (the default), which need no server process and start empty in every test when the
-server is built per test (a fixture).
+server is built per test (a fixture). An application's module-level server built on Redis
+or NATS is tested on in-memory backends with :func:`in_memory`::
+
+    @pytest.fixture
+    def server() -> Iterator[Server]:
+        with in_memory(tasks.server):        # fresh, empty backends for this test
+            yield tasks.server
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from typing import TypeVar
 
 import anyio
 
 from ._client import Client
 from ._server import Server
 
-__all__ = ["drain", "worker"]
+__all__ = ["drain", "in_memory", "worker"]
+
+_C = TypeVar("_C", bound=Client)
+
+
+@contextmanager
+def in_memory(server: _C) -> Iterator[_C]:
+    """Give ``server`` (a :class:`~tasqueue_anyio.Server` or
+    :class:`~tasqueue_anyio.Client`) a fresh in-memory broker and results store for the
+    block, and its own back after it: an application's tasks module, built on Redis or
+    NATS, runs in tests with no server process, every block starting empty.
+
+    Its tasks, queues, limits, codec and options stay as they are; only where jobs are
+    kept changes. Nothing connects to the real backends (they are opened only by
+    ``async with server``), and open the server inside the block, not around it.
+
+    :return: the server
+    :raises RuntimeError: the server is open (it would go on using the backends it
+        opened), or was left open at the block's end
+    """
+    from .brokers.memory import MemoryBroker
+    from .results.memory import MemoryResults
+
+    if server._exit_stack is not None:
+        raise RuntimeError(
+            f"in_memory() needs a closed {type(server).__name__}: swap its backends "
+            "before `async with server:`, not inside it"
+        )
+    saved = server.broker, server.results
+    server.broker, server.results = MemoryBroker(), MemoryResults()
+    try:
+        yield server
+    finally:
+        server.broker, server.results = saved
+    if server._exit_stack is not None:
+        raise RuntimeError(
+            f"the {type(server).__name__} was left open at the end of in_memory(): close "
+            "it inside the block (its backends are now its own again)"
+        )
 
 
 @asynccontextmanager

@@ -6,9 +6,9 @@ import anyio
 import pytest
 from server_support import TIMEOUT
 
-from tasqueue_anyio import Client, Server
+from tasqueue_anyio import Client, JobNotFoundError, Server
 from tasqueue_anyio.abc import Broker, Results
-from tasqueue_anyio.testing import drain, worker
+from tasqueue_anyio.testing import drain, in_memory, worker
 
 pytestmark = pytest.mark.anyio
 
@@ -77,3 +77,45 @@ async def test_drain_while_the_workers_run_and_from_a_client(
 async def test_drain_needs_a_queue(broker: Broker, results: Results) -> None:
     with pytest.raises(ValueError, match="no queue"):
         await drain(Client(broker, results))
+
+
+async def test_in_memory_swaps_the_backends_of_an_app_server() -> None:
+    """An app's server built on NATS (nothing listens at its URL) runs its jobs on fresh
+    in-memory backends inside ``in_memory()``, and has its own back after each block."""
+    from tasqueue_anyio.brokers.nats import NatsBroker
+    from tasqueue_anyio.results.nats import NatsResults
+
+    broker, results = NatsBroker("nats://127.0.0.1:1"), NatsResults("nats://127.0.0.1:1")
+    server = Server(broker=broker, results=results)
+
+    @server.task()
+    async def double(x: int) -> int:
+        return 2 * x
+
+    with in_memory(server) as swapped:
+        assert swapped is server
+        assert server.broker is not broker
+        async with worker(server):
+            job = await double.enqueue(21)
+            assert await job.result(timeout=TIMEOUT) == 42
+    assert (server.broker, server.results) == (broker, results)
+    with in_memory(server):  # every block starts empty
+        async with server:
+            with pytest.raises(JobNotFoundError):
+                await job.status()
+            counts = await server.counts("default")
+            assert counts.empty
+            assert counts.successful == 0
+
+
+async def test_in_memory_refuses_an_open_server() -> None:
+    server = Server()
+    broker = server.broker
+    async with server:
+        with pytest.raises(RuntimeError, match="needs a closed Server"), in_memory(server):
+            pass
+    assert server.broker is broker
+    with pytest.raises(RuntimeError, match="left open"), in_memory(server):
+        await server.__aenter__()
+    assert server.broker is broker  # restored, though the block failed
+    await server.__aexit__(None, None, None)

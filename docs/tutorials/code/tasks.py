@@ -26,6 +26,8 @@ server = Server(
 
 @server.task(queue="images", concurrency=8, max_retries=3, timeout=60)
 async def thumbnail(image: str, size: int) -> str:
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
     await anyio.sleep(0.01)  # stands for the real work
     return f"{image.removesuffix('.png')}-{size}.png"
 
