@@ -1250,8 +1250,19 @@ class Client:
         created = await self.results.create_jobs(
             {run.id: JobRecord(status=Status.QUEUED.value, data=data)}
         )
-        if run.id in created:  # else another server (or an earlier pass) enqueued it
-            await self.broker.enqueue_many([envelope(msg, data)])
+        if run.id not in created:
+            # Another scheduler enqueued it (or is about to), or an earlier pass recorded
+            # it and then failed to enqueue it (a broker error, a crash). While the run is
+            # still queued, enqueue it again: a message the broker still has is not stored
+            # twice (Broker.enqueue_many), and one it never got would leave the fire time
+            # recorded queued and never run.
+            try:
+                current = await self.results.get_job(run.id)
+            except NotFoundError:
+                return run.id
+            if current.status != Status.QUEUED.value:
+                return run.id
+        await self.broker.enqueue_many([envelope(msg, data)])
         return run.id
 
     def wake_scheduler(self) -> None:

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
 import anyio
@@ -13,9 +14,16 @@ import anyio.lowlevel
 import pytest
 from server_support import TIMEOUT, running
 
-from tasqueue_anyio import InvalidInputError, Job, JobContext, JobNotFoundError, Server
+from tasqueue_anyio import (
+    BrokerError,
+    InvalidInputError,
+    Job,
+    JobContext,
+    JobNotFoundError,
+    Server,
+)
 from tasqueue_anyio._schedule import encode_template, next_fire, run_id
-from tasqueue_anyio.abc import Broker, Results, ScheduleRecord
+from tasqueue_anyio.abc import Broker, Envelope, Results, ScheduleRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -359,3 +367,44 @@ async def test_missed_fire_times_run_once_then_stay_on_the_grid(
             assert runs.ids == [run_id(schedule_id, T0 + 270)]
             assert schedule.next_fire == next_fire("*/5 * * * *", clock.now)
             assert (schedule.next_fire - (T0 - 30)) % 300 == 0
+
+
+async def test_a_run_whose_enqueue_failed_is_enqueued_by_the_next_pass(
+    broker: Broker,
+    results: Results,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The scheduler records a run's state, then enqueues its message. When the enqueue
+    # fails (a broker error, or the process dying there), the schedule is not moved on,
+    # and the next pass must still enqueue the run it finds recorded `queued`: the fire
+    # time runs, once, instead of staying `queued` for ever.
+    clock = FakeClock(T0)
+    runs = Runs()
+    server = Server(broker=broker, results=results, clock=clock)
+    server.register_task("tick", runs, queue=queue_name, raw=True)
+    enqueue_many = broker.enqueue_many
+    failures = [BrokerError("the connection dropped")]
+
+    async def enqueue_failing_once(messages: Sequence[Envelope]) -> None:
+        if failures and any("@" in m.id for m in messages):
+            raise failures.pop()
+        await enqueue_many(messages)
+
+    monkeypatch.setattr(broker, "enqueue_many", enqueue_failing_once)
+    caplog.set_level(logging.WARNING, logger="tasqueue_anyio")
+    async with server, running(server):
+        schedule_id = await server.enqueue(Job("tick", schedule="*/5 * * * *", queue=queue_name))
+        clock.now = T0 + 270
+        server.wake_scheduler()
+        await runs.wait_for(1)
+        fired = run_id(schedule_id, T0 + 270)
+        assert (await server.wait(fired, timeout=TIMEOUT)).status.value == "successful"
+        marker = await server.enqueue(Job("tick", queue=queue_name))
+        assert (await server.wait(marker, timeout=TIMEOUT)).status.value == "successful"
+        assert runs.ids == [fired, marker]  # the fire time ran once
+        [schedule] = [s for s in await server.get_schedules() if s.id == schedule_id]
+        assert schedule.next_fire == T0 + 570
+    assert not failures
+    assert any("the connection dropped" in r.getMessage() for r in caplog.records)
