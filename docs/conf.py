@@ -23,7 +23,7 @@ nitpick_ignore_regex = [
     (
         r"py:.*",
         r"(anyio|trio|asyncio|datetime|collections|typing|typing_extensions|attrs|msgpack|"
-        r"coredis|opentelemetry|logging|contextlib|types|abc|enum|zoneinfo|os|pathlib|"
+        r"coredis|opentelemetry|logging|contextlib|types|abc|enum|zoneinfo|os|pathlib|starlette|"
         r"concurrent)(\..*)?",
     ),
     # type variables, and the private modules' names a public signature or base shows

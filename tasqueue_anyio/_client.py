@@ -216,6 +216,9 @@ class Client:
         #: set once this open server listens to FINISHED_CHANNEL
         self._finished_listening = False
         self._finished_lock: anyio.Lock | None = None
+        #: callables told of every event this client hears, as ``(kind, job_id, status)``
+        #: (the dashboard's live updates share the client's subscriptions this way)
+        self._listeners: list[Callable[[str, str, str], None]] = []
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -274,6 +277,11 @@ class Client:
                 event.set()
         elif kind == EVENT_SCHEDULE and self._scheduler is not None:
             self._scheduler.wake()
+        for listener in tuple(self._listeners):
+            try:
+                listener(kind, job_id, _status)
+            except Exception:
+                self.log.exception("an event listener raised; the event goes on")
 
     # -- enqueue ----------------------------------------------------------------------------
 
@@ -941,6 +949,17 @@ class Client:
         )
         await self.broker.remove_dead_letters(queue, [letter.id for letter, _, _ in prepared])
         return [JobHandle(msg.id, self) for _, msg, _ in prepared]
+
+    async def delete_dead_letters(
+        self, queue: str = DEFAULT_QUEUE, ids: Collection[str] | None = None
+    ) -> list[DeadLetter]:
+        """Remove dead letters of ``queue`` (those of ``ids``, or all) without replaying
+        them: messages nobody will fix. Their jobs' states stay as the dead-lettering left
+        them (``failed``, with the reason).
+
+        :return: the dead letters removed, oldest first
+        """
+        return await self.broker.remove_dead_letters(validate_queue(queue), ids)
 
     async def purge(self, queue: str = DEFAULT_QUEUE) -> int:
         """Remove every job waiting on ``queue`` (due, or waiting for an ETA or a retry's

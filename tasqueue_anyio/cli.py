@@ -410,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
         return sub
 
+    dashboard = inspector("dashboard", "serve the web dashboard (Hypercorn; the dashboard extra)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
+    dashboard.add_argument(
+        "--token",
+        default=os.environ.get("TASQUEUE_DASHBOARD_TOKEN"),
+        help="nothing is shown or done without it (default: $TASQUEUE_DASHBOARD_TOKEN); "
+        "required to listen beyond loopback",
+    )
+    dashboard.add_argument("--root-path", default="", help="the path it is served under, behind a proxy")
+    dashboard.add_argument(
+        "--queue", action="append", default=[], metavar="QUEUE", help="a queue to show (repeatable)"
+    )
+
     inspector("job", "show a job", ("id", "job id"))
     inspector("group", "show a group", ("id", "group id"))
     inspector("chain", "show a chain", ("id", "chain id"))
@@ -469,7 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.backend == "trio" and importlib.util.find_spec("trio") is None:
             raise CLIError("--backend trio needs Trio: pip install 'tasqueue_anyio[trio]'", 2)
-        if args.command == "worker":
+        if args.command == "dashboard":
+            anyio.run(_dashboard_main, args, backend=args.backend)
+        elif args.command == "worker":
             server = load_server(args.app)
             _apply_concurrency(server, args.concurrency)
             anyio.run(_worker_main, server, args.burst, args.grace, backend=args.backend)
@@ -478,6 +494,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         return _report(_unwrap(exc), args.debug)
     return 0
+
+
+async def _dashboard_main(args: argparse.Namespace) -> None:
+    try:
+        from .dashboard import create_app
+        from .dashboard._serve import check_bind, serve
+    except ImportError as exc:
+        raise CLIError(
+            f"the dashboard needs its extra: pip install 'tasqueue_anyio[dashboard]' ({exc})", 2
+        ) from None
+    try:
+        check_bind(args.host, args.token)
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    server = server_for(args)
+    app = create_app(server, token=args.token or None, queues=args.queue)
+    async with server:
+        await serve(app, args.host, args.port, root_path=args.root_path.rstrip("/"))
 
 
 async def _worker_main(server: Server, burst: bool, grace: float) -> None:

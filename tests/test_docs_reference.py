@@ -8,6 +8,7 @@ from pathlib import Path
 
 import tasqueue_anyio
 import tasqueue_anyio.abc
+import tasqueue_anyio.dashboard
 import tasqueue_anyio.testing
 
 API = Path(__file__).resolve().parent.parent / "docs" / "api.md"
@@ -15,7 +16,8 @@ API = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 def test_every_public_name_has_a_docstring() -> None:
     missing = []
-    for module in (tasqueue_anyio, tasqueue_anyio.abc, tasqueue_anyio.testing):
+    modules = (tasqueue_anyio, tasqueue_anyio.abc, tasqueue_anyio.testing, tasqueue_anyio.dashboard)
+    for module in modules:
         for name in module.__all__:
             obj = getattr(module, name)
             documentable = inspect.isclass(obj) or inspect.isfunction(obj)
@@ -26,7 +28,12 @@ def test_every_public_name_has_a_docstring() -> None:
 
 def test_the_reference_documents_every_public_module() -> None:
     text = API.read_text()
-    for module in ("tasqueue_anyio", "tasqueue_anyio.abc", "tasqueue_anyio.testing"):
+    for module in (
+        "tasqueue_anyio",
+        "tasqueue_anyio.abc",
+        "tasqueue_anyio.testing",
+        "tasqueue_anyio.dashboard",
+    ):
         assert f".. automodule:: {module}\n   :members:" in text, module
     # the package's reference takes its members from __all__ (imported from private modules)
     assert ":imported-members:" in text
