@@ -62,3 +62,19 @@ def test_priorities_and_limits(backend: str) -> None:
         "same handle: True, runs of report:monday: 1",
         "6 pings, at most 3 in any half second: True",
     ]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_dashboard_mounted(backend: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "dashboard.py"), "--once", "--backend", backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.splitlines() == [
+        '/tasks/ 200 shows data-queue="images"',
+        "/tasks/jobs/JOB 200 shows thumb-cat.png",
+        "/tasks/jobs?status=successful 200 shows JOB",
+    ]
