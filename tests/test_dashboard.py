@@ -263,7 +263,7 @@ async def test_live_updates_and_a_backend_outage(
         async def down(queue: str) -> None:
             raise BrokerError("connection refused")
 
-        monkeypatch.setattr(app.server, "counts", down)
+        monkeypatch.setattr(app.server.broker, "count", down)  # the broker stops answering
         banner = await events.next("backend")
         assert "The backend is unavailable: BrokerError: connection refused" in banner
         async with browse(dashboard) as http:

@@ -31,7 +31,7 @@ from .._exceptions import (
     JobNotFoundError,
     NotFoundError,
 )
-from .._jobs import JobMessage, Status
+from .._jobs import JobMessage, Status, validate_queue
 from ..abc import FINAL_STATUSES
 from ._hub import Activity, Hub
 
@@ -98,8 +98,26 @@ def create_app(
         registered = getattr(client, "queues", None) or {}
         return sorted({*registered, *extra_queues})
 
+    ended = _Ended(client)
+
     async def read_counts() -> list[Counts]:
-        return [await client.counts(queue) for queue in known_queues()]
+        """Each queue's counts (the broker's counters) with the cached totals."""
+        successful, failed = await ended.totals()
+        counts = []
+        for queue in known_queues():
+            held = await client.broker.count(queue)
+            counts.append(
+                Counts(
+                    queue=queue,
+                    pending=held.pending,
+                    scheduled=held.scheduled,
+                    in_flight=held.in_flight,
+                    dead=held.dead,
+                    successful=successful,
+                    failed=failed,
+                )
+            )
+        return counts
 
     async def render_counts() -> str:
         counts = await read_counts()
@@ -116,7 +134,14 @@ def create_app(
     def render_banner(error: str | None) -> str:
         return env.get_template("_banner.html").render(backend_error=error)
 
-    hub = Hub(client, render_counts, render_activity, render_banner, interval=refresh)
+    hub = Hub(
+        client,
+        render_counts,
+        render_activity,
+        render_banner,
+        interval=refresh,
+        on_end=ended.saw_end,
+    )
 
     # -- guards -----------------------------------------------------------------------------
 
@@ -224,12 +249,7 @@ def create_app(
     @view
     async def overview(request: Request) -> Response:
         counts = await read_counts()
-        totals = counts[0] if counts else None
-        if totals is None:
-            ended = await client.results.count_ended()
-            totals_ended = (ended.successful, ended.failed)
-        else:
-            totals_ended = (totals.successful, totals.failed)
+        totals_ended = await ended.totals()
         return page(
             request,
             "overview.html",
@@ -248,7 +268,9 @@ def create_app(
         queue = request.query_params.get("queue") or None
         task = request.query_params.get("task") or None
         number = max(1, _int(request.query_params.get("page"), 1))
-        rows, more, note = await _listing(client, known_queues(), status, queue, task, number, page_size)
+        rows, more, note = await _listing(
+            client, ended, known_queues(), status, queue, task, number, page_size
+        )
         return page(
             request,
             "jobs.html",
@@ -291,7 +313,7 @@ def create_app(
     @view
     async def queue_page(request: Request) -> Response:
         name = request.path_params["queue"]
-        counts = await client.counts(name)
+        counts = await client.broker.count(validate_queue(name))  # counters, not listings
         pending = (await client.get_pending(name))[:page_size]
         scheduled = (await client.get_scheduled(name))[:page_size]
         dead = await client.get_dead_letters(name)
@@ -432,6 +454,53 @@ def create_app(
     )
 
 
+class _Ended:
+    """The successful and failed totals and listings, read from the store at most every
+    so often: how often follows what a read costs (20 times its duration, at least a
+    second), since on some stores they are a scan of every stored job (NATS) and on
+    others a counter (Redis, memory). Between reads, the totals move with the job ends
+    the dashboard hears of."""
+
+    def __init__(self, client: Client, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.clock = clock
+        self._totals: tuple[int, int] | None = None
+        self._totals_until = 0.0
+        self._ids: dict[str, tuple[float, list[str]]] = {}
+        self._lock: anyio.Lock | None = None
+
+    def _ttl(self, took: float) -> float:
+        return max(1.0, 20 * took)
+
+    async def totals(self) -> tuple[int, int]:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:  # one read at a time, however many pages ask
+            if self._totals is None or self.clock() >= self._totals_until:
+                began = self.clock()
+                ended = await self.client.results.count_ended()
+                self._totals = (ended.successful, ended.failed)
+                self._totals_until = self.clock() + self._ttl(self.clock() - began)
+            return self._totals
+
+    async def ids(self, status: str) -> list[str]:
+        cached = self._ids.get(status)
+        if cached is not None and self.clock() < cached[0]:
+            return cached[1]
+        began = self.clock()
+        listed = await (self.client.get_success if status == "successful" else self.client.get_failed)()
+        self._ids[status] = (self.clock() + self._ttl(self.clock() - began), listed)
+        return listed
+
+    def saw_end(self, status: str) -> None:
+        if self._totals is not None:
+            successful, failed = self._totals
+            if status == "successful":
+                self._totals = (successful + 1, failed)
+            elif status == "failed":
+                self._totals = (successful, failed + 1)
+
+
 class _Asgi:
     """An ASGI callable Starlette routes as an app, not as a request handler."""
 
@@ -523,6 +592,7 @@ async def _job_context(client: Client, msg: JobMessage) -> dict[str, Any]:
 
 async def _listing(
     client: Client,
+    ended: _Ended,
     queues: list[str],
     status: str,
     queue: str | None,
@@ -544,8 +614,7 @@ async def _listing(
         return found[start : start + size], len(found) > start + size, ""
     if status not in ("successful", "failed"):
         raise InvalidInputError(f"unknown status {status!r}")
-    ids = await (client.get_success if status == "successful" else client.get_failed)()
-    ids = ids[::-1]  # newest first
+    ids = (await ended.ids(status))[::-1]  # newest first
     if queue is None and task is None:
         rows = [await _read(client, job_id) for job_id in ids[start : start + size]]
         return [r for r in rows if r is not None], len(ids) > start + size, ""

@@ -55,6 +55,7 @@ class Hub:
     :param render_activity: renders one activity line
     :param render_banner: renders the banner for an error (``None``: no banner)
     :param interval: seconds between two count reads while pages are open
+    :param on_end: told the status of every job end heard of
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class Hub:
         *,
         interval: float = 2.0,
         clock: Callable[[], float] = time.time,
+        on_end: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.render_counts = render_counts
@@ -73,6 +75,7 @@ class Hub:
         self.render_banner = render_banner
         self.interval = interval
         self.clock = clock
+        self.on_end = on_end
         self.activity: deque[Activity] = deque(maxlen=50)
         #: job ends per BUCKET seconds, newest last: (bucket start, count)
         self.throughput: deque[tuple[float, int]] = deque(maxlen=BUCKETS)
@@ -92,6 +95,8 @@ class Hub:
             now = self.clock()
             if kind == EVENT_FINISHED:
                 self._count_end(now)
+                if self.on_end is not None:
+                    self.on_end(status)
             line = Activity(now, kind, job_id, status)
             self.activity.appendleft(line)
             self._broadcast("activity", self.render_activity(line))
