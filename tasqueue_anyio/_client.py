@@ -90,6 +90,7 @@ from .abc import (
     ParentRecord,
     Results,
     ScheduleRecord,
+    WorkerRecord,
 )
 
 __all__ = [
@@ -1247,6 +1248,14 @@ class Client:
                 Schedule(id=record.id, cron=job.schedule, job=job, next_fire=record.next_fire)
             )
         return schedules
+
+    async def get_workers(self) -> list[WorkerRecord]:
+        """The running workers (each ``Server.run()`` of every process on these backends),
+        as their last heartbeats, ordered by start time: their queues, the jobs in hand
+        (at most :data:`~tasqueue_anyio.abc.MAX_WORKER_JOBS`) and when they were last
+        seen. A worker that died leaves the list ``WORKER_TTL`` (15) seconds after its
+        last heartbeat; one that stopped leaves it at once."""
+        return await self.results.get_workers()
 
     async def remove_schedule(self, schedule_id: str) -> bool:
         """Remove a cron schedule (runs already enqueued still run: cancel them by id).

@@ -466,6 +466,12 @@ class Server(Client):
         ``run()`` reports started, takes no job and returns at once. Opens the server
         itself if it is not open yet.
 
+        While it runs it is listed by :meth:`~tasqueue_anyio.Client.get_workers` (and
+        ``tasqueue workers``): it puts its :class:`~tasqueue_anyio.abc.WorkerRecord` in
+        the results store before it reports started, then every 5 s with the jobs in
+        hand, and removes it when it ends (a worker that dies is unlisted 15 s after its
+        last heartbeat). A store that fails these writes is logged, never fatal.
+
         :param burst: return once every queue of this server is empty: nothing pending,
             scheduled (waiting for an ETA or a retry's backoff) or in flight on it, as
             the broker's ``count`` says (checked every ``BURST_INTERVAL`` seconds,

@@ -13,14 +13,25 @@ Shape of :meth:`Worker.run`::
 Only a job's own scope is ever cancelled (timeout, cancel request, or shutdown), so
 recording its end needs no shield of its own: the processor running it is never
 cancelled while it writes, except past ``finalize_timeout`` after a shutdown began.
+
+The worker registry: once its consumers are started, a run puts its
+:class:`~tasqueue_anyio.abc.WorkerRecord` (before reporting started), then again every
+``HEARTBEAT_INTERVAL`` seconds from a task of the outer group (so heartbeats go on
+during a graceful stop's grace, with the jobs still in hand), each put living
+``WORKER_TTL`` seconds. When ``run()`` ends, however it ends, it removes its record,
+shielded, within ``HEARTBEAT_TIMEOUT``. A heartbeat or removal that fails (the store is
+down) is logged, never raised: the registry is for people, not for the jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import math
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +66,23 @@ from ._jobs import (
 )
 from ._limits import Limiter
 from ._scheduler import Scheduler
-from .abc import FINAL_STATUSES, Delivery, Envelope, JobRecord, QueueLimits, run_token
+from .abc import (
+    _MAX_WORKER_QUEUES,
+    FINAL_STATUSES,
+    MAX_WORKER_JOBS,
+    Delivery,
+    Envelope,
+    JobRecord,
+    QueueLimits,
+    WorkerRecord,
+    run_token,
+)
 
 if TYPE_CHECKING:
     from ._client import Client
     from ._tasks import Task
 
-__all__ = ["BURST_INTERVAL", "Worker"]
+__all__ = ["BURST_INTERVAL", "HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "WORKER_TTL", "Worker"]
 
 _log = logging.getLogger("tasqueue_anyio.worker")
 
@@ -76,6 +97,14 @@ _SHUTDOWN = SHUTDOWN
 
 #: Seconds between two looks at the queues' counts of a burst run (``run(burst=True)``).
 BURST_INTERVAL = 0.1
+#: Seconds a running worker's record (:meth:`~tasqueue_anyio.abc.Results.put_worker`)
+#: lives after its last heartbeat: how long a worker that died stays listed at most.
+WORKER_TTL = 15.0
+#: Seconds between two heartbeats of a running worker (a third of ``WORKER_TTL``, so one
+#: or two lost heartbeats do not unlist it). Read at each pause (tests shorten it).
+HEARTBEAT_INTERVAL = WORKER_TTL / 3
+#: Seconds one heartbeat, or the removal of the record as ``run()`` ends, may take.
+HEARTBEAT_TIMEOUT = 2.0
 #: The task name of a job whose message and stored record are both unreadable, once it
 #: is recorded ``failed``.
 UNREADABLE_TASK = "<unreadable>"
@@ -92,6 +121,13 @@ def _describe(exc: BaseException) -> str:
         cut = encoded[: MAX_ERROR_LENGTH - 15].decode(errors="ignore")
         described = cut + " ...[truncated]"
     return described
+
+
+def _async_backend() -> str:
+    """The AnyIO backend running now: ``"trio"`` or ``"asyncio"`` (told by its
+    cancellation exception, AnyIO's public way to tell them apart)."""
+    module = anyio.get_cancelled_exc_class().__module__
+    return "trio" if module.partition(".")[0] == "trio" else "asyncio"
 
 
 def _run_meta(meta: Meta, processed_at: float, attempt: int) -> Meta:
@@ -160,35 +196,131 @@ class Worker:
             for queue, queue_limits in (limits or {}).items()
             if queue in self.queues
         }
+        hostname = socket.gethostname()[:200]
+        #: this run's id in the worker registry (unique per run)
+        self.worker_id = f"{hostname}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._hostname = hostname
+        self._started_at = 0.0
+        self._backend = ""
+        self._version = ""
+        self._heartbeat_failing = False
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self._watch, name="tasqueue shutdown watcher")
-            with anyio.CancelScope(shield=True) as self._shield:
-                async with anyio.create_task_group() as self._control:
-                    for limiter in self.limiters.values():
-                        await self._control.start(limiter.run)
-                    # consumers end first (stop/shutdown), then processors drain
-                    async with (
-                        anyio.create_task_group() as processors,
-                        anyio.create_task_group() as consumers,
-                    ):
-                        self._consumers_scope = consumers.cancel_scope
-                        self._start(consumers, processors)
-                        scheduler = self.server._scheduler = Scheduler(self.server)
-                        consumers.start_soon(scheduler.run, name="tasqueue scheduler")
-                        if self._pending_stop is not None:  # stop() came first
-                            self.stop(self._pending_stop)
-                        elif self.burst:
-                            consumers.start_soon(self._watch_empty, name="tasqueue burst")
-                        task_status.started()
-                    self._control.cancel_scope.cancel()  # a pending grace timer
-            self.server._scheduler = None
-            self.server._hard_stop = math.inf
-            outer.cancel_scope.cancel()  # the watcher
+        from . import __version__
+
+        self._started_at = self.server.clock()
+        self._backend = _async_backend()
+        self._version = __version__
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._watch, name="tasqueue shutdown watcher")
+                with anyio.CancelScope(shield=True) as self._shield:
+                    async with anyio.create_task_group() as self._control:
+                        for limiter in self.limiters.values():
+                            await self._control.start(limiter.run)
+                        # consumers end first (stop/shutdown), then processors drain
+                        async with (
+                            anyio.create_task_group() as processors,
+                            anyio.create_task_group() as consumers,
+                        ):
+                            self._consumers_scope = consumers.cancel_scope
+                            self._start(consumers, processors)
+                            scheduler = self.server._scheduler = Scheduler(self.server)
+                            consumers.start_soon(scheduler.run, name="tasqueue scheduler")
+                            if self._pending_stop is not None:  # stop() came first
+                                self.stop(self._pending_stop)
+                            elif self.burst:
+                                consumers.start_soon(self._watch_empty, name="tasqueue burst")
+                            # listed once started; shielded from the consumers' scope,
+                            # which a stop (even one made before run()) cancels here
+                            with anyio.CancelScope(shield=True):
+                                await self.heartbeat()
+                            outer.start_soon(self._heartbeats, name="tasqueue heartbeats")
+                            task_status.started()
+                        self._control.cancel_scope.cancel()  # a pending grace timer
+                self.server._scheduler = None
+                self.server._hard_stop = math.inf
+                outer.cancel_scope.cancel()  # the watcher, the heartbeats
+        finally:
+            await self._unregister()
         # If run() itself was cancelled, say so (the shield kept the cancellation from
         # surfacing inside; asyncio would otherwise let run() return normally).
         await anyio.lowlevel.checkpoint_if_cancelled()
+
+    # -- the worker registry ----------------------------------------------------------------------
+
+    def worker_record(self) -> WorkerRecord:
+        """This run's record as of now: its queues and the jobs in hand (the first
+        ``MAX_WORKER_JOBS`` of them)."""
+        queues = self.queues
+        if len(queues) > _MAX_WORKER_QUEUES:
+            queues = dict(itertools.islice(queues.items(), _MAX_WORKER_QUEUES))
+        return WorkerRecord(
+            id=self.worker_id,
+            hostname=self._hostname,
+            pid=os.getpid(),
+            queues=queues,
+            started_at=self._started_at,
+            seen_at=self.server.clock(),
+            jobs=tuple(itertools.islice(self.server._active, MAX_WORKER_JOBS)),
+            backend=self._backend,
+            version=self._version,
+        )
+
+    async def heartbeat(self) -> None:
+        """Put this run's record now (:meth:`worker_record`, living ``WORKER_TTL``
+        seconds), within ``HEARTBEAT_TIMEOUT``. A failure is logged (a warning the first
+        time in a row), never raised."""
+        try:
+            with anyio.fail_after(HEARTBEAT_TIMEOUT):
+                await self.results.put_worker(self.worker_record(), WORKER_TTL)
+        except Exception as exc:
+            level = logging.DEBUG if self._heartbeat_failing else logging.WARNING
+            self._heartbeat_failing = True
+            self.log.log(
+                level,
+                "worker %s: a heartbeat failed (it is retried every %gs): %s: %s",
+                self.worker_id,
+                HEARTBEAT_INTERVAL,
+                type(exc).__name__,
+                exc,
+                extra={"worker_id": self.worker_id},
+            )
+        else:
+            if self._heartbeat_failing:
+                self._heartbeat_failing = False
+                self.log.info(
+                    "worker %s: heartbeats work again",
+                    self.worker_id,
+                    extra={"worker_id": self.worker_id},
+                )
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await anyio.sleep(HEARTBEAT_INTERVAL)
+            await self.heartbeat()
+
+    async def _unregister(self) -> None:
+        """Remove this run's record, shielded, within ``HEARTBEAT_TIMEOUT`` (a failure is
+        logged: the record then expires ``WORKER_TTL`` after its last heartbeat)."""
+        with anyio.move_on_after(HEARTBEAT_TIMEOUT, shield=True) as scope:
+            try:
+                await self.results.remove_worker(self.worker_id)
+            except Exception as exc:
+                self.log.warning(
+                    "worker %s: removing its record failed (it expires by itself): %s: %s",
+                    self.worker_id,
+                    type(exc).__name__,
+                    exc,
+                    extra={"worker_id": self.worker_id},
+                )
+        if scope.cancelled_caught:
+            self.log.warning(
+                "worker %s: removing its record took over %gs (it expires by itself)",
+                self.worker_id,
+                HEARTBEAT_TIMEOUT,
+                extra={"worker_id": self.worker_id},
+            )
 
     def _start(self, consumers: TaskGroup, processors: TaskGroup) -> None:
         for queue, concurrency in self.queues.items():

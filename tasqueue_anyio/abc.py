@@ -12,19 +12,24 @@ Timestamps (``eta``) are POSIX seconds (``time.time()``), because they cross pro
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
+import msgpack
 from anyio.streams.memory import MemoryObjectSendStream
 
 __all__ = [
     "FINAL_STATUSES",
     "MAX_PROGRESS_SIZE",
+    "MAX_WORKER_JOBS",
+    "MAX_WORKER_RECORD_SIZE",
     "Broker",
     "DeadLetter",
     "Delivery",
@@ -36,7 +41,9 @@ __all__ = [
     "ResultCounts",
     "Results",
     "ScheduleRecord",
+    "WorkerRecord",
     "check_progress",
+    "check_worker_ttl",
     "limit_channel",
     "may_start",
     "refuse_result",
@@ -306,6 +313,209 @@ class ScheduleRecord:
     id: str
     data: bytes
     next_fire: float
+
+
+#: The most job ids a :class:`WorkerRecord` lists in ``jobs`` (a worker running more
+#: lists the first of them).
+MAX_WORKER_JOBS = 100
+#: The largest encoded :class:`WorkerRecord`, in bytes: :meth:`WorkerRecord.decode`
+#: refuses a longer one. Every record that can be built encodes within it.
+MAX_WORKER_RECORD_SIZE = 512 * 1024
+#: The most queues a :class:`WorkerRecord` lists.
+_MAX_WORKER_QUEUES = 1024
+#: The longest id, host name, backend, version, queue name or job id of a
+#: :class:`WorkerRecord`, in UTF-8 bytes.
+_MAX_WORKER_TEXT = 255
+#: The longest TTL of a worker record (:func:`check_worker_ttl`): a day.
+_MAX_WORKER_TTL = 86400.0
+#: The version of the encoded form of a :class:`WorkerRecord`.
+_WORKER_SCHEMA = 1
+_WORKER_FIELDS = (
+    "id",
+    "hostname",
+    "pid",
+    "queues",
+    "started_at",
+    "seen_at",
+    "jobs",
+    "backend",
+    "version",
+)
+
+
+def _worker_text(value: object, name: str, *, empty: bool = False) -> str:
+    size = -1
+    if isinstance(value, str):
+        # lone surrogates are not UTF-8: msgpack could not store them
+        with contextlib.suppress(UnicodeEncodeError):
+            size = len(value.encode())
+        if 0 < size <= _MAX_WORKER_TEXT or (empty and size == 0):
+            return value
+    raise ValueError(
+        f"{name} must be a {'' if empty else 'non-empty '}str of at most "
+        f"{_MAX_WORKER_TEXT} UTF-8 bytes, got {value!r:.300}"
+    )
+
+
+def _worker_time(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of POSIX seconds, got {value!r}")
+    return float(value)
+
+
+def _worker_count(value: object, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value < 2**63:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r:.100}")
+    return value
+
+
+def _sized(value: object) -> str:
+    """``value``'s type, and its length if it has one (for error messages)."""
+    if isinstance(value, (dict, list, tuple, str, bytes)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _check_worker(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a :class:`WorkerRecord`, checked (types, sizes, ranges) and
+    normalised (floats, a new dict of queues, a tuple of jobs).
+
+    :raises ValueError: what is wrong
+    """
+    queues = values["queues"]
+    if not isinstance(queues, dict) or len(queues) > _MAX_WORKER_QUEUES:
+        raise ValueError(
+            f"queues must be a dict of at most {_MAX_WORKER_QUEUES} queue names to "
+            f"concurrencies, got {_sized(queues)}"
+        )
+    jobs = values["jobs"]
+    if not isinstance(jobs, (tuple, list)) or len(jobs) > MAX_WORKER_JOBS:
+        raise ValueError(
+            f"jobs must be a tuple of at most {MAX_WORKER_JOBS} job ids, got {_sized(jobs)}"
+        )
+    return {
+        "id": _worker_text(values["id"], "id"),
+        "hostname": _worker_text(values["hostname"], "hostname", empty=True),
+        "pid": _worker_count(values["pid"], "pid", 0),
+        "queues": {
+            _worker_text(queue, "a queue name"): _worker_count(concurrency, "a concurrency", 1)
+            for queue, concurrency in queues.items()
+        },
+        "started_at": _worker_time(values["started_at"], "started_at"),
+        "seen_at": _worker_time(values["seen_at"], "seen_at"),
+        "jobs": tuple(_worker_text(job_id, "a job id") for job_id in jobs),
+        "backend": _worker_text(values["backend"], "backend", empty=True),
+        "version": _worker_text(values["version"], "version", empty=True),
+    }
+
+
+def _refuse_extension(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+@attrs.frozen(kw_only=True)
+class WorkerRecord:
+    """The heartbeat of one running :meth:`Server.run() <tasqueue_anyio.Server.run>`: what
+    the worker registry (:meth:`Results.put_worker`, :meth:`Results.get_workers`) keeps,
+    for dashboards and ``tasqueue workers``.
+
+    Checked when built (:class:`~tasqueue_anyio.InvalidInputError`): texts are at most 255
+    UTF-8 bytes, at most 1024 queues and :data:`MAX_WORKER_JOBS` jobs, times finite.
+    :meth:`encode` and :meth:`decode` are its stored form, a msgpack map (the field names
+    below and ``v``: 1), the same on every backend.
+
+    :param id: unique per run: ``"<hostname>:<pid>:<6 random hex digits>"``
+    :param hostname: the host the worker runs on
+    :param pid: its process id
+    :param queues: queue name → concurrency, the queues it consumes
+    :param started_at: POSIX time the run started
+    :param seen_at: POSIX time of this heartbeat
+    :param jobs: ids of the jobs it has in hand now (at most :data:`MAX_WORKER_JOBS`)
+    :param backend: the AnyIO backend it runs on, ``"asyncio"`` or ``"trio"``
+    :param version: the version of tasqueue_anyio it runs
+    """
+
+    id: str
+    hostname: str
+    pid: int
+    queues: dict[str, int]
+    started_at: float
+    seen_at: float
+    jobs: tuple[str, ...] = ()
+    backend: str = ""
+    version: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            checked = _check_worker({name: getattr(self, name) for name in _WORKER_FIELDS})
+        except ValueError as exc:
+            from ._exceptions import InvalidInputError
+
+            raise InvalidInputError(f"invalid worker record: {exc}") from None
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def encode(self) -> bytes:
+        """The stored form: a msgpack map of the fields and ``v`` (the schema, 1)."""
+        value: dict[str, Any] = {"v": _WORKER_SCHEMA}
+        for name in _WORKER_FIELDS:
+            value[name] = getattr(self, name)
+        value["jobs"] = list(self.jobs)
+        packed: bytes = msgpack.packb(value, use_bin_type=True)
+        return packed
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> WorkerRecord:
+        """Read a stored record, as untrusted bytes: at most
+        :data:`MAX_WORKER_RECORD_SIZE` of them, a msgpack map of schema 1 with every field
+        of the right type and size, no extension types (fields it does not know are
+        ignored).
+
+        :raises DecodeError: what is wrong
+        """
+        from ._exceptions import DecodeError
+
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"a worker record must be bytes, got {type(data).__name__}")
+        if len(data) > MAX_WORKER_RECORD_SIZE:
+            raise DecodeError(
+                f"a worker record is {len(data)} bytes, over the limit of {MAX_WORKER_RECORD_SIZE}"
+            )
+        try:
+            value = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, ext_hook=_refuse_extension
+            )
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise DecodeError(f"not a msgpack worker record: {exc or type(exc).__name__}") from None
+        if not isinstance(value, dict):
+            raise DecodeError(f"a worker record must be a map, got {type(value).__name__}")
+        if value.get("v") != _WORKER_SCHEMA:
+            raise DecodeError(f"unknown worker record schema {value.get('v')!r:.50}")
+        missing = [name for name in _WORKER_FIELDS if name not in value]
+        if missing:
+            raise DecodeError(f"a worker record lacks {', '.join(missing)}")
+        try:
+            checked = _check_worker(value)
+        except ValueError as exc:
+            raise DecodeError(f"invalid worker record: {exc}") from None
+        return cls(**checked)
+
+
+def check_worker_ttl(ttl: object) -> float:
+    """Return ``ttl`` as a float if it is seconds a worker record may live
+    (:meth:`Results.put_worker`): finite, over 0, at most a day.
+
+    :raises InvalidInputError: it is not
+    """
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, (int, float))
+        or not 0 < ttl <= _MAX_WORKER_TTL
+    ):
+        from ._exceptions import InvalidInputError
+
+        raise InvalidInputError(f"a worker ttl must be seconds > 0 and <= 86400, got {ttl!r}")
+    return float(ttl)
 
 
 class Delivery(metaclass=ABCMeta):
@@ -772,3 +982,34 @@ class Results(_MessageLimit, metaclass=ABCMeta):
     @abstractmethod
     async def delete_schedule(self, schedule_id: str) -> bool:
         """Remove a schedule; return whether it existed."""
+
+    # -- the worker registry (heartbeats) --------------------------------------------------
+
+    @abstractmethod
+    async def put_worker(self, record: WorkerRecord, ttl: float) -> None:
+        """Store a running worker's record under ``record.id``, creating or replacing it.
+
+        The record is gone ``ttl`` seconds after its last put unless it is put again: a
+        running ``Server.run()`` puts its record every ``ttl / 3`` seconds (a heartbeat),
+        so the record of a worker that died goes away by itself. Worker ids are free text:
+        a backend that turns them into keys must encode them.
+
+        :param record: the worker's record (its ``jobs`` are the ids in hand now)
+        :param ttl: seconds (:func:`check_worker_ttl`: over 0, at most a day)
+        :raises InvalidInputError: a bad ``ttl``
+        """
+
+    @abstractmethod
+    async def get_workers(self) -> list[WorkerRecord]:
+        """The records of the live workers, ordered by ``started_at`` (then ``id``).
+
+        Never one whose ``ttl`` passed since its last :meth:`put_worker`, even if the
+        backend has not deleted it yet (a backend may delete such records as it reads).
+        A stored record that does not decode (:meth:`WorkerRecord.decode`) is left out and
+        logged.
+        """
+
+    @abstractmethod
+    async def remove_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (``Server.run()`` does as it ends). Idempotent: an
+        unknown id (removed before, expired, never put) is not an error."""

@@ -336,6 +336,29 @@ async def inspect_command(args: argparse.Namespace) -> None:
                         f"{s.id}  {s.cron}  next={'disabled' if disabled else s.next_fire}"
                     )
             _print(lines, args.json)
+        elif cmd == "workers":
+            # id, queues (name=concurrency), jobs in hand, start and last heartbeat (UTC)
+            from datetime import datetime, timezone
+
+            def utc(at: float) -> str:
+                try:
+                    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                except (OverflowError, OSError, ValueError):  # far out of range: as it is
+                    return repr(at)
+
+            now = server.clock()
+            rows: list[Any] = []
+            for w in await server.get_workers():
+                if args.json:
+                    rows.append(_plain(w))
+                    continue
+                queues = ",".join(f"{name}={n}" for name, n in w.queues.items()) or "-"
+                in_hand = f"{len(w.jobs)}" + (f" ({','.join(w.jobs)})" if w.jobs else "")
+                rows.append(
+                    f"{w.id}  queues={queues}  jobs={in_hand}  started={utc(w.started_at)}  "
+                    f"seen={utc(w.seen_at)} ({max(0.0, now - w.seen_at):.1f}s ago)"
+                )
+            _print(rows, args.json)
         elif cmd == "cancel":
             status = await server.cancel(args.id)
             _print({"id": args.id, "status": status.value}, args.json)
@@ -440,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspector("failed", "list the ids of failed jobs")
     inspector("successful", "list the ids of successful jobs")
     inspector("schedules", "list the cron schedules")
+    inspector("workers", "list the running workers, from their heartbeats")
     inspector("cancel", "cancel a job, group or chain", ("id", "job, group or chain id"))
     inspector("delete", "forget a job's state and result", ("id", "job id"))
     inspector("retry", "run a failed or cancelled job again", ("id", "job id"))

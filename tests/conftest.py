@@ -130,6 +130,7 @@ _CONTRACT_MODULES = {
     "test_contract_limits",
     "test_contract_priority",
     "test_contract_results",
+    "test_contract_workers",
 }
 
 

@@ -1,7 +1,7 @@
 """The in-process results store: zero set-up, for tests and single-process applications.
 
-Job state, saved results, group and chain ("parent") state and cron schedules are kept
-in four separate dictionaries, so no id of one kind can reach an entry of another kind.
+Job state, saved results, group and chain ("parent") state, cron schedules and worker
+records are kept in separate dictionaries, so no id of one kind can reach an entry of another kind.
 Everything runs on one event loop and no method awaits anything, so every operation, the
 conditional ones included, is atomic.
 """
@@ -25,7 +25,9 @@ from ..abc import (
     ResultCounts,
     Results,
     ScheduleRecord,
+    WorkerRecord,
     check_progress,
+    check_worker_ttl,
     may_start,
     refuse_result,
 )
@@ -182,7 +184,8 @@ class MemoryResults(Results):
     Group and chain state follows ``job_ttl``: every write to a parent
     (:meth:`set_parent`, :meth:`set_member_status`, and a :meth:`set_parent_status` that
     wrote) restarts its time to live, and an expired parent reads as missing. Cron
-    schedules never expire.
+    schedules never expire. Worker records expire after the ``ttl`` of their last
+    :meth:`put_worker`, by ``clock``.
 
     :param job_ttl: seconds job state, and group and chain state, is kept after its last
         write (``None``: forever); a job leaves the listings when its state expires
@@ -202,6 +205,8 @@ class MemoryResults(Results):
         self._results: _ExpiringDict[bytes] = _ExpiringDict(result_ttl, clock)
         self._parents: _ExpiringDict[_Parent] = _ExpiringDict(job_ttl, clock)
         self._schedules: dict[str, ScheduleRecord] = {}
+        #: worker id -> (its record, when it expires by ``clock``)
+        self._workers: dict[str, tuple[WorkerRecord, float]] = {}
         self._clock = clock
         #: job id -> until when (clock) the id of its ended job stays taken
         self._holds: dict[str, float] = {}
@@ -567,3 +572,42 @@ class MemoryResults(Results):
         :return: whether it existed
         """
         return self._schedules.pop(schedule_id, None) is not None
+
+    # -- the worker registry (heartbeats) --------------------------------------------------
+
+    async def put_worker(self, record: WorkerRecord, ttl: float) -> None:
+        """Store (replace) a worker's record; it expires ``ttl`` seconds after this put,
+        by the store's ``clock``.
+
+        :param record: the record
+        :param ttl: seconds (over 0, at most a day)
+        """
+        expires_at = self._clock() + check_worker_ttl(ttl)
+        self._purge_workers()
+        self._workers[record.id] = (record, expires_at)
+
+    async def get_workers(self) -> list[WorkerRecord]:
+        """The live workers' records (the expired ones are dropped first), ordered by
+        ``started_at``, then id.
+
+        :return: the records
+        """
+        self._purge_workers()
+        records = [record for record, _ in self._workers.values()]
+        records.sort(key=lambda record: (record.started_at, record.id))
+        return records
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (an unknown id is ignored).
+
+        :param worker_id: the worker id
+        """
+        self._workers.pop(worker_id, None)
+
+    def _purge_workers(self) -> None:
+        workers = self._workers
+        if not workers:
+            return
+        now = self._clock()
+        for worker_id in [w for w, (_, expires_at) in workers.items() if expires_at <= now]:
+            del workers[worker_id]

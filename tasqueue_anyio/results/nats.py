@@ -16,6 +16,8 @@ character set by :func:`~tasqueue_anyio._nats_backend.encode_token` (letters, di
               cancel-requested or retrying (see "Starting without a read")
     p.<id>    group or chain: msgpack {k, s, d, e, m: members, n: member counts}
     c.<id>    cron schedule: msgpack {d: data, f: next fire time (float64, exact)}
+    w.<id>    a running worker's record (``WorkerRecord.encode``); header
+              ``Tasqueue-Worker-TTL`` (the seconds it lives after its put)
 
 Values are plain KV entries: any KV client (``nats-py``, the ``nats`` CLI) reads them.
 
@@ -70,12 +72,21 @@ expires that long after its last write (TTLs are whole seconds, at least 1). On 
 server (or with ``per_key_ttl=False``) the bucket's ``max_age`` is the longer of the two
 instead, for every entry: the shorter one is not honoured, and cron schedules, which never
 expire, move to a second bucket ``<bucket>_cron`` without a ``max_age``.
+
+Worker records (``w.<id>``) live in the bucket of the schedules (so a ``max_age`` never
+cuts one short). Each put carries its TTL in a header, and on nats-server 2.11+ a
+``Nats-TTL`` too (whole seconds, rounded up), so the server removes the record of a worker
+that stopped putting it. ``get_workers`` leaves out every record whose stored time (the
+server's clock) plus its TTL has passed by this process's clock, and purges those (only
+up to the revision it read, so a newer put stays): on an older server that is how they go.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import random
 import time
 from collections import OrderedDict, deque
@@ -88,6 +99,7 @@ import msgpack
 
 from .._exceptions import (
     BrokerError,
+    DecodeError,
     InvalidInputError,
     JobNotFoundError,
     NotFoundError,
@@ -121,17 +133,23 @@ from ..abc import (
     ResultCounts,
     Results,
     ScheduleRecord,
+    WorkerRecord,
     check_progress,
+    check_worker_ttl,
     may_start,
     refuse_result,
 )
 
 __all__ = ["NatsResults"]
 
+_log = logging.getLogger("tasqueue_anyio.nats")
+
 _T = TypeVar("_T")
 
 #: The header repeating a job state's status (read by the listings).
 H_STATUS = "Tasqueue-Status"
+#: The header of a worker record: the seconds it lives after its put (``repr(float)``).
+H_WORKER_TTL = "Tasqueue-Worker-TTL"
 
 _CANCELLABLE_AT_ONCE = frozenset({"queued", "retrying"})
 
@@ -624,6 +642,10 @@ class NatsResults(NatsBackend, Results):
     @staticmethod
     def _schedule_key(schedule_id: str) -> str:
         return "c." + encode_token(_check_id(schedule_id, "schedule id"))
+
+    @staticmethod
+    def _worker_key(worker_id: str) -> str:
+        return "w." + encode_token(_check_id(worker_id, "worker id"))
 
     def _job_value(self, record: JobRecord) -> tuple[bytes, list[tuple[str, str]]]:
         return _encode_job(record), self._headers(_ttl_of(record, self.job_ttl), [(H_STATUS, record.status)])
@@ -1369,3 +1391,86 @@ class NatsResults(NatsBackend, Results):
                 _, raw = await self._read(key, self.cron)
                 purged = await self._purge([key], self.cron)
         return purged > 0 and raw is not None
+
+    # -- the worker registry (heartbeats) --------------------------------------------------
+
+    async def put_worker(self, record: WorkerRecord, ttl: float) -> None:
+        """Store (replace) a worker's record under ``w.<id>``, with its TTL in a header
+        (and as ``Nats-TTL`` on nats-server 2.11+, rounded up to whole seconds).
+
+        :param record: the record
+        :param ttl: seconds (over 0, at most a day)
+        """
+        seconds = check_worker_ttl(ttl)
+        key = self._worker_key(record.id)
+        headers = [(H_WORKER_TTL, repr(seconds))]
+        if self._ttls:
+            headers.append(("Nats-TTL", f"{max(1, math.ceil(seconds))}s"))
+        with translate_errors("storing a worker's record"):
+            await self._write(key, record.encode(), headers, expect=None, kv=self.cron)
+
+    async def get_workers(self) -> list[WorkerRecord]:
+        """The live workers' records, ordered by ``started_at``, then id: every ``w.``
+        entry read through a short-lived consumer, less those whose stored time (server
+        clock) plus their TTL has passed by this process's clock, which are purged (best
+        effort, each only up to the revision read).
+
+        :return: the records; one that does not decode is left out (logged)
+        """
+        kv = self.cron
+        with translate_errors("reading the workers"):
+            entries = await self._scan(kv, "w.>", headers_only=False)
+        now = time.time()
+        start = len(self._subject("w.", kv))
+        records: list[WorkerRecord] = []
+        expired: list[JsMsg] = []
+        for msg in entries:
+            try:
+                ttl = check_worker_ttl(float(header_value(msg.headers, H_WORKER_TTL)))
+            except ValueError:  # InvalidInputError too: no entry of a put_worker
+                expired.append(msg)
+                continue
+            if msg.metadata.timestamp_ns / 1e9 + ttl <= now:
+                expired.append(msg)
+                continue
+            try:
+                record = WorkerRecord.decode(msg.payload)
+            except DecodeError as exc:
+                _log.warning("%r: left out an unreadable worker record: %s", self, exc)
+                continue
+            if record.id != decode_token(msg.subject[start:]):
+                _log.warning(
+                    "%r: left out a worker record stored under another id (%r)", self, record.id
+                )
+                continue
+            records.append(record)
+        if expired:
+            await self._purge_expired(kv, expired)
+        records.sort(key=lambda record: (record.started_at, record.id))
+        return records
+
+    async def _purge_expired(self, kv: KeyValue, entries: Sequence[JsMsg]) -> None:
+        """Purge each entry's key up to and including the entry's revision (a put made
+        since stays), best effort: a failure only leaves them for a later read."""
+        subject = f"{self.js.prefix}.STREAM.PURGE.{kv.stream}"
+        requests: list[Request] = [
+            (
+                subject,
+                json.dumps({"filter": msg.subject, "seq": msg.metadata.stream_seq + 1}).encode(),
+                (),
+            )
+            for msg in entries
+        ]
+        try:
+            await self.request_many(requests)
+        except NatsError as exc:
+            _log.debug("%r: purging expired worker records failed: %s", self, exc)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (a purge of its key; an unknown id is ignored).
+
+        :param worker_id: the worker id
+        """
+        key = self._worker_key(worker_id)
+        with translate_errors("removing a worker's record"):
+            await self._purge([key], self.cron)

@@ -17,12 +17,18 @@ kind, and the keys of one job (or one group or chain) share a Redis Cluster slot
     P:{l}:seq         string  the end-order counter
     P:{sched}:data    hash    schedule id -> encoded job
     P:{sched}:fire    hash    schedule id -> repr() of its next fire time
+    P:{w}:workers     hash    worker id -> its encoded WorkerRecord
+    P:{w}:alive       zset    worker id, scored by when its record expires (ms, Redis clock)
 
 Every conditional write (``start_job``, ``update_job``, ``request_cancel``,
 ``set_member_status``, ``set_parent_status``, ``advance_schedule``) is one Lua script, so
 it is atomic, and sets the key's expiry in the same script. Fire times are stored as
 ``repr(float)``, which reads back as the same float, so ``advance_schedule`` compares
 exactly.
+
+The worker registry is two keys of one hash tag (so one slot of a cluster): each of
+``put_worker``, ``get_workers`` and ``remove_worker`` is one script, and the first two
+drop the records whose expiry (by the Redis clock, ``TIME``) has passed first.
 
 On a single Redis server the listing update of ``update_job`` happens in the job's
 script, and a listing read drops the ids whose state expired in one script. Every call
@@ -55,12 +61,19 @@ pipelined: each job is written (or created) atomically, not the batch as a whole
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from coredis.typing import Key
 
-from .._exceptions import InvalidInputError, JobNotFoundError, NotFoundError, ResultNotFoundError
+from .._exceptions import (
+    DecodeError,
+    InvalidInputError,
+    JobNotFoundError,
+    NotFoundError,
+    ResultNotFoundError,
+)
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from ..abc import (
     FINAL_STATUSES,
@@ -70,7 +83,9 @@ from ..abc import (
     ResultCounts,
     Results,
     ScheduleRecord,
+    WorkerRecord,
     check_progress,
+    check_worker_ttl,
     refuse_result,
 )
 from ..brokers.redis import _LUA_ACK as _BROKER_ACK
@@ -78,6 +93,8 @@ from ..brokers.redis import _LUA_COMMON as _BROKER_COMMON
 from ..brokers.redis import RedisDelivery
 
 __all__ = ["RedisResults"]
+
+_log = logging.getLogger("tasqueue_anyio.redis")
 
 _LUA_COMMON = r"""
 local FINAL = {successful = true, failed = true, cancelled = true}
@@ -470,6 +487,54 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
+# The worker registry. KEYS: workers (id -> record), alive (id scored by expiry, ms on
+# the Redis clock). drop_expired() removes the records whose expiry passed and returns
+# the time now (ms).
+_LUA_WORKERS = r"""
+local function drop_expired()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+  for i = 1, #gone, 1000 do
+    local j = math.min(i + 999, #gone)
+    redis.call('HDEL', KEYS[1], unpack(gone, i, j))
+    redis.call('ZREM', KEYS[2], unpack(gone, i, j))
+  end
+  return now
+end
+"""
+
+# ARGV: id, record, ttl ms.
+_LUA_PUT_WORKER = r"""
+local now = drop_expired()
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+# Returns the records of the live workers (in expiry order).
+_LUA_GET_WORKERS = r"""
+drop_expired()
+local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+local out = {}
+for i = 1, #ids, 1000 do
+  local records = redis.call('HMGET', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+  for _, record in ipairs(records) do
+    if record then
+      out[#out + 1] = record
+    end
+  end
+end
+return out
+"""
+
+# ARGV: id.
+_LUA_REMOVE_WORKER = r"""
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 # The end of a run and the ack of its delivery in one script (a Redis broker on the same
 # server): the update script (KEYS: state, result, success, failed, seq) and the broker's ack
 # script (KEYS: the queue's nine) as functions of their own KEYS and ARGV.
@@ -526,6 +591,9 @@ _SCRIPTS = {
         "get_schedules": _LUA_GET_SCHEDULES,
         "advance": _LUA_ADVANCE,
         "delete_schedule": _LUA_DELETE_SCHEDULE,
+        "put_worker": _LUA_WORKERS + _LUA_PUT_WORKER,
+        "get_workers": _LUA_WORKERS + _LUA_GET_WORKERS,
+        "remove_worker": _LUA_REMOVE_WORKER,
     }.items()
 }
 _SCRIPTS["finish"] = _LUA_FINISH
@@ -638,6 +706,8 @@ class RedisResults(RedisBackend, Results):
         # the listings passed to the job scripts: none on a cluster (another slot)
         self._listings = [] if self.cluster else self._listing_keys
         self._schedule_keys = [f"{p}:{{sched}}:data".encode(), f"{p}:{{sched}}:fire".encode()]
+        # one hash tag: every worker registry script stays on one slot of a cluster
+        self._worker_keys = [f"{p}:{{w}}:workers".encode(), f"{p}:{{w}}:alive".encode()]
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -1160,3 +1230,43 @@ class RedisResults(RedisBackend, Results):
         args = (_check_id(schedule_id, "schedule id"),)
         with translate_errors("deleting a schedule"):
             return bool(await self._cmds.script("delete_schedule", self._schedule_keys, args))
+
+    # -- the worker registry (heartbeats) --------------------------------------------------
+
+    async def put_worker(self, record: WorkerRecord, ttl: float) -> None:
+        """Store (replace) a worker's record; it expires ``ttl`` seconds after this put,
+        by the Redis clock (one script, which also drops the records that expired).
+
+        :param record: the record
+        :param ttl: seconds (over 0, at most a day)
+        """
+        ttl_ms = max(1, round(check_worker_ttl(ttl) * 1000))
+        args = (_check_id(record.id, "worker id"), record.encode(), str(ttl_ms))
+        with translate_errors("storing a worker's record"):
+            await self._cmds.script("put_worker", self._worker_keys, args)
+
+    async def get_workers(self) -> list[WorkerRecord]:
+        """The live workers' records, ordered by ``started_at``, then id (one script: it
+        drops the expired ones, then reads the others).
+
+        :return: the records; one that does not decode is left out (logged)
+        """
+        with translate_errors("reading the workers"):
+            reply = await self._cmds.script("get_workers", self._worker_keys, ())
+        records = []
+        for raw in reply:
+            try:
+                records.append(WorkerRecord.decode(bytes(raw)))
+            except DecodeError as exc:
+                _log.warning("%r: left out an unreadable worker record: %s", self, exc)
+        records.sort(key=lambda record: (record.started_at, record.id))
+        return records
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (an unknown id is ignored).
+
+        :param worker_id: the worker id
+        """
+        args = (_check_id(worker_id, "worker id"),)
+        with translate_errors("removing a worker's record"):
+            await self._cmds.script("remove_worker", self._worker_keys, args)
