@@ -134,6 +134,10 @@ async def test_pages_show_the_queues_and_jobs(app: App) -> None:
 
         assert (await http.get("/jobs/no-such-job")).status_code == 404
         assert (await http.get("/jobs", params={"status": "bogus"})).status_code == 400
+        workers = await http.get("/workers")
+        [record] = await app.server.get_workers()
+        assert record.id in workers.text
+        assert f"{app.queue}×4" in workers.text  # its queue and concurrency
         queue_page = await http.get(f"/queues/{app.idle}")
         assert str(waiting) in queue_page.text
         assert (await http.get("/static/htmx.min.js")).status_code == 200

@@ -332,8 +332,7 @@ def create_app(
 
     @view
     async def workers(request: Request) -> Response:
-        get_workers = getattr(client, "get_workers", None)
-        records = await get_workers() if get_workers is not None else []
+        records = await client.get_workers()
         return page(request, "workers.html", {"workers": records, "now": time.time()})
 
     # -- actions ----------------------------------------------------------------------------
