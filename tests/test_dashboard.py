@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis_server import UNCLOSED_STREAM, restart_redis_server, start_redis_server
 from server_support import TIMEOUT
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -19,6 +20,7 @@ from starlette.routing import Mount
 from tasqueue_anyio import (
     BrokerError,
     Chain,
+    Client,
     Group,
     Job,
     JobNotFoundError,
@@ -137,7 +139,7 @@ async def test_pages_show_the_queues_and_jobs(app: App) -> None:
         workers = await http.get("/workers")
         [record] = await app.server.get_workers()
         assert record.id in workers.text
-        assert f"{app.queue}×4" in workers.text  # its queue and concurrency
+        assert f"{app.queue}\N{MULTIPLICATION SIGN}4" in workers.text  # its queue and concurrency
         queue_page = await http.get(f"/queues/{app.idle}")
         assert str(waiting) in queue_page.text
         assert (await http.get("/static/htmx.min.js")).status_code == 200
@@ -351,3 +353,31 @@ def _row(html: str, queue: str) -> str:
 
 def _job_links(html: str) -> list[str]:
     return re.findall(r'<tr><td><a href="/jobs/([^"]+)">', html)
+
+
+@pytest.mark.filterwarnings(f"ignore:{UNCLOSED_STREAM}:ResourceWarning")
+@pytest.mark.usefixtures("coredis_leaks")
+async def test_a_redis_that_dies_and_comes_back(anyio_backend: str) -> None:
+    """A real outage: the dashboard's Redis is killed, the page and the live stream say so;
+    it comes back (same port), and both recover without a restart of the dashboard."""
+    from tasqueue_anyio.brokers.redis import RedisBroker
+    from tasqueue_anyio.results.redis import RedisResults
+
+    redis = await anyio.to_thread.run_sync(start_redis_server)
+    try:
+        client = Client(RedisBroker(redis.url), RedisResults(redis.url))
+        dashboard = create_app(client, queues=["q"], refresh=0.2)
+        async with client, browse(dashboard) as http, EventStream(dashboard).open() as events:
+            assert (await http.get("/")).status_code == 200
+            assert await events.next("backend") == ""
+            redis.kill()
+            banner = await events.next("backend")
+            assert "The backend is unavailable" in banner
+            down = await http.get("/")
+            assert down.status_code == 503
+            assert "The backend is unavailable" in down.text
+            await anyio.to_thread.run_sync(restart_redis_server, redis)
+            assert await events.next("backend") == ""  # the banner goes
+            assert (await http.get("/")).status_code == 200  # coredis reconnected
+    finally:
+        await anyio.to_thread.run_sync(redis.stop)

@@ -180,7 +180,7 @@ def test_live_updates_cancel_and_retry_in_a_browser(
             page.goto(f"{url}/queues/web")
             shoot(page, "queue")
             page.goto(f"{url}/workers")  # the worker process, from its heartbeats
-            assert "web×4" in page.inner_text("table.workers")
+            assert "web\N{MULTIPLICATION SIGN}4" in page.inner_text("table.workers")
             shoot(page, "workers")
         finally:
             browser.close()
