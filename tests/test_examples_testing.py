@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from examples_support import EXAMPLES
+from examples_support import EXAMPLES, user_environ
 
 
 def run_pytest(*args: str, cwd: Path = EXAMPLES) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         cwd=cwd,
+        env=user_environ(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,13 +4,13 @@ pages include exists and is run. See ``tutorial_support`` for the rules."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from examples_support import user_environ
 from tutorial_support import (
     CODE,
     TUTORIALS,
@@ -61,7 +61,7 @@ def run_command(
     return subprocess.run(
         [sys.executable, *argv[1:]],
         cwd=CODE,
-        env={**os.environ, **(env or {})},
+        env={**user_environ(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
