@@ -278,7 +278,7 @@ class Client:
                 event.set()
         elif kind == EVENT_SCHEDULE and self._scheduler is not None:
             self._scheduler.wake()
-        for listener in tuple(self._listeners):
+        for listener in tuple(self._listeners) if self._listeners else ():
             try:
                 listener(kind, job_id, _status)
             except Exception:

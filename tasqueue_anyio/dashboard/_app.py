@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import inspect
 import math
@@ -46,6 +47,8 @@ BACKEND_TIMEOUT = 5.0
 SCAN_LIMIT = 5000
 #: Bytes of a result shown on a job's page.
 PREVIEW_BYTES = 2048
+#: The largest result a job's page decodes for its preview (a larger one shows raw bytes).
+DECODE_LIMIT = 64 * 1024
 
 Authorize = Callable[[Request], "bool | Awaitable[bool]"]
 
@@ -174,9 +177,8 @@ def create_app(
         return None
 
     def csrf_of(request: Request) -> str:
-        return request.cookies.get(CSRF_COOKIE) or request.state.__dict__.setdefault(
-            "csrf", secrets.token_urlsafe(24)
-        )
+        """The browser's CSRF cookie, or a new one (set on the page's response)."""
+        return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
 
     async def csrf_ok(request: Request) -> bool:
         site = request.headers.get("sec-fetch-site")
@@ -483,13 +485,17 @@ class _Ended:
             return self._totals
 
     async def ids(self, status: str) -> list[str]:
-        cached = self._ids.get(status)
-        if cached is not None and self.clock() < cached[0]:
-            return cached[1]
-        began = self.clock()
-        listed = await (self.client.get_success if status == "successful" else self.client.get_failed)()
-        self._ids[status] = (self.clock() + self._ttl(self.clock() - began), listed)
-        return listed
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:  # as for the totals: one read, however many pages ask
+            cached = self._ids.get(status)
+            if cached is not None and self.clock() < cached[0]:
+                return cached[1]
+            began = self.clock()
+            get = self.client.get_success if status == "successful" else self.client.get_failed
+            listed = await get()
+            self._ids[status] = (self.clock() + self._ttl(self.clock() - began), listed)
+            return listed
 
     def saw_end(self, status: str) -> None:
         if self._totals is not None:
@@ -572,10 +578,10 @@ async def _job_context(client: Client, msg: JobMessage) -> dict[str, Any]:
         except NotFoundError:
             result = None
     if result is not None:
-        try:
-            preview = repr(client.codec.decode(result[: 64 * 1024]))
-        except Exception:
-            preview = repr(result[:PREVIEW_BYTES])
+        preview = repr(result[:PREVIEW_BYTES])  # raw bytes: too large, or not the codec's
+        if len(result) <= DECODE_LIMIT:
+            with contextlib.suppress(Exception):
+                preview = repr(client.codec.decode(result))
         preview = preview[:PREVIEW_BYTES]
     trace = msg.meta.trace.get("traceparent", "")
     parts = trace.split("-")

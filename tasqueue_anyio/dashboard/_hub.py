@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._client import Client
@@ -35,16 +36,14 @@ BUCKET = 10.0
 BUCKETS = 60
 
 
+@attrs.frozen
 class Activity:
     """One line of the activity feed: a job ended or was cancelled, as an event said."""
 
-    __slots__ = ("at", "job_id", "kind", "status")
-
-    def __init__(self, at: float, kind: str, job_id: str, status: str) -> None:
-        self.at = at
-        self.kind = kind
-        self.job_id = job_id
-        self.status = status
+    at: float
+    kind: str
+    job_id: str
+    status: str
 
 
 class Hub:

@@ -7,8 +7,9 @@ import logging
 import signal
 
 import anyio
-import sniffio
 from starlette.types import ASGIApp
+
+from .._worker import _async_backend
 
 __all__ = ["check_bind", "serve"]
 
@@ -49,7 +50,7 @@ async def serve(app: ASGIApp, host: str, port: int, *, root_path: str = "") -> N
                 return
 
     async def run_hypercorn() -> None:
-        if sniffio.current_async_library() == "trio":
+        if _async_backend() == "trio":
             from hypercorn.trio import serve as serve_trio
 
             await serve_trio(app, config, shutdown_trigger=until_signalled)  # type: ignore[arg-type]
