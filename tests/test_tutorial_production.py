@@ -18,8 +18,16 @@ import pytest
 from nats_server import NatsServer
 from process_support import end_process
 from redis_server import RedisServer
-from test_tutorials import TUTORIAL_DB, _flush, run_command
-from tutorial_support import CODE, TUTORIALS, ConsoleRun, blocks, console_runs
+from tutorial_support import (
+    CODE,
+    TUTORIAL_DB,
+    TUTORIALS,
+    ConsoleRun,
+    blocks,
+    console_runs,
+    flush_tutorial_db,
+    run_command,
+)
 
 #: Seconds to wait for a worker's log line, or a command.
 PATIENCE = 60.0
@@ -108,7 +116,7 @@ def test_production_with_redis(redis_server: RedisServer) -> None:
     runs = {" ".join(run.argv[1:]): run for run in console_runs(page)}
     assert set(runs) == {"producer.py", "report.py start", "report.py wait", "traced.py"}
     port = redis_server.port
-    _flush(port)
+    flush_tutorial_db(port)
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/{TUTORIAL_DB}"}
     changed = threading.Condition()
     workers = [Worker("tasks:server", "asyncio", env, changed)]

@@ -4,21 +4,20 @@ pages include exists and is run. See ``tutorial_support`` for the rules."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from examples_support import user_environ
 from tutorial_support import (
     CODE,
+    TUTORIAL_DB,
     TUTORIALS,
     ConsoleRun,
     blocks,
     console_runs,
+    flush_tutorial_db,
     included_files,
     pages,
+    run_command,
 )
 
 #: Scripts whose console blocks need workers running beside them: not run by
@@ -28,10 +27,6 @@ PLAYED_WITH_WORKERS = {
     "report.py": "test_production_with_redis",
     "nats_producer.py": "test_production_with_nats",
 }
-
-#: The Redis database the tutorials' scripts use on the session's server (emptied per run).
-TUTORIAL_DB = 9
-
 
 def _all_runs() -> list[tuple[ConsoleRun, str]]:
     cases: list[tuple[ConsoleRun, str]] = []
@@ -45,29 +40,6 @@ def _all_runs() -> list[tuple[ConsoleRun, str]]:
     return cases
 
 
-def _flush(port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(f"SELECT {TUTORIAL_DB}\r\nFLUSHDB\r\n".encode())
-        reply = b""
-        while reply.count(b"\r\n") < 2:
-            reply += sock.recv(64)
-        assert reply == b"+OK\r\n+OK\r\n", reply
-
-
-def run_command(
-    argv: tuple[str, ...], env: dict[str, str] | None = None, timeout: float = 90
-) -> subprocess.CompletedProcess[str]:
-    """Run a page's ``python3 ...`` command in the tutorials' code directory."""
-    return subprocess.run(
-        [sys.executable, *argv[1:]],
-        cwd=CODE,
-        env={**user_environ(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.parametrize(
     ("run", "backend"), _all_runs(), ids=lambda v: v if isinstance(v, str) else f"{v.page}:{v.line}"
 )
@@ -75,7 +47,7 @@ def test_console_block(run: ConsoleRun, backend: str, request: pytest.FixtureReq
     env: dict[str, str] = {}
     if run.script is not None and "REDIS_URL" in run.script.read_text():
         server = request.getfixturevalue("redis_server")
-        _flush(server.port)
+        flush_tutorial_db(server.port)
         env["REDIS_URL"] = f"redis://127.0.0.1:{server.port}/{TUTORIAL_DB}"
     argv = run.argv + (("trio",) if backend == "trio" else ())
     done = run_command(argv, env)

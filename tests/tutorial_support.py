@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import re
 import shlex
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+from examples_support import user_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "docs" / "tutorials"
 CODE = TUTORIALS / "code"
+
+#: The Redis database the tutorials' scripts use on the session's server (emptied per run).
+TUTORIAL_DB = 9
 
 _FENCE = re.compile(r"^(`{3,}|:{3,})\s*(\{[\w-]+\})?\s*([\w-]*)\s*(.*)$")
 _INCLUDE = re.compile(r"^(?:`{3,}|:{3,})\{literalinclude\}\s+(\S+)", re.M)
@@ -121,3 +128,27 @@ def console_runs(page: Path) -> list[ConsoleRun]:
 def included_files(page: Path) -> list[Path]:
     """The files a page includes with ``literalinclude``, resolved."""
     return [(page.parent / name).resolve() for name in _INCLUDE.findall(page.read_text())]
+
+
+def flush_tutorial_db(port: int) -> None:
+    """Empty :data:`TUTORIAL_DB` of the Redis server on ``port``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"SELECT {TUTORIAL_DB}\r\nFLUSHDB\r\n".encode())
+        reply = b""
+        while reply.count(b"\r\n") < 2:
+            reply += sock.recv(64)
+        assert reply == b"+OK\r\n+OK\r\n", reply
+
+
+def run_command(
+    argv: tuple[str, ...], env: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run a page's ``python3 ...`` command in the tutorials' code directory."""
+    return subprocess.run(
+        [sys.executable, *argv[1:]],
+        cwd=CODE,
+        env={**user_environ(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
