@@ -424,9 +424,11 @@ async def test_count_after_a_known_mix(broker: Broker, queue_name: str) -> None:
         assert counts.pending + counts.in_flight == 3
         assert (counts.scheduled, counts.dead) == (2, 1)
         await held.ack()
-    # what the consumer held and did not hand over went back
+    # what the consumer held and did not hand over went back (a message given back is
+    # counted again a moment after it left the in-flight count: on a loaded machine,
+    # nats-server 2.10 showed it in neither for one read)
     with anyio.fail_after(10):
-        while (counts := await broker.count(queue_name)).in_flight:  # noqa: ASYNC110
+        while (counts := await broker.count(queue_name)).in_flight or counts.pending < 2:  # noqa: ASYNC110
             await anyio.sleep(0.05)
     assert (counts.pending, counts.scheduled, counts.in_flight, counts.dead) == (2, 2, 0, 1)
     assert counts.pending == len(await broker.get_pending(queue_name))
