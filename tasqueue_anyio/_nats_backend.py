@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack
 from typing import Any, TypeVar
 
@@ -89,6 +89,46 @@ def validate_name(value: object, what: str) -> str:
             f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -"
         )
     return value
+
+
+def validate_replicas(replicas: object) -> int:
+    """Return ``replicas`` if JetStream takes it (an int from 1 to 5), else raise
+    :class:`InvalidInputError`."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+        raise InvalidInputError(f"replicas must be an int from 1 to 5, got {replicas!r}")
+    return replicas
+
+
+def validate_placement(placement: object) -> dict[str, Any] | None:
+    """The wire form of a stream's ``placement`` (``{"cluster": name, "tags": [...]}``,
+    either key optional), or ``None``; raise :class:`InvalidInputError` for anything else.
+    """
+    if placement is None:
+        return None
+    if not isinstance(placement, Mapping) or not placement:
+        raise InvalidInputError(
+            f"placement must be a mapping with 'cluster' and/or 'tags', got {placement!r}"
+        )
+    unknown = set(placement) - {"cluster", "tags"}
+    if unknown:
+        raise InvalidInputError(
+            f"placement: unknown key(s) {', '.join(sorted(map(repr, unknown)))} "
+            f"(known: 'cluster', 'tags')"
+        )
+    wire: dict[str, Any] = {}
+    cluster = placement.get("cluster")
+    if cluster is not None:
+        if not isinstance(cluster, str) or not cluster or any(c in cluster for c in " .*>"):
+            raise InvalidInputError(f"placement: cluster must be a cluster name, got {cluster!r}")
+        wire["cluster"] = cluster
+    tags = placement.get("tags")
+    if tags is not None:
+        if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
+            raise InvalidInputError(
+                f"placement: tags must be a sequence of non-empty str, got {tags!r}"
+            )
+        wire["tags"] = list(tags)
+    return wire
 
 
 def encode_token(text: str) -> str:

@@ -389,7 +389,10 @@ class Worker:
                 except anyio.get_cancelled_exc_class():
                     # Past finalize_timeout in a shutdown: the lease brings it back if this fails.
                     with anyio.move_on_after(1, shield=True):
-                        await delivery.nack()
+                        try:
+                            await delivery.nack()
+                        finally:
+                            delivery.abandon()  # no-op once given back
                     raise
                 except LeaseLostError as exc:
                     # Another delivery of the message owns the job now: nothing to give back.
@@ -414,6 +417,9 @@ class Worker:
                             self.log.exception(
                                 "nack failed; the broker's lease returns the message"
                             )
+                    # Held still if the nack failed (or timed out): stop renewing it, so
+                    # that it comes back even while the log record keeps it referenced.
+                    delivery.abandon()
 
     # -- one delivery ---------------------------------------------------------------------------
 

@@ -576,6 +576,16 @@ class Delivery(metaclass=ABCMeta):
     async def dead_letter(self, reason: str) -> None:
         """Remove the message from its queue and keep it in the dead-letter listing."""
 
+    def abandon(self) -> None:
+        """Give the delivery up unsettled, as if its worker had died: the broker stops
+        renewing its lease and delivers the message again (given back at the broker's next
+        renewal where it can, else once the lease runs out). For a worker whose settle
+        failed: a failed :meth:`nack` leaves the delivery held, and a held delivery that
+        stays referenced (by a logged traceback, say) would be renewed for as long.
+        Settling it afterwards does nothing. No I/O; the default does nothing.
+        """
+        return None
+
 
 class _MessageLimit:
     """The message size limit a broker or results store may have of its own."""

@@ -149,6 +149,26 @@ async def test_nack_redelivers_with_next_attempt(broker: Broker, queue_name: str
     assert await broker.get_pending(queue_name) == []
 
 
+async def test_an_abandoned_delivery_comes_back(broker: Broker, queue_name: str) -> None:
+    # What a worker does when its nack failed: the delivery stays referenced (by a logged
+    # traceback), yet it is not renewed any more, and its message comes back.
+    await broker.enqueue(envelope(queue_name, b"job"))
+    async with consuming(broker, queue_name) as stream:
+        first = await receive(stream)
+        first.abandon()
+        first.abandon()  # twice does nothing
+        renew = getattr(broker, "renew_leases", None)
+        if renew is not None:
+            await renew()  # the next renewal gives it back
+        second = await receive(stream)
+        assert (second.data, second.attempt) == (b"job", 2)
+        await first.ack()  # settling the abandoned delivery does nothing
+        assert (await broker.count(queue_name)).in_flight == 1
+        await second.ack()
+    assert await broker.get_pending(queue_name) == []
+    assert (await broker.count(queue_name)).in_flight == 0
+
+
 async def test_nack_with_delay(broker: Broker, queue_name: str) -> None:
     delay = 0.2
     await broker.enqueue(envelope(queue_name, b"job"))

@@ -58,6 +58,7 @@ __all__ = [
     "StreamConfig",
     "StreamInfo",
     "StreamNotFoundError",
+    "SubjectBusyError",
     "WrongLastSequenceError",
     "WrongRevisionError",
     "format_timestamp",
@@ -73,6 +74,9 @@ ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
 ERR_NO_MESSAGE_FOUND = 10037
 ERR_WRONG_LAST_SEQUENCE = 10071
+#: a clustered stream's leader refusing a conditional write while another conditional
+#: write to the subject is in flight, without comparing (JSStreamWrongLastSequenceConstantErr)
+ERR_WRONG_LAST_SEQUENCE_CONSTANT = 10164
 ERR_STREAM_NAME_IN_USE = 10058
 ERR_JETSTREAM_NOT_ENABLED = 10076
 
@@ -113,6 +117,14 @@ class ConsumerNotFoundError(JetStreamAPIError, LookupError):
 
 class WrongLastSequenceError(JetStreamAPIError):
     """A publish's ``Nats-Expected-Last-Subject-Sequence`` (or similar) did not hold."""
+
+
+class SubjectBusyError(WrongLastSequenceError):
+    """A clustered stream's leader refused a conditional publish without comparing: another
+    conditional write to the same subject (or checked against it) is still being
+    replicated (JetStream error 10164). Nothing was stored and nothing was decided: the
+    write in flight may be the caller's own of a moment ago. Try again (after a re-read,
+    as for any :class:`WrongLastSequenceError`)."""
 
 
 class FetchError(JetStreamError):
@@ -165,6 +177,7 @@ _API_ERRORS: dict[int, type[JetStreamAPIError]] = {
     ERR_STREAM_NOT_FOUND: StreamNotFoundError,
     ERR_CONSUMER_NOT_FOUND: ConsumerNotFoundError,
     ERR_WRONG_LAST_SEQUENCE: WrongLastSequenceError,
+    ERR_WRONG_LAST_SEQUENCE_CONSTANT: SubjectBusyError,
 }
 
 
@@ -921,11 +934,13 @@ class JetStream:
             lowered = description.lower()
             if "consumer deleted" in lowered:
                 raise ConsumerDeletedError(409, description, consumer)
-            if (
-                messages
-                or "message size exceeds maxbytes" in lowered
-                or "batch completed" in lowered
-            ):
+            if "batch completed" in lowered:
+                # The server sent the whole batch. A replicated consumer sends a message
+                # only once its delivery has quorum, which may be after this status: the
+                # caller reads on until the batch is in (or its deadline passes) rather
+                # than drop messages that would then wait out their ack wait.
+                return False
+            if messages or "message size exceeds maxbytes" in lowered:
                 return True
             raise FetchError(409, description, consumer)
         raise FetchError(status or 0, description, consumer)
@@ -968,12 +983,14 @@ class JetStream:
         storage: Literal["file", "memory"] = "file",
         replicas: int = 1,
         per_key_ttl: bool = False,
+        placement: Mapping[str, Any] | None = None,
     ) -> KeyValue:
         """Create (or update to this configuration) a KV bucket; idempotent.
 
         :param ttl: bucket-wide expiry of values, in seconds (stream ``max_age``)
         :param per_key_ttl: allow :meth:`KeyValue.put` with ``ttl=`` (stream
             ``allow_msg_ttl``; nats-server 2.11+, :class:`NotSupportedError` otherwise)
+        :param placement: the stream's ``placement`` (``cluster``, ``tags``), on a cluster
         """
         _check_bucket(bucket)
         if not 1 <= history <= 64:
@@ -994,6 +1011,7 @@ class JetStream:
             deny_delete=True,
             allow_direct=True,
             allow_msg_ttl=per_key_ttl,
+            extra={"placement": dict(placement)} if placement else {},
         )
         info = await self.ensure_stream(config)
         return KeyValue(self, bucket, info)

@@ -228,6 +228,15 @@ class MemoryDelivery(Delivery):
         _make_due(self._q, self._message, front=True)
         self._broker._wake(self._q)
 
+
+    def abandon(self) -> None:
+        """Give the delivery up unsettled (see :meth:`tasqueue_anyio.abc.Delivery.abandon`):
+        its message comes back as if its worker had died."""
+        if self._state == _HELD:
+            self._state = _SETTLED
+            self._finalizer()  # the garbage collector's path: given back, not renewed
+        self._broker._wake(self._q)
+
     async def ack(
         self,
         *,

@@ -153,11 +153,11 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import msgpack
@@ -196,6 +196,8 @@ from .._nats_backend import (
     header_value,
     translate_errors,
     validate_name,
+    validate_placement,
+    validate_replicas,
 )
 from .._retry import RetryBackoff
 from ..abc import (
@@ -533,6 +535,14 @@ class NatsDelivery(Delivery):
         else:
             self._state = _HELD
 
+
+    def abandon(self) -> None:
+        """Give the delivery up unsettled (see :meth:`tasqueue_anyio.abc.Delivery.abandon`):
+        its message comes back as if its worker had died."""
+        if self._state == _HELD:
+            self._state = _SETTLED
+            self._finalizer()  # the garbage collector's path: given back, not renewed
+
     async def ack(
         self,
         *,
@@ -648,7 +658,11 @@ class NatsBroker(NatsBackend, Broker):
     :param duplicate_window: seconds the stream remembers message ids: enqueueing a
         message with the id of one enqueued within this window stores nothing
     :param storage: ``"file"`` (survives a server restart) or ``"memory"``
-    :param replicas: stream replicas (on a cluster)
+    :param replicas: stream replicas (1 to 5; more than 1 needs a JetStream cluster):
+        with 3, the queues survive the loss of any one server
+    :param placement: where a cluster puts the stream (and the limits bucket):
+        ``{"cluster": name}`` and/or ``{"tags": [...]}`` (servers' ``server_tags``);
+        ``None`` lets JetStream choose
     :param timeout: seconds to wait for any one reply from the server
     :param confirm_acks: wait for the server to confirm each :meth:`NatsDelivery.ack`
         (one round trip each) instead of sending it and going on (see there)
@@ -668,6 +682,7 @@ class NatsBroker(NatsBackend, Broker):
         duplicate_window: float = 120.0,
         storage: Literal["file", "memory"] = "file",
         replicas: int = 1,
+        placement: Mapping[str, Any] | None = None,
         timeout: float = 5.0,
         confirm_acks: bool = False,
     ) -> None:
@@ -704,7 +719,8 @@ class NatsBroker(NatsBackend, Broker):
         self.batch_size = batch_size
         self.duplicate_window = float(duplicate_window)
         self.storage: Literal["file", "memory"] = storage
-        self.replicas = replicas
+        self.replicas = validate_replicas(replicas)
+        self.placement = validate_placement(placement)
         #: the stream's name
         self.stream = self.prefix
         # a lease is lost when unrenewed this long (a margin below ack_wait for latency)
@@ -745,6 +761,7 @@ class NatsBroker(NatsBackend, Broker):
                 duplicate_window=self.duplicate_window,
                 allow_direct=True,
                 allow_msg_schedules=self._schedules,
+                extra={"placement": self.placement} if self.placement else {},
             )
         )
 
@@ -1403,7 +1420,10 @@ class NatsBroker(NatsBackend, Broker):
         validate_queue(queue)
         if self._limits_kv is None:
             self._limits_kv = await self.js.create_key_value(
-                f"{self.prefix}_limits", storage=self.storage, replicas=self.replicas
+                f"{self.prefix}_limits",
+                storage=self.storage,
+                replicas=self.replicas,
+                placement=self.placement,
             )
         kv = self._limits_kv
         for _ in range(_LIMIT_CONFLICTS):

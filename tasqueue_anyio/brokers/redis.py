@@ -724,6 +724,14 @@ class RedisDelivery(Delivery):
             f"consumer gave it back, and another delivery of it owns it now{more}"
         )
 
+
+    def abandon(self) -> None:
+        """Give the delivery up unsettled (see :meth:`tasqueue_anyio.abc.Delivery.abandon`):
+        its message comes back as if its worker had died."""
+        if self._state == _HELD:
+            self._state = _SETTLED
+            self._finalizer()  # the garbage collector's path: given back, not renewed
+
     async def ack(
         self,
         *,

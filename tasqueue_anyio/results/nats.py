@@ -112,6 +112,8 @@ from .._nats.jetstream import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyValue,
+    PubAck,
+    SubjectBusyError,
     WrongLastSequenceError,
     _api_reply,
 )
@@ -125,6 +127,8 @@ from .._nats_backend import (
     header_value,
     translate_errors,
     validate_name,
+    validate_placement,
+    validate_replicas,
 )
 from ..abc import (
     FINAL_STATUSES,
@@ -371,7 +375,10 @@ class NatsResults(NatsBackend, Results):
         nats-server 2.11+); ``False`` uses the bucket's ``max_age`` (see the module
         documentation)
     :param storage: ``"file"`` or ``"memory"``
-    :param replicas: bucket replicas (on a cluster)
+    :param replicas: bucket replicas (1 to 5; more than 1 needs a JetStream cluster):
+        with 3, job states and results survive the loss of any one server
+    :param placement: where a cluster puts the bucket(s): ``{"cluster": name}`` and/or
+        ``{"tags": [...]}`` (servers' ``server_tags``); ``None`` lets JetStream choose
     :param max_conflicts: revision conflicts one conditional write retries before it
         gives up
     :param cache_size: keys whose last revision is remembered
@@ -391,6 +398,7 @@ class NatsResults(NatsBackend, Results):
         per_key_ttl: bool | None = None,
         storage: Literal["file", "memory"] = "file",
         replicas: int = 1,
+        placement: Mapping[str, Any] | None = None,
         max_conflicts: int = 100,
         cache_size: int = 4096,
         timeout: float = 5.0,
@@ -409,7 +417,8 @@ class NatsResults(NatsBackend, Results):
             raise InvalidInputError(f"max_conflicts must be an int >= 1, got {max_conflicts!r}")
         self.per_key_ttl = per_key_ttl
         self.storage: Literal["file", "memory"] = storage
-        self.replicas = replicas
+        self.replicas = validate_replicas(replicas)
+        self.placement = validate_placement(placement)
         self.max_conflicts = max_conflicts
         self._cache_size = max(0, int(cache_size))
         self._cache: OrderedDict[str, tuple[int, Any]] = OrderedDict()
@@ -447,10 +456,14 @@ class NatsResults(NatsBackend, Results):
             replicas=self.replicas,
             per_key_ttl=self._ttls,
             ttl=max_age,
+            placement=self.placement,
         )
         if max_age is not None:
             self._cron = await js.create_key_value(
-                f"{self.prefix}_cron", storage=self.storage, replicas=self.replicas
+                f"{self.prefix}_cron",
+                storage=self.storage,
+                replicas=self.replicas,
+                placement=self.placement,
             )
         else:
             self._cron = self._kv
@@ -949,6 +962,13 @@ class NatsResults(NatsBackend, Results):
                     )
                     replies = await self.publish_many(requests)
                     state_reply, result_reply = replies[-1], replies[-2]
+                    if isinstance(state_reply, SubjectBusyError) and not isinstance(
+                        result_reply, NatsError
+                    ):
+                        # A clustered leader holds the state's subject while the result,
+                        # checked against it, is replicated: the state was refused
+                        # without a comparison. Send it again alone.
+                        state_reply = await self._publish_while_busy(requests[-1])
                     if isinstance(state_reply, WrongLastSequenceError):
                         self._cache.pop(key, None)
                         if attempt:
@@ -969,6 +989,19 @@ class NatsResults(NatsBackend, Results):
         raise BrokerError(
             f"gave up ending job {job_id!r} after {self.max_conflicts} conflicting writes"
         )
+
+    async def _publish_while_busy(self, request: Request) -> PubAck | NatsError:
+        """Publish ``request`` (a conditional write) again while a clustered stream's leader
+        answers :class:`SubjectBusyError`, up to :attr:`max_conflicts` times with short
+        random pauses; return the last answer (an error is returned, not raised)."""
+        reply: PubAck | NatsError = SubjectBusyError(400, 10164, "wrong last sequence")
+        for attempt in range(self.max_conflicts):
+            if attempt:
+                await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            (reply,) = await self.publish_many([request])
+            if not isinstance(reply, SubjectBusyError):
+                break
+        return reply
 
     async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
         """Store a running job's progress in its state (compare-and-set: one round trip
