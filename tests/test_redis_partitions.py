@@ -31,7 +31,7 @@ from redis_cluster import RedisCluster
 from redis_server import RedisServer
 from server_support import TIMEOUT, running
 
-from tasqueue_anyio import InvalidInputError, Job, JobContext, Server, Status
+from tasqueue_anyio import BrokerError, InvalidInputError, Job, JobContext, Server, Status
 from tasqueue_anyio.abc import Broker, Delivery, Envelope
 from tasqueue_anyio.brokers.redis import (
     MAX_PARTITIONS,
@@ -369,6 +369,25 @@ async def test_draining_partitions_after_lowering_their_number(
                 await delivery.ack()
         assert sorted(got) == sorted(m.data for m in messages)
         assert [c.pending for c in await draining.partition_counts(queue)] == [0, 0, 0]
+
+
+async def test_a_failing_partition_does_not_stop_the_others(redis_server: RedisServer) -> None:
+    """A partition whose fetch fails (here its ready list is a string: WRONGTYPE; on a
+    cluster, a master that is down) is passed over while the others have messages."""
+    name, queue = prefix(), "broken"
+    fine = [*ids_in(0, 3, 3, "ok"), *ids_in(2, 3, 3, "ok")]
+    async with RedisBroker(redis_server.url, prefix=name, partitions={queue: 3}) as broker:
+        await broker.client.set(f"{name}:{{{tag(queue, 1)}}}:ready", "not a list")
+        await broker.enqueue_many([Envelope(queue=queue, id=i, data=b"x") for i in fine])
+        got = []
+        async with consuming(broker, queue) as stream:
+            for _ in fine:
+                delivery = await receive(stream)
+                got.append(mid(delivery))
+                await delivery.ack()
+        assert sorted(got) == sorted(fine)
+        with pytest.raises(BrokerError, match="wrong kind of value"):
+            await broker.count(queue)
 
 
 # -- on the cluster ---------------------------------------------------------------------------

@@ -1034,7 +1034,7 @@ class RedisBroker(RedisBackend, Broker):
         message_id = env.id
         if not isinstance(message_id, str) or not message_id:
             raise InvalidInputError(f"a message id must be a non-empty str, got {message_id!r}")
-        return parts.pick(message_id)
+        return parts.all[0] if parts.n == 1 else parts.pick(message_id)
 
     def partition(self, queue: str, message_id: str) -> int:
         """The partition of ``queue`` a message with id ``message_id`` goes to (0 on a
@@ -1221,24 +1221,28 @@ class RedisBroker(RedisBackend, Broker):
     ) -> int:
         """Fetch up to ``want`` messages into ``local`` from the partitions, one after the
         other from ``start``, until there are enough; return the ms until the earliest
-        ETA of the partitions read (-1: none). A failure after some messages came stops
-        the round with them (the next round meets it again)."""
+        ETA of the partitions read (-1: none). A partition that fails is passed over (its
+        master may be down: the others go on); the round raises its error only when it
+        got no message from the others."""
         wait = -1
         got = 0
+        error: BrokerError | None = None
         for i in range(len(parts)):
             q = parts[(start + i) % len(parts)]
             try:
                 wait_ms, batch = await self._fetch(q, want - got)
-            except BrokerError:
-                if got:
-                    return wait
-                raise
+            except BrokerError as exc:
+                logger.debug("fetching from queue %s failed: %s", q.where(), exc)
+                error = error or exc
+                continue
             local.extend(batch)
             got += len(batch)
             if wait_ms >= 0 and (wait < 0 or wait_ms < wait):
                 wait = wait_ms
             if got >= want:
                 break
+        if error is not None and not got:
+            raise error
         return wait
 
     async def _fetch(self, q: _Queue, count: int) -> tuple[int, list[RedisDelivery]]:
