@@ -37,6 +37,24 @@ connection may be on any node. The cluster keeps the order of the messages publi
 through one node only, so :meth:`RedisBroker.publish` sends every message of a channel
 through the node of the channel name's slot (a script given the name as its key).
 
+Partitions
+----------
+``partitions={"Q": N}`` spreads queue ``Q`` over ``N`` hash tags, so over a cluster's
+masters: partition 0 keeps the keys above (tag ``{q:Q}``: one partition is an
+unpartitioned queue), partition ``i`` has the same keys under the tag ``{q:Q:i}`` (a
+queue name has no ``:``, so no other queue's tag looks like it). A message goes to
+partition ``crc32(id) % N`` (:func:`partition_of`), so an id enqueued again lands where
+its first copy is and is deduplicated there. Every script still runs on one partition;
+``enqueue_many`` and acks with follow-ups group by partition as they group by queue. A
+consumer fetches from the partitions one after the other, each round starting at the next
+one, until its batch is full (one fetch per round when the first has enough; an
+unpartitioned queue makes exactly one), and subscribes to every partition's ``notify``.
+FIFO and priorities hold within a partition. Counts, listings, purge and dead letters
+cover every partition (one script each, one pipeline), merged; limits (``lwin``,
+``lrun``) stay under partition 0's tag. ``drain_partitions`` makes consumers and
+inspection read partitions beyond ``partitions`` (after lowering the number) without
+enqueueing there.
+
 Delivery
 --------
 One Lua script (``fetch``) returns messages whose lease expired to the front of the
@@ -619,7 +637,7 @@ def partition_of(message_id: str, partitions: int) -> int:
     ``partitions`` (the same in every process and version, so an id enqueued again
     lands where its first copy is, and is deduplicated there).
 
-    :param message_id: the message id (:attr:`~tasqueue_anyio.abc.Envelope.id`)
+    :param message_id: the message id (``Envelope.id``)
     :param partitions: the queue's number of partitions
     :return: the partition's index
     """
