@@ -134,6 +134,7 @@ async def test_broker_contract_on_three_partitions(
         {"bad name": 2},
         {"a:b": 2},
         {3: 2},
+        0,
         3,
         ["hot"],
     ],
@@ -148,6 +149,9 @@ def test_bad_partitions_are_refused(bad: Any) -> None:
 def test_partition_choice_is_stable() -> None:
     broker = RedisBroker("redis://127.0.0.1:1", partitions={"hot": 3, "one": 1})
     assert broker.partitions == {"hot": 3, "one": 1}
+    assert broker.drain_partitions == {}
+    with pytest.raises(TypeError):
+        broker.partitions["hot"] = 2  # type: ignore[index]
     assert RedisBroker("redis://127.0.0.1:1", partitions={"hot": MAX_PARTITIONS})
     # CRC-32 of the id's UTF-8 bytes, modulo the number of partitions
     assert [partition_of(f"job-{i}/0", 3) for i in range(6)] == [

@@ -100,6 +100,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -992,10 +993,15 @@ class RedisBroker(RedisBackend, Broker):
         drain_partitions: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(url, client, prefix, _SCRIPTS)
-        #: queue name -> its number of partitions (a queue not named has 1)
-        self.partitions = _check_partitions(partitions, "partitions")
-        #: queue name -> a former number of partitions still read (see ``drain_partitions``)
-        self.drain_partitions = _check_partitions(drain_partitions, "drain_partitions")
+        #: queue name -> its number of partitions (a queue not named has 1); read-only
+        self.partitions: Mapping[str, int] = MappingProxyType(
+            _check_partitions(partitions, "partitions")
+        )
+        #: queue name -> a former number of partitions still read (see
+        #: ``drain_partitions``); read-only
+        self.drain_partitions: Mapping[str, int] = MappingProxyType(
+            _check_partitions(drain_partitions, "drain_partitions")
+        )
         if not isinstance(lease, (int, float)) or not 0.05 <= lease <= 86400:
             raise InvalidInputError(f"lease must be seconds in [0.05, 86400], got {lease!r}")
         if (
