@@ -13,6 +13,7 @@ whole queue) with every queue in three partitions.
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from collections import Counter
@@ -39,6 +40,7 @@ from tasqueue_anyio.brokers.redis import (
     RedisDelivery,
     partition_of,
 )
+from tasqueue_anyio.cli import CLIError, broker_from_url, build_parser, main, server_for
 from tasqueue_anyio.results.redis import RedisResults
 
 pytestmark = pytest.mark.anyio
@@ -165,6 +167,47 @@ def test_partition_choice_is_stable() -> None:
         broker.partition("hot", "")
     with pytest.raises(InvalidInputError):
         broker.partition("bad name", "x")
+
+
+def test_cli_partitions_option(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tasqueue ... --broker URL --partitions QUEUE=N``: the inspection commands read
+    every partition; without the option, partition 0 only."""
+    name, queue = prefix(), "clihot"
+    messages = spread(queue, 2, "cli")
+
+    async def fill() -> None:
+        async with RedisBroker(redis_server.url, prefix=name, partitions={queue: 3}) as broker:
+            await broker.enqueue_many(messages)
+
+    anyio.run(fill)
+    base = ["counts", queue, "--broker", redis_server.url, "--prefix", name, "--json"]
+    assert main([*base, "--partitions", f"{queue}=3", "--partitions", "other=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["pending"] == 6
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["pending"] == 2
+
+    args = build_parser().parse_args([*base, "--partitions", f"{queue}=3"])
+    broker = server_for(args).broker
+    assert isinstance(broker, RedisBroker)
+    assert broker.partitions == {queue: 3}
+    for bad, error in [
+        (f"{queue}=0", "--partitions wants QUEUE=N"),
+        (queue, "--partitions wants QUEUE=N"),
+        (f"{queue}=x", "--partitions wants QUEUE=N"),
+        (f"{queue}=-2", "--partitions wants QUEUE=N"),
+        ("bad name=2", "invalid queue name"),
+        (f"{queue}={MAX_PARTITIONS + 1}", f"must be in [1, {MAX_PARTITIONS}]"),
+    ]:
+        assert main([*base, "--partitions", bad]) == 2
+        assert error in capsys.readouterr().err
+    with pytest.raises(CLIError, match="for Redis URLs"):
+        broker_from_url("nats://127.0.0.1:1", partitions={queue: 3})
+    with pytest.raises(CLIError, match="not both"):
+        server_for(
+            build_parser().parse_args(["counts", queue, "--app", "x:y", "--partitions", "a=2"])
+        )
 
 
 # -- on one server ----------------------------------------------------------------------------
@@ -359,9 +402,7 @@ async def test_draining_partitions_after_lowering_their_number(
         stranded = await lowered.count(queue)
         assert stranded.pending == 4
     # draining: consumers read partitions 1 and 2 too, enqueues go to partition 0 only
-    async with RedisBroker(
-        redis_server.url, prefix=name, drain_partitions={queue: 3}
-    ) as draining:
+    async with RedisBroker(redis_server.url, prefix=name, drain_partitions={queue: 3}) as draining:
         assert (await draining.count(queue)).pending == 12
         assert len(await draining.partition_counts(queue)) == 3
         assert {draining.partition(queue, f"x{i}") for i in range(20)} == {0}
