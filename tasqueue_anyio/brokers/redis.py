@@ -703,9 +703,7 @@ class _Partitions:
 
     def pick(self, message_id: str) -> _Queue:
         """The partition of a message id."""
-        if self.n == 1:
-            return self.all[0]
-        return self.all[zlib.crc32(message_id.encode("utf-8", "surrogatepass")) % self.n]
+        return self.all[partition_of(message_id, self.n)]
 
 
 def _abandon(
