@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import anyio
@@ -107,13 +107,18 @@ def _check_prefix(scheme: str, prefix: str | None) -> None:
         raise CLIError("--prefix is for Redis and NATS URLs, not memory://", 2)
 
 
-def broker_from_url(url: str, prefix: str | None = None) -> Broker:
+def broker_from_url(
+    url: str, prefix: str | None = None, partitions: Mapping[str, int] | None = None
+) -> Broker:
     """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
     ``rediss://`` or ``redis+cluster://`` / ``rediss+cluster://`` (keys under
-    ``prefix``), ``nats://`` / ``tls://`` (``prefix``: the stream and the first subject
-    token, ``NatsBroker(url, prefix=prefix)``)."""
+    ``prefix``; ``partitions`` as in ``RedisBroker(url, partitions=...)``), ``nats://`` /
+    ``tls://`` (``prefix``: the stream and the first subject token,
+    ``NatsBroker(url, prefix=prefix)``)."""
     scheme = _scheme(url)
     _check_prefix(scheme, prefix)
+    if partitions and scheme not in _REDIS_SCHEMES:
+        raise CLIError("--partitions is for Redis URLs", 2)
     try:
         if scheme == "memory":
             from .brokers.memory import MemoryBroker
@@ -127,9 +132,26 @@ def broker_from_url(url: str, prefix: str | None = None) -> Broker:
             return nats.NatsBroker(url, prefix=prefix)  # type: ignore[no-any-return,unused-ignore]
         from .brokers.redis import RedisBroker
 
-        return RedisBroker(url) if prefix is None else RedisBroker(url, prefix=prefix)
+        if prefix is None:
+            return RedisBroker(url, partitions=partitions)
+        return RedisBroker(url, prefix=prefix, partitions=partitions)
     except ImportError as exc:
         raise CLIError(f"the backend for {url!r} is not installed: {exc}") from exc
+
+
+def _partitions(items: Sequence[str]) -> dict[str, int]:
+    """``--partitions QUEUE=N`` options as a mapping (the broker checks N's range)."""
+    out: dict[str, int] = {}
+    for item in items:
+        queue, sep, number = item.partition("=")
+        try:
+            count = int(number) if sep and number.isascii() else 0
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise CLIError(f"--partitions wants QUEUE=N with N >= 1, got {item!r}", 2)
+        out[validate_queue(queue)] = count
+    return out
 
 
 def results_from_url(url: str, prefix: str | None = None) -> Results:
@@ -156,13 +178,15 @@ def results_from_url(url: str, prefix: str | None = None) -> Results:
 
 
 def server_for(args: argparse.Namespace) -> Server:
-    if args.app and (args.broker or args.results or args.prefix):
-        raise CLIError("give --app MODULE:ATTR or --broker/--results/--prefix, not both", 2)
+    if args.app and (args.broker or args.results or args.prefix or args.partitions):
+        raise CLIError(
+            "give --app MODULE:ATTR or --broker/--results/--prefix/--partitions, not both", 2
+        )
     if args.app:
         return load_server(args.app)
     if args.broker:
         return Server(
-            broker=broker_from_url(args.broker, args.prefix),
+            broker=broker_from_url(args.broker, args.prefix, _partitions(args.partitions)),
             results=results_from_url(args.results or args.broker, args.prefix),
         )
     raise CLIError("say where the jobs are: --app MODULE:ATTR, or --broker URL [--results URL]", 2)
@@ -428,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PREFIX",
             help="of --broker/--results URLs: the Redis key prefix; on NATS the prefix of "
             "the broker (stream and subjects) and of the results store (default: tasqueue)",
+        )
+        sub.add_argument(
+            "--partitions",
+            action="append",
+            default=[],
+            metavar="QUEUE=N",
+            help="of a --broker Redis URL: a partitioned queue's number of partitions, as "
+            "the workers' RedisBroker(partitions=...) has it (repeatable)",
         )
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")

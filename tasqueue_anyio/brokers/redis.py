@@ -37,6 +37,24 @@ connection may be on any node. The cluster keeps the order of the messages publi
 through one node only, so :meth:`RedisBroker.publish` sends every message of a channel
 through the node of the channel name's slot (a script given the name as its key).
 
+Partitions
+----------
+``partitions={"Q": N}`` spreads queue ``Q`` over ``N`` hash tags, so over a cluster's
+masters: partition 0 keeps the keys above (tag ``{q:Q}``: one partition is an
+unpartitioned queue), partition ``i`` has the same keys under the tag ``{q:Q:i}`` (a
+queue name has no ``:``, so no other queue's tag looks like it). A message goes to
+partition ``crc32(id) % N`` (:func:`partition_of`), so an id enqueued again lands where
+its first copy is and is deduplicated there. Every script still runs on one partition;
+``enqueue_many`` and acks with follow-ups group by partition as they group by queue. A
+consumer fetches from the partitions one after the other, each round starting at the next
+one, until its batch is full (one fetch per round when the first has enough; an
+unpartitioned queue makes exactly one), and subscribes to every partition's ``notify``.
+FIFO and priorities hold within a partition. Counts, listings, purge and dead letters
+cover every partition (one script each, one pipeline), merged; limits (``lwin``,
+``lrun``) stay under partition 0's tag. ``drain_partitions`` makes consumers and
+inspection read partitions beyond ``partitions`` (after lowering the number) without
+enqueueing there.
+
 Delivery
 --------
 One Lua script (``fetch``) returns messages whose lease expired to the front of the
@@ -73,12 +91,16 @@ producer's clock.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import random
 import time
 import weakref
+import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -101,7 +123,7 @@ from ..abc import (
     limit_channel,
 )
 
-__all__ = ["RedisBroker", "RedisDelivery"]
+__all__ = ["MAX_PARTITIONS", "RedisBroker", "RedisDelivery", "partition_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +132,8 @@ DEFAULT_LEASE = 15.0
 #: The default and the largest number of messages one fetch takes.
 DEFAULT_BATCH_SIZE = 32
 _MAX_BATCH_SIZE = 1000
+#: The most partitions a queue may have (see ``partitions`` of :class:`RedisBroker`).
+MAX_PARTITIONS = 64
 
 # The keys of one queue, in the order every script receives them.
 _SUFFIXES = ("ready", "msg", "att", "sched", "lease", "held", "notify", "seq", "dead", "prio")
@@ -464,7 +488,8 @@ return {
 """
 
 # Removes the messages no worker holds (due and waiting, after the refresh a fetch
-# makes) and returns their data: due ones first, then waiting ones in ETA order.
+# makes) and returns their data: {due ones' data, {eta, data, eta, data, ...} of the
+# waiting ones in ETA order}.
 _LUA_PURGE = r"""
 local now, now_ms = clock()
 refresh(now, now_ms)
@@ -472,15 +497,25 @@ local ids = redis.call('ZRANGE', KEYS[10], 0, -1)
 for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
   ids[#ids + 1] = id
 end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-  ids[#ids + 1] = id
+local due = #ids
+local etas = {}
+local waiting = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
+for i = 1, #waiting, 2 do
+  ids[#ids + 1] = waiting[i]
+  etas[#etas + 1] = waiting[i + 1]
 end
-local out = {}
+local out, later = {}, {}
 for i = 1, #ids, 1000 do
   local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
   local datas = redis.call('HMGET', KEYS[2], unpack(chunk))
   for j = 1, #chunk do
-    out[#out + 1] = datas[j] or ''
+    local n = i + j - 1
+    if n <= due then
+      out[#out + 1] = datas[j] or ''
+    else
+      later[#later + 1] = etas[n - due]
+      later[#later + 1] = datas[j] or ''
+    end
   end
   redis.call('HDEL', KEYS[2], unpack(chunk))
   redis.call('HDEL', KEYS[3], unpack(chunk))
@@ -490,7 +525,7 @@ for i = 1, #ids, 1000 do
   redis.call('HDEL', KEYS[3], unpack(chunk))
 end
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[10])
-return out
+return {out, later}
 """
 
 # Removes the given dead-letter entries (each once). ARGV: entries. Returns how many.
@@ -597,17 +632,78 @@ _SETTLED = 1  # acked, nacked or dead-lettered, or its lease was found lost
 _WITHDRAWN = 2  # consume() gave it back after a hand-over that may have happened
 
 
+def partition_of(message_id: str, partitions: int) -> int:
+    """The partition (0 to ``partitions - 1``) a message with id ``message_id`` goes to
+    on a queue of ``partitions`` partitions: the CRC-32 of the id's UTF-8 bytes modulo
+    ``partitions`` (the same in every process and version, so an id enqueued again
+    lands where its first copy is, and is deduplicated there).
+
+    :param message_id: the message id (``Envelope.id``)
+    :param partitions: the queue's number of partitions
+    :return: the partition's index
+    """
+    if partitions == 1:
+        return 0
+    return zlib.crc32(message_id.encode("utf-8", "surrogatepass")) % partitions
+
+
+def _check_partitions(value: object, option: str) -> dict[str, int]:
+    """``value`` as a dict of queue name -> number of partitions, checked."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(
+            f"{option} must map queue names to numbers of partitions (e.g. {{'hot': 3}}), "
+            f"got {value!r}"
+        )
+    out: dict[str, int] = {}
+    for name, count in value.items():
+        validate_queue(name)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise InvalidInputError(
+                f"{option}[{name!r}] must be an int in [1, {MAX_PARTITIONS}], got {count!r}"
+            )
+        if not 1 <= count <= MAX_PARTITIONS:
+            raise InvalidInputError(
+                f"{option}[{name!r}] must be in [1, {MAX_PARTITIONS}], got {count}"
+            )
+        out[name] = count
+    return out
+
+
 class _Queue:
-    """The keys of one queue and the messages of it this broker holds."""
+    """The keys of one partition of a queue and the messages of it this broker holds."""
 
-    __slots__ = ("held", "keys", "name")
+    __slots__ = ("held", "index", "keys", "name")
 
-    def __init__(self, prefix: str, name: str) -> None:
+    def __init__(self, prefix: str, name: str, index: int = 0) -> None:
         self.name = name
-        base = f"{prefix}:{{q:{name}}}:"
+        self.index = index
+        # partition 0 keeps the keys of an unpartitioned queue; a queue name has no ':'
+        tag = f"q:{name}" if index == 0 else f"q:{name}:{index}"
+        base = f"{prefix}:{{{tag}}}:"
         self.keys: list[bytes] = [(base + suffix).encode() for suffix in _SUFFIXES]
-        #: id -> fencing token of every message of this queue held by this broker
+        #: id -> fencing token of every message of this partition held by this broker
         self.held: dict[bytes, bytes] = {}
+
+    def where(self) -> str:
+        """The queue's name, with the partition's index if not 0 (for messages)."""
+        return repr(self.name) if self.index == 0 else f"{self.name!r} (partition {self.index})"
+
+
+class _Partitions:
+    """The partitions of one queue: enqueues write to the first ``n``; consumers and
+    inspection read ``all`` (more than ``n`` while draining a former larger number)."""
+
+    __slots__ = ("all", "n")
+
+    def __init__(self, prefix: str, name: str, n: int, read: int) -> None:
+        self.all = tuple(_Queue(prefix, name, i) for i in range(max(n, read)))
+        self.n = n
+
+    def pick(self, message_id: str) -> _Queue:
+        """The partition of a message id."""
+        return self.all[partition_of(message_id, self.n)]
 
 
 def _abandon(
@@ -619,6 +715,22 @@ def _abandon(
 
 def _evalsha(sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Callable[[Any], Any]:
     return lambda client: evalsha(client, sha, keys, args)
+
+
+def _lrange(key: bytes) -> Callable[[Any], Any]:
+    return lambda client: client.lrange(key, 0, -1)
+
+
+def _dead_letter(queue: str, entry: bytes) -> DeadLetter:
+    """A dead-letter list entry, decoded (an unreadable one as such)."""
+    try:
+        data, reason, at, *rest = msgpack.unpackb(entry, raw=False, use_list=True)
+        if not isinstance(data, bytes):
+            raise TypeError("data is not bytes")
+        letter_id = str(rest[0]) if rest else ""
+        return DeadLetter(queue=queue, data=data, reason=str(reason), at=float(at), id=letter_id)
+    except Exception:
+        return DeadLetter(queue=queue, data=bytes(entry), reason="unreadable entry", at=0.0)
 
 
 class _Waiter:
@@ -860,6 +972,16 @@ class RedisBroker(RedisBackend, Broker):
         many as its stream has receivers, so a small worker does not hoard messages)
     :param split_slots: run multi-queue writes as one script per queue (needed on Redis
         Cluster, where queues live on different slots); ``None``: only for cluster clients
+    :param partitions: queue name -> number of partitions (1 to :data:`MAX_PARTITIONS`;
+        1 for a queue not named): a queue's messages spread over that many hash tags
+        (``{q:Q}``, ``{q:Q:1}``, ...), so over the masters of a Redis Cluster, each
+        message by its id (:func:`partition_of`). Every producer and consumer of a queue
+        must give the same number (docs/redis.md says what changing it does); FIFO and
+        priorities hold within a partition
+    :param drain_partitions: queue name -> a former, larger number of partitions of the
+        queue: consumers and the inspection, count and purge calls also read the
+        partitions from ``partitions`` up to this one (enqueues do not write there), so
+        that what was left there after the number was lowered is not stranded
     """
 
     _what = "Redis broker"
@@ -873,8 +995,19 @@ class RedisBroker(RedisBackend, Broker):
         lease: float = DEFAULT_LEASE,
         batch_size: int = DEFAULT_BATCH_SIZE,
         split_slots: bool | None = None,
+        partitions: Mapping[str, int] | None = None,
+        drain_partitions: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(url, client, prefix, _SCRIPTS)
+        #: queue name -> its number of partitions (a queue not named has 1); read-only
+        self.partitions: Mapping[str, int] = MappingProxyType(
+            _check_partitions(partitions, "partitions")
+        )
+        #: queue name -> a former number of partitions still read (see
+        #: ``drain_partitions``); read-only
+        self.drain_partitions: Mapping[str, int] = MappingProxyType(
+            _check_partitions(drain_partitions, "drain_partitions")
+        )
         if not isinstance(lease, (int, float)) or not 0.05 <= lease <= 86400:
             raise InvalidInputError(f"lease must be seconds in [0.05, 86400], got {lease!r}")
         if (
@@ -889,7 +1022,7 @@ class RedisBroker(RedisBackend, Broker):
         self.batch_size = batch_size
         self.split_slots = self.cluster if split_slots is None else bool(split_slots)
         self._lease_ms = str(max(1, round(self.lease * 1000))).encode()
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, _Partitions] = {}
         self._abandoned: deque[tuple[_Queue, bytes, bytes]] = deque()
         # pub/sub
         self._pubsub: BasePubSub[bytes, Any] | None = None
@@ -913,12 +1046,36 @@ class RedisBroker(RedisBackend, Broker):
 
     # -- keys -----------------------------------------------------------------------------
 
-    def _queue(self, name: str) -> _Queue:
-        q = self._queues.get(name)
-        if q is None:
+    def _parts(self, name: str) -> _Partitions:
+        parts = self._queues.get(name)
+        if parts is None:
             validate_queue(name)
-            q = self._queues[name] = _Queue(self.prefix, name)
-        return q
+            parts = self._queues[name] = _Partitions(
+                self.prefix,
+                name,
+                self.partitions.get(name, 1),
+                self.drain_partitions.get(name, 1),
+            )
+        return parts
+
+    def _target(self, env: Envelope) -> _Queue:
+        """The partition ``env`` goes to (its queue name and id checked)."""
+        parts = self._queues.get(env.queue) or self._parts(env.queue)
+        message_id = env.id
+        if not isinstance(message_id, str) or not message_id:
+            raise InvalidInputError(f"a message id must be a non-empty str, got {message_id!r}")
+        return parts.all[0] if parts.n == 1 else parts.pick(message_id)
+
+    def partition(self, queue: str, message_id: str) -> int:
+        """The partition of ``queue`` a message with id ``message_id`` goes to (0 on a
+        queue of one partition).
+
+        :param queue: the queue
+        :param message_id: the message id
+        :return: the partition's index; its keys' hash tag is ``{q:QUEUE}`` for 0,
+            ``{q:QUEUE:INDEX}`` for the others
+        """
+        return self._target(Envelope(queue=queue, data=b"", id=message_id)).index
 
     def _channel(self, channel: str) -> bytes:
         return f"{self.prefix}:ch:{validate_channel(channel)}".encode()
@@ -929,21 +1086,19 @@ class RedisBroker(RedisBackend, Broker):
         self, messages: Sequence[Envelope], first: _Queue | None = None
     ) -> tuple[list[bytes], list[Any]]:
         """KEYS and the message quadruples of ARGV for the ``enqueue`` Lua function (the
-        first of each is the queue's group index times 10 plus the priority)."""
-        groups: dict[str, int] = {}
+        first of each is the partition's group index times 10 plus the priority)."""
+        groups: dict[_Queue, int] = {}
         keys: list[bytes] = []
         if first is not None:
-            groups[first.name] = 0
+            groups[first] = 0
             keys.extend(first.keys)
         args: list[Any] = []
         for env in messages:
-            index = groups.get(env.queue)
+            q = self._target(env)
+            index = groups.get(q)
             if index is None:
-                q = self._queue(env.queue)
-                index = groups[env.queue] = len(groups)
+                index = groups[q] = len(groups)
                 keys.extend(q.keys)
-            if not isinstance(env.id, str) or not env.id:
-                raise InvalidInputError(f"a message id must be a non-empty str, got {env.id!r}")
             eta = env.eta
             priority = env.priority
             if priority:
@@ -959,8 +1114,9 @@ class RedisBroker(RedisBackend, Broker):
 
         Messages due now are appended in the given order; the others go to their queue's
         schedule. A message whose id is already stored on its queue (enqueued and not
-        yet acked) is not stored twice. With ``split_slots``, one script per queue,
-        pipelined: each queue's messages are stored all or none.
+        yet acked) is not stored twice. With ``split_slots``, one script per queue (per
+        partition of a partitioned queue), pipelined: each one's messages are stored
+        all or none.
 
         :param messages: the messages
         :raises InvalidInputError: a queue name or message id is invalid (nothing stored)
@@ -968,9 +1124,9 @@ class RedisBroker(RedisBackend, Broker):
         if not messages:
             return
         if self.split_slots:
-            by_queue: dict[str, list[Envelope]] = {}
+            by_queue: dict[_Queue, list[Envelope]] = {}
             for env in messages:
-                by_queue.setdefault(env.queue, []).append(env)
+                by_queue.setdefault(self._target(env), []).append(env)
             sha = self._cmds.shas["enqueue"]
             calls = [self._enqueue_call(group) for group in by_queue.values()]
             with translate_errors("enqueueing"):
@@ -994,10 +1150,10 @@ class RedisBroker(RedisBackend, Broker):
         announce: Sequence[tuple[str, bytes]] = (),
     ) -> bool:
         if enqueue and self.split_slots:
-            others = [env for env in enqueue if env.queue != q.name]
+            others = [env for env in enqueue if self._target(env) is not q]
             if others:
                 await self.enqueue_many(others)
-                enqueue = [env for env in enqueue if env.queue == q.name]
+                enqueue = [env for env in enqueue if self._target(env) is q]
         head: list[Any] = [message_id, token, len(announce)]
         for channel, message in announce:
             head += (self._channel(channel), message)
@@ -1023,41 +1179,55 @@ class RedisBroker(RedisBackend, Broker):
         finds its lease lost when it settles. Redis errors are logged and retried with
         a bounded backoff.
 
+        A partitioned queue is fetched from one partition after the other, starting each
+        round at the next partition (the first at random), until the round has its
+        messages; an idle consumer waits for a wake-up of any partition.
+
         :param queue: the queue
         :param send_stream: where to hand the deliveries; closed on return
         """
-        q = self._queue(queue)
+        parts = self._parts(queue)
         self._require_open()
         local: deque[RedisDelivery] = deque()
         waiter = _Waiter()
         with send_stream:
             try:
-                async with self._listen(q.keys[6], waiter.wake):
-                    await self._feed(q, send_stream, local, waiter)
+                async with AsyncExitStack() as stack:
+                    for q in parts.all:
+                        await stack.enter_async_context(self._listen(q.keys[6], waiter.wake))
+                    await self._feed(parts.all, send_stream, local, waiter)
             finally:
                 if local:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                        await self._give_back(q, local)
+                        await self._give_back(local)
 
     async def _feed(
         self,
-        q: _Queue,
+        parts: Sequence[_Queue],
         send_stream: MemoryObjectSendStream[Delivery],
         local: deque[RedisDelivery],
         waiter: _Waiter,
     ) -> None:
+        q = parts[0]
         retry = RetryBackoff(logger, f"consuming queue {q.name!r}", {"queue": q.name})
+        start = random.randrange(len(parts))
         while True:
             if not local:
                 receivers = send_stream.statistics().open_receive_streams
+                want = min(self.batch_size, max(1, receivers))
                 event = waiter.arm()  # before the fetch: a notification during it counts
                 try:
-                    wait_ms, batch = await self._fetch(q, min(self.batch_size, max(1, receivers)))
+                    if len(parts) == 1:
+                        wait_ms, batch = await self._fetch(q, want)
+                        local.extend(batch)
+                    else:
+                        wait_ms = await self._fetch_round(parts, start, want, local)
+                        start = (start + 1) % len(parts)
                 except BrokerError as exc:
                     await retry.failed(exc)
                     continue
                 retry.succeeded()
-                if not batch:
+                if not local:
                     # until an enqueue notifies, the next ETA, or the next sweep
                     timeout = self.lease / 3
                     if wait_ms >= 0:
@@ -1065,7 +1235,6 @@ class RedisBroker(RedisBackend, Broker):
                     with anyio.move_on_after(timeout):
                         await event.wait()
                     continue
-                local.extend(batch)
             delivery = local[0]
             try:
                 await send_stream.send(delivery)
@@ -1077,8 +1246,37 @@ class RedisBroker(RedisBackend, Broker):
             local.popleft()
             del delivery
 
+    async def _fetch_round(
+        self, parts: Sequence[_Queue], start: int, want: int, local: deque[RedisDelivery]
+    ) -> int:
+        """Fetch up to ``want`` messages into ``local`` from the partitions, one after the
+        other from ``start``, until there are enough; return the ms until the earliest
+        ETA of the partitions read (-1: none). A partition that fails is passed over (its
+        master may be down: the others go on); the round raises its error only when it
+        got no message from the others."""
+        wait = -1
+        got = 0
+        error: BrokerError | None = None
+        for i in range(len(parts)):
+            q = parts[(start + i) % len(parts)]
+            try:
+                wait_ms, batch = await self._fetch(q, want - got)
+            except BrokerError as exc:
+                logger.debug("fetching from queue %s failed: %s", q.where(), exc)
+                error = error or exc
+                continue
+            local.extend(batch)
+            got += len(batch)
+            if wait_ms >= 0 and (wait < 0 or wait_ms < wait):
+                wait = wait_ms
+            if got >= want:
+                break
+        if error is not None and not got:
+            raise error
+        return wait
+
     async def _fetch(self, q: _Queue, count: int) -> tuple[int, list[RedisDelivery]]:
-        with translate_errors(f"fetching from queue {q.name!r}"):
+        with translate_errors(f"fetching from queue {q.where()}"):
             wait_ms, flat = await self._cmds.script("fetch", q.keys, (count, self._lease_ms))
         deliveries = [
             RedisDelivery(self, q, flat[i], flat[i + 1], flat[i + 2], str(flat[i + 3]).encode())
@@ -1086,28 +1284,36 @@ class RedisBroker(RedisBackend, Broker):
         ]
         return int(wait_ms), deliveries
 
-    async def _give_back(self, q: _Queue, deliveries: Sequence[RedisDelivery]) -> None:
-        args: list[bytes] = []
+    async def _give_back(self, deliveries: Sequence[RedisDelivery]) -> None:
+        """Give fetched, unsettled deliveries back to the front of their partitions, in
+        their order (one script per partition, one round trip)."""
+        groups: dict[_Queue, list[bytes]] = {}
         for delivery in deliveries:
             if delivery._state == _SETTLED:
                 continue
             delivery._stop_renewing()
             if delivery._state == _HELD:
                 delivery._state = _SETTLED
-            args += (delivery._id, delivery._token)
-        if not args:
+            groups.setdefault(delivery._q, []).extend((delivery._id, delivery._token))
+        if not groups:
             return
+        sha = self._cmds.shas["give_back"]
+        items = list(groups.items())
         try:
-            with translate_errors(f"giving messages back to queue {q.name!r}"):
-                await self._cmds.script("give_back", q.keys, args)
-        except BrokerError:
-            logger.exception(
-                "could not give %d fetched messages back to queue %r; they come back "
-                "when their lease expires",
-                len(args) // 2,
-                q.name,
-                extra={"queue": q.name},
-            )
+            with translate_errors("giving messages back"):
+                replies = await self._cmds.gather([_evalsha(sha, q.keys, a) for q, a in items])
+        except BrokerError as exc:
+            replies = [exc] * len(items)
+        for (q, args), reply in zip(items, replies, strict=True):
+            if isinstance(reply, Exception):
+                logger.error(
+                    "could not give %d fetched messages back to queue %s; they come back "
+                    "when their lease expires: %s",
+                    len(args) // 2,
+                    q.where(),
+                    reply,
+                    extra={"queue": q.name},
+                )
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -1136,34 +1342,62 @@ class RedisBroker(RedisBackend, Broker):
         sha = self._cmds.shas["renew"]
         calls: list[Callable[[Any], Any]] = []
         queues: list[_Queue] = []
-        for q in self._queues.values():
-            if q.held:
-                args: list[bytes] = [self._lease_ms]
-                for item in q.held.copy().items():
-                    args += item
-                calls.append(_evalsha(sha, q.keys, args))
-                queues.append(q)
+        for parts in self._queues.values():
+            for q in parts.all:
+                if q.held:
+                    args: list[bytes] = [self._lease_ms]
+                    for item in q.held.copy().items():
+                        args += item
+                    calls.append(_evalsha(sha, q.keys, args))
+                    queues.append(q)
         if not calls:
             return
         with translate_errors("renewing leases"):
             replies = await self._cmds.gather(calls)
         for q, reply in zip(queues, replies, strict=True):
             if isinstance(reply, Exception):
-                logger.error("renewing the leases of queue %r failed: %s", q.name, reply)
+                logger.error("renewing the leases of queue %s failed: %s", q.where(), reply)
                 continue
             for message_id in reply:
                 logger.warning(
-                    "lost the lease of message %r of queue %r (delivered again elsewhere)",
+                    "lost the lease of message %r of queue %s (delivered again elsewhere)",
                     message_id,
-                    q.name,
+                    q.where(),
                     extra={"queue": q.name},
                 )
                 q.held.pop(message_id, None)
 
     # -- inspection -------------------------------------------------------------------------
 
+    async def _on_each(
+        self, parts: Sequence[_Queue], name: str, args: Sequence[Any], what: str
+    ) -> list[Any]:
+        """Run script ``name`` with ``args`` on every partition in ``parts`` (one round
+        trip, through the write-combiner); return the replies in order.
+
+        :raises BrokerError: a call failed
+        """
+        sha = self._cmds.shas[name]
+        return await self._gather([_evalsha(sha, q.keys, args) for q in parts], what)
+
+    async def _gather(self, makes: Sequence[Callable[[Any], Any]], what: str) -> list[Any]:
+        """Run the commands ``makes`` build in one flush; their replies in order.
+
+        :raises BrokerError: a command failed
+        """
+        with translate_errors(what):
+            if len(makes) == 1:
+                return [await self._cmds.submit(makes[0])]
+            replies = await self._cmds.gather(makes)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
     async def get_pending(self, queue: str) -> list[bytes]:
-        """Messages on ``queue`` that are due and not held by a worker, oldest first.
+        """Messages on ``queue`` that are due and not held by a worker, oldest first (of
+        a partitioned queue: each partition's, oldest first, one partition after the
+        other).
 
         Moves due scheduled messages and expired leases to the queue first, as a fetch
         would.
@@ -1171,20 +1405,25 @@ class RedisBroker(RedisBackend, Broker):
         :param queue: the queue
         :return: the messages' data
         """
-        q = self._queue(queue)
-        with translate_errors(f"reading queue {q.name!r}"):
-            return list(await self._cmds.script("inspect", q.keys, ("pending",)))
+        parts = self._parts(queue).all
+        replies = await self._on_each(parts, "inspect", ("pending",), f"reading queue {queue!r}")
+        return [data for reply in replies for data in reply]
 
     async def get_scheduled(self, queue: str) -> list[tuple[float, bytes]]:
         """Messages on ``queue`` waiting for their ETA, as ``(eta, data)`` in ETA order.
 
         :param queue: the queue
-        :return: ``(eta, data)`` pairs, earliest first (equal ETAs in message id order)
+        :return: ``(eta, data)`` pairs, earliest first (equal ETAs of one partition in
+            message id order)
         """
-        q = self._queue(queue)
-        with translate_errors(f"reading queue {q.name!r}"):
-            flat = await self._cmds.script("inspect", q.keys, ("scheduled",))
-        return [(float(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        parts = self._parts(queue).all
+        replies = await self._on_each(parts, "inspect", ("scheduled",), f"reading queue {queue!r}")
+        lists = [
+            [(float(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)] for flat in replies
+        ]
+        if len(lists) == 1:
+            return lists[0]
+        return list(heapq.merge(*lists, key=lambda pair: pair[0]))
 
     def _limit_keys(self, queue: str) -> list[bytes]:
         """The window and running-slot keys of ``queue``'s limits (its hash tag)."""
@@ -1233,86 +1472,109 @@ class RedisBroker(RedisBackend, Broker):
     async def count(self, queue: str) -> QueueCounts:
         """How many messages ``queue`` holds: one script (``LLEN``/``ZCARD`` of the
         queue's keys, after moving due scheduled messages and expired leases back to the
-        queue as a fetch would), one round trip whatever the queue's length.
+        queue as a fetch would), one round trip whatever the queue's length; of a
+        partitioned queue, one script per partition (one round trip), summed.
 
         :param queue: the queue
         :return: the counts (zeros for an unknown queue)
         """
-        q = self._queue(queue)
-        with translate_errors(f"counting queue {q.name!r}"):
-            ready, scheduled, leased, dead = await self._cmds.script("count", q.keys, ())
+        counts = await self.partition_counts(queue)
+        if len(counts) == 1:
+            return counts[0]
         return QueueCounts(
-            pending=int(ready), scheduled=int(scheduled), in_flight=int(leased), dead=int(dead)
+            pending=sum(c.pending for c in counts),
+            scheduled=sum(c.scheduled for c in counts),
+            in_flight=sum(c.in_flight for c in counts),
+            dead=sum(c.dead for c in counts),
         )
+
+    async def partition_counts(self, queue: str) -> list[QueueCounts]:
+        """:meth:`count` of each partition of ``queue`` (those of ``drain_partitions``
+        included): how evenly the messages spread, and whether a partition to drain is
+        empty.
+
+        :param queue: the queue
+        :return: the counts, by partition index
+        """
+        parts = self._parts(queue).all
+        replies = await self._on_each(parts, "count", (), f"counting queue {queue!r}")
+        return [
+            QueueCounts(
+                pending=int(ready), scheduled=int(scheduled), in_flight=int(leased), dead=int(dead)
+            )
+            for ready, scheduled, leased, dead in replies
+        ]
 
     async def get_dead_letters(self, queue: str) -> list[DeadLetter]:
         """Messages of ``queue`` set aside with :meth:`RedisDelivery.dead_letter`.
 
         :param queue: the queue
-        :return: the dead letters, oldest first
+        :return: the dead letters, oldest first (a partitioned queue's merged by their
+            time)
         """
-        return [letter for letter, _ in await self._dead_entries(queue)]
+        return [letter for letter, _, _ in await self._dead_entries(queue)]
 
-    async def _dead_entries(self, queue: str) -> list[tuple[DeadLetter, bytes]]:
-        q = self._queue(queue)
-        with translate_errors(f"reading the dead letters of queue {q.name!r}"):
-            entries = await self._cmds.submit(lambda client: client.lrange(q.keys[8], 0, -1))
-        out = []
-        for entry in entries:
-            try:
-                data, reason, at, *rest = msgpack.unpackb(entry, raw=False, use_list=True)
-                if not isinstance(data, bytes):
-                    raise TypeError("data is not bytes")
-                letter_id = str(rest[0]) if rest else ""
-                letter = DeadLetter(
-                    queue=q.name, data=data, reason=str(reason), at=float(at), id=letter_id
-                )
-            except Exception:
-                letter = DeadLetter(
-                    queue=q.name, data=bytes(entry), reason="unreadable entry", at=0.0
-                )
-            out.append((letter, bytes(entry)))
-        return out
+    async def _dead_entries(self, queue: str) -> list[tuple[DeadLetter, bytes, _Queue]]:
+        parts = self._parts(queue).all
+        replies = await self._gather(
+            [_lrange(q.keys[8]) for q in parts], f"reading the dead letters of queue {queue!r}"
+        )
+        lists = []
+        for q, entries in zip(parts, replies, strict=True):
+            lists.append([(_dead_letter(queue, entry), bytes(entry), q) for entry in entries])
+        if len(lists) == 1:
+            return lists[0]
+        return list(heapq.merge(*lists, key=lambda item: item[0].at))
 
     async def remove_dead_letters(
         self, queue: str, ids: Collection[str] | None = None
     ) -> list[DeadLetter]:
         """Remove dead letters of ``queue`` (those of ``ids``, or all); return them. Reads
-        the dead letters, then removes the chosen entries in one script (``LREM`` each:
-        an entry another caller removed meanwhile is not returned).
+        the dead letters, then removes the chosen entries in one script per partition
+        (``LREM`` each: an entry another caller removed meanwhile is not returned).
 
         :param queue: the queue
         :param ids: the dead letters' ids (``None``: all)
         :return: the removed dead letters, oldest first
         """
-        q = self._queue(queue)
         wanted = None if ids is None else set(ids)
         chosen = [
-            (letter, entry)
-            for letter, entry in await self._dead_entries(queue)
-            if wanted is None or letter.id in wanted
+            item
+            for item in await self._dead_entries(queue)
+            if wanted is None or item[0].id in wanted
         ]
         if not chosen:
             return []
-        with translate_errors(f"removing dead letters of queue {q.name!r}"):
-            removed = await self._cmds.script(
-                "remove_dead", q.keys, [entry for _, entry in chosen]
-            )
-        if int(removed) == len(chosen):
-            return [letter for letter, _ in chosen]
+        by_part: dict[_Queue, list[bytes]] = {}
+        for _, entry, q in chosen:
+            by_part.setdefault(q, []).append(entry)
+        sha = self._cmds.shas["remove_dead"]
+        replies = await self._gather(
+            [_evalsha(sha, q.keys, entries) for q, entries in by_part.items()],
+            f"removing dead letters of queue {queue!r}",
+        )
+        if sum(int(reply) for reply in replies) == len(chosen):
+            return [letter for letter, _, _ in chosen]
         # another caller removed some meanwhile: return those still there before, gone now
-        left = {entry for _, entry in await self._dead_entries(queue)}
-        return [letter for letter, entry in chosen if entry not in left]
+        left = {(entry, q) for _, entry, q in await self._dead_entries(queue)}
+        return [letter for letter, entry, q in chosen if (entry, q) not in left]
 
     async def purge(self, queue: str) -> list[bytes]:
-        """Remove the messages of ``queue`` no worker holds (one script); return their data.
+        """Remove the messages of ``queue`` no worker holds (one script per partition,
+        one round trip); return their data.
 
         :param queue: the queue
-        :return: the due messages' data (oldest first), then the waiting ones' (ETA order)
+        :return: the due messages' data (oldest first; of a partitioned queue, one
+            partition after the other), then the waiting ones' (ETA order)
         """
-        q = self._queue(queue)
-        with translate_errors(f"purging queue {q.name!r}"):
-            return [bytes(d) for d in await self._cmds.script("purge", q.keys, ())]
+        parts = self._parts(queue).all
+        replies = await self._on_each(parts, "purge", (), f"purging queue {queue!r}")
+        due = [bytes(data) for reply in replies for data in reply[0]]
+        waiting = [
+            [(float(later[i]), bytes(later[i + 1])) for i in range(0, len(later), 2)]
+            for _, later in replies
+        ]
+        return due + [data for _, data in heapq.merge(*waiting, key=lambda pair: pair[0])]
 
     # -- pub/sub ----------------------------------------------------------------------------
 
