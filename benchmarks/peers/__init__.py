@@ -36,6 +36,11 @@ class Peer:
     backends: tuple[str, ...] = ("asyncio",)
     options: dict[str, Any] = field(default_factory=dict)
     store: str = "redis"  # or "nats"
+    #: several worker processes can share one queue (``--workers`` above 1); every peer
+    #: here can: tasqueue_anyio (a Redis list; one durable pull consumer per queue on
+    #: NATS), streaq and taskiq-stream (a stream's consumer group), SAQ, arq and taskiq
+    #: (a list or a sorted set that every worker pops from)
+    multi_worker: bool = True
 
     def missing(self) -> list[str]:
         """The required packages that are not installed."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sysconfig
@@ -401,16 +402,31 @@ class Reporter:
     With ``BENCH_PROFILE`` set in the environment, the window runs under ``cProfile``
     (timed by CPU time), whose stats are written to
     ``$BENCH_PROFILE-<library>-<backend>.prof`` at ``done``.
+
+    One of several workers on one queue (``go_fd`` given: the parent's ``--workers``
+    above 1) cannot tell when all the jobs have ended, since it runs only its share of
+    them. Its :meth:`start` reports ``ready`` and blocks until the parent writes a byte
+    to ``go_fd`` (the parent releases all its workers at once), then reports ``start``;
+    :meth:`job_done` only counts (and notes the clock of its last job); and it reports
+    ``done`` (its CPU, its count, its last job's clock) when the parent, having seen in
+    the store that every job ended, sends it ``SIGUSR1``.
     """
 
-    def __init__(self, fd: int, jobs: int, tag: str = "") -> None:
+    def __init__(self, fd: int, jobs: int, tag: str = "", go_fd: int | None = None) -> None:
         self._fd = fd
         self._jobs = jobs
         self._count = 0
         self._tag = tag
         self._profiler: Any = None
+        self._go_fd = go_fd
+        self._last = 0.0  # a shared worker's clock (perf_counter) at its last job
+        self._done = False
         #: called at ``done``; returns extra figures for the parent (the child's own)
         self.extra: Any = None
+        if go_fd is not None:
+            # the parent's signal comes once it has seen this worker's ``start``
+            signal.signal(signal.SIGUSR1, self._on_report_signal)
+            self.job_done = self._job_done_shared  # type: ignore[method-assign]
 
     def send(self, event: str, **fields: Any) -> None:
         os.write(self._fd, (json.dumps({"event": event, **fields}) + "\n").encode())
@@ -422,6 +438,10 @@ class Reporter:
 
             # CPU time, not wall time: a task waiting for Redis costs nothing here
             self._profiler = cProfile.Profile(time.process_time)
+        if self._go_fd is not None:
+            self.send("ready")
+            if not os.read(self._go_fd, 1):
+                raise SystemExit("the parent closed the start barrier")
         times = os.times()
         self.send("start", cpu=time.process_time(), user=times.user, sys=times.system)
         if self._profiler is not None:
@@ -430,10 +450,23 @@ class Reporter:
     def job_done(self) -> None:
         self._count += 1
         if self._count == self._jobs:
-            cpu, times = time.process_time(), os.times()
-            if self._profiler is not None:
-                self._profiler.disable()
-            extra = self.extra() if self.extra is not None else {}
-            self.send("done", cpu=cpu, user=times.user, sys=times.system, extra=extra)
-            if self._profiler is not None:
-                self._profiler.dump_stats(f"{os.environ['BENCH_PROFILE']}-{self._tag}.prof")
+            self._finish()
+
+    def _job_done_shared(self) -> None:
+        self._count += 1
+        self._last = time.perf_counter()
+
+    def _on_report_signal(self, signum: int, frame: Any) -> None:
+        self._finish(count=self._count, last=self._last)
+
+    def _finish(self, **fields: Any) -> None:
+        if self._done:
+            return
+        self._done = True
+        cpu, times = time.process_time(), os.times()
+        if self._profiler is not None:
+            self._profiler.disable()
+        extra = self.extra() if self.extra is not None else {}
+        self.send("done", cpu=cpu, user=times.user, sys=times.system, extra=extra, **fields)
+        if self._profiler is not None:
+            self._profiler.dump_stats(f"{os.environ['BENCH_PROFILE']}-{self._tag}.prof")
