@@ -31,6 +31,7 @@ from ._exceptions import JobNotFoundError as JobNotFoundError
 from ._exceptions import JobTimeoutError as JobTimeoutError
 from ._exceptions import LeaseLostError as LeaseLostError
 from ._exceptions import NotFoundError as NotFoundError
+from ._exceptions import NotReplicatedError as NotReplicatedError
 from ._exceptions import PayloadTooLargeError as PayloadTooLargeError
 from ._exceptions import QueueConcurrencyError as QueueConcurrencyError
 from ._exceptions import ResultNotFoundError as ResultNotFoundError
@@ -88,6 +89,7 @@ __all__ = [
     "Meta",
     "MsgpackCodec",
     "NotFoundError",
+    "NotReplicatedError",
     "PayloadTooLargeError",
     "Progress",
     "QueueConcurrencyError",

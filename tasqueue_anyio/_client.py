@@ -49,6 +49,7 @@ from ._exceptions import (
     JobNotFoundError,
     LeaseLostError,
     NotFoundError,
+    NotReplicatedError,
     PayloadTooLargeError,
 )
 from ._groups import (
@@ -484,6 +485,8 @@ class Client:
                 prepared = [(msg, data) for msg, data in prepared if msg.id in claimed]
             if prepared:
                 await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
+        except NotReplicatedError:
+            raise  # the messages are stored (on the primary): their jobs' state stays
         except BaseException:
             if claimed is None:  # the claim failed: which ids it stored is unknown
                 await self._forget(records, ours=records)

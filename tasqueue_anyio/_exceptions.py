@@ -61,6 +61,22 @@ class LeaseLostError(BrokerError):
     paused or cut off) and another worker took the job over. Nothing was written."""
 
 
+class NotReplicatedError(BrokerError):
+    """An enqueue was stored on the Redis primary, but fewer replicas than the broker's
+    ``wait_replicas`` acknowledged it within ``wait_timeout`` (``WAIT``): the messages
+    run, unless the primary fails over before they reach a replica. The jobs' state
+    stays recorded; enqueueing the same job ids again stores nothing twice.
+
+    :ivar acknowledged: how many replicas acknowledged the write
+    :ivar wanted: how many the broker waits for
+    """
+
+    def __init__(self, message: str, *, acknowledged: int, wanted: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+
+
 class DecodeError(TasqueueError, ValueError):
     """Bytes read from a broker or store are not a valid message of this library."""
 

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import anyio
 import coredis
 from anyio.abc import TaskGroup, TaskStatus
+from coredis.connection import TCPLocation
 from coredis.exceptions import NoScriptError, RedisError
 from coredis.patterns.pipeline import Pipeline
 from coredis.response._callbacks import NoopCallback
@@ -55,7 +56,9 @@ __all__ = [
     "client_kwargs",
     "cluster_kwargs",
     "is_cluster_url",
+    "is_sentinel_url",
     "renew_error_stream",
+    "sentinel_kwargs",
     "server_identity",
     "translate_errors",
     "validate_prefix",
@@ -85,6 +88,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 
 #: URL schemes of a Redis Cluster (clear text, TLS).
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+#: The port of a Sentinel when a ``redis+sentinel://`` URL gives none.
+DEFAULT_SENTINEL_PORT = 26379
 
 
 def validate_prefix(prefix: object) -> str:
@@ -122,7 +128,8 @@ def client_kwargs(url: str) -> dict[str, Any]:
     if parts.scheme not in ("redis", "rediss"):
         raise InvalidInputError(
             f"invalid Redis URL {url!r}: the scheme must be redis:// or rediss:// (TLS), "
-            f"or redis+cluster:// or rediss+cluster:// for a Redis Cluster"
+            f"redis+cluster:// or rediss+cluster:// for a Redis Cluster, or redis+sentinel:// "
+            f"or rediss+sentinel:// for a primary found through Redis Sentinel"
         )
     if not parts.hostname:
         raise InvalidInputError(f"invalid Redis URL {url!r}: no host")
@@ -207,6 +214,106 @@ def cluster_kwargs(url: str) -> dict[str, Any]:
     }
     _tls_kwargs(url, scheme.lower() == "rediss+cluster", query, kwargs)
     return kwargs
+
+
+def is_sentinel_url(url: object) -> bool:
+    """Whether ``url`` names a primary found through Redis Sentinel
+    (``redis+sentinel://``, ``rediss+sentinel://``)."""
+    return isinstance(url, str) and url.partition("://")[0].lower() in _SENTINEL_SCHEMES
+
+
+def sentinel_kwargs(url: str) -> dict[str, Any]:
+    """What a ``redis+sentinel://`` URL says, as arguments for :class:`coredis.Sentinel`
+    and its ``primary_for``.
+
+    ``redis+sentinel://[[username]:password@]host[:port][,host[:port]...]/SERVICE[/db]``
+    names the Sentinels (port 26379 by default; any of them will do, the client asks
+    them in turn) and the service (the ``sentinel monitor`` name) whose primary the
+    client connects to, and reconnects to after a failover. The user name and password
+    are the data nodes' (percent-decoded). ``sentinel_username`` and
+    ``sentinel_password`` in the query authenticate to the Sentinels themselves, when
+    they require it. ``rediss+sentinel://`` uses TLS, checked as for ``rediss://``
+    (with the same ``ssl_*`` and ``connect_timeout`` query arguments), to the Sentinels
+    and to the data nodes.
+
+    :param url: the URL
+    :return: ``{"sentinels": [(host, port), ...], "service": str, "primary": {...},
+        "sentinel": {...}}``: the Sentinels, the service, the primary's connection
+        arguments and the Sentinels' connection arguments
+    :raises InvalidInputError: the URL is not a Sentinel URL this library understands
+    """
+    if not is_sentinel_url(url):
+        raise InvalidInputError(
+            f"invalid Redis Sentinel URL {url!r}: the scheme must be redis+sentinel:// or "
+            f"rediss+sentinel:// (TLS)"
+        )
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    path, _, query_text = tail.partition("?")
+    if "?" in netloc:
+        netloc, _, query_text = netloc.partition("?")
+    auth, _, hosts = netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for host in hosts.split(","):
+        try:
+            node = urlsplit(f"//{host}")
+            port = node.port or DEFAULT_SENTINEL_PORT
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid Redis Sentinel URL {url!r}: {exc}") from None
+        if not node.hostname or node.username is not None:
+            raise InvalidInputError(
+                f"invalid Redis Sentinel URL {url!r}: bad Sentinel address {host!r}"
+            )
+        sentinels.append((node.hostname, port))
+    parts = [unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
+    if not parts or not parts[0]:
+        raise InvalidInputError(
+            f"invalid Redis Sentinel URL {url!r}: no service name (the path is "
+            f"/SERVICE[/db], SERVICE being the name the Sentinels monitor)"
+        )
+    if len(parts) > 2:
+        raise InvalidInputError(
+            f"invalid Redis Sentinel URL {url!r}: the path is /SERVICE[/db], got /{path}"
+        )
+    query = {name: values[-1] for name, values in parse_qs(query_text).items()}
+    db_text = query.pop("db", None) or (parts[1] if len(parts) > 1 else "0")
+    try:
+        db = int(db_text)
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid Redis Sentinel URL {url!r}: db {db_text!r} is not a number"
+        ) from None
+    if db < 0:
+        raise InvalidInputError(f"invalid Redis Sentinel URL {url!r}: db must be >= 0")
+    sentinel_username = query.pop("sentinel_username", None)
+    sentinel_password = query.pop("sentinel_password", None)
+    username, has_password, password = auth.partition(":")
+    primary: dict[str, Any] = {
+        "db": db,
+        "username": unquote(username) if username else None,
+        "password": unquote(password) if has_password else None,
+    }
+    try:
+        _tls_kwargs(url, scheme.lower() == "rediss+sentinel", query, primary)
+    except InvalidInputError as exc:
+        if "unknown option" not in str(exc):
+            raise
+        raise InvalidInputError(
+            f"{exc}; a Sentinel URL also takes sentinel_username, sentinel_password"
+        ) from None
+    sentinel: dict[str, Any] = {
+        "username": sentinel_username,
+        "password": sentinel_password,
+        "connect_timeout": primary["connect_timeout"],
+    }
+    if "ssl_context" in primary:
+        sentinel["ssl_context"] = primary["ssl_context"]
+    return {
+        "sentinels": sentinels,
+        "service": parts[0],
+        "primary": primary,
+        "sentinel": sentinel,
+    }
 
 
 def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, Any]) -> None:
@@ -643,9 +750,26 @@ class RedisBackend(CountedLifetime):
             self.client: Client
             #: the server and db the URL names (None for a caller's client or a cluster)
             self.server_id: tuple[Any, ...] | None = None
+            #: the Sentinel client of a ``redis+sentinel://`` URL (opened before the client)
+            self._sentinel: coredis.Sentinel[Any] | None = None
             if is_cluster_url(self.url):
                 self.client = coredis.RedisCluster(**cluster_kwargs(self.url))
                 renew_error_stream(self.client)()  # each opening gets one of its own
+            elif is_sentinel_url(self.url):
+                found = sentinel_kwargs(self.url)
+                self._sentinel = coredis.Sentinel(
+                    [TCPLocation(host, port) for host, port in found["sentinels"]],
+                    sentinel_kwargs={**found["sentinel"], "decode_responses": False},
+                )
+                self.client = self._sentinel.primary_for(found["service"], **found["primary"])
+                primary = found["primary"]
+                self.server_id = (
+                    "sentinel",
+                    tuple(sorted(found["sentinels"])),
+                    found["service"],
+                    primary["db"],
+                    primary["username"],
+                )
             else:
                 self.client = coredis.Redis(**client_kwargs(self.url))
                 self.server_id = server_identity(self.url)
@@ -664,6 +788,7 @@ class RedisBackend(CountedLifetime):
             self.client = client
             self._owns_client = False
             self.server_id = None
+            self._sentinel = None
         #: whether the client is a Redis Cluster client
         self.cluster = isinstance(self.client, coredis.RedisCluster)
         self._cmds = Commands(self.client, {**scripts, "probe": _LUA_PROBE})
@@ -687,6 +812,8 @@ class RedisBackend(CountedLifetime):
         if self._owns_client:
             if isinstance(self.client, coredis.RedisCluster):
                 stack.callback(renew_error_stream(self.client))
+            if self._sentinel is not None:
+                await stack.enter_async_context(self._sentinel)
             await stack.enter_async_context(self.client)
 
     def _require_open(self) -> TaskGroup:

@@ -88,7 +88,9 @@ def load_server(spec: str) -> Server:
     return value
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+_REDIS_SCHEMES = (
+    "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"
+)  # fmt: skip
 
 
 def _scheme(url: str) -> str:
@@ -96,7 +98,8 @@ def _scheme(url: str) -> str:
     if scheme not in ("memory", *_REDIS_SCHEMES, "nats", "tls"):
         raise CLIError(
             f"unknown URL scheme in {url!r} "
-            f"(memory, redis, rediss, redis+cluster, rediss+cluster, nats, tls)",
+            f"(memory, redis, rediss, redis+cluster, rediss+cluster, redis+sentinel, "
+            f"rediss+sentinel, nats, tls)",
             2,
         )
     return scheme
@@ -111,7 +114,8 @@ def broker_from_url(
     url: str, prefix: str | None = None, partitions: Mapping[str, int] | None = None
 ) -> Broker:
     """A broker for ``url``: ``memory://`` (this process only), ``redis://`` /
-    ``rediss://`` or ``redis+cluster://`` / ``rediss+cluster://`` (keys under
+    ``rediss://``, ``redis+cluster://`` / ``rediss+cluster://`` or
+    ``redis+sentinel://`` / ``rediss+sentinel://`` (keys under
     ``prefix``; ``partitions`` as in ``RedisBroker(url, partitions=...)``), ``nats://`` /
     ``tls://`` (``prefix``: the stream and the first subject token,
     ``NatsBroker(url, prefix=prefix)``)."""

@@ -109,7 +109,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from coredis.patterns.pubsub import BasePubSub
 
-from .._exceptions import BrokerError, InvalidInputError, LeaseLostError
+from .._exceptions import BrokerError, InvalidInputError, LeaseLostError, NotReplicatedError
 from .._jobs import check_priority, validate_channel, validate_queue
 from .._redis import DEFAULT_PREFIX, Client, RedisBackend, evalsha, translate_errors
 from .._retry import RetryBackoff
@@ -960,7 +960,11 @@ class RedisBroker(RedisBackend, Broker):
     :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
         certificate and host name checked); default ``redis://localhost:6379/0``. A
         Redis Cluster: ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``
-        (any of its nodes) or ``rediss+cluster://...`` (TLS)
+        (any of its nodes) or ``rediss+cluster://...`` (TLS). A primary found through
+        Redis Sentinel (and followed after a failover):
+        ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/db]``
+        (the Sentinels, port 26379 by default) or ``rediss+sentinel://...`` (TLS); see
+        :func:`tasqueue_anyio._redis.sentinel_kwargs`
     :param client: a coredis client (:class:`coredis.Redis` or
         :class:`coredis.RedisCluster`, not decoding responses) to use instead of a URL;
         the caller opens and closes it (``async with client:`` around the broker's use)
@@ -982,6 +986,15 @@ class RedisBroker(RedisBackend, Broker):
         queue: consumers and the inspection, count and purge calls also read the
         partitions from ``partitions`` up to this one (enqueues do not write there), so
         that what was left there after the number was lowered is not stranded
+    :param wait_replicas: after an enqueue's write, wait (Redis ``WAIT``, on the same
+        connection, in the same round trip) until this many replicas have it, at most
+        ``wait_timeout`` seconds, before the enqueue returns; raise
+        :class:`~tasqueue_anyio.BrokerError` when fewer acknowledged it (the messages
+        are stored on the primary: a retry of the same ids stores nothing twice).
+        Replication is asynchronous, so without it an enqueue acknowledged just before
+        a failover can be lost (docs/redis.md, "Redis Sentinel"). ``0`` (the default):
+        no wait. Not on a Redis Cluster client (``WAIT`` names no key to route by)
+    :param wait_timeout: seconds ``wait_replicas`` waits at most (0.001 to 3600)
     """
 
     _what = "Redis broker"
@@ -997,6 +1010,8 @@ class RedisBroker(RedisBackend, Broker):
         split_slots: bool | None = None,
         partitions: Mapping[str, int] | None = None,
         drain_partitions: Mapping[str, int] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         super().__init__(url, client, prefix, _SCRIPTS)
         #: queue name -> its number of partitions (a queue not named has 1); read-only
@@ -1021,6 +1036,32 @@ class RedisBroker(RedisBackend, Broker):
         self.lease = float(lease)
         self.batch_size = batch_size
         self.split_slots = self.cluster if split_slots is None else bool(split_slots)
+        if (
+            isinstance(wait_replicas, bool)
+            or not isinstance(wait_replicas, int)
+            or not 0 <= wait_replicas <= 100
+        ):
+            raise InvalidInputError(
+                f"wait_replicas must be an int from 0 to 100, got {wait_replicas!r}"
+            )
+        if (
+            isinstance(wait_timeout, bool)
+            or not isinstance(wait_timeout, (int, float))
+            or not 0.001 <= wait_timeout <= 3600
+        ):
+            raise InvalidInputError(
+                f"wait_timeout must be seconds in [0.001, 3600], got {wait_timeout!r}"
+            )
+        if wait_replicas and self.cluster:
+            raise InvalidInputError(
+                "wait_replicas is for a single primary (redis://, rediss://, "
+                "redis+sentinel://): a Redis Cluster client cannot route WAIT, which names "
+                "no key"
+            )
+        #: replicas an enqueue waits for (``WAIT``); 0: none
+        self.wait_replicas = wait_replicas
+        #: seconds an enqueue waits for them at most
+        self.wait_timeout = float(wait_timeout)
         self._lease_ms = str(max(1, round(self.lease * 1000))).encode()
         self._queues: dict[str, _Partitions] = {}
         self._abandoned: deque[tuple[_Queue, bytes, bytes]] = deque()
@@ -1129,17 +1170,51 @@ class RedisBroker(RedisBackend, Broker):
                 by_queue.setdefault(self._target(env), []).append(env)
             sha = self._cmds.shas["enqueue"]
             calls = [self._enqueue_call(group) for group in by_queue.values()]
+            makes = [_evalsha(sha, keys, args) for keys, args in calls]
+            if self.wait_replicas:
+                makes.append(self._wait)
             with translate_errors("enqueueing"):
-                replies = await self._cmds.gather(
-                    [_evalsha(sha, keys, args) for keys, args in calls]
-                )
-            for reply in replies:
+                replies = await self._cmds.gather(makes)
+            for reply in replies[: len(calls)]:
                 if isinstance(reply, Exception):
                     raise BrokerError(f"Redis failed while enqueueing: {reply}") from reply
+            if self.wait_replicas:
+                self._check_replicas(replies[-1])
             return
         keys, args = self._enqueue_call(messages)
+        if self.wait_replicas:
+            sha = self._cmds.shas["enqueue"]
+            with translate_errors("enqueueing"):
+                stored, acked = await self._cmds.gather([_evalsha(sha, keys, args), self._wait])
+            if isinstance(stored, Exception):
+                raise BrokerError(f"Redis failed while enqueueing: {stored}") from stored
+            self._check_replicas(acked)
+            return
         with translate_errors("enqueueing"):
             await self._cmds.script("enqueue", keys, args)
+
+    def _wait(self, client: Any) -> Any:
+        """``WAIT wait_replicas timeout`` (a pipeline sends it on the connection of the
+        writes before it)."""
+        return client.wait(self.wait_replicas, max(1, round(self.wait_timeout * 1000)))
+
+    def _check_replicas(self, acked: object) -> None:
+        if isinstance(acked, Exception):
+            raise NotReplicatedError(
+                f"the enqueue was stored on the Redis primary, but waiting for "
+                f"{self.wait_replicas} replica(s) failed: {acked}",
+                acknowledged=0,
+                wanted=self.wait_replicas,
+            ) from acked
+        if not isinstance(acked, int) or acked < self.wait_replicas:
+            raise NotReplicatedError(
+                f"the enqueue was stored on the Redis primary, but only {acked} of "
+                f"{self.wait_replicas} replica(s) acknowledged it within "
+                f"{self.wait_timeout:g} s: a failover now could lose it (enqueueing the "
+                f"same ids again stores nothing twice)",
+                acknowledged=acked if isinstance(acked, int) else 0,
+                wanted=self.wait_replicas,
+            )
 
     async def _ack(
         self,
@@ -1162,6 +1237,18 @@ class RedisBroker(RedisBackend, Broker):
             args[:0] = head
         else:
             keys, args = q.keys, head
+        if enqueue and self.wait_replicas:
+            sha = self._cmds.shas["ack"]
+            with translate_errors("acking a message"):
+                acked, replicas = await self._cmds.gather([_evalsha(sha, keys, args), self._wait])
+            if isinstance(acked, Exception):
+                raise BrokerError(f"Redis failed while acking a message: {acked}") from acked
+            try:
+                self._check_replicas(replicas)
+            except NotReplicatedError as exc:
+                # the ack is done: its caller must not take it for a failed one
+                logger.warning("after an ack that enqueued follow-ups: %s", exc)
+            return bool(acked)
         with translate_errors("acking a message"):
             return bool(await self._cmds.script("ack", keys, args))
 

@@ -667,7 +667,11 @@ class RedisResults(RedisBackend, Results):
     :param url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...`` (TLS,
         certificate and host name checked); default ``redis://localhost:6379/0``. A
         Redis Cluster: ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``
-        (any of its nodes) or ``rediss+cluster://...`` (TLS)
+        (any of its nodes) or ``rediss+cluster://...`` (TLS). A primary found through
+        Redis Sentinel (and followed after a failover):
+        ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/db]``
+        (the Sentinels, port 26379 by default) or ``rediss+sentinel://...`` (TLS); see
+        :func:`tasqueue_anyio._redis.sentinel_kwargs`
     :param client: a coredis client (:class:`coredis.Redis` or
         :class:`coredis.RedisCluster`, not decoding responses) to use instead of a URL;
         the caller opens and closes it
