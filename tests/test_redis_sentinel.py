@@ -230,3 +230,16 @@ async def _unfinished(server: Server, job_ids: list[str]) -> set[str]:
                 quiet = anyio.current_time()
         await anyio.sleep(0.2)  # measuring an absence: nothing announces it
     return pending
+
+
+def test_the_command_line_takes_a_sentinel_url() -> None:
+    from tasqueue_anyio.cli import broker_from_url, results_from_url
+
+    url = "redis+sentinel://127.0.0.1:26379/orders/2"
+    broker = broker_from_url(url, prefix="p")
+    results = results_from_url(url, prefix="p")
+    assert isinstance(broker, RedisBroker)
+    assert isinstance(results, RedisResults)
+    assert broker.server_id == results.server_id == (
+        "sentinel", (("127.0.0.1", 26379),), "orders", 2, None
+    )
