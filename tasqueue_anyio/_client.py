@@ -465,7 +465,10 @@ class Client:
         yet. When either step fails (or is cancelled), the records this call stored are
         deleted again (shielded, within :data:`_FORGET_TIMEOUT` seconds) before the error
         goes on: no job is left ``queued`` with no message to run it. A message that did
-        reach its queue still runs (a job with no state may start).
+        reach its queue still runs (a job with no state may start). If the deletion
+        failed too (the backend was down), retrying the enqueue with the same job ids
+        sends the messages of those still ``queued`` again (the broker
+        keeps one message per id), so the retry does not skip them.
         """
         records = {
             msg.id: JobRecord(status=msg.meta.status.value, data=data) for msg, data in prepared
@@ -477,12 +480,19 @@ class Client:
                 taken = [job_id for job_id in records if job_id not in claimed]
                 if strict:
                     raise DuplicateJobError(taken)
+                waiting = await self._still_waiting(taken)
                 self.log.debug(
-                    "%d jobs not enqueued: their ids name live jobs: %s",
+                    "%d jobs not enqueued: their ids name live jobs (%d of them queued: "
+                    "their messages sent again, kept once): %s",
                     len(taken),
+                    len(waiting),
                     ", ".join(taken[:20]),
                 )
-                prepared = [(msg, data) for msg, data in prepared if msg.id in claimed]
+                prepared = [
+                    (msg, data)
+                    for msg, data in prepared
+                    if msg.id in claimed or msg.id in waiting
+                ]
             if prepared:
                 await self.broker.enqueue_many([envelope(msg, data) for msg, data in prepared])
         except NotReplicatedError:
@@ -494,6 +504,23 @@ class Client:
                 await self._forget(claimed)
             raise
         return claimed
+
+    async def _still_waiting(self, job_ids: Collection[str]) -> set[str]:
+        """Of the ids of live jobs an enqueue found, those whose state is ``queued`` (due
+        or waiting for its ETA): their message is sent again, because an enqueue that failed after
+        recording the state, and could not delete it again (the backend was down), left
+        a job waiting with no message; retrying that enqueue must not skip it. When the
+        message is there, the broker keeps one (brokers store a message id once), and a
+        worker runs a job once its state moved on. One read per id, only for taken ids."""
+        waiting: set[str] = set()
+        for job_id in job_ids:
+            try:
+                record = await self.results.get_job(job_id)
+            except JobNotFoundError:
+                continue
+            if record.status == Status.QUEUED.value:
+                waiting.add(job_id)
+        return waiting
 
     async def _forget(
         self, job_ids: Collection[str], *, ours: Mapping[str, JobRecord] | None = None

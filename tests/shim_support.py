@@ -55,6 +55,9 @@ class ShimDelivery(Delivery):
     async def dead_letter(self, reason: str) -> None:
         await self.inner.dead_letter(reason)
 
+    def abandon(self) -> None:
+        self.inner.abandon()
+
 
 class ShimBroker(Broker):
     """``inner`` with its deliveries passed through ``wrap``. Entering it enters
