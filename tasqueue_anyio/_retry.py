@@ -42,8 +42,10 @@ class RetryBackoff:
     async def failed(self, exc: BaseException) -> None:
         """Log ``exc`` and sleep the next pause."""
         self.delay = min(MAX_RETRY_DELAY, self.delay * 2 or FIRST_RETRY_DELAY)
+        # the text only: a record a handler keeps holds no traceback (and through it the
+        # frames and connections of the failed attempt) alive
         self.logger.warning(
-            "%s failed (%s); retrying in %.2fs", self.what, exc, self.delay, extra=self.extra
+            "%s failed (%s); retrying in %.2fs", self.what, str(exc), self.delay, extra=self.extra
         )
         await anyio.sleep(self.delay)
 

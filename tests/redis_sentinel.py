@@ -14,6 +14,7 @@ ready for the next test.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -144,6 +145,22 @@ class SentinelGroup:
         node = self.primary()
         node.kill()
         return node
+
+    def pause_replicas(self) -> list[RedisServer]:
+        """Make the replicas fall behind: SIGSTOP each, then drop their links on the
+        primary (``CLIENT KILL TYPE replica``), so that writes acknowledged from now on
+        are on the primary only. Return the paused nodes (:meth:`resume` them)."""
+        primary = self.primary()
+        paused = [node for node in self.nodes if node is not primary]
+        for node in paused:
+            node.process.send_signal(signal.SIGSTOP)
+        command(primary.port, "CLIENT", "KILL", "TYPE", "replica")
+        return paused
+
+    @staticmethod
+    def resume(paused: list[RedisServer]) -> None:
+        for node in paused:
+            node.process.send_signal(signal.SIGCONT)
 
     def wait_failover(self, old: RedisServer) -> RedisServer:
         """Wait until every Sentinel names another primary than ``old``; return it."""

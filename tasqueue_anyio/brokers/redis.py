@@ -107,7 +107,10 @@ import anyio
 import msgpack
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import SentinelError
 from coredis.patterns.pubsub import BasePubSub
+from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
 from .._exceptions import BrokerError, InvalidInputError, LeaseLostError, NotReplicatedError
 from .._jobs import check_priority, validate_channel, validate_queue
@@ -704,6 +707,23 @@ class _Partitions:
     def pick(self, message_id: str) -> _Queue:
         """The partition of a message id."""
         return self.all[partition_of(message_id, self.n)]
+
+
+#: The subscriber connection's reconnection: coredis's default (a lost connection is
+#: retried for ever, backing off from 0.1 s), also on Sentinel's errors (no primary
+#: known yet, or a node that is no longer the primary: a failover going on), backing
+#: off to at most 2 s (coredis: 16 s), so notifications come back soon after a restart
+#: or a failover.
+_PUBSUB_RETRY = CompositeRetryPolicy(
+    ExponentialBackoffRetryPolicy(
+        (RedisConnectionError, SentinelError),
+        retries=None,
+        base_delay=0.1,
+        max_delay=2,
+        jitter=True,
+    ),
+    ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
+)
 
 
 def _abandon(
@@ -1740,7 +1760,9 @@ class RedisBroker(RedisBackend, Broker):
             del self._callbacks[key]
 
     async def _read_pubsub(self, *, task_status: TaskStatus[None]) -> None:
-        async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+        async with self.client.pubsub(
+            ignore_subscribe_messages=True, retry_policy=_PUBSUB_RETRY
+        ) as pubsub:
             self._pubsub = pubsub
             try:
                 task_status.started()
