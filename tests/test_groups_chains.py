@@ -186,7 +186,13 @@ async def test_group_fails_as_soon_as_a_member_fails(
             # the other member still runs to its end; the group stays failed
             gate.release.set()
             assert (await server.wait(blocked.id, timeout=TIMEOUT)).status is Status.SUCCESSFUL
-            later = await server.get_group(group.id)
+            # wait() returns once the job's own state is final; the worker records the
+            # group's member status right after (a step later, on another key)
+            with anyio.fail_after(TIMEOUT):
+                while (later := await server.get_group(group.id)).jobs[  # noqa: ASYNC110
+                    blocked.id
+                ] is not Status.SUCCESSFUL:
+                    await anyio.sleep(0.01)
 
     assert later.status is Status.FAILED
     assert later.error == state.error
