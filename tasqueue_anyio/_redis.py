@@ -179,23 +179,11 @@ def cluster_kwargs(url: str) -> dict[str, Any]:
             f"invalid Redis Cluster URL {url!r}: the scheme must be redis+cluster:// or "
             f"rediss+cluster:// (TLS)"
         )
-    scheme, _, rest = url.partition("://")
-    netloc, _, tail = rest.partition("/")
-    path, _, query_text = tail.partition("?")
-    if "?" in netloc:
-        netloc, _, query_text = netloc.partition("?")
-    auth, _, hosts = netloc.rpartition("@")
-    nodes = []
-    for host in hosts.split(","):
-        try:
-            # urlsplit parses host, port and IPv6 brackets as for any other URL
-            node = urlsplit(f"//{host}")
-            port = node.port or 6379
-        except ValueError as exc:
-            raise InvalidInputError(f"invalid Redis Cluster URL {url!r}: {exc}") from None
-        if not node.hostname or node.username is not None:
-            raise InvalidInputError(f"invalid Redis Cluster URL {url!r}: bad node {host!r}")
-        nodes.append({"host": node.hostname, "port": port})
+    scheme, auth, hosts, path, query_text = _split_hosts_url(url)
+    nodes = [
+        {"host": host, "port": port}
+        for host, port in _hosts(url, "Redis Cluster URL", hosts, 6379, "node")
+    ]
     if path.strip("/") not in ("", "0"):
         raise InvalidInputError(
             f"invalid Redis Cluster URL {url!r}: a cluster has only database 0"
@@ -214,6 +202,37 @@ def cluster_kwargs(url: str) -> dict[str, Any]:
     }
     _tls_kwargs(url, scheme.lower() == "rediss+cluster", query, kwargs)
     return kwargs
+
+
+def _split_hosts_url(url: str) -> tuple[str, str, str, str, str]:
+    """``scheme://[auth@]host[:port][,host[:port]...][/path][?query]`` split into its
+    scheme, auth, hosts, path and query (a URL of several hosts, which
+    :func:`urllib.parse.urlsplit` does not take as a whole)."""
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    path, _, query_text = tail.partition("?")
+    if "?" in netloc:
+        netloc, _, query_text = netloc.partition("?")
+    auth, _, hosts = netloc.rpartition("@")
+    return scheme, auth, hosts, path, query_text
+
+
+def _hosts(
+    url: str, what: str, hosts: str, default_port: int, kind: str
+) -> list[tuple[str, int]]:
+    """The ``host[:port]`` items of a comma-separated list (IPv6 in brackets)."""
+    out = []
+    for host in hosts.split(","):
+        try:
+            # urlsplit parses host, port and IPv6 brackets as for any other URL
+            node = urlsplit(f"//{host}")
+            port = node.port or default_port
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid {what} {url!r}: {exc}") from None
+        if not node.hostname or node.username is not None:
+            raise InvalidInputError(f"invalid {what} {url!r}: bad {kind} {host!r}")
+        out.append((node.hostname, port))
+    return out
 
 
 def is_sentinel_url(url: object) -> bool:
@@ -247,24 +266,10 @@ def sentinel_kwargs(url: str) -> dict[str, Any]:
             f"invalid Redis Sentinel URL {url!r}: the scheme must be redis+sentinel:// or "
             f"rediss+sentinel:// (TLS)"
         )
-    scheme, _, rest = url.partition("://")
-    netloc, _, tail = rest.partition("/")
-    path, _, query_text = tail.partition("?")
-    if "?" in netloc:
-        netloc, _, query_text = netloc.partition("?")
-    auth, _, hosts = netloc.rpartition("@")
-    sentinels: list[tuple[str, int]] = []
-    for host in hosts.split(","):
-        try:
-            node = urlsplit(f"//{host}")
-            port = node.port or DEFAULT_SENTINEL_PORT
-        except ValueError as exc:
-            raise InvalidInputError(f"invalid Redis Sentinel URL {url!r}: {exc}") from None
-        if not node.hostname or node.username is not None:
-            raise InvalidInputError(
-                f"invalid Redis Sentinel URL {url!r}: bad Sentinel address {host!r}"
-            )
-        sentinels.append((node.hostname, port))
+    scheme, auth, hosts, path, query_text = _split_hosts_url(url)
+    sentinels = _hosts(
+        url, "Redis Sentinel URL", hosts, DEFAULT_SENTINEL_PORT, "Sentinel address"
+    )
     parts = [unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
     if not parts or not parts[0]:
         raise InvalidInputError(

@@ -145,7 +145,12 @@ def broker_from_url(
 
 def _partitions(items: Sequence[str]) -> dict[str, int]:
     """``--partitions QUEUE=N`` options as a mapping (the broker checks N's range)."""
-    out: dict[str, int] = {}
+    return dict(_queue_numbers(items, "--partitions"))
+
+
+def _queue_numbers(items: Sequence[str], option: str) -> list[tuple[str, int]]:
+    """``QUEUE=N`` option values (N >= 1) as pairs, the queue names checked."""
+    out = []
     for item in items:
         queue, sep, number = item.partition("=")
         try:
@@ -153,8 +158,8 @@ def _partitions(items: Sequence[str]) -> dict[str, int]:
         except ValueError:
             count = 0
         if count < 1:
-            raise CLIError(f"--partitions wants QUEUE=N with N >= 1, got {item!r}", 2)
-        out[validate_queue(queue)] = count
+            raise CLIError(f"{option} wants QUEUE=N with N >= 1, got {item!r}", 2)
+        out.append((validate_queue(queue), count))
     return out
 
 
@@ -520,15 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_concurrency(server: Server, overrides: Sequence[str]) -> None:
-    for item in overrides:
-        queue, sep, number = item.partition("=")
-        try:
-            count = int(number) if sep and number.isascii() else 0
-        except ValueError:
-            count = 0
-        if count < 1:
-            raise CLIError(f"--concurrency wants QUEUE=N with N >= 1, got {item!r}", 2)
-        server.set_concurrency(validate_queue(queue), count)
+    for queue, count in _queue_numbers(overrides, "--concurrency"):
+        server.set_concurrency(queue, count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from uuid import uuid4
 
 import anyio
 import pytest
+from failover_support import Effects, enqueue_until_stored
 from nats_cluster import NatsCluster, start_nats_cluster
 
 from tasqueue_anyio import BrokerError, InvalidInputError, Server, Status
@@ -40,19 +41,7 @@ async def test_the_stream_leader_killed_mid_load(cluster: NatsCluster) -> None:
     broker = NatsBroker(cluster.urls, prefix=prefix, replicas=3, ack_wait=3)
     results = NatsResults(cluster.urls, prefix=prefix, replicas=3)
     server = Server(broker=broker, results=results)
-    effects: Counter[str] = Counter()
-    ran_enough = anyio.Event()
-
-    @server.task(queue="q", concurrency=8)
-    async def effect(n: int) -> int:
-        from tasqueue_anyio import current_job
-
-        effects[current_job().job_id] += 1
-        if len(effects) >= JOBS // 3:
-            ran_enough.set()
-        await anyio.sleep(0.005)
-        return n
-
+    effects = Effects(server, enough=JOBS // 3)
     acknowledged: list[str] = []
     refused = 0
     async with worker(server):
@@ -61,21 +50,13 @@ async def test_the_stream_leader_killed_mid_load(cluster: NatsCluster) -> None:
         for start in range(0, JOBS, BATCH):
             if start >= JOBS // 2 and not killed:
                 with anyio.fail_after(30):
-                    await ran_enough.wait()
+                    await effects.enough.wait()
                 info = await broker.js.stream_info(broker.stream)
                 killed = info.raw["cluster"]["leader"]
                 await anyio.to_thread.run_sync(cluster.node(killed).kill)
                 killed_at = anyio.current_time()
-            jobs = [effect.job(n) for n in range(start, start + BATCH)]
-            with anyio.fail_after(30):
-                while True:
-                    try:
-                        handles = await server.enqueue_many(jobs)
-                    except BrokerError:
-                        refused += 1  # the election is going on: try the batch again
-                        await anyio.sleep(0.2)
-                        continue
-                    break
+            handles, retries = await enqueue_until_stored(server, effects.jobs(start, BATCH))
+            refused += retries
             if killed and not outage:
                 outage = anyio.current_time() - killed_at
             acknowledged += [str(h) for h in handles]
@@ -104,11 +85,10 @@ async def test_the_stream_leader_killed_mid_load(cluster: NatsCluster) -> None:
             break
         assert (counts.pending, counts.scheduled, counts.in_flight) == (0, 0, 0)
     assert killed
-    assert set(acknowledged) <= set(effects)  # every acknowledged job's effect happened
-    twice = sum(1 for n in effects.values() if n > 1)
+    assert set(acknowledged) <= set(effects.runs)  # every acknowledged job's effect happened
     print(f"killed stream leader {killed}; enqueues refused for {outage:.1f} s "
           f"({refused} batches retried); "
-          f"{twice} of {len(effects)} jobs ran twice (at-least-once)")
+          f"{effects.twice} of {len(effects.runs)} jobs ran twice (at-least-once)")
     await anyio.to_thread.run_sync(cluster.restart, killed)
 
 

@@ -10,23 +10,21 @@ may not have reached the replica: the test counts those (it prints the count; ru
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from uuid import uuid4
 
 import anyio
 import pytest
+from failover_support import Effects, enqueue_until_stored
 from redis_sentinel import SentinelGroup, start_sentinel_group
 from redis_server import COREDIS_LEAKS, SKIP_REASON
 
 from tasqueue_anyio import (
-    BrokerError,
     InvalidInputError,
     JobNotFoundError,
     NotReplicatedError,
     Server,
     Status,
-    current_job,
 )
 from tasqueue_anyio._redis import sentinel_kwargs
 from tasqueue_anyio.brokers.redis import RedisBroker
@@ -172,16 +170,7 @@ async def test_the_primary_killed_mid_load(
     url = group.url()
     broker = RedisBroker(url, prefix=prefix, lease=3, wait_replicas=wait_replicas)
     server = Server(broker=broker, results=RedisResults(url, prefix=prefix))
-    effects: Counter[str] = Counter()
-    ran_enough = anyio.Event()
-
-    @server.task(queue="q", concurrency=8)
-    async def effect(n: int) -> int:
-        effects[current_job().job_id] += 1
-        if len(effects) >= JOBS // 3:
-            ran_enough.set()
-        await anyio.sleep(0.005)
-        return n
+    effects = Effects(server, enough=JOBS // 3)
 
     acknowledged: list[str] = []
     refused = refused_unreplicated = 0
@@ -192,11 +181,11 @@ async def test_the_primary_killed_mid_load(
             for start in range(0, JOBS, BATCH):
                 if start >= JOBS // 2 and not killed_at:
                     with anyio.fail_after(30):
-                        await ran_enough.wait()
+                        await effects.enough.wait()
                     if lagging:
                         paused = await anyio.to_thread.run_sync(group.pause_replicas)
                         for _ in range(2):  # one try each: refused, or on the primary only
-                            jobs = [effect.job(n) for n in range(start, start + BATCH)]
+                            jobs = effects.jobs(start, BATCH)
                             start += BATCH
                             try:
                                 handles = await server.enqueue_many(jobs)
@@ -209,16 +198,8 @@ async def test_the_primary_killed_mid_load(
                     killed_at = anyio.current_time()
                     if lagging:
                         group.resume(paused)
-                jobs = [effect.job(n) for n in range(start, start + BATCH)]
-                with anyio.fail_after(30):
-                    while True:
-                        try:
-                            handles = await server.enqueue_many(jobs)
-                        except BrokerError:
-                            refused += 1  # the failover is going on: the same batch again
-                            await anyio.sleep(0.2)
-                            continue
-                        break
+                handles, retries = await enqueue_until_stored(server, effects.jobs(start, BATCH))
+                refused += retries
                 if killed_at and not outage:
                     outage = anyio.current_time() - killed_at
                 acknowledged += [str(h) for h in handles]
@@ -232,10 +213,10 @@ async def test_the_primary_killed_mid_load(
         f"{refused_unreplicated} batches refused as not replicated; "
         f"enqueues refused for {outage:.1f} s "
         f"({refused} batches retried); {len(lost)} of {len(acknowledged)} acknowledged "
-        f"jobs lost; {sum(1 for n in effects.values() if n > 1)} ran twice"
+        f"jobs lost; {effects.twice} ran twice"
     )
     assert killed_at
-    assert set(acknowledged) - lost <= set(effects)
+    assert set(acknowledged) - lost <= set(effects.runs)
     if wait_replicas:
         assert not lost
     if lagging and wait_replicas:
