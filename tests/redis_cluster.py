@@ -20,9 +20,16 @@ import subprocess
 import time
 
 import pytest
+from coredis.typing import Key
 from redis_server import START_TIMEOUT, RedisServer, start_redis_server
 
-__all__ = ["RedisCluster", "shared_cluster", "start_redis_cluster", "stop_shared_cluster"]
+__all__ = [
+    "Placement",
+    "RedisCluster",
+    "shared_cluster",
+    "start_redis_cluster",
+    "stop_shared_cluster",
+]
 
 SKIP_REASON = (
     "redis-server or redis-cli is not installed (apt-get install redis-server; .ci/run "
@@ -161,3 +168,14 @@ def stop_shared_cluster() -> None:
     cluster, _shared = _shared, None
     if cluster is not None:
         cluster.stop()
+
+
+class Placement:
+    """Which master serves which slot (read once from ``CLUSTER NODES``)."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.ranges = cluster.slot_ranges()
+
+    def port(self, key: str) -> int:
+        slot = Key(key).slot
+        return next(port for first, last, port in self.ranges if first <= slot <= last)

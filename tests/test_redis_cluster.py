@@ -20,8 +20,7 @@ import anyio
 import coredis
 import pytest
 from broker_support import consuming, envelope, receive
-from coredis.typing import Key
-from redis_cluster import RedisCluster
+from redis_cluster import Placement, RedisCluster
 from server_support import TIMEOUT, running, wait_event
 from shim_support import run_with_a_failed_retry_ack
 
@@ -64,17 +63,6 @@ async def cluster_client(
             yield client
     finally:
         close()
-
-
-class Placement:
-    """Which master serves which slot (read once from ``CLUSTER NODES``)."""
-
-    def __init__(self, cluster: RedisCluster) -> None:
-        self.ranges = cluster.slot_ranges()
-
-    def port(self, key: str) -> int:
-        slot = Key(key).slot
-        return next(port for first, last, port in self.ranges if first <= slot <= last)
 
 
 @pytest.fixture

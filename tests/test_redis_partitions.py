@@ -28,7 +28,7 @@ import pytest
 import test_contract_broker as contract
 from broker_support import consuming, envelope, receive
 from coredis.typing import Key
-from redis_cluster import RedisCluster
+from redis_cluster import Placement, RedisCluster
 from redis_server import RedisServer
 from server_support import TIMEOUT, running
 
@@ -95,6 +95,17 @@ def mid(delivery: Delivery) -> str:
     """A Redis delivery's message id."""
     assert isinstance(delivery, RedisDelivery)
     return delivery.message_id
+
+
+async def take_all(broker: Broker, queue: str, count: int, receivers: int = 1) -> list[str]:
+    """Receive and ack ``count`` messages of ``queue``; their ids, in delivery order."""
+    got = []
+    async with consuming(broker, queue, receivers=receivers) as stream:
+        for _ in range(count):
+            delivery = await receive(stream)
+            got.append(mid(delivery))
+            await delivery.ack()
+    return got
 
 
 def tag(queue: str, index: int) -> str:
@@ -230,12 +241,7 @@ async def test_partition_zero_keeps_the_unpartitioned_keys(redis_server: RedisSe
             key = f"{name}:{{{tag(queue, index)}}}:msg"
             assert sorted(await client.hkeys(key)) == sorted(i.encode() for i in ids)
         assert [c.pending for c in await broker.partition_counts(queue)] == [2, 2, 2]
-        got = []
-        async with consuming(broker, queue, receivers=4) as stream:
-            for _ in range(6):
-                delivery = await receive(stream)
-                got.append(mid(delivery))
-                await delivery.ack()
+        got = await take_all(broker, queue, 6, receivers=4)
         assert sorted(got) == sorted([*zero, *one, *two])
         # FIFO within each partition
         for ids in (zero, one, two):
@@ -255,12 +261,7 @@ async def test_priorities_within_a_partition(redis_server: RedisServer) -> None:
     async with RedisBroker(redis_server.url, prefix=prefix(), partitions={queue: 3}) as broker:
         await broker.enqueue_many(messages)
         assert [c.pending for c in await broker.partition_counts(queue)] == [3, 6, 3]
-        got = []
-        async with consuming(broker, queue) as stream:
-            for _ in messages:
-                delivery = await receive(stream)
-                got.append(mid(delivery))
-                await delivery.ack()
+        got = await take_all(broker, queue, len(messages))
     assert sorted(got) == sorted(m.id for m in messages)
     # in partition 1: priority 9 first, then 5, then 0, each in enqueue order
     assert [i for i in got if i in ids] == [ids[2], ids[5], ids[1], ids[4], ids[0], ids[3]]
@@ -424,29 +425,13 @@ async def test_a_failing_partition_does_not_stop_the_others(redis_server: RedisS
     async with RedisBroker(redis_server.url, prefix=name, partitions={queue: 3}) as broker:
         await broker.client.set(f"{name}:{{{tag(queue, 1)}}}:ready", "not a list")
         await broker.enqueue_many([Envelope(queue=queue, id=i, data=b"x") for i in fine])
-        got = []
-        async with consuming(broker, queue) as stream:
-            for _ in fine:
-                delivery = await receive(stream)
-                got.append(mid(delivery))
-                await delivery.ack()
+        got = await take_all(broker, queue, len(fine))
         assert sorted(got) == sorted(fine)
         with pytest.raises(BrokerError, match="wrong kind of value"):
             await broker.count(queue)
 
 
 # -- on the cluster ---------------------------------------------------------------------------
-
-
-class Placement:
-    """Which master serves which slot (read once from ``CLUSTER NODES``)."""
-
-    def __init__(self, cluster: RedisCluster) -> None:
-        self.ranges = cluster.slot_ranges()
-
-    def port(self, key: str) -> int:
-        slot = Key(key).slot
-        return next(port for first, last, port in self.ranges if first <= slot <= last)
 
 
 def spread_queue(placement: Placement) -> str:
