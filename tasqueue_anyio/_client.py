@@ -507,19 +507,26 @@ class Client:
 
     async def _still_waiting(self, job_ids: Collection[str]) -> set[str]:
         """Of the ids of live jobs an enqueue found, those whose state is ``queued`` (due
-        or waiting for its ETA): their message is sent again, because an enqueue that failed after
-        recording the state, and could not delete it again (the backend was down), left
-        a job waiting with no message; retrying that enqueue must not skip it. When the
-        message is there, the broker keeps one (brokers store a message id once), and a
-        worker runs a job once its state moved on. One read per id, only for taken ids."""
+        or waiting for its ETA): their message is sent again, because an enqueue that
+        failed after recording the state, and could not delete it again (the backend was
+        down), left a job waiting with no message; retrying that enqueue must not skip
+        it. When the message is there, the broker keeps one (brokers store a message id
+        once), and a worker runs a job once its state moved on. The reads run
+        concurrently (one round trip where the store combines calls), only for taken
+        ids."""
         waiting: set[str] = set()
-        for job_id in job_ids:
+
+        async def check(job_id: str) -> None:
             try:
                 record = await self.results.get_job(job_id)
             except JobNotFoundError:
-                continue
+                return
             if record.status == Status.QUEUED.value:
                 waiting.add(job_id)
+
+        async with anyio.create_task_group() as tg:
+            for job_id in job_ids:
+                tg.start_soon(check, job_id)
         return waiting
 
     async def _forget(

@@ -89,6 +89,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: URL schemes of a Redis Cluster (clear text, TLS).
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+#: The query options every Redis URL takes (besides ``db``).
+_CONNECTION_OPTIONS = ("connect_timeout", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 #: The port of a Sentinel when a ``redis+sentinel://`` URL gives none.
 DEFAULT_SENTINEL_PORT = 26379
 
@@ -298,14 +300,13 @@ def sentinel_kwargs(url: str) -> dict[str, Any]:
         "username": unquote(username) if username else None,
         "password": unquote(password) if has_password else None,
     }
-    try:
-        _tls_kwargs(url, scheme.lower() == "rediss+sentinel", query, primary)
-    except InvalidInputError as exc:
-        if "unknown option" not in str(exc):
-            raise
-        raise InvalidInputError(
-            f"{exc}; a Sentinel URL also takes sentinel_username, sentinel_password"
-        ) from None
+    _tls_kwargs(
+        url,
+        scheme.lower() == "rediss+sentinel",
+        query,
+        primary,
+        also=("sentinel_username", "sentinel_password"),
+    )
     sentinel: dict[str, Any] = {
         "username": sentinel_username,
         "password": sentinel_password,
@@ -321,9 +322,16 @@ def sentinel_kwargs(url: str) -> dict[str, Any]:
     }
 
 
-def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, Any]) -> None:
+def _tls_kwargs(
+    url: str,
+    tls: bool,
+    query: dict[str, str],
+    kwargs: dict[str, Any],
+    also: Sequence[str] = (),
+) -> None:
     """Add the TLS context of a ``rediss`` URL's query (``ssl_*``) and the connection
-    timeout (``connect_timeout``) to ``kwargs``; refuse any other option."""
+    timeout (``connect_timeout``) to ``kwargs``; refuse any other option (``also``: the
+    caller's own, already taken, named in the refusal)."""
     ca_certs = query.pop("ssl_ca_certs", None)
     certfile = query.pop("ssl_certfile", None)
     keyfile = query.pop("ssl_keyfile", None)
@@ -331,7 +339,7 @@ def _tls_kwargs(url: str, tls: bool, query: dict[str, str], kwargs: dict[str, An
     if query:
         raise InvalidInputError(
             f"invalid Redis URL {url!r}: unknown option(s) {', '.join(sorted(query))} "
-            f"(known: db, connect_timeout, ssl_ca_certs, ssl_certfile, ssl_keyfile)"
+            f"(known: {', '.join(['db', *also, *_CONNECTION_OPTIONS])})"
         )
     timeout = DEFAULT_CONNECT_TIMEOUT
     if timeout_text is not None:

@@ -1188,30 +1188,26 @@ class RedisBroker(RedisBackend, Broker):
             by_queue: dict[_Queue, list[Envelope]] = {}
             for env in messages:
                 by_queue.setdefault(self._target(env), []).append(env)
-            sha = self._cmds.shas["enqueue"]
             calls = [self._enqueue_call(group) for group in by_queue.values()]
-            makes = [_evalsha(sha, keys, args) for keys, args in calls]
-            if self.wait_replicas:
-                makes.append(self._wait)
+        else:
+            calls = [self._enqueue_call(messages)]
+        if len(calls) == 1 and not self.wait_replicas:
+            keys, args = calls[0]
             with translate_errors("enqueueing"):
-                replies = await self._cmds.gather(makes)
-            for reply in replies[: len(calls)]:
-                if isinstance(reply, Exception):
-                    raise BrokerError(f"Redis failed while enqueueing: {reply}") from reply
-            if self.wait_replicas:
-                self._check_replicas(replies[-1])
+                await self._cmds.script("enqueue", keys, args)
             return
-        keys, args = self._enqueue_call(messages)
+        # several scripts (and the WAIT after them) in one pipeline: one round trip
+        sha = self._cmds.shas["enqueue"]
+        makes = [_evalsha(sha, keys, args) for keys, args in calls]
         if self.wait_replicas:
-            sha = self._cmds.shas["enqueue"]
-            with translate_errors("enqueueing"):
-                stored, acked = await self._cmds.gather([_evalsha(sha, keys, args), self._wait])
-            if isinstance(stored, Exception):
-                raise BrokerError(f"Redis failed while enqueueing: {stored}") from stored
-            self._check_replicas(acked)
-            return
+            makes.append(self._wait)
         with translate_errors("enqueueing"):
-            await self._cmds.script("enqueue", keys, args)
+            replies = await self._cmds.gather(makes)
+        for reply in replies[: len(calls)]:
+            if isinstance(reply, Exception):
+                raise BrokerError(f"Redis failed while enqueueing: {reply}") from reply
+        if self.wait_replicas:
+            self._check_replicas(replies[-1])
 
     def _wait(self, client: Any) -> Any:
         """``WAIT wait_replicas timeout`` (a pipeline sends it on the connection of the

@@ -994,14 +994,13 @@ class NatsResults(NatsBackend, Results):
         """Publish ``request`` (a conditional write) again while a clustered stream's leader
         answers :class:`SubjectBusyError`, up to :attr:`max_conflicts` times with short
         random pauses; return the last answer (an error is returned, not raised)."""
-        reply: PubAck | NatsError = SubjectBusyError(400, 10164, "wrong last sequence")
-        for attempt in range(self.max_conflicts):
-            if attempt:
-                await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+        attempt = 0
+        while True:
             (reply,) = await self.publish_many([request])
-            if not isinstance(reply, SubjectBusyError):
-                break
-        return reply
+            attempt += 1
+            if not isinstance(reply, SubjectBusyError) or attempt >= self.max_conflicts:
+                return reply
+            await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
     async def set_progress(self, job_id: str, data: bytes, *, run: str) -> bool:
         """Store a running job's progress in its state (compare-and-set: one round trip
