@@ -277,17 +277,12 @@ async def test_a_failing_registry_never_ends_run(
 
     monkeypatch.setattr(results, "put_worker", down)
     monkeypatch.setattr(results, "remove_worker", down)
-    server = Server(results=results)
-    server.register_task("t", noop, queue="q", raw=True)
-    async with server:
-        with anyio.fail_after(TIMEOUT):
-            async with running(server):
-                job_id = await server.enqueue(Job("t", queue="q"))
-                assert (await server.wait(job_id, timeout=TIMEOUT)).status is Status.SUCCESSFUL
-                await wait_until(lambda: _at_least(calls, 4))
-                assert await results.get_workers() == []
-                monkeypatch.setattr(results, "put_worker", healthy_put)
-                await wait_until(lambda: _listed_any(results))
+    async with _one_job_run(results) as (server, job_id):
+        assert (await server.wait(job_id, timeout=TIMEOUT)).status is Status.SUCCESSFUL
+        await wait_until(lambda: _at_least(calls, 4))
+        assert await results.get_workers() == []
+        monkeypatch.setattr(results, "put_worker", healthy_put)
+        await wait_until(lambda: _listed_any(results))
     failed = [r for r in caplog.records if "a heartbeat failed" in r.getMessage()]
     assert [r.levelno for r in failed[:2]] == [logging.WARNING, logging.DEBUG]
     assert "BrokerError: the store is down" in failed[0].getMessage()
@@ -296,6 +291,17 @@ async def test_a_failing_registry_never_ends_run(
     assert [r.levelno for r in removal] == [logging.WARNING]
     # the record the removal could not remove expires by itself
     assert len(await results.get_workers()) == 1
+
+
+@asynccontextmanager
+async def _one_job_run(results: MemoryResults) -> AsyncIterator[tuple[Server, str]]:
+    """A server on ``results`` running its workers, with one no-op job enqueued."""
+    server = Server(results=results)
+    server.register_task("t", noop, queue="q", raw=True)
+    async with server:
+        with anyio.fail_after(TIMEOUT):
+            async with running(server):
+                yield server, await server.enqueue(Job("t", queue="q"))
 
 
 async def _at_least(calls: list[int], n: int) -> bool:
@@ -318,13 +324,8 @@ async def test_a_hanging_registry_holds_run_up_only_briefly(
 
     monkeypatch.setattr(results, "put_worker", hang)
     monkeypatch.setattr(results, "remove_worker", hang)
-    server = Server(results=results)
-    server.register_task("t", noop, queue="q", raw=True)
-    async with server:
-        with anyio.fail_after(TIMEOUT):
-            async with running(server):
-                job_id = await server.enqueue(Job("t", queue="q"))
-                await server.wait(job_id, timeout=TIMEOUT)
+    async with _one_job_run(results) as (server, job_id):
+        await server.wait(job_id, timeout=TIMEOUT)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("a heartbeat failed" in m and "TimeoutError" in m for m in messages)
     assert any("removing its record took over" in m for m in messages)
